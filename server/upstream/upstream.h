@@ -1,0 +1,101 @@
+// server/upstream/upstream.h — one export's upstream NBD server.
+//
+// An Upstream owns a small pool of libnbd connections to one NBD export
+// (an NBD URI, a qemu-nbd it spawned for a local image, or a spawned
+// command), reconnects in the background with backoff when the server goes
+// away, and exposes block status and data commands with deadlines.
+//
+// Errors (absl::Status codes): UNAVAILABLE when not connected or the
+// connection broke (retryable), DEADLINE_EXCEEDED when the deadline passed
+// (the connection that was busy is dropped: libnbd cannot cancel one
+// command), FAILED_PRECONDITION for a metadata context the upstream did not
+// negotiate, OUT_OF_RANGE / INVALID_ARGUMENT for bad ranges, PERMISSION_DENIED
+// for writes to a read-only export, and the NBD error mapped from errno for
+// commands the server refused (see StatusFromNbdErrno).
+//
+// Thread-safety: every method is thread-safe; concurrent calls use
+// different connections of the pool (or wait for one until the deadline).
+#ifndef BLOCKMETA_SERVER_UPSTREAM_UPSTREAM_H_
+#define BLOCKMETA_SERVER_UPSTREAM_UPSTREAM_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/cache/extent.h"
+
+namespace blockmeta {
+
+// What the upstream negotiated. Fixed for one connection generation.
+struct UpstreamInfo {
+  uint64_t size = 0;
+  uint32_t minimum_block_size = 1;
+  uint32_t preferred_block_size = 4096;
+  uint32_t maximum_block_size = 32u << 20;
+  bool read_only = false;
+  bool can_trim = false;
+  bool can_zero = false;
+  bool can_fast_zero = false;
+  bool can_flush = false;
+  bool can_fua = false;
+  bool can_multi_conn = false;
+  bool can_cache = false;
+  // Negotiated metadata contexts, e.g. {"base:allocation",
+  // "qemu:dirty-bitmap:b1"}.
+  std::vector<std::string> contexts;
+  // Human description of where this comes from (no secrets).
+  std::string description;
+};
+
+// NBD command flags the shim may pass through.
+inline constexpr uint32_t kCmdFlagFua = 1u << 0;
+inline constexpr uint32_t kCmdFlagNoHole = 1u << 1;
+inline constexpr uint32_t kCmdFlagFastZero = 1u << 4;
+
+class Upstream {
+ public:
+  virtual ~Upstream() = default;
+
+  // True while at least one connection is up.
+  virtual bool Ready() const = 0;
+  // Last negotiated info; FAILED_PRECONDITION/UNAVAILABLE before the first
+  // successful connection.
+  virtual absl::StatusOr<UpstreamInfo> Info() const = 0;
+  // Why the upstream is not ready, if it is not ("" when ready).
+  virtual std::string LastError() const = 0;
+  // Increases whenever a reconnect produced a connection that cannot be
+  // proven to serve the same image; caches must drop what they hold.
+  virtual uint64_t Generation() const = 0;
+  // Called (from a background thread) after Generation() changes.
+  virtual void SetOnGenerationChange(std::function<void()> fn) = 0;
+
+  // Block status of one negotiated context: extents contiguous from
+  // `offset`, at least one, clipped to the export size; may be shorter or
+  // longer than `length` (length is capped at kMaxNbdRequestLength).
+  virtual absl::StatusOr<ExtentList> BlockStatus(const std::string& context,
+                                                 uint64_t offset,
+                                                 uint64_t length,
+                                                 absl::Time deadline) = 0;
+
+  // Data commands, passed through for the NBD shim.
+  virtual absl::Status Pread(void* buf, uint64_t count, uint64_t offset,
+                             absl::Time deadline) = 0;
+  virtual absl::Status Pwrite(const void* buf, uint64_t count,
+                              uint64_t offset, uint32_t flags,
+                              absl::Time deadline) = 0;
+  virtual absl::Status Trim(uint64_t count, uint64_t offset, uint32_t flags,
+                            absl::Time deadline) = 0;
+  virtual absl::Status Zero(uint64_t count, uint64_t offset, uint32_t flags,
+                            absl::Time deadline) = 0;
+  virtual absl::Status Flush(absl::Time deadline) = 0;
+  virtual absl::Status Cache(uint64_t count, uint64_t offset,
+                             absl::Time deadline) = 0;
+};
+
+}  // namespace blockmeta
+
+#endif  // BLOCKMETA_SERVER_UPSTREAM_UPSTREAM_H_

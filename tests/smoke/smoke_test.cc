@@ -1,0 +1,18 @@
+#include "blockmeta/v1/blockmeta.grpc.pb.h"
+#include "grpc/health/v1/health.pb.h"
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <libnbd.h>
+#include <gtest/gtest.h>
+#include "absl/container/btree_map.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/status/statusor.h"
+TEST(Smoke, Links) {
+  blockmeta::v1::Extent e; e.set_offset(1);
+  grpc::health::v1::HealthCheckRequest r;
+  absl::btree_map<int,int> m; m[1]=2;
+  absl::Mutex mu; absl::MutexLock l(&mu);
+  struct nbd_handle* h = nbd_create(); ASSERT_NE(h, nullptr); nbd_close(h);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  absl::StatusOr<int> s = 3; EXPECT_TRUE(s.ok());
+}
