@@ -8,7 +8,7 @@ package `proto` with `blockmeta/v1/x.proto` is imported and #included as
 repository and in external (new_local_repository) ones.
 """
 
-def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, visibility = None):
+def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, alwayslink = False, visibility = None):
     """Generates C++ (and gRPC) code for `srcs` and a cc_library `name`.
 
     Args:
@@ -17,6 +17,8 @@ def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, visibilit
       deps: cc_grpc_proto targets whose protos these import.
       proto_deps: the .proto files of `deps` (filegroups), for protoc's inputs.
       grpc: also run grpc_cpp_plugin.
+      alwayslink: link the messages even when no code names them, so their
+        descriptors reach the generated pool (for server reflection).
       visibility: of the cc_library.
     """
     repo = native.repository_name()
@@ -44,6 +46,7 @@ def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, visibilit
         srcs = [o for o in outs if o.endswith(".cc")],
         hdrs = [o for o in outs if o.endswith(".h")],
         includes = ["."],
+        alwayslink = alwayslink,
         deps = deps + ["@blockmeta//third_party:protobuf"] + (["@blockmeta//third_party:grpcpp"] if grpc else []),
         visibility = visibility,
     )

@@ -1,0 +1,36 @@
+// client/channel.h — internal: builds the gRPC channel for ClientOptions and
+// converts gRPC statuses. Shared by the client library and the load
+// generator; not part of the public API (gRPC types appear here).
+#ifndef BLOCKMETA_CLIENT_CHANNEL_H_
+#define BLOCKMETA_CLIENT_CHANNEL_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "client/client_options.h"
+
+namespace blockmeta::client {
+
+// Validates `options`, reads the TLS files and creates a channel (lazily
+// connecting; no network I/O here). `channel_id` > 0 forces a separate TCP
+// connection from other channels to the same target (load generation).
+// Reconnect backoff is short (100 ms .. 2 s) so a restarted server is seen
+// quickly. INVALID_ARGUMENT for bad options, NOT_FOUND / PERMISSION_DENIED
+// for unreadable TLS files.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
+    const ClientOptions& options, int channel_id = 0);
+
+// Same code (the numeric values agree) and message.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+// now + d as a gRPC deadline.
+std::chrono::system_clock::time_point DeadlineFromNow(absl::Duration d);
+
+}  // namespace blockmeta::client
+
+#endif  // BLOCKMETA_CLIENT_CHANNEL_H_

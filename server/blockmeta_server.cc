@@ -1,0 +1,278 @@
+// server/blockmeta_server.cc — see blockmeta_server.h.
+#include "server/blockmeta_server.h"
+
+#include <unistd.h>
+
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "server/cache/extent_cache.h"
+#include "server/common/log.h"
+#include "server/common/worker_pool.h"
+#include "server/nbd/nbd_server.h"
+#include "server/service/admission.h"
+#include "server/service/block_meta_grpc.h"
+#include "server/service/csi_grpc.h"
+#include "server/service/extent_service.h"
+#include "server/service/metrics.h"
+#include "server/upstream/export_registry.h"
+
+namespace blockmeta {
+namespace {
+
+namespace v1 = ::blockmeta::v1;
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot read \"", path, "\""));
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
+    const v1::TlsConfig& tls) {
+  if (tls.cert_file().empty() && tls.key_file().empty()) {
+    if (!tls.client_ca_file().empty()) {
+      return absl::InvalidArgumentError(
+          "tls.client_ca_file needs tls.cert_file and tls.key_file");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (tls.cert_file().empty() || tls.key_file().empty()) {
+    return absl::InvalidArgumentError(
+        "TLS needs both tls.cert_file and tls.key_file");
+  }
+  absl::StatusOr<std::string> cert = ReadFile(tls.cert_file());
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadFile(tls.key_file());
+  if (!key.ok()) return key.status();
+  grpc::SslServerCredentialsOptions options;
+  options.pem_key_cert_pairs.push_back({*key, *cert});
+  if (!tls.client_ca_file().empty()) {
+    absl::StatusOr<std::string> ca = ReadFile(tls.client_ca_file());
+    if (!ca.ok()) return ca.status();
+    options.pem_root_certs = *ca;
+    options.client_certificate_request =
+        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(options);
+}
+
+}  // namespace
+
+void ApplyDefaults(v1::ServerConfig* c) {
+  if (c->shutdown_grace_seconds() == 0) c->set_shutdown_grace_seconds(20);
+  if (c->worker_threads() == 0) c->set_worker_threads(8);
+  v1::CacheConfig* cache = c->mutable_cache();
+  if (cache->memory_limit_bytes() == 0) {
+    cache->set_memory_limit_bytes(256ull << 20);
+  }
+  if (cache->fetch_window_bytes() == 0) {
+    cache->set_fetch_window_bytes((4ull << 30) - (1ull << 20));
+  }
+  v1::GrpcConfig* g = c->mutable_grpc();
+  if (g->max_inflight_calls() == 0) g->set_max_inflight_calls(256);
+  if (g->max_message_bytes() == 0) g->set_max_message_bytes(16u << 20);
+  if (g->keepalive_time_ms() == 0) g->set_keepalive_time_ms(60000);
+  if (g->keepalive_timeout_ms() == 0) g->set_keepalive_timeout_ms(20000);
+  if (g->default_deadline_ms() == 0) g->set_default_deadline_ms(30000);
+  v1::NbdShimConfig* n = c->mutable_nbd();
+  if (n->handshake_timeout_ms() == 0) n->set_handshake_timeout_ms(10000);
+  if (n->max_connections() == 0) n->set_max_connections(100);
+  if (n->max_payload_bytes() == 0) n->set_max_payload_bytes(32u << 20);
+  if (c->csi().default_max_results() == 0) {
+    c->mutable_csi()->set_default_max_results(1024);
+  }
+}
+
+std::string ExportHealthServiceName(const std::string& export_name) {
+  return absl::StrCat("blockmeta.v1.BlockMeta/", export_name);
+}
+
+BlockMetaServer::BlockMetaServer(v1::ServerConfig config)
+    : config_(std::move(config)) {}
+
+absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
+    v1::ServerConfig config) {
+  ApplyDefaults(&config);
+  uint64_t block = config.csi().fixed_block_size();
+  if (block != 0 && (block < 512 || (block & (block - 1)) != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "csi.fixed_block_size must be 0 or a power of two >= 512, not ",
+        block));
+  }
+  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty()) {
+    return absl::InvalidArgumentError(
+        "no gRPC listener: set grpc_listen and/or grpc_unix_socket");
+  }
+  std::unique_ptr<BlockMetaServer> s(new BlockMetaServer(std::move(config)));
+  const v1::ServerConfig& c = s->config_;
+  absl::StatusOr<std::unique_ptr<ExportRegistry>> registry =
+      ExportRegistry::Create(c);
+  if (!registry.ok()) return registry.status();
+  s->registry_ = *std::move(registry);
+
+  ExtentCache::Options cache_options;
+  cache_options.memory_limit_bytes = c.cache().memory_limit_bytes();
+  cache_options.fetch_window_bytes = c.cache().fetch_window_bytes();
+  if (c.cache().ttl_seconds() != 0) {
+    cache_options.ttl = absl::Seconds(c.cache().ttl_seconds());
+  }
+  s->cache_ = std::make_unique<ExtentCache>(cache_options);
+  ExtentCache* cache = s->cache_.get();
+  for (ExportEntry* e : s->registry_->All()) {
+    if (e->config.cache_ttl_seconds() != 0) {
+      cache->SetExportTtl(e->config.name(),
+                          absl::Seconds(e->config.cache_ttl_seconds()));
+    }
+    std::string name = e->config.name();
+    e->upstream->SetOnGenerationChange([cache, name] {
+      // A reconnected upstream may serve a different image: forget it all.
+      ExtentCache::Dropped d = cache->InvalidateExport(name);
+      LogWarning("upstream_reconnected_cache_dropped",
+                 {{"export", name}, {"extents_dropped", d.extents}});
+    });
+  }
+  s->pool_ = std::make_unique<WorkerPool>(c.worker_threads());
+  s->admission_ = std::make_unique<Admission>(c.grpc().max_inflight_calls());
+  s->metrics_ = std::make_unique<Metrics>(cache);
+  ExtentService::Options service_options;
+  Metrics* metrics = s->metrics_.get();
+  service_options.on_upstream_call = [metrics](const std::string& export_name,
+                                               absl::Duration latency,
+                                               const absl::Status& status) {
+    metrics->RecordUpstreamCall(export_name, latency, status);
+  };
+  s->service_ = std::make_unique<ExtentService>(s->registry_.get(), cache,
+                                                std::move(service_options));
+  CallContext ctx;
+  ctx.service = s->service_.get();
+  ctx.pool = s->pool_.get();
+  ctx.admission = s->admission_.get();
+  ctx.default_deadline = absl::Milliseconds(c.grpc().default_deadline_ms());
+  s->grpc_service_ = std::make_unique<BlockMetaGrpcService>(ctx);
+  CsiOptions csi;
+  csi.fixed_block_size = c.csi().fixed_block_size();
+  csi.default_max_results = c.csi().default_max_results();
+  s->csi_service_ = std::make_unique<CsiSnapshotMetadataService>(ctx, csi);
+  if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
+    s->nbd_ = std::make_unique<NbdServer>(s->registry_.get(), cache, c.nbd());
+  }
+  return s;
+}
+
+BlockMetaServer::~BlockMetaServer() { Shutdown(absl::ZeroDuration()); }
+
+absl::Status BlockMetaServer::Start() {
+  const v1::ServerConfig& c = config_;
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds =
+      MakeCredentials(c.tls());
+  if (!creds.ok()) return creds.status();
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  if (!c.grpc_listen().empty()) {
+    builder.AddListeningPort(c.grpc_listen(), *creds, &grpc_port_);
+  }
+  if (!c.grpc_unix_socket().empty()) {
+    ::unlink(c.grpc_unix_socket().c_str());  // a stale socket from a crash
+    builder.AddListeningPort(absl::StrCat("unix:", c.grpc_unix_socket()),
+                             *creds);
+  }
+  builder.RegisterService(grpc_service_.get());
+  builder.RegisterService(csi_service_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(c.grpc().max_message_bytes()));
+  builder.SetMaxSendMessageSize(static_cast<int>(c.grpc().max_message_bytes()));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             static_cast<int>(c.grpc().keepalive_time_ms()));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             static_cast<int>(c.grpc().keepalive_timeout_ms()));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  if (c.grpc().max_connection_idle_ms() != 0) {
+    builder.AddChannelArgument(
+        GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+        static_cast<int>(c.grpc().max_connection_idle_ms()));
+  }
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+      interceptors;
+  interceptors.push_back(metrics_->InterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen for gRPC on \"", c.grpc_listen(), "\"",
+        c.grpc_unix_socket().empty()
+            ? ""
+            : absl::StrCat(" / unix:", c.grpc_unix_socket()),
+        " (address in use, bad address, or bad TLS files?)"));
+  }
+  if (!c.grpc_listen().empty() && grpc_port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot bind gRPC address \"", c.grpc_listen(), "\""));
+  }
+  if (!c.metrics_listen().empty()) {
+    absl::StatusOr<int> port = metrics_->Serve(c.metrics_listen());
+    if (!port.ok()) return port.status();
+    metrics_port_ = *port;
+  }
+  if (nbd_ != nullptr) {
+    absl::StatusOr<int> port = nbd_->Start(c.nbd_listen(), c.nbd_unix_socket());
+    if (!port.ok()) return port.status();
+    nbd_port_ = *port;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    serving_ = true;
+  }
+  health_thread_ = std::thread([this] { HealthLoop(); });
+  return absl::OkStatus();
+}
+
+void BlockMetaServer::HealthLoop() {
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  do {
+    bool all_ready = true;
+    for (ExportEntry* e : registry_->All()) {
+      bool ready = e->upstream->Ready();
+      all_ready = all_ready && ready;
+      health->SetServingStatus(ExportHealthServiceName(e->config.name()),
+                               ready);
+    }
+    health->SetServingStatus("blockmeta.v1.BlockMeta", all_ready);
+    health->SetServingStatus("", true);
+  } while (!stop_health_.WaitForNotificationWithTimeout(absl::Milliseconds(500)));
+}
+
+void BlockMetaServer::Shutdown(absl::Duration grace) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!serving_) return;
+    serving_ = false;
+  }
+  stop_health_.Notify();
+  if (health_thread_.joinable()) health_thread_.join();
+  if (grpc::HealthCheckServiceInterface* health =
+          server_->GetHealthCheckService()) {
+    health->Shutdown();  // every service NOT_SERVING; Watch streams end
+  }
+  if (nbd_ != nullptr) nbd_->Shutdown();
+  server_->Shutdown(std::chrono::system_clock::now() +
+                    absl::ToChronoMilliseconds(grace));
+  server_->Wait();
+}
+
+}  // namespace blockmeta

@@ -1,0 +1,400 @@
+// server/cache/extent_cache_property_test.cc — randomized sequences of
+// lookups, fills, writes, invalidations, TTL expiry and evictions against a
+// naive reference model: a per-unit truth table per key for a random disk
+// layout (random unit size including 1 and 3 bytes, an export size that is
+// not a multiple of the unit). The fetcher answers from the truth with
+// random lengths (exact, short, past the request, past the export end,
+// split at random bytes), sometimes fails and sometimes answers malformed;
+// sometimes the disk is written (and invalidated) while a fetch is in
+// flight, which must keep the fetched answer out of the cache.
+// Every answer must equal the truth at that moment; the model also checks
+// that only the gap is fetched, the window asked, the counters and the
+// memory bound. Single-threaded, so every step is deterministic per seed.
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "gtest/gtest.h"
+#include "server/cache/extent_cache.h"
+
+namespace blockmeta {
+namespace {
+
+constexpr int kSeeds = 200;
+constexpr int kOpsPerSeed = 2000;
+
+const CacheKey kXBase{"x", "base:allocation"};
+const CacheKey kXDirty{"x", "qemu:dirty-bitmap:d"};
+const CacheKey kYBase{"y", "base:allocation"};
+const CacheKey* const kKeys[] = {&kXBase, &kXDirty, &kYBase};
+
+class PropertyRun {
+ public:
+  explicit PropertyRun(uint64_t seed) : rng_(seed) {
+    static constexpr uint64_t kUnits[] = {1, 3, 512, 4096};
+    unit_ = kUnits[Rand(4)];
+    units_ = 8 + Rand(300);
+    size_ = units_ * unit_ - (unit_ > 1 ? Rand(unit_) : 0);
+    for (int k = 0; k < 3; ++k) {
+      truth_[k].resize(units_);
+      uint64_t u = 0;
+      while (u < units_) {
+        const uint64_t run = 1 + Rand(Rand(2) ? 4 : 40);
+        const uint32_t f = RandomFlags(k);
+        for (uint64_t i = u; i < std::min(units_, u + run); ++i) {
+          truth_[k][i] = f;
+        }
+        u += run;
+      }
+    }
+    ExtentCache::Options o;
+    switch (Rand(3)) {
+      case 0: o.memory_limit_bytes = 256 + Rand(4096); break;
+      case 1: o.memory_limit_bytes = 16 * 1024; break;
+      default: o.memory_limit_bytes = 256 << 20; break;
+    }
+    switch (Rand(3)) {
+      case 0: o.fetch_window_bytes = 1 + Rand(unit_ * 2); break;
+      case 1: o.fetch_window_bytes = unit_ * (1 + Rand(32)); break;
+      default: o.fetch_window_bytes = (4ull << 30) - (1ull << 20); break;
+    }
+    if (Rand(4) == 0) o.ttl = absl::Seconds(100);
+    o.clock = [this] { return now_; };
+    options_ = o;
+    cache_ = std::make_unique<ExtentCache>(o);
+  }
+
+  void Run(int ops) {
+    for (op_ = 0; op_ < ops && !::testing::Test::HasFatalFailure(); ++op_) {
+      const uint64_t r = Rand(100);
+      if (r < 35) {
+        DoGet();
+      } else if (r < 55) {
+        DoLookup();
+      } else if (r < 70) {
+        DoWrite();
+      } else if (r < 74) {
+        DoClearBitmap();
+      } else if (r < 84) {
+        DoForget();
+      } else if (r < 86) {
+        DoForgetAll();
+      } else if (r < 88) {
+        DoClock();
+      } else if (r < 89) {
+        CheckWholeDisk();
+      } else {
+        DoGet();  // more fills: more merging and eviction
+      }
+    }
+    CheckWholeDisk();
+    EXPECT_EQ(cache_->Counters().upstream_calls, fetcher_calls_) << Where();
+  }
+
+ private:
+  uint64_t Rand(uint64_t n) { return n == 0 ? 0 : rng_() % n; }
+  uint32_t RandomFlags(int k) {
+    static constexpr uint32_t kBase[] = {0, kStateHole, kStateZero,
+                                         kStateHole | kStateZero};
+    return k == 1 ? static_cast<uint32_t>(Rand(2)) : kBase[Rand(4)];
+  }
+  int KeyIndex(const CacheKey& key) {
+    for (int k = 0; k < 3; ++k) {
+      if (*kKeys[k] == key) return k;
+    }
+    return -1;
+  }
+  std::string Where() const {
+    return absl::StrCat("seed op ", op_, " unit ", unit_, " size ", size_,
+                        " window ", options_.fetch_window_bytes, " limit ",
+                        options_.memory_limit_bytes);
+  }
+
+  // A random request range (offset may lie past the end for lookups).
+  std::pair<uint64_t, uint64_t> RandomRange(bool allow_past_end) {
+    uint64_t off = Rand(size_ + (allow_past_end ? unit_ * 2 : 0));
+    uint64_t len;
+    switch (Rand(4)) {
+      case 0: len = 1 + Rand(unit_ * 3); break;
+      case 1: len = 1 + Rand(size_); break;
+      case 2: len = size_ * 2 + Rand(100); break;
+      default: len = unit_ * (1 + Rand(8)); break;
+    }
+    return {off, len};
+  }
+
+  // Checks a result against the truth of key k for [off, off + len).
+  void CheckAnswer(int k, uint64_t off, uint64_t len, size_t max_extents,
+                   const LookupResult& r, const char* what,
+                   const std::vector<uint32_t>* truth = nullptr) {
+    if (truth == nullptr) truth = truth_;
+    const uint64_t end = std::min(off + len, std::max(size_, off));
+    uint64_t pos = off;
+    for (size_t i = 0; i < r.extents.size(); ++i) {
+      const Extent& e = r.extents[i];
+      ASSERT_EQ(e.offset, pos) << what << " not contiguous " << Where();
+      ASSERT_GT(e.length, 0u) << what << Where();
+      ASSERT_LE(e.end(), end) << what << " past request/export " << Where();
+      if (i > 0) {
+        ASSERT_NE(e.flags, r.extents[i - 1].flags)
+            << what << " unmerged neighbours " << Where();
+      }
+      for (uint64_t u = e.offset / unit_; u * unit_ < e.end(); ++u) {
+        ASSERT_EQ(e.flags, truth[k][u])
+            << what << " key " << k << " extent " << e << " unit " << u
+            << " " << Where();
+      }
+      pos = e.end();
+    }
+    ASSERT_EQ(r.next_offset, pos) << what << Where();
+    if (max_extents != 0) {
+      ASSERT_LE(r.extents.size(), max_extents) << what << Where();
+    }
+  }
+
+  // The upstream: answers from the truth with a random length.
+  absl::StatusOr<ExtentList> Fetch(int k, uint64_t off, uint64_t len) {
+    ++fetcher_calls_;
+    fetched_at_ = off;
+    fetched_len_ = len;
+    const uint64_t mode = Rand(100);
+    if (mode < 5) {
+      injected_ = absl::StatusCode::kUnavailable;
+      return absl::UnavailableError("injected");
+    }
+    if (mode < 8) {
+      injected_ = absl::StatusCode::kInternal;
+      const uint32_t wrong = truth_[k][off / unit_] ^ 1;
+      switch (Rand(4)) {
+        case 0: return ExtentList{};
+        case 1: return ExtentList{{off + 1, len, wrong}};
+        case 2: return ExtentList{{off, 1, wrong}, {off + 2, len, wrong}};
+        default: return ExtentList{{off, 1, wrong}, {off + 1, 0, wrong}};
+      }
+    }
+    injected_ = absl::StatusCode::kOk;
+    uint64_t answer;
+    switch (Rand(4)) {
+      case 0: answer = len; break;
+      case 1: answer = 1 + Rand(len); break;
+      case 2: answer = len + 1 + Rand(unit_ * 3); break;
+      default: answer = size_ - off + 1 + Rand(unit_ * 2); break;
+    }
+    ExtentList out;
+    uint64_t pos = off;
+    const uint64_t end = off + answer;
+    while (pos < end) {
+      uint64_t e;
+      uint32_t flags;
+      if (pos >= size_) {  // garbage past the export end: must be clipped
+        e = end;
+        flags = 0x80 | static_cast<uint32_t>(Rand(4));
+      } else {
+        flags = truth_[k][pos / unit_];
+        uint64_t u = pos / unit_ + 1;
+        while (u < units_ && truth_[k][u] == flags) ++u;
+        e = std::min({u * unit_, size_, end});
+        if (e - pos > 1 && Rand(4) == 0) e = pos + 1 + Rand(e - pos - 1);
+      }
+      out.push_back(Extent{pos, e - pos, flags});
+      pos = e;
+    }
+    // The disk changes while the answer is on its way back: the caller may
+    // use it (it was true when asked) but the cache must not keep it.
+    if (Rand(10) == 0) {
+      snapshot_valid_ = true;
+      for (int i = 0; i < 3; ++i) snapshot_[i] = truth_[i];
+      if (Rand(2)) {
+        DoWrite();
+      } else {
+        DoClearBitmap();
+      }
+    }
+    return out;
+  }
+
+  void DoGet() {
+    const int k = static_cast<int>(Rand(3));
+    auto [off, len] = RandomRange(false);
+    const size_t max_extents = Rand(3) == 0 ? 1 + Rand(4) : 0;
+    // What the cache knows now decides what must be fetched.
+    const uint64_t end = std::min(off + len, size_);
+    LookupResult head = cache_->Lookup(*kKeys[k], off, len, max_extents,
+                                       /*count=*/false);
+    const bool complete =
+        head.next_offset >= end ||
+        (max_extents != 0 && head.extents.size() >= max_extents);
+    const uint64_t calls_before = fetcher_calls_;
+    snapshot_valid_ = false;
+    auto fetch = [&](uint64_t o, uint64_t l,
+                     absl::Time) -> absl::StatusOr<ExtentList> {
+      return Fetch(k, o, l);
+    };
+    absl::StatusOr<LookupResult> r =
+        cache_->Get(*kKeys[k], size_, off, len, max_extents, fetch,
+                    absl::InfiniteFuture());
+    const bool fetched = fetcher_calls_ != calls_before;
+    ASSERT_EQ(fetched, !complete) << Where();
+    if (fetched) {
+      ASSERT_EQ(fetcher_calls_, calls_before + 1) << Where();
+      ASSERT_EQ(fetched_at_, head.next_offset) << "fetched more than the gap "
+                                               << Where();
+      const uint64_t want_len =
+          std::min({std::max(options_.fetch_window_bytes, end - fetched_at_),
+                    kMaxNbdRequestLength, size_ - fetched_at_});
+      ASSERT_EQ(fetched_len_, want_len) << Where();
+    }
+    if (!r.ok()) {
+      ASSERT_TRUE(fetched) << r.status() << Where();
+      ASSERT_EQ(r.status().code(), injected_) << r.status() << Where();
+      return;
+    }
+    ASSERT_TRUE(!fetched || injected_ == absl::StatusCode::kOk) << Where();
+    ASSERT_FALSE(r->extents.empty()) << Where();
+    ASSERT_EQ(r->outcome, !fetched                   ? Outcome::kHit
+                          : head.extents.empty()     ? Outcome::kMiss
+                                                     : Outcome::kPartial)
+        << Where();
+    CheckAnswer(k, off, len, max_extents, *r, "Get",
+                snapshot_valid_ ? snapshot_ : nullptr);
+    ASSERT_LE(cache_->Counters().memory_bytes, options_.memory_limit_bytes)
+        << Where();
+  }
+
+  void DoLookup() {
+    const int k = static_cast<int>(Rand(3));
+    auto [off, len] = RandomRange(true);
+    const size_t max_extents = Rand(3) == 0 ? 1 + Rand(4) : 0;
+    LookupResult r =
+        cache_->Lookup(*kKeys[k], off, len, max_extents, Rand(2) == 0);
+    CheckAnswer(k, off, len, max_extents, r, "Lookup");
+  }
+
+  // A byte range that covers units [ua, ub), sometimes wider, unaligned.
+  std::pair<uint64_t, uint64_t> CoveringRange(uint64_t ua, uint64_t ub) {
+    uint64_t a = ua * unit_;
+    if (Rand(2) && a > 0) a -= 1 + Rand(std::min<uint64_t>(a, unit_));
+    if (Rand(8) == 0) return {a, 0};  // to the end
+    uint64_t b = ub * unit_ + Rand(unit_ + 1);
+    return {a, b - a};
+  }
+
+  // A write through the shim: changes the export's allocation and marks
+  // its bitmap dirty, then invalidates every context of the export.
+  void DoWrite() {
+    const bool x = Rand(2) == 0;
+    const uint64_t ua = Rand(units_);
+    const uint64_t ub = std::min(units_, ua + 1 + Rand(Rand(2) ? 3 : 50));
+    const int base = x ? 0 : 2;
+    const uint32_t f = RandomFlags(base);
+    for (uint64_t u = ua; u < ub; ++u) {
+      truth_[base][u] = Rand(4) == 0 ? RandomFlags(base) : f;
+      if (x) truth_[1][u] = kStateDirty;
+    }
+    auto [a, l] = CoveringRange(ua, ub);
+    cache_->InvalidateExportRange(x ? "x" : "y", a, l);
+    ASSERT_LE(cache_->Counters().memory_bytes, options_.memory_limit_bytes)
+        << Where();
+  }
+
+  // The bitmap was cleared (e.g. after a backup): one context changes.
+  void DoClearBitmap() {
+    const uint64_t ua = Rand(units_);
+    const uint64_t ub = std::min(units_, ua + 1 + Rand(60));
+    for (uint64_t u = ua; u < ub; ++u) truth_[1][u] = 0;
+    auto [a, l] = CoveringRange(ua, ub);
+    cache_->Invalidate(kXDirty, a, l);
+  }
+
+  // Forgetting without a change (InvalidateCache RPC).
+  void DoForget() {
+    const int k = static_cast<int>(Rand(3));
+    auto [off, len] = RandomRange(true);
+    const CacheCounters before = cache_->Counters(*kKeys[k]);
+    ExtentCache::Dropped d =
+        cache_->Invalidate(*kKeys[k], off, Rand(5) == 0 ? 0 : len);
+    const CacheCounters after = cache_->Counters(*kKeys[k]);
+    ASSERT_LE(d.extents, before.entries + 1) << Where();
+    if (d.extents == 0) {
+      ASSERT_EQ(d.bytes, 0u) << Where();
+    }
+    ASSERT_GE(after.entries + d.extents + (after.evictions - before.evictions),
+              before.entries)
+        << Where();
+    // Nothing of the range is known any more.
+    if (len > 0) {
+      ASSERT_EQ(cache_->Lookup(*kKeys[k], off, 1, 0, false).outcome,
+                Outcome::kMiss)
+          << Where();
+    }
+  }
+
+  void DoForgetAll() {
+    if (Rand(2)) {
+      cache_->InvalidateExport(Rand(2) ? "x" : "y");
+    } else {
+      cache_->InvalidateAll();
+      ASSERT_EQ(cache_->Counters().entries, 0u) << Where();
+      ASSERT_EQ(cache_->Counters().memory_bytes, 0u) << Where();
+    }
+  }
+
+  void DoClock() {
+    const absl::Duration d = absl::Seconds(Rand(2) ? Rand(10) : 100);
+    now_ += d;
+    if (options_.ttl != absl::InfiniteDuration() && d >= options_.ttl) {
+      // Everything cached so far has expired.
+      for (int k = 0; k < 3; ++k) {
+        for (uint64_t u = 0; u < units_; ++u) {
+          ASSERT_EQ(cache_->Lookup(*kKeys[k], u * unit_, 1, 0, false).outcome,
+                    Outcome::kMiss)
+              << "expired interval served " << Where();
+        }
+      }
+    }
+  }
+
+  void CheckWholeDisk() {
+    for (int k = 0; k < 3; ++k) {
+      uint64_t pos = 0;
+      while (pos < size_) {
+        LookupResult r = cache_->Lookup(*kKeys[k], pos, size_, 0, false);
+        CheckAnswer(k, pos, size_, 0, r, "scan");
+        pos = r.next_offset == pos ? pos + 1 + Rand(unit_) : r.next_offset;
+      }
+    }
+  }
+
+  std::mt19937_64 rng_;
+  uint64_t unit_ = 1;
+  uint64_t units_ = 1;
+  uint64_t size_ = 1;
+  std::vector<uint32_t> truth_[3];
+  // The truth before a write that landed during the last fetch.
+  std::vector<uint32_t> snapshot_[3];
+  bool snapshot_valid_ = false;
+  ExtentCache::Options options_;
+  absl::Time now_ = absl::FromUnixSeconds(1700000000);
+  std::unique_ptr<ExtentCache> cache_;
+  int op_ = 0;
+  uint64_t fetcher_calls_ = 0;
+  uint64_t fetched_at_ = 0;
+  uint64_t fetched_len_ = 0;
+  absl::StatusCode injected_ = absl::StatusCode::kOk;
+};
+
+TEST(ExtentCachePropertyTest, RandomSequencesMatchTheTruth) {
+  for (int seed = 1; seed <= kSeeds; ++seed) {
+    SCOPED_TRACE(absl::StrCat("seed ", seed));
+    PropertyRun run(seed);
+    run.Run(kOpsPerSeed);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+}  // namespace
+}  // namespace blockmeta

@@ -1,0 +1,42 @@
+// server/common/log_test.cc
+#include "server/common/log.h"
+
+#include "gtest/gtest.h"
+
+namespace blockmeta {
+namespace {
+
+TEST(LogTest, JsonLineEscapesAndTypesFields) {
+  std::string line = FormatLogLine(
+      LogFormat::kJson, LogLevel::kWarning, "rpc_done",
+      {{"request_id", "r-1"}, {"msg", "a \"b\"\n"}, {"n", 42}, {"ok", true}},
+      "2026-01-01T00:00:00.000000Z");
+  EXPECT_EQ(line,
+            "{\"ts\":\"2026-01-01T00:00:00.000000Z\",\"level\":\"warning\","
+            "\"event\":\"rpc_done\",\"request_id\":\"r-1\",\"msg\":\"a "
+            "\\\"b\\\"\\n\",\"n\":42,\"ok\":true}\n");
+}
+
+TEST(LogTest, TextLineQuotesOnlyWhenNeeded) {
+  std::string line =
+      FormatLogLine(LogFormat::kText, LogLevel::kInfo, "start",
+                    {{"export", "disk0"}, {"why", "two words"}, {"port", 5}},
+                    "T");
+  EXPECT_EQ(line, "T info start export=disk0 why=\"two words\" port=5\n");
+}
+
+TEST(LogTest, ParseLogFormat) {
+  LogFormat f;
+  EXPECT_TRUE(ParseLogFormat("text", &f));
+  EXPECT_EQ(f, LogFormat::kText);
+  EXPECT_TRUE(ParseLogFormat("json", &f));
+  EXPECT_EQ(f, LogFormat::kJson);
+  EXPECT_FALSE(ParseLogFormat("xml", &f));
+}
+
+TEST(LogTest, RequestIdsAreUnique) {
+  EXPECT_NE(NewRequestId(), NewRequestId());
+}
+
+}  // namespace
+}  // namespace blockmeta

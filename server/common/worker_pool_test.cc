@@ -1,0 +1,38 @@
+// server/common/worker_pool_test.cc
+#include "server/common/worker_pool.h"
+
+#include <atomic>
+
+#include "absl/synchronization/notification.h"
+#include "gtest/gtest.h"
+
+namespace blockmeta {
+namespace {
+
+TEST(WorkerPoolTest, RunsEveryTaskBeforeDestruction) {
+  std::atomic<int> ran{0};
+  {
+    WorkerPool pool(3);
+    for (int i = 0; i < 1000; ++i) pool.Schedule([&ran] { ran.fetch_add(1); });
+  }
+  EXPECT_EQ(ran.load(), 1000);
+}
+
+TEST(WorkerPoolTest, BlockedTaskDoesNotStallOthers) {
+  WorkerPool pool(2);
+  absl::Notification release, other_ran;
+  pool.Schedule([&] { release.WaitForNotification(); });
+  pool.Schedule([&] { other_ran.Notify(); });
+  EXPECT_TRUE(other_ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  release.Notify();
+}
+
+TEST(WorkerPoolTest, ZeroThreadsMeansOne) {
+  WorkerPool pool(0);
+  absl::Notification done;
+  pool.Schedule([&] { done.Notify(); });
+  EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+}
+
+}  // namespace
+}  // namespace blockmeta

@@ -1,0 +1,179 @@
+// server/main.cc — blockmetad: flags and configuration, signal handling,
+// and the process lifecycle around BlockMetaServer.
+//
+//   blockmetad --config=/etc/blockmeta/config.textproto
+//   blockmetad --grpc_listen=127.0.0.1:0 --export=disk=nbd+unix:///?socket=/s
+//
+// Flags override the config file. SIGTERM/SIGINT start a graceful shutdown
+// (health NOT_SERVING, drain for shutdown_grace_seconds, exit 0).
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "server/blockmeta_server.h"
+#include "server/common/config.h"
+#include "server/common/log.h"
+
+ABSL_FLAG(std::string, config, "",
+          "Server configuration, a text-format blockmeta.v1.ServerConfig");
+ABSL_FLAG(std::string, grpc_listen, "",
+          "gRPC listen address host:port (port 0 = pick one); overrides the "
+          "config; default 127.0.0.1:50051");
+ABSL_FLAG(std::string, grpc_unix_socket, "", "Also serve gRPC on this socket");
+ABSL_FLAG(std::string, nbd_listen, "", "NBD shim listen address host:port");
+ABSL_FLAG(std::string, nbd_unix_socket, "", "NBD shim Unix socket path");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "Prometheus metrics address host:port (/metrics)");
+ABSL_FLAG(std::string, port_file, "",
+          "Write the bound ports here as 'grpc=N nbd=N metrics=N' once "
+          "serving (for scripts and tests using port 0)");
+ABSL_FLAG(int, shutdown_grace_seconds, 0,
+          "Seconds to drain in-flight calls on SIGTERM (default 20)");
+ABSL_FLAG(std::string, log_format, "json", "Log format: json or text");
+ABSL_FLAG(std::vector<std::string>, export, {},
+          "NAME=NBD_URI; repeat the flag for several exports");
+
+namespace {
+
+namespace v1 = ::blockmeta::v1;
+
+// Repeated --export flags: absl keeps only the last, so collect them first.
+std::vector<std::string> TakeExportFlags(int* argc, char** argv) {
+  std::vector<std::string> out;
+  int w = 1;
+  for (int r = 1; r < *argc; ++r) {
+    absl::string_view a = argv[r];
+    if (absl::StartsWith(a, "--export=")) {
+      out.emplace_back(a.substr(9));
+    } else if ((a == "--export" || a == "-export") && r + 1 < *argc) {
+      out.emplace_back(argv[++r]);
+    } else {
+      argv[w++] = argv[r];
+    }
+  }
+  *argc = w;
+  return out;
+}
+
+int Fail(absl::string_view event, const absl::Status& status) {
+  blockmeta::LogError(event, {{"code", absl::StatusCodeToString(status.code())},
+                              {"error", std::string(status.message())}});
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "blockmetad: gRPC block-metadata service fronting NBD exports.\n"
+      "  blockmetad --config=FILE\n"
+      "  blockmetad --grpc_listen=HOST:PORT --export=NAME=NBD_URI ...");
+  std::vector<std::string> export_flags = TakeExportFlags(&argc, argv);
+  absl::ParseCommandLine(argc, argv);
+
+  blockmeta::LogFormat format;
+  if (!blockmeta::ParseLogFormat(absl::GetFlag(FLAGS_log_format), &format)) {
+    std::fprintf(stderr, "blockmetad: --log_format must be json or text\n");
+    return 2;
+  }
+  blockmeta::SetLogFormat(format);
+
+  v1::ServerConfig config;
+  if (!absl::GetFlag(FLAGS_config).empty()) {
+    absl::StatusOr<v1::ServerConfig> loaded =
+        blockmeta::LoadServerConfig(absl::GetFlag(FLAGS_config));
+    if (!loaded.ok()) return Fail("config_invalid", loaded.status());
+    config = *std::move(loaded);
+  }
+  for (const std::string& spec : export_flags) {
+    size_t eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
+      return Fail("flag_invalid",
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "--export wants NAME=NBD_URI, got \"", spec, "\"")));
+    }
+    v1::ExportConfig* e = config.add_exports();
+    e->set_name(spec.substr(0, eq));
+    e->set_nbd_uri(spec.substr(eq + 1));
+  }
+  if (!absl::GetFlag(FLAGS_grpc_listen).empty()) {
+    config.set_grpc_listen(absl::GetFlag(FLAGS_grpc_listen));
+  }
+  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty() &&
+      absl::GetFlag(FLAGS_grpc_unix_socket).empty()) {
+    config.set_grpc_listen("127.0.0.1:50051");
+  }
+  if (!absl::GetFlag(FLAGS_grpc_unix_socket).empty()) {
+    config.set_grpc_unix_socket(absl::GetFlag(FLAGS_grpc_unix_socket));
+  }
+  if (!absl::GetFlag(FLAGS_nbd_listen).empty()) {
+    config.set_nbd_listen(absl::GetFlag(FLAGS_nbd_listen));
+  }
+  if (!absl::GetFlag(FLAGS_nbd_unix_socket).empty()) {
+    config.set_nbd_unix_socket(absl::GetFlag(FLAGS_nbd_unix_socket));
+  }
+  if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
+    config.set_metrics_listen(absl::GetFlag(FLAGS_metrics_listen));
+  }
+  if (absl::GetFlag(FLAGS_shutdown_grace_seconds) > 0) {
+    config.set_shutdown_grace_seconds(
+        static_cast<uint32_t>(absl::GetFlag(FLAGS_shutdown_grace_seconds)));
+  }
+
+  // Signals are taken synchronously by this thread; block them before any
+  // other thread exists so none of them receives one.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  absl::StatusOr<std::unique_ptr<blockmeta::BlockMetaServer>> server =
+      blockmeta::BlockMetaServer::Create(config);
+  if (!server.ok()) return Fail("config_invalid", server.status());
+  if (absl::Status s = (*server)->Start(); !s.ok()) {
+    return Fail("listen_failed", s);
+  }
+  blockmeta::ApplyDefaults(&config);
+  blockmeta::LogInfo(
+      "serving", {{"grpc_listen", config.grpc_listen()},
+                  {"grpc_port", (*server)->grpc_port()},
+                  {"grpc_unix_socket", config.grpc_unix_socket()},
+                  {"nbd_port", (*server)->nbd_port()},
+                  {"nbd_unix_socket", config.nbd_unix_socket()},
+                  {"metrics_port", (*server)->metrics_port()},
+                  {"exports", config.exports_size()}});
+  if (!absl::GetFlag(FLAGS_port_file).empty()) {
+    std::string path = absl::GetFlag(FLAGS_port_file);
+    std::string tmp = path + ".tmp";
+    {
+      std::ofstream out(tmp);
+      out << "grpc=" << (*server)->grpc_port()
+          << " nbd=" << (*server)->nbd_port()
+          << " metrics=" << (*server)->metrics_port() << "\n";
+    }
+    std::rename(tmp.c_str(), path.c_str());  // readers never see half a file
+  }
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  absl::Duration grace = absl::Seconds(config.shutdown_grace_seconds());
+  blockmeta::LogInfo("shutting_down",
+                     {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"},
+                      {"grace_seconds", config.shutdown_grace_seconds()}});
+  (*server)->Shutdown(grace);
+  server->reset();
+  blockmeta::LogInfo("stopped");
+  return 0;
+}

@@ -1,0 +1,178 @@
+// server/nbd/handler_test.cc — request handling against the real
+// ExtentCache and an in-memory upstream: block status from the cache,
+// REQ_ONE, one chunk per context, invalidation on write, error replies.
+#include "server/nbd/handler.h"
+
+#include "gtest/gtest.h"
+#include "server/nbd/fake_upstream.h"
+#include "server/nbd/stream.h"
+#include "server/nbd/test_client.h"
+
+namespace blockmeta {
+namespace nbd {
+namespace {
+
+constexpr uint64_t kSize = 1 << 20;
+constexpr uint32_t kBlock = 64 << 10;
+
+class HandlerTest : public ::testing::Test {
+ protected:
+  HandlerTest() : up_(kSize, kBlock, true), cache_(ExtentCache::Options()) {
+    export_ = {"a", "", &up_, false, absl::Seconds(5)};
+    n_.export_entry = &export_;
+    n_.info = *up_.Info();
+    n_.structured_replies = true;
+    n_.transmission_flags = TransmissionFlags(n_.info, false, true);
+    n_.contexts = {{1, "base:allocation"}, {2, "qemu:dirty-bitmap:b1"}};
+    up_.Fill(kBlock, kBlock, 'x');  // block 1 is data
+  }
+
+  // Runs a request and decodes its reply bytes.
+  testing::RawClient::Reply Do(const Request& r, std::string payload = "") {
+    RequestHandler h(n_, &cache_);
+    std::string bytes = h.Handle(r, std::move(payload));
+    // Decode with the same parser the socket tests use.
+    return Decode(bytes, r.type == kCmdRead && !n_.structured_replies
+                             ? r.length
+                             : 0);
+  }
+  static testing::RawClient::Reply Decode(const std::string& bytes,
+                                          uint32_t simple_len) {
+    testing::RawClient::Reply reply;
+    const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
+    size_t pos = 0;
+    while (pos < bytes.size()) {
+      if (GetBe32(p + pos) == kSimpleReplyMagic) {
+        reply.error = GetBe32(p + pos + 4);
+        reply.handle = GetBe64(p + pos + 8);
+        reply.data = bytes.substr(pos + 16, simple_len);
+        EXPECT_EQ(bytes.size(), pos + 16 + (reply.error ? 0 : simple_len));
+        return reply;
+      }
+      EXPECT_EQ(GetBe32(p + pos), kStructuredReplyMagic);
+      testing::RawClient::Chunk c{GetBe16(p + pos + 4), GetBe16(p + pos + 6),
+                                  ""};
+      uint32_t len = GetBe32(p + pos + 16);
+      c.data = bytes.substr(pos + 20, len);
+      if ((c.type & 0x8000) && reply.error == 0) {
+        reply.error = GetBe32(reinterpret_cast<const uint8_t*>(c.data.data()));
+      }
+      pos += 20 + len;
+      EXPECT_EQ(pos == bytes.size(), (c.flags & kReplyFlagDone) != 0);
+      reply.chunks.push_back(std::move(c));
+    }
+    return reply;
+  }
+  static Request Req(uint16_t type, uint64_t offset, uint32_t length,
+                     uint16_t flags = 0) {
+    Request r;
+    r.type = type;
+    r.offset = offset;
+    r.length = length;
+    r.flags = flags;
+    r.handle = 42;
+    return r;
+  }
+
+  FakeUpstream up_;
+  ExtentCache cache_;
+  ShimExport export_;
+  Negotiated n_;
+};
+
+TEST_F(HandlerTest, BlockStatusOneChunkPerContext) {
+  auto r = Do(Req(kCmdBlockStatus, 0, kSize));
+  ASSERT_EQ(r.error, 0u);
+  ASSERT_EQ(r.chunks.size(), 2u);
+  testing::Descriptors base = testing::DecodeBlockStatus(r.chunks[0].data);
+  testing::Descriptors dirty = testing::DecodeBlockStatus(r.chunks[1].data);
+  EXPECT_EQ(base.context_id, 1u);
+  EXPECT_EQ(dirty.context_id, 2u);
+  using P = std::pair<uint32_t, uint32_t>;
+  EXPECT_EQ(base.extents, (std::vector<P>{{kBlock, 3}, {kBlock, 0},
+                                          {kSize - 2 * kBlock, 3}}));
+  EXPECT_EQ(dirty.extents, (std::vector<P>{{kSize, 0}}));
+  EXPECT_EQ(r.chunks[0].flags, 0);
+  EXPECT_EQ(r.chunks[1].flags, kReplyFlagDone);
+  // Served from the cache the second time.
+  const uint64_t calls = up_.block_status_calls();
+  r = Do(Req(kCmdBlockStatus, 100, 5000));
+  EXPECT_EQ(up_.block_status_calls(), calls);
+  base = testing::DecodeBlockStatus(r.chunks[0].data);
+  EXPECT_EQ(base.extents, (std::vector<P>{{5000, 3}}));  // clipped
+}
+
+TEST_F(HandlerTest, ReqOneGivesExactlyOneDescriptorWithinTheRequest) {
+  for (uint64_t off : {uint64_t{0}, uint64_t{1000}, uint64_t{kBlock},
+                       kSize - 512}) {
+    auto r = Do(Req(kCmdBlockStatus, off, static_cast<uint32_t>(kSize - off),
+                    kCmdFlagReqOne));
+    ASSERT_EQ(r.chunks.size(), 2u);
+    for (const auto& c : r.chunks) {
+      testing::Descriptors d = testing::DecodeBlockStatus(c.data);
+      ASSERT_EQ(d.extents.size(), 1u) << off;
+      EXPECT_LE(d.extents[0].first, kSize - off);
+      EXPECT_GT(d.extents[0].first, 0u);
+    }
+  }
+  auto r = Do(Req(kCmdBlockStatus, 10, 20, kCmdFlagReqOne));
+  EXPECT_EQ(testing::DecodeBlockStatus(r.chunks[0].data).extents[0].first, 20u);
+}
+
+TEST_F(HandlerTest, WritesInvalidateEveryContextBeforeTheReply) {
+  Do(Req(kCmdBlockStatus, 0, kSize));
+  std::string payload(4096, 'z');
+  auto w = Do(Req(kCmdWrite, 3 * kBlock, 4096), payload);
+  ASSERT_EQ(w.error, 0u);
+  auto r = Do(Req(kCmdBlockStatus, 3 * kBlock, 4096));
+  EXPECT_EQ(testing::DecodeBlockStatus(r.chunks[0].data).extents[0].second, 0u);
+  EXPECT_EQ(testing::DecodeBlockStatus(r.chunks[1].data).extents[0].second, 1u);
+  // Trim and zero invalidate too.
+  ASSERT_EQ(Do(Req(kCmdTrim, 3 * kBlock, kBlock)).error, 0u);
+  r = Do(Req(kCmdBlockStatus, 3 * kBlock, 4096));
+  EXPECT_EQ(testing::DecodeBlockStatus(r.chunks[0].data).extents[0].second, 3u);
+  ASSERT_EQ(Do(Req(kCmdWriteZeroes, 3 * kBlock, kBlock)).error, 0u);
+  r = Do(Req(kCmdBlockStatus, 3 * kBlock, 4096));
+  EXPECT_EQ(testing::DecodeBlockStatus(r.chunks[0].data).extents[0].second, 0u);
+}
+
+TEST_F(HandlerTest, ReadStructuredAndSimple) {
+  auto r = Do(Req(kCmdRead, kBlock - 2, 4));
+  ASSERT_EQ(r.chunks.size(), 1u);
+  EXPECT_EQ(r.chunks[0].type, kReplyTypeOffsetData);
+  EXPECT_EQ(GetBe64(reinterpret_cast<const uint8_t*>(r.chunks[0].data.data())),
+            kBlock - 2);
+  EXPECT_EQ(r.chunks[0].data.substr(8), std::string("\0\0xx", 4));
+  n_.structured_replies = false;
+  r = Do(Req(kCmdRead, kBlock, 3));
+  EXPECT_EQ(r.error, 0u);
+  EXPECT_EQ(r.data, "xxx");
+}
+
+TEST_F(HandlerTest, UpstreamErrorsBecomeNbdErrors) {
+  up_.mutable_info().read_only = true;  // the upstream refuses writes
+  auto w = Do(Req(kCmdWrite, 0, 1), "a");
+  EXPECT_EQ(w.error, kEperm);
+  n_.structured_replies = false;
+  w = Do(Req(kCmdWrite, 0, 1), "a");
+  EXPECT_EQ(w.error, kEperm);
+  up_.set_ready(false);
+  n_.structured_replies = true;
+  auto r = Do(Req(kCmdBlockStatus, 0, kSize));
+  EXPECT_EQ(r.error, kEio);
+}
+
+TEST_F(HandlerTest, MissingBaseAllocationUpstreamIsReportedAsData) {
+  up_.mutable_info().contexts = {};
+  n_.info = *up_.Info();
+  n_.contexts = {{1, "base:allocation"}};
+  auto r = Do(Req(kCmdBlockStatus, 0, kSize));
+  ASSERT_EQ(r.error, 0u);
+  EXPECT_EQ(testing::DecodeBlockStatus(r.chunks[0].data).extents,
+            (std::vector<std::pair<uint32_t, uint32_t>>{{kSize, 0}}));
+  EXPECT_EQ(up_.block_status_calls(), 0u);
+}
+
+}  // namespace
+}  // namespace nbd
+}  // namespace blockmeta

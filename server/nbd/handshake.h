@@ -1,0 +1,98 @@
+// server/nbd/handshake.h — the NBD fixed newstyle handshake (option
+// haggling) of the shim, run over a ByteStream.
+//
+// RunHandshake() sends the greeting, then answers options until the client
+// enters transmission (NBD_OPT_GO / NBD_OPT_EXPORT_NAME), aborts, or breaks
+// a rule that forces a hard disconnect. Supported: EXPORT_NAME, ABORT,
+// LIST, INFO/GO (NBD_INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE),
+// STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT
+// (`base:allocation` plus the upstream's `qemu:dirty-bitmap:*`); STARTTLS
+// is refused with NBD_REP_ERR_POLICY (no TLS here); anything else gets
+// NBD_REP_ERR_UNSUP.
+//
+// Invariants (the bad-input classes of ../shared/reference.md):
+// * Option payloads above HandshakeOptions::max_option_length are never
+//   read or allocated (CVE-2017-15119): the client gets NBD_REP_ERR_TOO_BIG
+//   and a hard disconnect.
+// * Export names and context names above 4096 bytes are refused
+//   (CVE-2022-26495).
+// * No upstream I/O happens here: exports are described from
+//   Upstream::Info(), a cached value (CVE-2019-14850).
+// * SET_META_CONTEXT before STRUCTURED_REPLY gets NBD_REP_ERR_INVALID;
+//   every SET replaces the previous selection, even when it fails.
+//
+// Cost: one pass over each option; no per-connection state beyond the
+// Negotiated result. Thread-safety: RunHandshake is reentrant; the exports
+// it reads are constant.
+#ifndef BLOCKMETA_SERVER_NBD_HANDSHAKE_H_
+#define BLOCKMETA_SERVER_NBD_HANDSHAKE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "server/nbd/stream.h"
+#include "server/upstream/upstream.h"
+
+namespace blockmeta {
+namespace nbd {
+
+// One export as the shim serves it. Constant after the server starts.
+struct ShimExport {
+  std::string name;
+  std::string description;
+  Upstream* upstream = nullptr;  // not owned; outlives the server
+  bool read_only = false;        // ExportConfig.read_only
+  absl::Duration upstream_timeout = absl::Seconds(30);
+};
+
+struct HandshakeOptions {
+  // Largest option payload read (bigger ones: ERR_TOO_BIG + disconnect).
+  uint32_t max_option_length = 64 * 1024;
+  // Largest READ/WRITE payload (NBD_INFO_BLOCK_SIZE maximum).
+  uint32_t max_payload_bytes = 32u << 20;
+};
+
+struct MetaContext {
+  uint32_t id = 0;
+  std::string name;
+};
+
+// What the client and the shim agreed on; input of the transmission phase.
+struct Negotiated {
+  const ShimExport* export_entry = nullptr;
+  UpstreamInfo info;  // snapshot taken when the client entered
+  uint16_t transmission_flags = 0;
+  bool structured_replies = false;
+  bool no_zeroes = false;
+  // Contexts selected by the last SET_META_CONTEXT, if it named the export
+  // the client entered (else empty: BLOCK_STATUS then gets EINVAL).
+  std::vector<MetaContext> contexts;
+  uint32_t min_block_size = 1;
+  uint32_t max_payload = 32u << 20;
+};
+
+// The contexts the shim offers for an upstream, in id order (ids are the
+// index + 1): base:allocation, then the upstream's qemu:dirty-bitmap:*.
+std::vector<std::string> OfferedContexts(const UpstreamInfo& info);
+
+// Transmission flags advertised for an export.
+uint16_t TransmissionFlags(const UpstreamInfo& info, bool config_read_only,
+                           bool structured_replies);
+
+// Runs the handshake on `stream`. `exports` must be sorted by name.
+// Returns the negotiated state when the client entered transmission;
+// CANCELLED when the client sent NBD_OPT_ABORT; INVALID_ARGUMENT for a
+// protocol violation that ends the session (bad magic, unknown client
+// flags, bad EXPORT_NAME, oversized option); the stream's error when it
+// broke or timed out.
+absl::StatusOr<Negotiated> RunHandshake(ByteStream& stream,
+                                        const std::vector<ShimExport>& exports,
+                                        const HandshakeOptions& options);
+
+}  // namespace nbd
+}  // namespace blockmeta
+
+#endif  // BLOCKMETA_SERVER_NBD_HANDSHAKE_H_

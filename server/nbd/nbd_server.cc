@@ -1,0 +1,255 @@
+// server/nbd/nbd_server.cc — listener, accept loop and connection reaping.
+#include "server/nbd/nbd_server.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "server/common/log.h"
+#include "server/upstream/export_registry.h"
+
+namespace blockmeta {
+namespace {
+
+nbd::ConnectionOptions OptionsFromConfig(
+    const blockmeta::v1::NbdShimConfig& c) {
+  nbd::ConnectionOptions o;
+  o.handshake_timeout = absl::Milliseconds(
+      c.handshake_timeout_ms() == 0 ? 10000 : c.handshake_timeout_ms());
+  o.handshake.max_payload_bytes =
+      c.max_payload_bytes() == 0 ? (32u << 20) : c.max_payload_bytes();
+  o.max_inflight_bytes =
+      std::max<uint64_t>(o.max_inflight_bytes, 2ull * o.handshake.max_payload_bytes);
+  return o;
+}
+
+absl::Status Errno(const std::string& what) {
+  return absl::UnavailableError(absl::StrCat(what, ": ", strerror(errno)));
+}
+
+}  // namespace
+
+std::vector<nbd::ShimExport> ShimExportsFromRegistry(
+    const ExportRegistry& registry) {
+  std::vector<nbd::ShimExport> out;
+  for (ExportEntry* e : registry.All()) {
+    nbd::ShimExport x;
+    x.name = e->config.name();
+    x.description = e->config.description();
+    x.upstream = e->upstream.get();
+    x.read_only = e->config.read_only();
+    x.upstream_timeout = absl::Milliseconds(
+        e->config.upstream_timeout_ms() == 0 ? 30000
+                                             : e->config.upstream_timeout_ms());
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
+NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
+                     blockmeta::v1::NbdShimConfig config)
+    : NbdServer(ShimExportsFromRegistry(*registry), cache, std::move(config)) {}
+
+NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
+                     blockmeta::v1::NbdShimConfig config)
+    : exports_(std::move(exports)),
+      cache_(cache),
+      options_(OptionsFromConfig(config)),
+      max_connections_(config.max_connections() == 0
+                           ? 100
+                           : config.max_connections()) {
+  std::sort(exports_.begin(), exports_.end(),
+            [](const nbd::ShimExport& a, const nbd::ShimExport& b) {
+              return a.name < b.name;
+            });
+}
+
+NbdServer::~NbdServer() { Shutdown(); }
+
+absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
+                                     const std::string& unix_path) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (started_) return absl::FailedPreconditionError("already started");
+    started_ = true;
+  }
+  if (tcp_addr.empty() && unix_path.empty()) {
+    return absl::InvalidArgumentError("no NBD listen address");
+  }
+  int port = 0;
+  if (!tcp_addr.empty()) {
+    size_t colon = tcp_addr.rfind(':');
+    if (colon == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("NBD listen address must be host:port: ", tcp_addr));
+    }
+    std::string host = tcp_addr.substr(0, colon);
+    std::string service = tcp_addr.substr(colon + 1);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+      host = host.substr(1, host.size() - 2);
+    }
+    struct addrinfo hints = {};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    struct addrinfo* res = nullptr;
+    int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(),
+                         service.c_str(), &hints, &res);
+    if (rc != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cannot resolve NBD listen address ", tcp_addr, ": ", gai_strerror(rc)));
+    }
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      freeaddrinfo(res);
+      return Errno("socket");
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 128) != 0) {
+      absl::Status s = Errno(absl::StrCat("bind/listen ", tcp_addr));
+      freeaddrinfo(res);
+      close(fd);
+      return s;
+    }
+    freeaddrinfo(res);
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    getsockname(fd, reinterpret_cast<struct sockaddr*>(&ss), &sl);
+    port = ss.ss_family == AF_INET6
+               ? ntohs(reinterpret_cast<struct sockaddr_in6*>(&ss)->sin6_port)
+               : ntohs(reinterpret_cast<struct sockaddr_in*>(&ss)->sin_port);
+    tcp_fd_ = fd;
+  }
+  if (!unix_path.empty()) {
+    struct sockaddr_un sa = {};
+    sa.sun_family = AF_UNIX;
+    if (unix_path.size() >= sizeof sa.sun_path) {
+      return absl::InvalidArgumentError("NBD Unix socket path too long");
+    }
+    memcpy(sa.sun_path, unix_path.c_str(), unix_path.size() + 1);
+    struct stat st;
+    if (lstat(unix_path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+      unlink(unix_path.c_str());  // a stale socket from an earlier run
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return Errno("socket");
+    if (bind(fd, reinterpret_cast<struct sockaddr*>(&sa), sizeof sa) != 0 ||
+        listen(fd, 128) != 0) {
+      absl::Status s = Errno(absl::StrCat("bind/listen ", unix_path));
+      close(fd);
+      return s;
+    }
+    unix_fd_ = fd;
+    unix_path_ = unix_path;
+  }
+  if (pipe2(wake_, O_CLOEXEC) != 0) return Errno("pipe");
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+  LogInfo("nbd_listening", {{"port", port}, {"unix", unix_path}});
+  return port;
+}
+
+void NbdServer::AcceptLoop() {
+  for (;;) {
+    struct pollfd pfds[3];
+    nfds_t n = 0;
+    pfds[n++] = {wake_[0], POLLIN, 0};
+    if (tcp_fd_ >= 0) pfds[n++] = {tcp_fd_, POLLIN, 0};
+    if (unix_fd_ >= 0) pfds[n++] = {unix_fd_, POLLIN, 0};
+    int r = poll(pfds, n, 1000);
+    if (r < 0 && errno != EINTR) return;
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+      ReapLocked();
+    }
+    if (r <= 0) continue;
+    for (nfds_t i = 1; i < n; ++i) {
+      if (!(pfds[i].revents & POLLIN)) continue;
+      int fd = accept4(pfds[i].fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;  // EAGAIN, ECONNABORTED, EMFILE: try later
+      if (pfds[i].fd == tcp_fd_) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      }
+      OnAccept(fd);
+    }
+  }
+}
+
+void NbdServer::OnAccept(int fd) {
+  if (active_.load() >= max_connections_) {
+    rejected_.fetch_add(1);
+    LogWarning("nbd_connection_rejected",
+               {{"reason", "max_connections"},
+                {"max_connections", static_cast<unsigned long>(max_connections_)}});
+    close(fd);
+    return;
+  }
+  active_.fetch_add(1);
+  auto slot = std::make_unique<Slot>();
+  slot->connection =
+      std::make_unique<nbd::Connection>(fd, &exports_, cache_, options_);
+  Slot* raw = slot.get();
+  absl::MutexLock lock(&mu_);
+  slots_.push_back(std::move(slot));
+  raw->thread = std::thread([this, raw] {
+    raw->connection->Serve();
+    active_.fetch_sub(1);
+    raw->done.store(true);
+  });
+}
+
+void NbdServer::ReapLocked() {
+  for (auto it = slots_.begin(); it != slots_.end();) {
+    if ((*it)->done.load()) {
+      (*it)->thread.join();
+      it = slots_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void NbdServer::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  if (wake_[1] >= 0) {
+    char c = 0;
+    (void)!write(wake_[1], &c, 1);
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  for (int* fd : {&tcp_fd_, &unix_fd_, &wake_[0], &wake_[1]}) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+  }
+  if (!unix_path_.empty()) unlink(unix_path_.c_str());
+  std::list<std::unique_ptr<Slot>> slots;
+  {
+    absl::MutexLock lock(&mu_);
+    slots.swap(slots_);
+  }
+  for (auto& s : slots) s->connection->Stop();
+  for (auto& s : slots) {
+    if (s->thread.joinable()) s->thread.join();
+  }
+}
+
+}  // namespace blockmeta

@@ -1,0 +1,101 @@
+// server/nbd/nbd_server.h — the NBD shim's listener: serves every
+// configured export to legacy NBD clients on TCP and/or a Unix socket.
+//
+// Each accepted client becomes a Connection run on its own thread (plus the
+// connection's workers, started after its handshake). Connections beyond
+// NbdShimConfig.max_connections (default 100) are closed at once, and a
+// client must finish its handshake within handshake_timeout_ms (default
+// 10 s), so idle or half-open clients cannot exhaust the server
+// (qemu CVE-2024-7409). No upstream work is done for a client before it
+// has entered transmission.
+//
+// Lifetime: Start() once, Shutdown() (or the destructor) once; Shutdown
+// stops accepting, ends every session (in-flight requests finish, bounded
+// by the upstream timeout) and joins every thread. The registry / exports
+// and the cache must outlive the server.
+// Thread-safety: all methods are thread-safe.
+#ifndef BLOCKMETA_SERVER_NBD_NBD_SERVER_H_
+#define BLOCKMETA_SERVER_NBD_NBD_SERVER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "blockmeta/v1/config.pb.h"
+#include "server/cache/extent_cache.h"
+#include "server/nbd/connection.h"
+#include "server/nbd/handshake.h"
+
+namespace blockmeta {
+
+class ExportRegistry;
+
+// The shim's view of every export of a registry (name, description,
+// upstream, read_only, upstream_timeout_ms).
+std::vector<nbd::ShimExport> ShimExportsFromRegistry(
+    const ExportRegistry& registry);
+
+class NbdServer {
+ public:
+  // Serves every export of `registry` (see ShimExportsFromRegistry); the
+  // set of exports is read once, here.
+  NbdServer(const ExportRegistry* registry, ExtentCache* cache,
+            blockmeta::v1::NbdShimConfig config);
+  // Serves the given exports (tests; sorted here).
+  NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
+            blockmeta::v1::NbdShimConfig config);
+  ~NbdServer();
+  NbdServer(const NbdServer&) = delete;
+  NbdServer& operator=(const NbdServer&) = delete;
+
+  // Listens on `tcp_addr` ("host:port", port 0 picks one; "" = none) and/or
+  // `unix_path` ("" = none). Returns the bound TCP port (0 without TCP).
+  absl::StatusOr<int> Start(const std::string& tcp_addr,
+                            const std::string& unix_path);
+  void Shutdown();
+
+  size_t ActiveConnections() const { return active_.load(); }
+  uint64_t RejectedConnections() const { return rejected_.load(); }
+
+ private:
+  struct Slot {
+    std::unique_ptr<nbd::Connection> connection;
+    std::thread thread;
+    std::atomic<bool> done{false};
+  };
+  void AcceptLoop();
+  void OnAccept(int fd);
+  void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Constant after construction.
+  std::vector<nbd::ShimExport> exports_;
+  ExtentCache* const cache_;
+  nbd::ConnectionOptions options_;
+  size_t max_connections_;
+
+  // Set by Start(), read by the accept thread, cleared by Shutdown().
+  int tcp_fd_ = -1;
+  int unix_fd_ = -1;
+  int wake_[2] = {-1, -1};
+  std::string unix_path_;
+  std::thread acceptor_;
+
+  absl::Mutex mu_;
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::list<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);
+
+  std::atomic<size_t> active_{0};
+  std::atomic<uint64_t> rejected_{0};
+};
+
+}  // namespace blockmeta
+
+#endif  // BLOCKMETA_SERVER_NBD_NBD_SERVER_H_

@@ -1,0 +1,337 @@
+// server/nbd/nbd_server_test.cc — the shim over real sockets with an
+// in-memory upstream: bad input from a raw client (the connection
+// survives or is dropped as the spec says, the server never wedges),
+// mid-request hang-ups, many clients, the connection cap, the handshake
+// timeout, read-only exports and export isolation. Real upstreams and real
+// clients are tested in //tests/nbd.
+#include "server/nbd/nbd_server.h"
+
+#include <cstdlib>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "server/nbd/fake_upstream.h"
+#include "server/nbd/test_client.h"
+
+namespace blockmeta {
+namespace {
+
+using nbd::FakeUpstream;
+using nbd::Request;
+using nbd::testing::DecodeBlockStatus;
+using nbd::testing::RawClient;
+
+constexpr uint64_t kSize = 4 << 20;
+constexpr uint32_t kBlock = 64 << 10;
+
+std::string TempSocket(const std::string& name) {
+  const char* dir = getenv("TEST_TMPDIR");
+  std::string base = dir != nullptr ? dir : "/tmp";
+  std::string path = absl::StrCat(base, "/", name, ".sock");
+  if (path.size() > 100) path = absl::StrCat("/tmp/nbdtest-", getpid(), name);
+  return path;
+}
+
+Request Req(uint16_t type, uint64_t offset, uint32_t length,
+            uint16_t flags = 0, uint64_t handle = 1) {
+  Request r;
+  r.type = type;
+  r.offset = offset;
+  r.length = length;
+  r.flags = flags;
+  r.handle = handle;
+  return r;
+}
+
+class NbdServerTest : public ::testing::Test {
+ protected:
+  void StartServer(blockmeta::v1::NbdShimConfig config = {}) {
+    a_ = std::make_unique<FakeUpstream>(kSize, kBlock, true);
+    b_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
+    ro_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
+    a_->Fill(0, kBlock, 'a');            // a: block 0 data
+    b_->Fill(kSize - kBlock, kBlock, 'b');  // b: last block data
+    std::vector<nbd::ShimExport> exports = {
+        {"a", "export a", a_.get(), false, absl::Seconds(5)},
+        {"b", "", b_.get(), false, absl::Seconds(5)},
+        {"ro", "", ro_.get(), /*read_only=*/true, absl::Seconds(5)},
+    };
+    cache_ = std::make_unique<ExtentCache>(ExtentCache::Options());
+    server_ = std::make_unique<NbdServer>(std::move(exports), cache_.get(),
+                                          config);
+    sock_ = TempSocket("shim");
+    auto port = server_->Start("127.0.0.1:0", sock_);
+    ASSERT_TRUE(port.ok()) << port.status();
+    port_ = *port;
+    ASSERT_GT(port_, 0);
+  }
+  void TearDown() override {
+    if (server_) server_->Shutdown();
+  }
+  std::unique_ptr<RawClient> Connect() {
+    auto c = RawClient::ConnectUnix(sock_);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+  std::unique_ptr<RawClient> Session(const std::string& name,
+                                     bool structured = true) {
+    auto c = Connect();
+    auto h = c->Handshake(
+        name, structured,
+        structured ? std::vector<std::string>{"base:allocation"}
+                   : std::vector<std::string>{});
+    EXPECT_TRUE(h.ok()) << h.status();
+    return c;
+  }
+  // The server still serves a fresh client correctly.
+  void ExpectHealthy() {
+    auto c = Session("a");
+    auto r = c->Call(Req(nbd::kCmdBlockStatus, 0, kBlock, nbd::kCmdFlagReqOne));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->error, 0u);
+  }
+  void WaitForNoConnections() {
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (server_->ActiveConnections() > 0 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    EXPECT_EQ(server_->ActiveConnections(), 0u);
+  }
+
+  std::unique_ptr<FakeUpstream> a_, b_, ro_;
+  std::unique_ptr<ExtentCache> cache_;
+  std::unique_ptr<NbdServer> server_;
+  std::string sock_;
+  int port_ = 0;
+};
+
+TEST_F(NbdServerTest, TcpAndUnixServeTheSameExport) {
+  StartServer();
+  auto tcp = RawClient::ConnectTcp(port_);
+  ASSERT_TRUE(tcp.ok());
+  auto h = (*tcp)->Handshake("a", false, {});
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_EQ(h->size, kSize);
+  auto r = (*tcp)->Call(Req(nbd::kCmdRead, 0, 3), "", 3);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->data, "aaa");
+  ExpectHealthy();
+}
+
+TEST_F(NbdServerTest, BadRequestsGetErrorsAndTheConnectionSurvives) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_payload_bytes(1 << 20);
+  StartServer(config);
+  auto c = Session("a");
+  struct Case {
+    Request r;
+    uint32_t error;
+  };
+  for (const Case& k : std::vector<Case>{
+           {Req(99, 0, 1), nbd::kEinval},                     // unknown cmd
+           {Req(nbd::kCmdRead, 0, 1, 1u << 10), nbd::kEinval},  // unknown flag
+           {Req(nbd::kCmdRead, kSize, 1), nbd::kEinval},      // past the end
+           {Req(nbd::kCmdRead, ~0ull - 1, 4), nbd::kEinval},  // overflow
+           {Req(nbd::kCmdRead, 0, 0), nbd::kEinval},          // zero length
+           {Req(nbd::kCmdBlockStatus, 0, 0), nbd::kEinval},
+           {Req(nbd::kCmdRead, 0, 2u << 20), nbd::kEoverflow},  // oversize
+           {Req(nbd::kCmdBlockStatus, kSize - 1, 2), nbd::kEinval},
+       }) {
+    auto r = c->Call(k.r);
+    ASSERT_TRUE(r.ok()) << nbd::CommandName(k.r.type) << " " << r.status();
+    EXPECT_EQ(r->error, k.error) << nbd::CommandName(k.r.type);
+  }
+  // An oversize write's payload is skipped; the stream stays in sync.
+  const uint32_t big = (1u << 20) + 1;
+  auto r = c->Call(Req(nbd::kCmdWrite, 0, big, 0, 7), std::string(big, 'q'));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->error, nbd::kEinval);
+  EXPECT_EQ(r->handle, 7u);
+  r = c->Call(Req(nbd::kCmdRead, 0, 2, 0, 8));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->error, 0u);
+  EXPECT_EQ(r->chunks.at(0).data.substr(8), "aa");
+  EXPECT_EQ(a_->data_calls(), 1u);  // only the last read reached upstream
+}
+
+TEST_F(NbdServerTest, BadMagicAndUnskippableWriteDisconnect) {
+  StartServer();
+  auto c = Session("a");
+  std::string bad = nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 1));
+  bad[0] = 'X';
+  ASSERT_TRUE(c->Send(bad).ok());
+  EXPECT_TRUE(c->WaitForClose());
+  c = Session("a");
+  ASSERT_TRUE(c->Send(nbd::EncodeRequest(Req(nbd::kCmdWrite, 0, 0xffffffffu)))
+                  .ok());
+  EXPECT_TRUE(c->WaitForClose());
+  ExpectHealthy();
+}
+
+TEST_F(NbdServerTest, ReadOnlyExportRefusesWritesWithEperm) {
+  StartServer();
+  auto c = Connect();
+  auto h = c->Handshake("ro", true, {"base:allocation"});
+  ASSERT_TRUE(h.ok());
+  EXPECT_TRUE(h->flags & nbd::kFlagReadOnly);
+  auto r = c->Call(Req(nbd::kCmdWrite, 0, 4), "abcd");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->error, nbd::kEperm);
+  r = c->Call(Req(nbd::kCmdWriteZeroes, 0, 4));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->error, nbd::kEperm);
+  EXPECT_EQ(ro_->data_calls(), 0u);
+}
+
+TEST_F(NbdServerTest, ExportsAreIsolated) {
+  StartServer();
+  auto ca = Session("a");
+  auto cb = Session("b");
+  auto ra = ca->Call(Req(nbd::kCmdBlockStatus, 0, kSize));
+  auto rb = cb->Call(Req(nbd::kCmdBlockStatus, 0, kSize));
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  using P = std::pair<uint32_t, uint32_t>;
+  EXPECT_EQ(DecodeBlockStatus(ra->chunks[0].data).extents,
+            (std::vector<P>{{kBlock, 0}, {kSize - kBlock, 3}}));
+  EXPECT_EQ(DecodeBlockStatus(rb->chunks[0].data).extents,
+            (std::vector<P>{{kSize - kBlock, 3}, {kBlock, 0}}));
+  // A write to a is visible through a, and b's view does not change.
+  ASSERT_EQ(ca->Call(Req(nbd::kCmdWrite, kBlock, 512), std::string(512, 'w'))
+                ->error,
+            0u);
+  ra = ca->Call(Req(nbd::kCmdBlockStatus, 0, kSize));
+  EXPECT_EQ(DecodeBlockStatus(ra->chunks[0].data).extents,
+            (std::vector<P>{{2 * kBlock, 0}, {kSize - 2 * kBlock, 3}}));
+  rb = cb->Call(Req(nbd::kCmdBlockStatus, 0, kBlock, nbd::kCmdFlagReqOne));
+  EXPECT_EQ(DecodeBlockStatus(rb->chunks[0].data).extents,
+            (std::vector<P>{{kBlock, 3}}));
+}
+
+TEST_F(NbdServerTest, PipelinedRequestsAllGetReplies) {
+  StartServer();
+  auto c = Session("a");
+  std::string batch;
+  for (uint64_t i = 0; i < 64; ++i) {
+    batch += nbd::EncodeRequest(
+        Req(i % 2 ? nbd::kCmdRead : nbd::kCmdBlockStatus, i * 4096, 4096,
+            0, 1000 + i));
+  }
+  ASSERT_TRUE(c->Send(batch).ok());
+  std::vector<bool> seen(64, false);
+  for (int i = 0; i < 64; ++i) {
+    auto r = c->ReadReply();
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_GE(r->handle, 1000u);
+    ASSERT_LT(r->handle, 1064u);
+    EXPECT_EQ(r->error, 0u);
+    seen[r->handle - 1000] = true;
+  }
+  for (bool s : seen) EXPECT_TRUE(s);
+}
+
+TEST_F(NbdServerTest, HangUpsMidRequestAndMidPipelineAreHarmless) {
+  StartServer();
+  for (int cut : {0, 5, 27}) {  // mid-header
+    auto c = Session("a");
+    ASSERT_TRUE(
+        c->Send(nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 512)).substr(0, cut))
+            .ok());
+  }
+  {  // mid-payload
+    auto c = Session("a");
+    ASSERT_TRUE(
+        c->Send(nbd::EncodeRequest(Req(nbd::kCmdWrite, 0, 4096)) + "abc").ok());
+  }
+  {  // a pipeline of big reads, then gone without reading the replies
+    auto c = Session("a");
+    std::string batch;
+    for (int i = 0; i < 32; ++i) {
+      batch += nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 1 << 20, 0, i));
+    }
+    ASSERT_TRUE(c->Send(batch).ok());
+  }
+  for (size_t cut = 0; cut < 60; cut += 7) {  // mid-handshake
+    auto c = Connect();
+    ASSERT_TRUE(c->Read(18).ok());
+    std::string hs = nbd::testing::ClientFlags() +
+                     nbd::testing::Option(nbd::kOptGo,
+                                          nbd::testing::GoData("a"));
+    ASSERT_TRUE(c->Send(hs.substr(0, std::min(cut, hs.size()))).ok());
+  }
+  WaitForNoConnections();
+  ExpectHealthy();
+}
+
+TEST_F(NbdServerTest, ManyClientsAtOnce) {
+  StartServer();
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int t = 0; t < 24; ++t) {
+    threads.emplace_back([&, t] {
+      auto c = RawClient::ConnectUnix(sock_);
+      if (!c.ok()) return;
+      const std::string name = t % 2 ? "a" : "b";
+      if (!(*c)->Handshake(name, true, {"base:allocation"}).ok()) return;
+      for (int i = 0; i < 50; ++i) {
+        auto r = (*c)->Call(Req(nbd::kCmdBlockStatus, (i * 4096) % kSize,
+                                kBlock, nbd::kCmdFlagReqOne));
+        if (!r.ok() || r->error != 0 || r->chunks.size() != 1) return;
+        auto d = (*c)->Call(Req(nbd::kCmdRead, i * 512, 512));
+        if (!d.ok() || d->error != 0) return;
+      }
+      ok.fetch_add(1);
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 24);
+  // Two exports, one context each, fetched once each (single-flight).
+  EXPECT_LE(a_->block_status_calls() + b_->block_status_calls(), 4u);
+}
+
+TEST_F(NbdServerTest, ConnectionCap) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(2);
+  StartServer(config);
+  auto c1 = Connect();
+  auto c2 = Connect();
+  ASSERT_TRUE(c1->Read(18).ok());
+  ASSERT_TRUE(c2->Read(18).ok());
+  auto c3 = Connect();
+  EXPECT_TRUE(c3->WaitForClose());
+  EXPECT_GE(server_->RejectedConnections(), 1u);
+  c1.reset();
+  c2.reset();
+  WaitForNoConnections();
+  ExpectHealthy();
+}
+
+TEST_F(NbdServerTest, HandshakeTimeoutDropsIdleClients) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_handshake_timeout_ms(300);
+  StartServer(config);
+  auto c = Connect();
+  ASSERT_TRUE(c->Read(18).ok());
+  const absl::Time start = absl::Now();
+  EXPECT_TRUE(c->WaitForClose());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  // A session that completed its handshake is not subject to it.
+  auto s = Session("a");
+  absl::SleepFor(absl::Milliseconds(500));
+  auto r = s->Call(Req(nbd::kCmdRead, 0, 1));
+  ASSERT_TRUE(r.ok()) << r.status();
+}
+
+TEST_F(NbdServerTest, ShutdownWithOpenSessions) {
+  StartServer();
+  auto c1 = Session("a");
+  auto c2 = Connect();
+  server_->Shutdown();
+  EXPECT_TRUE(c1->WaitForClose());
+  EXPECT_TRUE(c2->WaitForClose());
+  EXPECT_EQ(server_->ActiveConnections(), 0u);
+}
+
+}  // namespace
+}  // namespace blockmeta

@@ -1,0 +1,52 @@
+// server/service/block_meta_grpc.h — the blockmeta.v1.BlockMeta gRPC
+// service: a thin callback-API layer over ExtentService.
+//
+// Never blocks a gRPC callback thread: cache hits are answered inline;
+// anything that may wait for an upstream runs on the WorkerPool and
+// finishes the reactor from there. Every call takes an admission ticket
+// (RESOURCE_EXHAUSTED when the cap is reached) and honours the client's
+// deadline down to the upstream call.
+#ifndef BLOCKMETA_SERVER_SERVICE_BLOCK_META_GRPC_H_
+#define BLOCKMETA_SERVER_SERVICE_BLOCK_META_GRPC_H_
+
+#include "blockmeta/v1/blockmeta.grpc.pb.h"
+#include "server/service/call_context.h"
+
+namespace blockmeta {
+
+class BlockMetaGrpcService final
+    : public blockmeta::v1::BlockMeta::CallbackService {
+ public:
+  explicit BlockMetaGrpcService(CallContext ctx) : ctx_(ctx) {}
+
+  grpc::ServerUnaryReactor* ListExports(
+      grpc::CallbackServerContext* context,
+      const blockmeta::v1::ListExportsRequest* request,
+      blockmeta::v1::ListExportsResponse* response) override;
+  grpc::ServerUnaryReactor* GetExportInfo(
+      grpc::CallbackServerContext* context,
+      const blockmeta::v1::GetExportInfoRequest* request,
+      blockmeta::v1::ExportInfo* response) override;
+  grpc::ServerUnaryReactor* GetExtents(
+      grpc::CallbackServerContext* context,
+      const blockmeta::v1::GetExtentsRequest* request,
+      blockmeta::v1::GetExtentsResponse* response) override;
+  grpc::ServerWriteReactor<blockmeta::v1::MapExtentsResponse>* MapExtents(
+      grpc::CallbackServerContext* context,
+      const blockmeta::v1::MapExtentsRequest* request) override;
+  grpc::ServerUnaryReactor* InvalidateCache(
+      grpc::CallbackServerContext* context,
+      const blockmeta::v1::InvalidateCacheRequest* request,
+      blockmeta::v1::InvalidateCacheResponse* response) override;
+  grpc::ServerUnaryReactor* GetStats(
+      grpc::CallbackServerContext* context,
+      const blockmeta::v1::GetStatsRequest* request,
+      blockmeta::v1::GetStatsResponse* response) override;
+
+ private:
+  const CallContext ctx_;
+};
+
+}  // namespace blockmeta
+
+#endif  // BLOCKMETA_SERVER_SERVICE_BLOCK_META_GRPC_H_

@@ -1,0 +1,545 @@
+// server/service/extent_service.cc — see extent_service.h.
+#include "server/service/extent_service.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+
+namespace blockmeta {
+namespace {
+
+namespace v1 = ::blockmeta::v1;
+
+constexpr size_t kMaxContextNameBytes = 4096;
+
+v1::CacheOutcome OutcomeToProto(Outcome o) {
+  switch (o) {
+    case Outcome::kHit:
+      return v1::CACHE_OUTCOME_HIT;
+    case Outcome::kPartial:
+      return v1::CACHE_OUTCOME_PARTIAL;
+    case Outcome::kMiss:
+      return v1::CACHE_OUTCOME_MISS;
+    case Outcome::kBypass:
+      return v1::CACHE_OUTCOME_BYPASS;
+  }
+  return v1::CACHE_OUTCOME_UNSPECIFIED;
+}
+
+// Appends `e` to `out`, merging with the last extent when contiguous and
+// equal-flagged and `coalesce` is set.
+void AppendExtent(ExtentList* out, const Extent& e, bool coalesce) {
+  if (coalesce && !out->empty() && out->back().end() == e.offset &&
+      out->back().flags == e.flags) {
+    out->back().length += e.length;
+    return;
+  }
+  out->push_back(e);
+}
+
+absl::Status ValidateContextName(const std::string& context) {
+  if (context.size() > kMaxContextNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metadata context name is ", context.size(),
+                     " bytes; the limit is ", kMaxContextNameBytes));
+  }
+  size_t colon = context.find(':');
+  if (colon == std::string::npos || colon == 0 ||
+      colon + 1 == context.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "malformed metadata context \"", context,
+        "\": expected NAMESPACE:LEAF such as base:allocation or "
+        "qemu:dirty-bitmap:NAME"));
+  }
+  for (unsigned char c : context) {
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError(
+          "metadata context names must be printable ASCII");
+    }
+  }
+  return absl::OkStatus();
+}
+
+uint64_t ExtentBytes(const ExtentList& extents) {
+  uint64_t n = 0;
+  for (const Extent& e : extents) n += e.length;
+  return n;
+}
+
+}  // namespace
+
+void ToProto(const Extent& e, const std::string& context, v1::Extent* out) {
+  out->set_offset(e.offset);
+  out->set_length(e.length);
+  out->set_nbd_flags(e.flags);
+  if (IsDirtyBitmapContext(context)) {
+    out->set_dirty((e.flags & kStateDirty) != 0);
+  } else if (context == kBaseAllocation) {
+    out->set_hole((e.flags & kStateHole) != 0);
+    out->set_zero((e.flags & kStateZero) != 0);
+  }
+}
+
+ExtentService::ExtentService(const ExportRegistry* registry,
+                             ExtentCache* cache, Options options)
+    : registry_(registry), cache_(cache), options_(std::move(options)) {
+  for (ExportEntry* e : registry_->All()) {
+    counters_.emplace(e->config.name(), std::make_unique<ExportCounters>());
+  }
+}
+
+absl::StatusOr<ExportEntry*> ExtentService::FindExport(
+    const std::string& name) const {
+  if (name.empty()) {
+    return absl::InvalidArgumentError("export_name is required");
+  }
+  ExportEntry* entry = registry_->Find(name);
+  if (entry == nullptr) {
+    std::vector<std::string> names;
+    for (ExportEntry* e : registry_->All()) names.push_back(e->config.name());
+    return absl::NotFoundError(
+        absl::StrCat("no export named \"", name, "\"; exports: ",
+                     names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
+  }
+  return entry;
+}
+
+absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
+  v1::ListExportsResponse response;
+  for (ExportEntry* e : registry_->All()) {
+    v1::ExportSummary* s = response.add_exports();
+    s->set_name(e->config.name());
+    s->set_description(e->config.description());
+    bool ready = e->upstream->Ready();
+    s->set_state(ready ? v1::EXPORT_STATE_READY : v1::EXPORT_STATE_UNAVAILABLE);
+    absl::StatusOr<UpstreamInfo> info = e->upstream->Info();
+    if (info.ok()) s->set_size(info->size);
+  }
+  return response;
+}
+
+absl::StatusOr<v1::ExportInfo> ExtentService::GetExportInfo(
+    const v1::GetExportInfoRequest& request) const {
+  absl::StatusOr<ExportEntry*> entry = FindExport(request.export_name());
+  if (!entry.ok()) return entry.status();
+  const ExportEntry& e = **entry;
+  v1::ExportInfo out;
+  out.set_name(e.config.name());
+  out.set_description(e.config.description());
+  bool ready = e.upstream->Ready();
+  out.set_state(ready ? v1::EXPORT_STATE_READY : v1::EXPORT_STATE_UNAVAILABLE);
+  out.set_last_error(e.upstream->LastError());
+  absl::StatusOr<UpstreamInfo> info = e.upstream->Info();
+  if (!info.ok()) {
+    // Still useful: say what we know and why the rest is missing.
+    if (out.last_error().empty()) {
+      out.set_last_error(std::string(info.status().message()));
+    }
+    return out;
+  }
+  out.set_size(info->size);
+  out.set_minimum_block_size(info->minimum_block_size);
+  out.set_preferred_block_size(info->preferred_block_size);
+  out.set_maximum_block_size(info->maximum_block_size);
+  out.set_read_only(info->read_only || e.config.read_only());
+  out.set_can_trim(info->can_trim);
+  out.set_can_zero(info->can_zero);
+  out.set_can_flush(info->can_flush);
+  out.set_can_fua(info->can_fua);
+  out.set_can_multi_conn(info->can_multi_conn);
+  out.set_can_cache(info->can_cache);
+  for (const std::string& c : info->contexts) out.add_metadata_contexts(c);
+  out.set_upstream(info->description);
+  return out;
+}
+
+absl::StatusOr<ExtentService::Query> ExtentService::Validate(
+    const std::string& export_name, const std::string& context_in,
+    uint64_t offset, uint64_t length, bool length_zero_means_end,
+    uint32_t max_extents, v1::CacheMode mode) const {
+  absl::StatusOr<ExportEntry*> entry = FindExport(export_name);
+  if (!entry.ok()) return entry.status();
+  if (!v1::CacheMode_IsValid(mode)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown cache_mode ", static_cast<int>(mode)));
+  }
+  std::string context =
+      context_in.empty() ? std::string(kBaseAllocation) : context_in;
+  if (absl::Status s = ValidateContextName(context); !s.ok()) return s;
+  if (length == 0 && !length_zero_means_end) {
+    return absl::InvalidArgumentError("length must be greater than 0");
+  }
+  if (length != 0 && offset + length < offset) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("offset ", offset, " + length ", length,
+                     " overflows a 64-bit byte address"));
+  }
+  absl::StatusOr<UpstreamInfo> info = (*entry)->upstream->Info();
+  if (!info.ok()) {
+    std::string why = (*entry)->upstream->LastError();
+    return absl::UnavailableError(absl::StrCat(
+        "export \"", export_name, "\" is not connected to its upstream",
+        why.empty() ? std::string() : absl::StrCat(": ", why)));
+  }
+  if (offset >= info->size) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "offset ", offset, " is at or past the end of export \"",
+        export_name, "\" (size ", info->size, ")"));
+  }
+  if (std::find(info->contexts.begin(), info->contexts.end(), context) ==
+      info->contexts.end()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "export \"", export_name, "\" does not offer metadata context \"",
+        context, "\"; it offers: ",
+        info->contexts.empty() ? "(none)"
+                               : absl::StrJoin(info->contexts, ", ")));
+  }
+  Query q;
+  q.entry = *entry;
+  q.key = CacheKey{export_name, context};
+  q.export_size = info->size;
+  q.offset = offset;
+  uint64_t remaining = info->size - offset;
+  q.end = (length == 0 || length > remaining) ? info->size : offset + length;
+  uint32_t max = max_extents == 0 ? options_.default_max_extents : max_extents;
+  q.max_extents = std::min(max, options_.max_extents_cap);
+  q.cache_mode = mode == v1::CACHE_MODE_UNSPECIFIED ? v1::CACHE_MODE_USE : mode;
+  return q;
+}
+
+absl::StatusOr<ExtentService::Query> ExtentService::PrepareExtents(
+    const v1::GetExtentsRequest& request) const {
+  absl::StatusOr<Query> q =
+      Validate(request.export_name(), request.context(), request.offset(),
+               request.length(), /*length_zero_means_end=*/false,
+               request.max_extents(), request.cache_mode());
+  if (q.ok() && request.one_extent()) q->max_extents = 1;
+  return q;
+}
+
+absl::StatusOr<ExtentService::Cursor> ExtentService::PrepareMap(
+    const v1::MapExtentsRequest& request) const {
+  absl::StatusOr<Cursor> c =
+      PrepareStream(request.export_name(), request.context(), request.offset(),
+                    request.length(), request.batch_size());
+  if (!c.ok()) return c.status();
+  if (!v1::CacheMode_IsValid(request.cache_mode())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown cache_mode ", static_cast<int>(request.cache_mode())));
+  }
+  if (request.cache_mode() != v1::CACHE_MODE_UNSPECIFIED) {
+    c->query.cache_mode = request.cache_mode();
+  }
+  c->coalesce = request.coalesce();
+  return c;
+}
+
+absl::StatusOr<ExtentService::Cursor> ExtentService::PrepareStream(
+    const std::string& export_name, const std::string& context,
+    uint64_t offset, uint64_t length, uint32_t batch_size) const {
+  absl::StatusOr<Query> q =
+      Validate(export_name, context, offset, length,
+               /*length_zero_means_end=*/true, batch_size, v1::CACHE_MODE_USE);
+  if (!q.ok()) return q.status();
+  Cursor c;
+  c.query = *std::move(q);
+  return c;
+}
+
+v1::GetExtentsResponse ExtentService::MakeResponse(
+    const Query& query, const LookupResult& r) const {
+  v1::GetExtentsResponse response;
+  response.mutable_extents()->Reserve(static_cast<int>(r.extents.size()));
+  for (const Extent& e : r.extents) {
+    ToProto(e, query.key.context, response.add_extents());
+  }
+  response.set_next_offset(r.next_offset);
+  response.set_export_size(query.export_size);
+  response.set_context(query.key.context);
+  response.set_cache_outcome(OutcomeToProto(r.outcome));
+  return response;
+}
+
+std::optional<v1::GetExtentsResponse> ExtentService::TryAnswerFromCache(
+    const Query& query) {
+  if (query.cache_mode != v1::CACHE_MODE_USE) return std::nullopt;
+  LookupResult r = cache_->Lookup(query.key, query.offset,
+                                  query.end - query.offset, query.max_extents,
+                                  /*count=*/false);
+  bool complete = r.next_offset >= query.end ||
+                  (query.max_extents != 0 &&
+                   r.extents.size() >= query.max_extents);
+  if (r.extents.empty() || !complete) return std::nullopt;
+  // Count the hit now that we know it is one (the probe above was silent).
+  r = cache_->Lookup(query.key, query.offset, query.end - query.offset,
+                     query.max_extents, /*count=*/true);
+  if (r.extents.empty()) return std::nullopt;  // invalidated in between
+  r.outcome = Outcome::kHit;
+  return MakeResponse(query, r);
+}
+
+absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
+    const Query& query, uint64_t offset, uint64_t length,
+    absl::Time deadline) {
+  absl::Time start = absl::Now();
+  absl::StatusOr<ExtentList> got = query.entry->upstream->BlockStatus(
+      query.key.context, offset, length, deadline);
+  auto it = counters_.find(query.key.export_name);
+  if (it != counters_.end()) {
+    it->second->upstream_calls.fetch_add(1, std::memory_order_relaxed);
+    if (!got.ok()) {
+      it->second->upstream_errors.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  if (options_.on_upstream_call) {
+    options_.on_upstream_call(query.key.export_name, absl::Now() - start,
+                              got.status());
+  }
+  return got;
+}
+
+absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
+                                                    uint64_t offset,
+                                                    size_t max_extents,
+                                                    bool coalesce,
+                                                    absl::Time deadline) {
+  LookupResult out;
+  out.next_offset = offset;
+  bool used_cache = false, used_upstream = false;
+  uint64_t pos = offset;
+  while (pos < query.end &&
+         (max_extents == 0 || out.extents.size() < max_extents)) {
+    if (absl::Now() >= deadline && !out.extents.empty()) break;
+    size_t want =
+        max_extents == 0 ? 0 : max_extents - out.extents.size();
+    absl::StatusOr<LookupResult> step;
+    if (query.cache_mode == v1::CACHE_MODE_BYPASS) {
+      absl::StatusOr<ExtentList> got = FetchFromUpstream(
+          query, pos, std::min(query.end - pos, kMaxNbdRequestLength),
+          deadline);
+      if (got.ok()) {
+        LookupResult r;
+        for (const Extent& e : *got) {
+          if (e.offset >= query.end) break;
+          Extent clipped = e;
+          clipped.length = std::min(e.end(), query.end) - e.offset;
+          r.extents.push_back(clipped);
+          if (want != 0 && r.extents.size() >= want) break;
+        }
+        r.next_offset = r.extents.empty() ? pos : r.extents.back().end();
+        r.outcome = Outcome::kBypass;
+        step = std::move(r);
+      } else {
+        step = got.status();
+      }
+    } else {
+      auto fetch = [this, &query](uint64_t off, uint64_t len,
+                                  absl::Time dl) -> absl::StatusOr<ExtentList> {
+        return FetchFromUpstream(query, off, len, dl);
+      };
+      step = cache_->Get(query.key, query.export_size, pos, query.end - pos,
+                         want, fetch, deadline);
+    }
+    if (!step.ok()) {
+      // Stop early with what is known; the caller resumes at next_offset.
+      if (!out.extents.empty()) break;
+      return step.status();
+    }
+    if (step->extents.empty() || step->next_offset <= pos) {
+      if (!out.extents.empty()) break;
+      return absl::InternalError(absl::StrCat(
+          "no progress answering export \"", query.key.export_name,
+          "\" at offset ", pos));
+    }
+    switch (step->outcome) {
+      case Outcome::kHit:
+        used_cache = true;
+        break;
+      case Outcome::kPartial:
+        used_cache = used_upstream = true;
+        break;
+      case Outcome::kMiss:
+      case Outcome::kBypass:
+        used_upstream = true;
+        break;
+    }
+    for (const Extent& e : step->extents) {
+      AppendExtent(&out.extents, e, coalesce);
+    }
+    pos = step->next_offset;
+    if (query.cache_mode == v1::CACHE_MODE_BYPASS) out.outcome = Outcome::kBypass;
+  }
+  if (max_extents != 0 && out.extents.size() > max_extents) {
+    out.extents.resize(max_extents);
+  }
+  out.next_offset = out.extents.empty() ? offset : out.extents.back().end();
+  if (query.cache_mode != v1::CACHE_MODE_BYPASS) {
+    out.outcome = used_upstream ? (used_cache ? Outcome::kPartial
+                                              : Outcome::kMiss)
+                                : Outcome::kHit;
+  } else {
+    out.outcome = Outcome::kBypass;
+  }
+  return out;
+}
+
+absl::StatusOr<v1::GetExtentsResponse> ExtentService::Answer(
+    const Query& query, absl::Time deadline) {
+  if (query.cache_mode == v1::CACHE_MODE_REFRESH) {
+    cache_->Invalidate(query.key, query.offset, query.end - query.offset);
+  }
+  absl::StatusOr<LookupResult> r =
+      Collect(query, query.offset, query.max_extents, /*coalesce=*/true,
+              deadline);
+  if (!r.ok()) return r.status();
+  return MakeResponse(query, *r);
+}
+
+absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
+    Cursor* cursor, absl::Time deadline) {
+  Query& q = cursor->query;
+  Batch batch;
+  if (q.offset >= q.end) {
+    batch.next_offset = q.end;
+    batch.done = true;
+    return batch;
+  }
+  if (q.cache_mode == v1::CACHE_MODE_REFRESH && !cursor->refreshed) {
+    cache_->Invalidate(q.key, q.offset, q.end - q.offset);
+    cursor->refreshed = true;
+  }
+  // The mode for the remaining batches: a refreshed range is then USE.
+  Query step = q;
+  if (step.cache_mode == v1::CACHE_MODE_REFRESH) {
+    step.cache_mode = v1::CACHE_MODE_USE;
+  }
+  absl::StatusOr<LookupResult> r =
+      Collect(step, q.offset, q.max_extents, cursor->coalesce, deadline);
+  if (!r.ok()) return r.status();
+  batch.extents = std::move(r->extents);
+  batch.next_offset = r->next_offset;
+  q.offset = r->next_offset;
+  batch.done = q.offset >= q.end;
+  return batch;
+}
+
+absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
+    const v1::InvalidateCacheRequest& request) {
+  if (request.length() != 0 &&
+      request.offset() + request.length() < request.offset()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("offset ", request.offset(), " + length ",
+                     request.length(), " overflows a 64-bit byte address"));
+  }
+  std::vector<ExportEntry*> targets;
+  if (request.export_name().empty()) {
+    targets = registry_->All();
+  } else {
+    absl::StatusOr<ExportEntry*> e = FindExport(request.export_name());
+    if (!e.ok()) return e.status();
+    targets.push_back(*e);
+  }
+  if (!request.context().empty()) {
+    if (absl::Status s = ValidateContextName(request.context()); !s.ok()) {
+      return s;
+    }
+  }
+  bool whole = request.offset() == 0 && request.length() == 0;
+  ExtentCache::Dropped total;
+  for (ExportEntry* e : targets) {
+    const std::string& name = e->config.name();
+    ExtentCache::Dropped d;
+    if (!request.context().empty()) {
+      d = cache_->Invalidate(CacheKey{name, request.context()},
+                             request.offset(), request.length());
+    } else if (whole) {
+      d = cache_->InvalidateExport(name);
+    } else {
+      d = cache_->InvalidateExportRange(name, request.offset(),
+                                        request.length());
+    }
+    total.extents += d.extents;
+    total.bytes += d.bytes;
+  }
+  v1::InvalidateCacheResponse response;
+  response.set_extents_dropped(total.extents);
+  response.set_bytes_dropped(total.bytes);
+  return response;
+}
+
+namespace {
+
+void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
+  out->set_hits(c.hits);
+  out->set_partial_hits(c.partial_hits);
+  out->set_misses(c.misses);
+  out->set_upstream_calls(c.upstream_calls);
+  out->set_coalesced_waits(c.coalesced_waits);
+  out->set_bytes_from_cache(c.bytes_from_cache);
+  out->set_bytes_from_upstream(c.bytes_from_upstream);
+  out->set_evictions(c.evictions);
+  out->set_invalidations(c.invalidations);
+  out->set_stale_fills_dropped(c.stale_fills_dropped);
+  out->set_entries(c.entries);
+  out->set_memory_bytes(c.memory_bytes);
+}
+
+}  // namespace
+
+absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
+    const v1::GetStatsRequest& request) const {
+  std::vector<ExportEntry*> targets;
+  if (request.export_name().empty()) {
+    targets = registry_->All();
+  } else {
+    absl::StatusOr<ExportEntry*> e = FindExport(request.export_name());
+    if (!e.ok()) return e.status();
+    targets.push_back(*e);
+  }
+  v1::GetStatsResponse response;
+  response.set_memory_limit_bytes(cache_->options().memory_limit_bytes);
+  std::vector<CacheKey> keys = cache_->Keys();
+  for (ExportEntry* e : targets) {
+    const std::string& name = e->config.name();
+    v1::ExportStats* s = response.add_exports();
+    s->set_export_name(name);
+    for (const CacheKey& k : keys) {
+      if (k.export_name != name) continue;
+      FillCounters(cache_->Counters(k), &(*s->mutable_contexts())[k.context]);
+    }
+    auto it = counters_.find(name);
+    if (it != counters_.end()) {
+      s->set_upstream_calls(it->second->upstream_calls.load());
+      s->set_upstream_errors(it->second->upstream_errors.load());
+    }
+    s->set_reconnects(e->upstream->Generation());
+  }
+  if (request.export_name().empty()) {
+    FillCounters(cache_->Counters(), response.mutable_total());
+  } else {
+    CacheCounters sum;
+    for (const CacheKey& k : keys) {
+      if (k.export_name != request.export_name()) continue;
+      CacheCounters c = cache_->Counters(k);
+      sum.hits += c.hits;
+      sum.partial_hits += c.partial_hits;
+      sum.misses += c.misses;
+      sum.upstream_calls += c.upstream_calls;
+      sum.coalesced_waits += c.coalesced_waits;
+      sum.bytes_from_cache += c.bytes_from_cache;
+      sum.bytes_from_upstream += c.bytes_from_upstream;
+      sum.evictions += c.evictions;
+      sum.invalidations += c.invalidations;
+      sum.stale_fills_dropped += c.stale_fills_dropped;
+      sum.entries += c.entries;
+      sum.memory_bytes += c.memory_bytes;
+    }
+    FillCounters(sum, response.mutable_total());
+  }
+  return response;
+}
+
+}  // namespace blockmeta

@@ -1,0 +1,274 @@
+// server/service/metrics.cc — see metrics.h.
+#include "server/service/metrics.h"
+
+#include <chrono>
+#include <map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "prometheus/collectable.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "prometheus/text_serializer.h"
+
+namespace blockmeta {
+namespace {
+
+const char* CodeName(int code) {
+  static const char* const kNames[] = {
+      "OK",           "Canceled",          "Unknown",
+      "InvalidArgument", "DeadlineExceeded", "NotFound",
+      "AlreadyExists", "PermissionDenied", "ResourceExhausted",
+      "FailedPrecondition", "Aborted",     "OutOfRange",
+      "Unimplemented", "Internal",         "Unavailable",
+      "DataLoss",     "Unauthenticated"};
+  if (code < 0 || code > 16) return "Unknown";
+  return kNames[code];
+}
+
+const char* RpcTypeName(grpc::experimental::ServerRpcInfo::Type t) {
+  using T = grpc::experimental::ServerRpcInfo::Type;
+  switch (t) {
+    case T::UNARY:
+      return "unary";
+    case T::CLIENT_STREAMING:
+      return "client_stream";
+    case T::SERVER_STREAMING:
+      return "server_stream";
+    case T::BIDI_STREAMING:
+      return "bidi_stream";
+  }
+  return "unknown";
+}
+
+// "/pkg.Service/Method" -> ("pkg.Service", "Method").
+std::pair<std::string, std::string> SplitMethod(const char* full) {
+  absl::string_view m = full == nullptr ? "" : full;
+  if (!m.empty() && m[0] == '/') m.remove_prefix(1);
+  size_t slash = m.find('/');
+  if (slash == absl::string_view::npos) return {std::string(m), ""};
+  return {std::string(m.substr(0, slash)), std::string(m.substr(slash + 1))};
+}
+
+const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
+  static const auto* b = new prometheus::Histogram::BucketBoundaries{
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+      0.025,  0.05,    0.1,    0.25,  0.5,    1,     2.5, 5, 10};
+  return *b;
+}
+
+// Reads the cache's counters at scrape time.
+class CacheCollector final : public prometheus::Collectable {
+ public:
+  explicit CacheCollector(const ExtentCache* cache) : cache_(cache) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    struct Def {
+      const char* name;
+      const char* help;
+      prometheus::MetricType type;
+      uint64_t CacheCounters::*field;
+    };
+    static const Def kDefs[] = {
+        {"blockmeta_cache_hits_total", "Queries answered entirely from cache",
+         prometheus::MetricType::Counter, &CacheCounters::hits},
+        {"blockmeta_cache_partial_hits_total",
+         "Queries answered partly from cache",
+         prometheus::MetricType::Counter, &CacheCounters::partial_hits},
+        {"blockmeta_cache_misses_total", "Queries with nothing cached",
+         prometheus::MetricType::Counter, &CacheCounters::misses},
+        {"blockmeta_cache_upstream_calls_total",
+         "Upstream block-status calls made by the cache",
+         prometheus::MetricType::Counter, &CacheCounters::upstream_calls},
+        {"blockmeta_cache_coalesced_waits_total",
+         "Callers that waited for another caller's upstream call",
+         prometheus::MetricType::Counter, &CacheCounters::coalesced_waits},
+        {"blockmeta_cache_bytes_from_cache_total",
+         "Bytes of answers served from cache",
+         prometheus::MetricType::Counter, &CacheCounters::bytes_from_cache},
+        {"blockmeta_cache_bytes_from_upstream_total",
+         "Bytes of answers that came from the upstream",
+         prometheus::MetricType::Counter, &CacheCounters::bytes_from_upstream},
+        {"blockmeta_cache_evictions_total", "Extents evicted",
+         prometheus::MetricType::Counter, &CacheCounters::evictions},
+        {"blockmeta_cache_invalidations_total", "Invalidation calls",
+         prometheus::MetricType::Counter, &CacheCounters::invalidations},
+        {"blockmeta_cache_stale_fills_dropped_total",
+         "Upstream answers dropped because an invalidation overlapped them",
+         prometheus::MetricType::Counter, &CacheCounters::stale_fills_dropped},
+        {"blockmeta_cache_entries", "Extents cached now",
+         prometheus::MetricType::Gauge, &CacheCounters::entries},
+        {"blockmeta_cache_memory_bytes", "Approximate cache memory now",
+         prometheus::MetricType::Gauge, &CacheCounters::memory_bytes},
+    };
+    std::vector<CacheKey> keys = cache_->Keys();
+    std::vector<CacheCounters> values;
+    values.reserve(keys.size());
+    for (const CacheKey& k : keys) values.push_back(cache_->Counters(k));
+    std::vector<prometheus::MetricFamily> out;
+    for (const Def& d : kDefs) {
+      prometheus::MetricFamily f;
+      f.name = d.name;
+      f.help = d.help;
+      f.type = d.type;
+      for (size_t i = 0; i < keys.size(); ++i) {
+        prometheus::ClientMetric m;
+        m.label = {{"context", keys[i].context}, {"export", keys[i].export_name}};
+        double v = static_cast<double>(values[i].*d.field);
+        if (d.type == prometheus::MetricType::Counter) {
+          m.counter.value = v;
+        } else {
+          m.gauge.value = v;
+        }
+        f.metric.push_back(std::move(m));
+      }
+      out.push_back(std::move(f));
+    }
+    return out;
+  }
+
+ private:
+  const ExtentCache* cache_;
+};
+
+}  // namespace
+
+class Metrics::Impl {
+ public:
+  explicit Impl(const ExtentCache* cache)
+      : registry(std::make_shared<prometheus::Registry>()),
+        cache_collector(std::make_shared<CacheCollector>(cache)),
+        started(prometheus::BuildCounter()
+                    .Name("grpc_server_started_total")
+                    .Help("Total number of RPCs started on the server.")
+                    .Register(*registry)),
+        handled(prometheus::BuildCounter()
+                    .Name("grpc_server_handled_total")
+                    .Help("Total number of RPCs completed on the server, "
+                          "regardless of success or failure.")
+                    .Register(*registry)),
+        handling(prometheus::BuildHistogram()
+                     .Name("grpc_server_handling_seconds")
+                     .Help("Histogram of response latency (seconds) of gRPC "
+                           "that had been application-level handled by the "
+                           "server.")
+                     .Register(*registry)),
+        upstream_calls(prometheus::BuildCounter()
+                           .Name("blockmeta_upstream_calls_total")
+                           .Help("Upstream block-status calls by result.")
+                           .Register(*registry)),
+        upstream_seconds(prometheus::BuildHistogram()
+                             .Name("blockmeta_upstream_call_seconds")
+                             .Help("Latency of upstream block-status calls.")
+                             .Register(*registry)) {}
+
+  std::shared_ptr<prometheus::Registry> registry;
+  std::shared_ptr<CacheCollector> cache_collector;
+  prometheus::Family<prometheus::Counter>& started;
+  prometheus::Family<prometheus::Counter>& handled;
+  prometheus::Family<prometheus::Histogram>& handling;
+  prometheus::Family<prometheus::Counter>& upstream_calls;
+  prometheus::Family<prometheus::Histogram>& upstream_seconds;
+};
+
+namespace {
+
+class MetricsInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  MetricsInterceptor(std::shared_ptr<Metrics::Impl> impl,
+                     grpc::experimental::ServerRpcInfo* info)
+      : impl_(std::move(impl)), start_(std::chrono::steady_clock::now()) {
+    auto [service, method] = SplitMethod(info->method());
+    labels_ = {{"grpc_service", service},
+               {"grpc_method", method},
+               {"grpc_type", RpcTypeName(info->type())}};
+    impl_->started.Add(labels_).Increment();
+  }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      grpc::Status status = methods->GetSendStatus();
+      std::map<std::string, std::string> with_code = labels_;
+      with_code["grpc_code"] = CodeName(status.error_code());
+      impl_->handled.Add(with_code).Increment();
+      double secs = std::chrono::duration<double>(
+                        std::chrono::steady_clock::now() - start_)
+                        .count();
+      impl_->handling.Add(labels_, LatencyBuckets()).Observe(secs);
+    }
+    methods->Proceed();
+  }
+
+ private:
+  std::shared_ptr<Metrics::Impl> impl_;
+  std::chrono::steady_clock::time_point start_;
+  std::map<std::string, std::string> labels_;
+};
+
+class MetricsInterceptorFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit MetricsInterceptorFactory(std::shared_ptr<Metrics::Impl> impl)
+      : impl_(std::move(impl)) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new MetricsInterceptor(impl_, info);
+  }
+
+ private:
+  std::shared_ptr<Metrics::Impl> impl_;
+};
+
+}  // namespace
+
+Metrics::Metrics(const ExtentCache* cache)
+    : impl_(std::make_shared<Impl>(cache)) {}
+
+Metrics::~Metrics() = default;
+
+absl::StatusOr<int> Metrics::Serve(const std::string& address) {
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(address);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot serve metrics on \"", address, "\": ", e.what()));
+  }
+  exposer_->RegisterCollectable(impl_->registry);
+  exposer_->RegisterCollectable(impl_->cache_collector);
+  std::vector<int> ports = exposer_->GetListeningPorts();
+  if (ports.empty()) {
+    return absl::InternalError("metrics listener has no port");
+  }
+  return ports.front();
+}
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+Metrics::InterceptorFactory() {
+  return std::make_unique<MetricsInterceptorFactory>(impl_);
+}
+
+void Metrics::RecordUpstreamCall(const std::string& export_name,
+                                 absl::Duration latency,
+                                 const absl::Status& status) {
+  impl_->upstream_calls
+      .Add({{"export", export_name},
+            {"code", CodeName(static_cast<int>(status.code()))}})
+      .Increment();
+  impl_->upstream_seconds.Add({{"export", export_name}}, LatencyBuckets())
+      .Observe(absl::ToDoubleSeconds(latency));
+}
+
+std::string Metrics::Render() const {
+  std::vector<prometheus::MetricFamily> families = impl_->registry->Collect();
+  std::vector<prometheus::MetricFamily> cache = impl_->cache_collector->Collect();
+  families.insert(families.end(), cache.begin(), cache.end());
+  return prometheus::TextSerializer().Serialize(families);
+}
+
+}  // namespace blockmeta

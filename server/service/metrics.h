@@ -1,0 +1,65 @@
+// server/service/metrics.h — Prometheus metrics for blockmeta, served as
+// text on http://ADDR/metrics (prometheus-cpp's Exposer).
+//
+// * gRPC server metrics with the usual names (go-grpc-prometheus style):
+//   grpc_server_started_total, grpc_server_handled_total{grpc_code},
+//   grpc_server_handling_seconds (histogram), all labelled grpc_service,
+//   grpc_method, grpc_type. Recorded by a server interceptor, so every RPC
+//   counts, health and reflection included.
+// * Cache counters per export and context (blockmeta_cache_*), read from the
+//   ExtentCache at scrape time — no double bookkeeping.
+// * Upstream block-status calls: blockmeta_upstream_calls_total{export,
+//   code} and blockmeta_upstream_call_seconds{export} (histogram).
+//
+// Thread-safety: all methods are thread-safe (prometheus-cpp's metrics are
+// atomic; families lock internally when a new label set first appears).
+#ifndef BLOCKMETA_SERVER_SERVICE_METRICS_H_
+#define BLOCKMETA_SERVER_SERVICE_METRICS_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/support/server_interceptor.h"
+#include "server/cache/extent_cache.h"
+
+namespace prometheus {
+class Exposer;
+class Registry;
+}  // namespace prometheus
+
+namespace blockmeta {
+
+class Metrics {
+ public:
+  explicit Metrics(const ExtentCache* cache);
+  ~Metrics();
+  Metrics(const Metrics&) = delete;
+  Metrics& operator=(const Metrics&) = delete;
+
+  // Serves /metrics on `address` ("host:port", port 0 picks one). Returns
+  // the bound port.
+  absl::StatusOr<int> Serve(const std::string& address);
+
+  // For ServerBuilder::experimental().SetInterceptorCreators().
+  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+  InterceptorFactory();
+
+  void RecordUpstreamCall(const std::string& export_name,
+                          absl::Duration latency, const absl::Status& status);
+
+  // The text exposition of everything, as /metrics serves it (for tests).
+  std::string Render() const;
+
+  class Impl;  // implementation detail, shared with the interceptors
+
+ private:
+  std::shared_ptr<Impl> impl_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace blockmeta
+
+#endif  // BLOCKMETA_SERVER_SERVICE_METRICS_H_
