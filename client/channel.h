@@ -19,9 +19,10 @@ namespace blockmeta::client {
 // Validates `options`, reads the TLS files and creates a channel (lazily
 // connecting; no network I/O here). `channel_id` > 0 forces a separate TCP
 // connection from other channels to the same target (load generation).
-// Reconnect backoff is short (100 ms .. 2 s) so a restarted server is seen
-// quickly. INVALID_ARGUMENT for bad options, NOT_FOUND / PERMISSION_DENIED
-// for unreadable TLS files.
+// Reconnect backoff is short (first retry after 100 ms, at most 2 s apart)
+// so a restarted server is seen quickly; the connect timeout stays gRPC's
+// default (20 s, bounded by each call's deadline). INVALID_ARGUMENT for bad
+// options, NOT_FOUND / PERMISSION_DENIED for unreadable TLS files.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
     const ClientOptions& options, int channel_id = 0);
 

@@ -511,6 +511,10 @@ class ProgressBar {
 
 int Runner::Run() {
   const CommandSpec& c = *p_.command;
+  if (p_.help) {
+    PrintCommandHelp(out_, c);
+    return kExitOk;
+  }
   if (c.name == "help") {
     if (p_.positional.empty()) {
       PrintMainHelp(out_);
@@ -521,10 +525,6 @@ int Runner::Run() {
       return Usage(absl::StrCat("unknown command \"", p_.positional[0], "\""));
     }
     PrintCommandHelp(out_, *target);
-    return kExitOk;
-  }
-  if (p_.help) {
-    PrintCommandHelp(out_, c);
     return kExitOk;
   }
   if (static_cast<int>(p_.positional.size()) < c.min_positional) {
@@ -859,6 +859,16 @@ int Runner::Bench() {
   o.max_extents = static_cast<uint32_t>(max_extents);
   if (auto e = CacheFlag(&o.cache_mode)) return Usage(*e);
 
+  // One call first, so an unreachable server or a bad export fails fast
+  // with the right exit code instead of a run of errors.
+  if (rpc != "extents") {
+    absl::StatusOr<ServingStatus> h = client_->Health(o.health_service);
+    if (!h.ok()) return Fail("health check", h.status());
+  }
+  if (rpc != "health" && Has("no-warm")) {
+    absl::StatusOr<v1::ExportInfo> info = client_->GetExportInfo(o.export_name);
+    if (!info.ok()) return Fail("GetExportInfo", info.status());
+  }
   // Map the range once so GetExtents calls hit the cache.
   if (rpc != "health" && !Has("no-warm")) {
     v1::MapExtentsRequest req;

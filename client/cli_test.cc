@@ -222,9 +222,31 @@ TEST(CliUnreachable, SilentServerHitsTheTimeout) {
   std::string target = absl::StrCat("127.0.0.1:", ntohs(addr.sin_port));
   RunResult r = Cli({"list", "--server=" + target, "--timeout=500ms"});
   EXPECT_EQ(r.exit_code, 4) << r.err;
-  EXPECT_THAT(r.err, HasSubstr("DEADLINE_EXCEEDED"));
+  EXPECT_THAT(r.err, HasSubstr("ListExports: DEADLINE_EXCEEDED"));
   EXPECT_LT(r.elapsed, absl::Seconds(5));
   close(fd);
+}
+
+TEST(CliDeadline, SlowUnaryCallAndStalledMap) {
+  FakeServer s;
+  s.service().unary_delay_ms = 3000;
+  RunResult r = At(s, {"list", "--timeout=300ms"});
+  EXPECT_EQ(r.exit_code, 4) << r.err;
+  EXPECT_EQ(r.err,
+            "blockmeta list: ListExports: DEADLINE_EXCEEDED: Deadline "
+            "Exceeded\n");
+  EXPECT_LT(r.elapsed, absl::Seconds(3));
+  // Every stream stalls before its first batch: the map retries, then gives
+  // up (a stream that delivers a batch first would reset the attempt count).
+  s.service().stall_streams = 100;
+  s.service().stall_after = 0;
+  s.service().stall_ms = 5000;
+  r = At(s, {"map", "disk", "--timeout=300ms", "--output=nbdinfo"});
+  EXPECT_EQ(r.exit_code, 4) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("MapExtents: DEADLINE_EXCEEDED: no extents "
+                               "from the server within 300ms (after 5 "
+                               "attempts)"));
+  EXPECT_LT(r.elapsed, absl::Seconds(8));
 }
 
 TEST(CliFake, List) {
@@ -232,7 +254,7 @@ TEST(CliFake, List) {
   RunResult r = At(s, {"list"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out,
-            "NAME  STATE       SIZE  DESCRIPTION\n"
+            "NAME  STATE      SIZE  DESCRIPTION\n"
             "disk  READY  16.0 MiB  fake disk\n");
   r = At(s, {"list", "--output=json"});
   EXPECT_EQ(r.exit_code, 0);
@@ -423,7 +445,10 @@ TEST(CliFake, Bench) {
 
   r = At(s, {"bench", "--export=nope", "--duration=300ms", "--no-warm"});
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_THAT(r.out, HasSubstr("NOT_FOUND"));
+  EXPECT_THAT(r.err, HasSubstr("GetExportInfo: NOT_FOUND"));
+  r = At(s, {"bench", "--export=nope", "--duration=300ms"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, HasSubstr("warming the cache (MapExtents): NOT_FOUND"));
 }
 
 TEST(CliFake, UnixSocket) {

@@ -60,6 +60,9 @@ grpc::Status CheckRange(const std::string& name, const std::string& context,
 grpc::Status FakeBlockMeta::ListExports(grpc::ServerContext*,
                                         const v1::ListExportsRequest*,
                                         v1::ListExportsResponse* resp) {
+  if (unary_delay_ms > 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(unary_delay_ms));
+  }
   if (unary_code != 0) {
     return grpc::Status(static_cast<grpc::StatusCode>(unary_code.load()),
                         "injected");

@@ -40,6 +40,8 @@ class FakeBlockMeta final : public blockmeta::v1::BlockMeta::Service {
   std::atomic<int> stall_ms{0};
   // Send a batch that skips 512 bytes (contract violation).
   std::atomic<bool> send_gap{false};
+  // ListExports sleeps this long first.
+  std::atomic<int> unary_delay_ms{0};
   // Every unary call fails with this code when not OK.
   std::atomic<int> unary_code{0};
   // Counters.

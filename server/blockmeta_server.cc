@@ -22,6 +22,7 @@
 #include "server/service/csi_grpc.h"
 #include "server/service/extent_service.h"
 #include "server/service/metrics.h"
+#include "server/service/request_log.h"
 #include "server/upstream/export_registry.h"
 
 namespace blockmeta {
@@ -118,11 +119,6 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   }
   std::unique_ptr<BlockMetaServer> s(new BlockMetaServer(std::move(config)));
   const v1::ServerConfig& c = s->config_;
-  absl::StatusOr<std::unique_ptr<ExportRegistry>> registry =
-      ExportRegistry::Create(c);
-  if (!registry.ok()) return registry.status();
-  s->registry_ = *std::move(registry);
-
   ExtentCache::Options cache_options;
   cache_options.memory_limit_bytes = c.cache().memory_limit_bytes();
   cache_options.fetch_window_bytes = c.cache().fetch_window_bytes();
@@ -131,6 +127,10 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   }
   s->cache_ = std::make_unique<ExtentCache>(cache_options);
   ExtentCache* cache = s->cache_.get();
+  absl::StatusOr<std::unique_ptr<ExportRegistry>> registry =
+      ExportRegistry::Create(c);
+  if (!registry.ok()) return registry.status();
+  s->registry_ = *std::move(registry);
   for (ExportEntry* e : s->registry_->All()) {
     if (e->config.cache_ttl_seconds() != 0) {
       cache->SetExportTtl(e->config.name(),
@@ -140,8 +140,10 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
     e->upstream->SetOnGenerationChange([cache, name] {
       // A reconnected upstream may serve a different image: forget it all.
       ExtentCache::Dropped d = cache->InvalidateExport(name);
-      LogWarning("upstream_reconnected_cache_dropped",
-                 {{"export", name}, {"extents_dropped", d.extents}});
+      if (d.extents > 0) {
+        LogWarning("upstream_reconnected_cache_dropped",
+                   {{"export", name}, {"extents_dropped", d.extents}});
+      }
     });
   }
   s->pool_ = std::make_unique<WorkerPool>(c.worker_threads());
@@ -210,6 +212,7 @@ absl::Status BlockMetaServer::Start() {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
       interceptors;
   interceptors.push_back(metrics_->InterceptorFactory());
+  interceptors.push_back(RequestLogInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr) {

@@ -64,8 +64,10 @@ class BlockMetaServer {
   void HealthLoop();
 
   const blockmeta::v1::ServerConfig config_;
-  std::unique_ptr<ExportRegistry> registry_;
+  // The cache outlives the registry: upstream threads call back into it
+  // (generation changes) until the registry is destroyed.
   std::unique_ptr<ExtentCache> cache_;
+  std::unique_ptr<ExportRegistry> registry_;
   std::unique_ptr<WorkerPool> pool_;
   std::unique_ptr<Admission> admission_;
   std::unique_ptr<Metrics> metrics_;

@@ -40,6 +40,8 @@ ABSL_FLAG(std::string, port_file, "",
 ABSL_FLAG(int, shutdown_grace_seconds, 0,
           "Seconds to drain in-flight calls on SIGTERM (default 20)");
 ABSL_FLAG(std::string, log_format, "json", "Log format: json or text");
+ABSL_FLAG(std::string, log_level, "info",
+          "Lowest level logged: debug (every RPC), info, warning, error");
 ABSL_FLAG(std::vector<std::string>, export, {},
           "NAME=NBD_URI; repeat the flag for several exports");
 
@@ -87,6 +89,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   blockmeta::SetLogFormat(format);
+  blockmeta::LogLevel level;
+  if (!blockmeta::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    std::fprintf(stderr,
+                 "blockmetad: --log_level must be debug, info, warning or "
+                 "error\n");
+    return 2;
+  }
+  blockmeta::SetLogLevel(level);
 
   v1::ServerConfig config;
   if (!absl::GetFlag(FLAGS_config).empty()) {

@@ -8,7 +8,7 @@ package `proto` with `blockmeta/v1/x.proto` is imported and #included as
 repository and in external (new_local_repository) ones.
 """
 
-def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, alwayslink = False, visibility = None):
+def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, alwayslink = False, testonly = False, visibility = None):
     """Generates C++ (and gRPC) code for `srcs` and a cc_library `name`.
 
     Args:
@@ -19,6 +19,7 @@ def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, alwayslin
       grpc: also run grpc_cpp_plugin.
       alwayslink: link the messages even when no code names them, so their
         descriptors reach the generated pool (for server reflection).
+      testonly: mark the generated targets testonly.
       visibility: of the cc_library.
     """
     repo = native.repository_name()
@@ -31,7 +32,7 @@ def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, alwayslin
         outs += [base + ".pb.h", base + ".pb.cc"]
         if grpc:
             outs += [base + ".grpc.pb.h", base + ".grpc.pb.cc"]
-    native.filegroup(name = name + "_protos", srcs = srcs, visibility = visibility)
+    native.filegroup(name = name + "_protos", srcs = srcs, testonly = testonly, visibility = visibility)
     plugin = " --plugin=protoc-gen-grpc=$$(command -v grpc_cpp_plugin) --grpc_out=$(GENDIR)/%s" % root if grpc else ""
     native.genrule(
         name = name + "_codegen",
@@ -40,6 +41,7 @@ def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, alwayslin
         cmd = ("protoc --proto_path=%s --proto_path=/usr/include --cpp_out=$(GENDIR)/%s%s " % (root, root, plugin)) +
               " ".join(["%s/%s" % (root, s) for s in srcs]),
         local = True,
+        testonly = testonly,
     )
     native.cc_library(
         name = name,
@@ -47,6 +49,7 @@ def cc_grpc_proto(name, srcs, deps = [], proto_deps = [], grpc = True, alwayslin
         hdrs = [o for o in outs if o.endswith(".h")],
         includes = ["."],
         alwayslink = alwayslink,
+        testonly = testonly,
         deps = deps + ["@blockmeta//third_party:protobuf"] + (["@blockmeta//third_party:grpcpp"] if grpc else []),
         visibility = visibility,
     )

@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "server/cache/mutex.h"
 
 namespace blockmeta {
 namespace {
@@ -131,7 +132,9 @@ int64_t TtlNs(absl::Duration ttl) {
   return std::max<int64_t>(0, absl::ToInt64Nanoseconds(ttl));
 }
 
-uint64_t SatAdd(uint64_t a, uint64_t b) { return b > kMaxU64 - a ? kMaxU64 : a + b; }
+uint64_t SatAdd(uint64_t a, uint64_t b) {
+  return b > kMaxU64 - a ? kMaxU64 : a + b;
+}
 
 class Counter {
  public:
@@ -197,7 +200,7 @@ struct KeyState {
       stale_fills_dropped;
 
   // Protected by mu.
-  mutable absl::Mutex mu;
+  mutable sync::Mutex mu;
   // Signalled (all waiters) whenever a fetch of this key completes.
   absl::CondVar fetch_done;
   // Disjoint nonempty intervals; adjacent ones have different flags.
@@ -252,8 +255,8 @@ class ExtentCache::Impl {
   std::atomic<uint32_t> lru_clock_{1};
 
   // Serializes eviction passes (taken before keys_mu_ and KeyState::mu).
-  absl::Mutex evict_mu_ ABSL_ACQUIRED_BEFORE(keys_mu_);
-  mutable absl::Mutex keys_mu_;
+  sync::Mutex evict_mu_ ABSL_ACQUIRED_BEFORE(keys_mu_);
+  mutable sync::Mutex keys_mu_;
   absl::flat_hash_map<CacheKey, std::unique_ptr<KeyState>> keys_
       ABSL_GUARDED_BY(keys_mu_);
   absl::flat_hash_map<std::string, absl::Duration> export_ttl_
@@ -261,14 +264,14 @@ class ExtentCache::Impl {
 };
 
 KeyState* ExtentCache::Impl::Find(const CacheKey& key) const {
-  absl::ReaderMutexLock l(&keys_mu_);
+  sync::ReaderMutexLock l(&keys_mu_);
   auto it = keys_.find(key);
   return it == keys_.end() ? nullptr : it->second.get();
 }
 
 KeyState* ExtentCache::Impl::FindOrCreate(const CacheKey& key) {
   if (KeyState* k = Find(key)) return k;
-  absl::MutexLock l(&keys_mu_);
+  sync::MutexLock l(&keys_mu_);
   std::unique_ptr<KeyState>& slot = keys_[key];
   if (slot == nullptr) {
     auto ttl = export_ttl_.find(key.export_name);
@@ -282,7 +285,7 @@ KeyState* ExtentCache::Impl::FindOrCreate(const CacheKey& key) {
 std::vector<KeyState*> ExtentCache::Impl::KeysOf(
     const std::string* export_name) const {
   std::vector<KeyState*> out;
-  absl::ReaderMutexLock l(&keys_mu_);
+  sync::ReaderMutexLock l(&keys_mu_);
   for (const auto& [key, state] : keys_) {
     if (export_name == nullptr || key.export_name == *export_name) {
       out.push_back(state.get());
@@ -293,7 +296,7 @@ std::vector<KeyState*> ExtentCache::Impl::KeysOf(
 
 void ExtentCache::Impl::SetExportTtl(const std::string& export_name,
                                      absl::Duration ttl) {
-  absl::MutexLock l(&keys_mu_);
+  sync::MutexLock l(&keys_mu_);
   export_ttl_[export_name] = ttl;
   for (const auto& [key, state] : keys_) {
     if (key.export_name == export_name) state->ttl_ns.store(TtlNs(ttl));
@@ -443,7 +446,7 @@ LookupResult ExtentCache::Impl::Lookup(const CacheKey& key, uint64_t offset,
   if (k == nullptr) return r;
   const uint64_t end = SatAdd(offset, length);
   if (length > 0) {
-    absl::ReaderMutexLock l(&k->mu);
+    sync::ReaderMutexLock l(&k->mu);
     r.next_offset = ReadLocked(*k, offset, end, max_extents, &r.extents);
   }
   if (r.next_offset == end && length > 0) {
@@ -505,8 +508,8 @@ absl::Status ValidateAndClip(ExtentList& answer, uint64_t offset,
 }  // namespace
 
 absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
-    const CacheKey& key, uint64_t export_size, uint64_t offset,
-    uint64_t length, size_t max_extents, Fetcher fetch, absl::Time deadline) {
+    const CacheKey& key, uint64_t export_size, uint64_t offset, uint64_t length,
+    size_t max_extents, Fetcher fetch, absl::Time deadline) {
   if (length == 0) {
     return absl::InvalidArgumentError("block-status length must be > 0");
   }
@@ -519,7 +522,7 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
   LookupResult r;
   r.next_offset = offset;
   {
-    absl::ReaderMutexLock l(&k->mu);
+    sync::ReaderMutexLock l(&k->mu);
     r.next_offset = ReadLocked(*k, offset, end, max_extents, &r.extents);
   }
   auto done = [&] {
@@ -528,15 +531,15 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
   };
   bool waited = false;
   uint64_t wait_gap = 0;
-  bool upstream = false;      // this call waited for or made a fetch
-  uint64_t head_bytes = 0;    // cached bytes before the first wait/fetch
+  bool upstream = false;    // this call waited for or made a fetch
+  uint64_t head_bytes = 0;  // cached bytes before the first wait/fetch
   uint64_t fetched_bytes = 0;
   while (!done()) {
     uint64_t gap;
     uint64_t ask;
     uint64_t id;
     {
-      absl::MutexLock l(&k->mu);
+      sync::MutexLock l(&k->mu);
       // A fill may have landed since the last read.
       r.next_offset =
           ReadLocked(*k, r.next_offset, end, max_extents, &r.extents);
@@ -556,7 +559,7 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
           const uint64_t wait_id = cover->id;
           wait_gap = gap;
           while (IsInflight(k->inflight, wait_id)) {
-            if (k->fetch_done.WaitWithDeadline(&k->mu, deadline) &&
+            if (k->mu.WaitWithDeadline(&k->fetch_done, deadline) &&
                 IsInflight(k->inflight, wait_id)) {
               return absl::DeadlineExceededError(absl::StrCat(
                   "deadline passed waiting for a coalesced upstream "
@@ -585,7 +588,7 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     if (status.ok()) status = ValidateAndClip(*answer, gap, export_size);
 
     {
-      absl::MutexLock l(&k->mu);
+      sync::MutexLock l(&k->mu);
       uint64_t poison_from = kMaxU64;
       for (auto it = k->inflight.begin(); it != k->inflight.end(); ++it) {
         if (it->id == id) {
@@ -620,8 +623,8 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
 
     // Our own answer for the rest of the request.
     for (const Extent& e : *answer) {
-      if (e.offset >= end || !CanAppend(r.extents, max_extents, e.offset,
-                                        e.flags)) {
+      if (e.offset >= end ||
+          !CanAppend(r.extents, max_extents, e.offset, e.flags)) {
         break;
       }
       const uint64_t e_end = std::min(e.end(), end);
@@ -650,11 +653,11 @@ ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
   const uint64_t end = length == 0 ? kMaxU64 : SatAdd(offset, length);
   Dropped total;
   for (KeyState* k : keys) {
-    IntervalMap doomed(std::less<uint64_t>(),
-                       CountingAllocator<std::pair<const uint64_t, Interval>>(
-                           &k->mem));
+    IntervalMap doomed(
+        std::less<uint64_t>(),
+        CountingAllocator<std::pair<const uint64_t, Interval>>(&k->mem));
     {
-      absl::MutexLock l(&k->mu);
+      sync::MutexLock l(&k->mu);
       k->invalidations.Add(1);
       for (Inflight& f : k->inflight) {
         if (end > f.start) {
@@ -681,11 +684,10 @@ ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
 }
 
 void ExtentCache::Impl::MaybeEvict() {
-  const int64_t limit = static_cast<int64_t>(
-      std::min<uint64_t>(options_.memory_limit_bytes,
-                         std::numeric_limits<int64_t>::max()));
+  const int64_t limit = static_cast<int64_t>(std::min<uint64_t>(
+      options_.memory_limit_bytes, std::numeric_limits<int64_t>::max()));
   if (total_mem_.load(std::memory_order_relaxed) <= limit) return;
-  absl::MutexLock evict_lock(&evict_mu_);
+  sync::MutexLock evict_lock(&evict_mu_);
   const int64_t low_water = limit - limit / 8;
   for (int pass = 0;
        pass < 64 && total_mem_.load(std::memory_order_relaxed) > limit;
@@ -694,7 +696,7 @@ void ExtentCache::Impl::MaybeEvict() {
     const uint32_t now = lru_clock_.load(std::memory_order_relaxed);
     uint64_t entries = 0;
     for (KeyState* k : keys) {
-      absl::ReaderMutexLock l(&k->mu);
+      sync::ReaderMutexLock l(&k->mu);
       entries += k->map.size();
     }
     if (entries == 0) return;
@@ -706,7 +708,7 @@ void ExtentCache::Impl::MaybeEvict() {
       uint64_t resume = 0;
       bool more = true;
       while (more) {
-        absl::ReaderMutexLock l(&k->mu);
+        sync::ReaderMutexLock l(&k->mu);
         auto it = k->map.lower_bound(resume);
         for (size_t n = 0; it != k->map.end() && n < kSweepChunk; ++it, ++n) {
           if (seen++ % stride == 0) {
@@ -725,7 +727,9 @@ void ExtentCache::Impl::MaybeEvict() {
     want = std::min(std::max<size_t>(want, 1), ages.size());
     std::nth_element(ages.begin(), ages.begin() + (want - 1), ages.end(),
                      std::greater<uint32_t>());
-    if (EvictPass(keys, now, ages[want - 1]) == 0) return;
+    // A pass that found nothing (concurrent touches or invalidations got
+    // there first) samples again, up to the pass limit.
+    EvictPass(keys, now, ages[want - 1]);
   }
 }
 
@@ -736,7 +740,7 @@ uint64_t ExtentCache::Impl::EvictPass(const std::vector<KeyState*>& keys,
     uint64_t resume = 0;
     bool more = true;
     while (more) {
-      absl::MutexLock l(&k->mu);
+      sync::MutexLock l(&k->mu);
       const int64_t ttl = k->ttl_ns.load(std::memory_order_relaxed);
       const int64_t now_ns = ttl == kNoTtl ? 0 : NowNs();
       auto it = k->map.lower_bound(resume);
@@ -773,7 +777,7 @@ CacheCounters ExtentCache::Impl::CountersOf(const KeyState& k) {
   c.invalidations = k.invalidations.Get();
   c.stale_fills_dropped = k.stale_fills_dropped.Get();
   {
-    absl::ReaderMutexLock l(&k.mu);
+    sync::ReaderMutexLock l(&k.mu);
     c.entries = k.map.size();
   }
   c.memory_bytes = static_cast<uint64_t>(
@@ -797,16 +801,14 @@ LookupResult ExtentCache::Lookup(const CacheKey& key, uint64_t offset,
 absl::StatusOr<LookupResult> ExtentCache::Get(const CacheKey& key,
                                               uint64_t export_size,
                                               uint64_t offset, uint64_t length,
-                                              size_t max_extents,
-                                              Fetcher fetch,
+                                              size_t max_extents, Fetcher fetch,
                                               absl::Time deadline) {
   return impl_->Get(key, export_size, offset, length, max_extents, fetch,
                     deadline);
 }
 
 ExtentCache::Dropped ExtentCache::Invalidate(const CacheKey& key,
-                                             uint64_t offset,
-                                             uint64_t length) {
+                                             uint64_t offset, uint64_t length) {
   KeyState* k = impl_->Find(key);
   if (k == nullptr) return Dropped{};
   return impl_->InvalidateKeys({k}, offset, length);

@@ -53,14 +53,26 @@ class PropertyRun {
     }
     ExtentCache::Options o;
     switch (Rand(3)) {
-      case 0: o.memory_limit_bytes = 256 + Rand(4096); break;
-      case 1: o.memory_limit_bytes = 16 * 1024; break;
-      default: o.memory_limit_bytes = 256 << 20; break;
+      case 0:
+        o.memory_limit_bytes = 256 + Rand(4096);
+        break;
+      case 1:
+        o.memory_limit_bytes = 16 * 1024;
+        break;
+      default:
+        o.memory_limit_bytes = 256 << 20;
+        break;
     }
     switch (Rand(3)) {
-      case 0: o.fetch_window_bytes = 1 + Rand(unit_ * 2); break;
-      case 1: o.fetch_window_bytes = unit_ * (1 + Rand(32)); break;
-      default: o.fetch_window_bytes = (4ull << 30) - (1ull << 20); break;
+      case 0:
+        o.fetch_window_bytes = 1 + Rand(unit_ * 2);
+        break;
+      case 1:
+        o.fetch_window_bytes = unit_ * (1 + Rand(32));
+        break;
+      default:
+        o.fetch_window_bytes = (4ull << 30) - (1ull << 20);
+        break;
     }
     if (Rand(4) == 0) o.ttl = absl::Seconds(100);
     o.clock = [this] { return now_; };
@@ -119,10 +131,18 @@ class PropertyRun {
     uint64_t off = Rand(size_ + (allow_past_end ? unit_ * 2 : 0));
     uint64_t len;
     switch (Rand(4)) {
-      case 0: len = 1 + Rand(unit_ * 3); break;
-      case 1: len = 1 + Rand(size_); break;
-      case 2: len = size_ * 2 + Rand(100); break;
-      default: len = unit_ * (1 + Rand(8)); break;
+      case 0:
+        len = 1 + Rand(unit_ * 3);
+        break;
+      case 1:
+        len = 1 + Rand(size_);
+        break;
+      case 2:
+        len = size_ * 2 + Rand(100);
+        break;
+      default:
+        len = unit_ * (1 + Rand(8));
+        break;
     }
     return {off, len};
   }
@@ -144,9 +164,8 @@ class PropertyRun {
             << what << " unmerged neighbours " << Where();
       }
       for (uint64_t u = e.offset / unit_; u * unit_ < e.end(); ++u) {
-        ASSERT_EQ(e.flags, truth[k][u])
-            << what << " key " << k << " extent " << e << " unit " << u
-            << " " << Where();
+        ASSERT_EQ(e.flags, truth[k][u]) << what << " key " << k << " extent "
+                                        << e << " unit " << u << " " << Where();
       }
       pos = e.end();
     }
@@ -170,19 +189,31 @@ class PropertyRun {
       injected_ = absl::StatusCode::kInternal;
       const uint32_t wrong = truth_[k][off / unit_] ^ 1;
       switch (Rand(4)) {
-        case 0: return ExtentList{};
-        case 1: return ExtentList{{off + 1, len, wrong}};
-        case 2: return ExtentList{{off, 1, wrong}, {off + 2, len, wrong}};
-        default: return ExtentList{{off, 1, wrong}, {off + 1, 0, wrong}};
+        case 0:
+          return ExtentList{};
+        case 1:
+          return ExtentList{{off + 1, len, wrong}};
+        case 2:
+          return ExtentList{{off, 1, wrong}, {off + 2, len, wrong}};
+        default:
+          return ExtentList{{off, 1, wrong}, {off + 1, 0, wrong}};
       }
     }
     injected_ = absl::StatusCode::kOk;
     uint64_t answer;
     switch (Rand(4)) {
-      case 0: answer = len; break;
-      case 1: answer = 1 + Rand(len); break;
-      case 2: answer = len + 1 + Rand(unit_ * 3); break;
-      default: answer = size_ - off + 1 + Rand(unit_ * 2); break;
+      case 0:
+        answer = len;
+        break;
+      case 1:
+        answer = 1 + Rand(len);
+        break;
+      case 2:
+        answer = len + 1 + Rand(unit_ * 3);
+        break;
+      default:
+        answer = size_ - off + 1 + Rand(unit_ * 2);
+        break;
     }
     ExtentList out;
     uint64_t pos = off;
@@ -234,15 +265,14 @@ class PropertyRun {
                      absl::Time) -> absl::StatusOr<ExtentList> {
       return Fetch(k, o, l);
     };
-    absl::StatusOr<LookupResult> r =
-        cache_->Get(*kKeys[k], size_, off, len, max_extents, fetch,
-                    absl::InfiniteFuture());
+    absl::StatusOr<LookupResult> r = cache_->Get(
+        *kKeys[k], size_, off, len, max_extents, fetch, absl::InfiniteFuture());
     const bool fetched = fetcher_calls_ != calls_before;
     ASSERT_EQ(fetched, !complete) << Where();
     if (fetched) {
       ASSERT_EQ(fetcher_calls_, calls_before + 1) << Where();
-      ASSERT_EQ(fetched_at_, head.next_offset) << "fetched more than the gap "
-                                               << Where();
+      ASSERT_EQ(fetched_at_, head.next_offset)
+          << "fetched more than the gap " << Where();
       const uint64_t want_len =
           std::min({std::max(options_.fetch_window_bytes, end - fetched_at_),
                     kMaxNbdRequestLength, size_ - fetched_at_});
@@ -255,9 +285,9 @@ class PropertyRun {
     }
     ASSERT_TRUE(!fetched || injected_ == absl::StatusCode::kOk) << Where();
     ASSERT_FALSE(r->extents.empty()) << Where();
-    ASSERT_EQ(r->outcome, !fetched                   ? Outcome::kHit
-                          : head.extents.empty()     ? Outcome::kMiss
-                                                     : Outcome::kPartial)
+    ASSERT_EQ(r->outcome, !fetched               ? Outcome::kHit
+                          : head.extents.empty() ? Outcome::kMiss
+                                                 : Outcome::kPartial)
         << Where();
     CheckAnswer(k, off, len, max_extents, *r, "Get",
                 snapshot_valid_ ? snapshot_ : nullptr);

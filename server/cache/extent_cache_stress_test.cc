@@ -11,6 +11,7 @@
 // writes not yet acknowledged may or may not be visible, acknowledged ones
 // must be. When all threads have stopped, the cache must equal the truth.
 #include <atomic>
+#include <iostream>
 #include <random>
 #include <string>
 #include <thread>
@@ -22,6 +23,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
+#include "server/cache/mutex.h"
 
 namespace blockmeta {
 namespace {
@@ -49,12 +51,12 @@ class Model {
   // Changes [ua, ub) of the given keys and returns the versions written.
   std::vector<uint64_t> Write(const std::vector<int>& keys, uint64_t ua,
                               uint64_t ub, std::mt19937_64& rng, bool dirty) {
-    absl::MutexLock l(&mu_);
+    sync::MutexLock l(&mu_);
     std::vector<uint64_t> versions;
     for (int k : keys) {
       for (uint64_t u = ua; u < ub; ++u) {
-        const uint32_t v = k == 1 ? (dirty ? 1u : 0u)
-                                  : static_cast<uint32_t>(rng() % 4);
+        const uint32_t v =
+            k == 1 ? (dirty ? 1u : 0u) : static_cast<uint32_t>(rng() % 4);
         history_[k][u].push_back(v);
         versions.push_back(history_[k][u].size() - 1);
       }
@@ -64,7 +66,7 @@ class Model {
   // The invalidation for a Write finished.
   void Ack(const std::vector<int>& keys, uint64_t ua, uint64_t ub,
            const std::vector<uint64_t>& versions) {
-    absl::MutexLock l(&mu_);
+    sync::MutexLock l(&mu_);
     size_t i = 0;
     for (int k : keys) {
       for (uint64_t u = ua; u < ub; ++u, ++i) {
@@ -73,12 +75,12 @@ class Model {
     }
   }
   std::vector<uint64_t> AckedSnapshot(int k) {
-    absl::MutexLock l(&mu_);
+    sync::MutexLock l(&mu_);
     return std::vector<uint64_t>(acked_[k], acked_[k] + kUnits);
   }
   // The current truth from offset, like an upstream answer.
   ExtentList Read(int k, uint64_t off, uint64_t len, std::mt19937_64& rng) {
-    absl::MutexLock l(&mu_);
+    sync::MutexLock l(&mu_);
     ExtentList out;
     uint64_t pos = off;
     const uint64_t end = off + len;
@@ -101,7 +103,7 @@ class Model {
   // extent's flags; else a description of the first violation.
   std::string Check(int k, const std::vector<uint64_t>& acked,
                     const ExtentList& extents) {
-    absl::MutexLock l(&mu_);
+    sync::MutexLock l(&mu_);
     for (const Extent& e : extents) {
       for (uint64_t u = e.offset / kUnit; u * kUnit < e.end(); ++u) {
         if (u >= kUnits) return absl::StrCat("extent past the end ", e.offset);
@@ -120,12 +122,12 @@ class Model {
     return "";
   }
   uint32_t Current(int k, uint64_t u) {
-    absl::MutexLock l(&mu_);
+    sync::MutexLock l(&mu_);
     return history_[k][u].back();
   }
 
  private:
-  absl::Mutex mu_;
+  sync::Mutex mu_;
   std::vector<uint32_t> history_[3][kUnits] ABSL_GUARDED_BY(mu_);
   uint64_t acked_[3][kUnits] ABSL_GUARDED_BY(mu_) = {};
 };
@@ -154,9 +156,9 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
   std::atomic<uint64_t> fetches{0}, errors{0}, checked{0};
   std::atomic<bool> failed{false};
   std::string failure;
-  absl::Mutex failure_mu;
+  sync::Mutex failure_mu;
   auto fail = [&](const std::string& what) {
-    absl::MutexLock l(&failure_mu);
+    sync::MutexLock l(&failure_mu);
     if (!failed.exchange(true)) failure = what;
   };
 
@@ -209,8 +211,8 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
       const bool s = rng() % 3 != 0;
       const uint64_t ua = rng() % kUnits;
       const uint64_t ub = std::min(kUnits, ua + 1 + rng() % 8);
-      const std::vector<int> keys = s ? std::vector<int>{0, 1}
-                                      : std::vector<int>{2};
+      const std::vector<int> keys =
+          s ? std::vector<int>{0, 1} : std::vector<int>{2};
       const std::vector<uint64_t> versions =
           model.Write(keys, ua, ub, rng, /*dirty=*/true);
       // Unaligned but covering: a shim passes the client's byte range.
@@ -236,8 +238,12 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
     std::mt19937_64 rng(4000);
     for (int i = 0; i < writer_ops && !failed.load(); ++i) {
       switch (rng() % 10) {
-        case 0: cache.InvalidateExport(rng() % 2 ? "s" : "t"); break;
-        case 1: cache.InvalidateAll(); break;
+        case 0:
+          cache.InvalidateExport(rng() % 2 ? "s" : "t");
+          break;
+        case 1:
+          cache.InvalidateAll();
+          break;
         default:
           cache.Invalidate(*kKeys[rng() % 3], rng() % kSize, rng() % kSize);
       }
@@ -275,11 +281,11 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
 }
 
 TEST(ExtentCacheStressTest, TinyMemoryAndSmallWindow) {
-  RunStress(/*memory_limit=*/4096, /*window=*/8 * kUnit, 3000, 600);
+  RunStress(/*memory_limit=*/4096, /*window=*/8 * kUnit, 15000, 3000);
 }
 
 TEST(ExtentCacheStressTest, LargeMemoryAndWholeDiskWindow) {
-  RunStress(/*memory_limit=*/256 << 20, /*window=*/1ull << 30, 3000, 600);
+  RunStress(/*memory_limit=*/256 << 20, /*window=*/1ull << 30, 15000, 3000);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/cache/mutex.h"
 
 namespace blockmeta {
 namespace {
@@ -88,13 +89,11 @@ ExtentCache::Options SmallWindow(uint64_t window) {
 TEST(ExtentCacheTest, MissThenHitServedFromCache) {
   ExtentCache cache(SmallWindow(64 * kKiB));
   FakeDisk disk({{16 * kKiB, 0}, {64 * kKiB, kStateHole | kStateZero}});
-  auto r = cache.Get(kA, disk.size(), 0, 32 * kKiB, 0, std::ref(disk),
-                     Later());
+  auto r = cache.Get(kA, disk.size(), 0, 32 * kKiB, 0, std::ref(disk), Later());
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->outcome, Outcome::kMiss);
-  EXPECT_THAT(r->extents,
-              ElementsAre(Extent{0, 16 * kKiB, 0},
-                          Extent{16 * kKiB, 16 * kKiB, 3}));
+  EXPECT_THAT(r->extents, ElementsAre(Extent{0, 16 * kKiB, 0},
+                                      Extent{16 * kKiB, 16 * kKiB, 3}));
   EXPECT_EQ(r->next_offset, 32 * kKiB);
   ASSERT_EQ(disk.calls.size(), 1u);
   EXPECT_EQ(disk.calls[0].offset, 0u);
@@ -124,16 +123,14 @@ TEST(ExtentCacheTest, PartialHitFetchesOnlyTheGap) {
   ExtentCache cache(SmallWindow(4 * kKiB));
   FakeDisk disk({{6 * kKiB, kStateHole}, {1 * kMiB, 0}});
   ASSERT_TRUE(
-      cache.Get(kA, disk.size(), 0, 4 * kKiB, 0, std::ref(disk), Later())
-          .ok());
+      cache.Get(kA, disk.size(), 0, 4 * kKiB, 0, std::ref(disk), Later()).ok());
   ASSERT_EQ(disk.calls.size(), 1u);
-  auto r =
-      cache.Get(kA, disk.size(), 1 * kKiB, 15 * kKiB, 0, std::ref(disk),
-                Later());
+  auto r = cache.Get(kA, disk.size(), 1 * kKiB, 15 * kKiB, 0, std::ref(disk),
+                     Later());
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->outcome, Outcome::kPartial);
   ASSERT_EQ(disk.calls.size(), 2u);
-  EXPECT_EQ(disk.calls[1].offset, 4 * kKiB);  // only the gap
+  EXPECT_EQ(disk.calls[1].offset, 4 * kKiB);   // only the gap
   EXPECT_EQ(disk.calls[1].length, 12 * kKiB);  // at least to request end
   // The cached head and the fetched hole merge in the answer.
   EXPECT_THAT(r->extents, ElementsAre(Extent{1 * kKiB, 5 * kKiB, kStateHole},
@@ -195,8 +192,8 @@ TEST(ExtentCacheTest, LongAnswerIsKeptAndClippedToExportSize) {
   ASSERT_TRUE(r.ok());
   EXPECT_THAT(r->extents, ElementsAre(Extent{0, 100, 0}));
   LookupResult l = cache.Lookup(kA, 0, kMaxNbdRequestLength, 0, false);
-  EXPECT_THAT(l.extents, ElementsAre(Extent{0, 5000, 0},
-                                     Extent{5000, 5000, kStateHole}));
+  EXPECT_THAT(l.extents,
+              ElementsAre(Extent{0, 5000, 0}, Extent{5000, 5000, kStateHole}));
   EXPECT_EQ(l.next_offset, size);
   r = cache.Get(kA, size, 9000, 5000, 0, fetch, Later());
   ASSERT_TRUE(r.ok());
@@ -210,8 +207,8 @@ TEST(ExtentCacheTest, AdjacentEqualExtentsAreMerged) {
   auto fetch = [&](uint64_t off, uint64_t,
                    absl::Time) -> absl::StatusOr<ExtentList> {
     // Three pieces; the first two have equal flags.
-    return ExtentList{{off, 1024, 0}, {off + 1024, 1024, 0},
-                      {off + 2048, 2048, kStateHole}};
+    return ExtentList{
+        {off, 1024, 0}, {off + 1024, 1024, 0}, {off + 2048, 2048, kStateHole}};
   };
   auto r = cache.Get(kA, 1 * kMiB, 0, 4096, 0, fetch, Later());
   ASSERT_TRUE(r.ok());
@@ -223,8 +220,7 @@ TEST(ExtentCacheTest, AdjacentEqualExtentsAreMerged) {
                         absl::Time) -> absl::StatusOr<ExtentList> {
     return ExtentList{{off, len, kStateHole}};
   };
-  ASSERT_TRUE(cache.Get(kA, 1 * kMiB, 4096, 4096, 0, fetch_hole, Later())
-                  .ok());
+  ASSERT_TRUE(cache.Get(kA, 1 * kMiB, 4096, 4096, 0, fetch_hole, Later()).ok());
   EXPECT_EQ(cache.Counters(kA).entries, 2u);
   // And a fill before a known run merges into the right neighbour.
   cache.Invalidate(kA, 0, 2048);
@@ -288,8 +284,8 @@ TEST(ExtentCacheTest, KeysNeverSeeEachOthersExtents) {
 TEST(ExtentCacheTest, InvalidateSplitsAndReportsWhatWasDropped) {
   ExtentCache cache(SmallWindow(1 * kMiB));
   FakeDisk disk({{100, 0}, {200, 1}, {300, 0}, {1000, 1}});
-  ASSERT_TRUE(cache.Get(kA, disk.size(), 0, 1000, 0, std::ref(disk), Later())
-                  .ok());
+  ASSERT_TRUE(
+      cache.Get(kA, disk.size(), 0, 1000, 0, std::ref(disk), Later()).ok());
   ExtentCache::Dropped d = cache.Invalidate(kA, 150, 100);  // cuts 2 runs
   EXPECT_EQ(d.extents, 2u);
   EXPECT_EQ(d.bytes, 100u);
@@ -300,8 +296,7 @@ TEST(ExtentCacheTest, InvalidateSplitsAndReportsWhatWasDropped) {
   EXPECT_THAT(l.extents, ElementsAre(Extent{0, 100, 0}, Extent{100, 50, 1}));
   EXPECT_THAT(cache.Lookup(kA, 250, 1000, 0, false).extents,
               ElementsAre(Extent{250, 50, 0}, Extent{300, 100, 1}));
-  EXPECT_THAT(cache.Lookup(kA, 405, 1000, 0, false).extents,
-              ElementsAre());
+  EXPECT_THAT(cache.Lookup(kA, 405, 1000, 0, false).extents, ElementsAre());
   EXPECT_THAT(cache.Lookup(kA, 410, 1000, 0, false).extents,
               ElementsAre(Extent{410, 590, 1}));
   EXPECT_EQ(cache.Counters(kA).invalidations, 2u);
@@ -326,14 +321,12 @@ TEST(ExtentCacheTest, MaxExtentsLimitsTheAnswer) {
 TEST(ExtentCacheTest, ArgumentErrors) {
   ExtentCache cache(SmallWindow(1 * kMiB));
   FakeDisk disk({{1000, 0}});
-  EXPECT_EQ(cache.Get(kA, 1000, 0, 0, 0, std::ref(disk), Later())
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(cache.Get(kA, 1000, 1000, 1, 0, std::ref(disk), Later())
-                .status()
-                .code(),
-            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(
+      cache.Get(kA, 1000, 0, 0, 0, std::ref(disk), Later()).status().code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      cache.Get(kA, 1000, 1000, 1, 0, std::ref(disk), Later()).status().code(),
+      absl::StatusCode::kOutOfRange);
   EXPECT_TRUE(disk.calls.empty());
   // A range past the end is clipped.
   auto r = cache.Get(kA, 1000, 900, 5000, 0, std::ref(disk), Later());
@@ -367,10 +360,10 @@ TEST(ExtentCacheTest, UpstreamErrorsPropagateAndAreNotCached) {
 TEST(ExtentCacheTest, MalformedAnswersAreInternalErrorsAndNotCached) {
   ExtentCache cache(SmallWindow(1 * kMiB));
   const std::vector<ExtentList> bad = {
-      {},                                      // empty
-      {{512, 512, 1}},                         // wrong start
-      {{0, 512, 1}, {1024, 512, 1}},           // gap
-      {{0, 512, 1}, {512, 0, 1}},              // zero length
+      {},                                     // empty
+      {{512, 512, 1}},                        // wrong start
+      {{0, 512, 1}, {1024, 512, 1}},          // gap
+      {{0, 512, 1}, {512, 0, 1}},             // zero length
       {{0, 512, 1}, {512, ~uint64_t{0}, 1}},  // overflow
   };
   for (const ExtentList& answer : bad) {
@@ -388,16 +381,16 @@ TEST(ExtentCacheTest, MalformedAnswersAreInternalErrorsAndNotCached) {
 }
 
 TEST(ExtentCacheTest, TtlExpiresIntervalsAndExportOverride) {
-  absl::Mutex mu;
+  sync::Mutex mu;
   absl::Time now = absl::FromUnixSeconds(1000000);
   ExtentCache::Options o = SmallWindow(1 * kMiB);
   o.ttl = absl::Seconds(10);
   o.clock = [&] {
-    absl::MutexLock l(&mu);
+    sync::MutexLock l(&mu);
     return now;
   };
   auto advance = [&](absl::Duration d) {
-    absl::MutexLock l(&mu);
+    sync::MutexLock l(&mu);
     now += d;
   };
   ExtentCache cache(o);
@@ -579,19 +572,17 @@ TEST(ExtentCacheTest, NonOverlappingInvalidationDoesNotDropTheFill) {
   ExtentCache cache(SmallWindow(64 * kKiB));
   BlockingFetcher fetch(kStateHole);
   std::thread t([&] {
-    EXPECT_TRUE(cache.Get(kA, 1 * kMiB, 8192, 4096, 0, std::ref(fetch),
-                          Later())
-                    .ok());
+    EXPECT_TRUE(
+        cache.Get(kA, 1 * kMiB, 8192, 4096, 0, std::ref(fetch), Later()).ok());
   });
   fetch.WaitEntered();
-  cache.Invalidate(kA, 0, 8192);       // ends where the gap starts
-  cache.Invalidate(kADirty, 0, 0);     // other key (never created)
+  cache.Invalidate(kA, 0, 8192);           // ends where the gap starts
+  cache.Invalidate(kADirty, 0, 0);         // other key (never created)
   cache.InvalidateExportRange("b", 0, 0);  // other export
   fetch.Release();
   t.join();
   EXPECT_EQ(cache.Counters(kA).stale_fills_dropped, 0u);
-  EXPECT_EQ(cache.Lookup(kA, 8192, 64 * kKiB, 0, false).outcome,
-            Outcome::kHit);
+  EXPECT_EQ(cache.Lookup(kA, 8192, 64 * kKiB, 0, false).outcome, Outcome::kHit);
 }
 
 TEST(ExtentCacheTest, ConcurrentMissesMakeOneUpstreamCall) {
@@ -607,8 +598,8 @@ TEST(ExtentCacheTest, ConcurrentMissesMakeOneUpstreamCall) {
   for (int i = 1; i < kThreads; ++i) {
     threads.emplace_back([&, i] {
       // Different offsets, all inside the in-flight window.
-      results[i] = cache.Get(kA, 1 * kMiB, i * 4096, 4096, 0, std::ref(fetch),
-                             Later());
+      results[i] =
+          cache.Get(kA, 1 * kMiB, i * 4096, 4096, 0, std::ref(fetch), Later());
     });
   }
   WaitUntil([&] {
@@ -643,13 +634,11 @@ TEST(ExtentCacheTest, WaiterRefetchesWhenTheCoalescedFetchFails) {
     return ExtentList{{off, len, 0}};
   };
   absl::StatusOr<LookupResult> first, second;
-  std::thread t1([&] {
-    first = cache.Get(kA, 1 * kMiB, 0, 4096, 0, flaky, Later());
-  });
+  std::thread t1(
+      [&] { first = cache.Get(kA, 1 * kMiB, 0, 4096, 0, flaky, Later()); });
   entered.WaitForNotification();
-  std::thread t2([&] {
-    second = cache.Get(kA, 1 * kMiB, 0, 4096, 0, flaky, Later());
-  });
+  std::thread t2(
+      [&] { second = cache.Get(kA, 1 * kMiB, 0, 4096, 0, flaky, Later()); });
   WaitUntil([&] { return cache.Counters(kA).coalesced_waits == 1; });
   release.Notify();
   t1.join();

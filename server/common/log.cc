@@ -76,6 +76,17 @@ void AppendTextValue(std::string* out, const LogValue& v) {
 void SetLogFormat(LogFormat format) { g_format.store(format); }
 void SetLogLevel(LogLevel min_level) { g_level.store(min_level); }
 
+bool ParseLogLevel(absl::string_view s, LogLevel* out) {
+  for (LogLevel l : {LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarning,
+                     LogLevel::kError}) {
+    if (s == LevelName(l)) {
+      *out = l;
+      return true;
+    }
+  }
+  return false;
+}
+
 bool ParseLogFormat(absl::string_view s, LogFormat* out) {
   if (s == "json") {
     *out = LogFormat::kJson;

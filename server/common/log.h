@@ -53,6 +53,8 @@ using LogField = std::pair<absl::string_view, LogValue>;
 
 void SetLogFormat(LogFormat format);
 void SetLogLevel(LogLevel min_level);
+// Parses "debug"/"info"/"warning"/"error"; false otherwise.
+bool ParseLogLevel(absl::string_view s, LogLevel* out);
 // Parses "json"/"text"; false if neither.
 bool ParseLogFormat(absl::string_view s, LogFormat* out);
 

@@ -34,6 +34,15 @@ TEST(LogTest, ParseLogFormat) {
   EXPECT_FALSE(ParseLogFormat("xml", &f));
 }
 
+TEST(LogTest, ParseLogLevel) {
+  LogLevel l;
+  EXPECT_TRUE(ParseLogLevel("debug", &l));
+  EXPECT_EQ(l, LogLevel::kDebug);
+  EXPECT_TRUE(ParseLogLevel("error", &l));
+  EXPECT_EQ(l, LogLevel::kError);
+  EXPECT_FALSE(ParseLogLevel("verbose", &l));
+}
+
 TEST(LogTest, RequestIdsAreUnique) {
   EXPECT_NE(NewRequestId(), NewRequestId());
 }

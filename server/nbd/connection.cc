@@ -28,7 +28,7 @@ void Connection::Send(const std::string& reply) {
   absl::MutexLock lock(&write_mu_);
   if (broken_) return;
   if (!stream_.WriteAll(reply).ok()) {
-    broken_ = true;  // the client is gone; later replies are dropped
+    broken_ = true;            // the client is gone; later replies are dropped
     shutdown(fd_, SHUT_RDWR);  // and the reader stops too
   }
 }
@@ -74,7 +74,8 @@ void Connection::ReaderLoop(const Negotiated& n) {
     Verdict v = ValidateRequest(r, n);
     if (v.disconnect) {
       if (r.type != kCmdDisc) {
-        LogWarning("nbd_request_disconnect", {{"reason", std::string(v.reason)}});
+        LogWarning("nbd_request_disconnect",
+                   {{"reason", std::string(v.reason)}});
       }
       return;  // DISC: in-flight requests still finish before we close
     }
@@ -120,8 +121,9 @@ void Connection::WorkerLoop(const Negotiated& n) {
       job = std::move(queue_.front());
       queue_.pop_front();
     }
-    const uint64_t bytes = job.payload.size() +
-                           (job.request.type == kCmdRead ? job.request.length : 0);
+    const uint64_t bytes =
+        job.payload.size() +
+        (job.request.type == kCmdRead ? job.request.length : 0);
     Send(handler.Handle(job.request, std::move(job.payload)));
     absl::MutexLock lock(&mu_);
     --inflight_;

@@ -49,8 +49,8 @@ class Connection {
  public:
   // Takes ownership of `fd`. `exports` (sorted by name) and `cache` must
   // outlive the connection.
-  Connection(int fd, const std::vector<ShimExport>* exports,
-             ExtentCache* cache, ConnectionOptions options);
+  Connection(int fd, const std::vector<ShimExport>* exports, ExtentCache* cache,
+             ConnectionOptions options);
   ~Connection();
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;

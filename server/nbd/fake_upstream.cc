@@ -52,8 +52,8 @@ absl::StatusOr<ExtentList> FakeUpstream::BlockStatus(const std::string& context,
                                                      absl::Time) {
   block_status_calls_.fetch_add(1);
   if (!ready_) return absl::UnavailableError("fake upstream not ready");
-  const bool bitmap = context == "qemu:dirty-bitmap:b1" &&
-                      info_.contexts.size() > 1;
+  const bool bitmap =
+      context == "qemu:dirty-bitmap:b1" && info_.contexts.size() > 1;
   if (context != "base:allocation" && !bitmap) {
     return absl::FailedPreconditionError("context not negotiated");
   }
@@ -66,8 +66,7 @@ absl::StatusOr<ExtentList> FakeUpstream::BlockStatus(const std::string& context,
   uint64_t pos = offset;
   while (pos < end) {
     uint64_t b = pos / block_;
-    uint32_t flags = bitmap ? (dirty_[b] ? 1u : 0u)
-                            : (allocated_[b] ? 0u : 3u);
+    uint32_t flags = bitmap ? (dirty_[b] ? 1u : 0u) : (allocated_[b] ? 0u : 3u);
     uint64_t stop = std::min<uint64_t>((b + 1) * block_, info_.size);
     if (!out.empty() && out.back().flags == flags && out.back().end() == pos) {
       out.back().length += stop - pos;
@@ -106,7 +105,8 @@ absl::Status FakeUpstream::Trim(uint64_t count, uint64_t offset, uint32_t,
   if (offset + count > data_.size()) return absl::OutOfRangeError("past end");
   memset(&data_[offset], 0, count);
   // Only whole blocks become holes.
-  uint64_t first = (offset + block_ - 1) / block_, last = (offset + count) / block_;
+  uint64_t first = (offset + block_ - 1) / block_,
+           last = (offset + count) / block_;
   for (uint64_t b = offset / block_; b <= (offset + count - 1) / block_; ++b) {
     dirty_[b] = true;
     if (b >= first && b < last) allocated_[b] = false;

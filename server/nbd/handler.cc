@@ -6,13 +6,15 @@
 
 #include "absl/status/status.h"
 #include "absl/time/clock.h"
+#include "server/upstream/nbd_errors.h"
 
 namespace blockmeta {
 namespace nbd {
 
 std::string RequestHandler::Error(const Request& r,
                                   const absl::Status& s) const {
-  uint32_t err = NbdErrorFromStatus(s);
+  // The one status -> NBD error map (server/upstream/nbd_errors.h).
+  uint32_t err = blockmeta::NbdErrorFromStatus(s);
   if (err == 0) err = kEio;
   const std::string message(s.message());
   return ErrorReply(n_.structured_replies, r.handle, err, message);
@@ -31,7 +33,7 @@ std::string RequestHandler::Read(const Request& r, absl::Time deadline) const {
   header = out.size();
   out.resize(header + r.length);
   absl::Status s = n_.export_entry->upstream->Pread(&out[header], r.length,
-                                                   r.offset, deadline);
+                                                    r.offset, deadline);
   if (!s.ok()) return Error(r, s);
   return out;
 }

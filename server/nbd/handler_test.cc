@@ -32,9 +32,8 @@ class HandlerTest : public ::testing::Test {
     RequestHandler h(n_, &cache_);
     std::string bytes = h.Handle(r, std::move(payload));
     // Decode with the same parser the socket tests use.
-    return Decode(bytes, r.type == kCmdRead && !n_.structured_replies
-                             ? r.length
-                             : 0);
+    return Decode(bytes,
+                  r.type == kCmdRead && !n_.structured_replies ? r.length : 0);
   }
   static testing::RawClient::Reply Decode(const std::string& bytes,
                                           uint32_t simple_len) {
@@ -89,8 +88,9 @@ TEST_F(HandlerTest, BlockStatusOneChunkPerContext) {
   EXPECT_EQ(base.context_id, 1u);
   EXPECT_EQ(dirty.context_id, 2u);
   using P = std::pair<uint32_t, uint32_t>;
-  EXPECT_EQ(base.extents, (std::vector<P>{{kBlock, 3}, {kBlock, 0},
-                                          {kSize - 2 * kBlock, 3}}));
+  EXPECT_EQ(
+      base.extents,
+      (std::vector<P>{{kBlock, 3}, {kBlock, 0}, {kSize - 2 * kBlock, 3}}));
   EXPECT_EQ(dirty.extents, (std::vector<P>{{kSize, 0}}));
   EXPECT_EQ(r.chunks[0].flags, 0);
   EXPECT_EQ(r.chunks[1].flags, kReplyFlagDone);
@@ -103,8 +103,8 @@ TEST_F(HandlerTest, BlockStatusOneChunkPerContext) {
 }
 
 TEST_F(HandlerTest, ReqOneGivesExactlyOneDescriptorWithinTheRequest) {
-  for (uint64_t off : {uint64_t{0}, uint64_t{1000}, uint64_t{kBlock},
-                       kSize - 512}) {
+  for (uint64_t off :
+       {uint64_t{0}, uint64_t{1000}, uint64_t{kBlock}, kSize - 512}) {
     auto r = Do(Req(kCmdBlockStatus, off, static_cast<uint32_t>(kSize - off),
                     kCmdFlagReqOne));
     ASSERT_EQ(r.chunks.size(), 2u);

@@ -25,14 +25,15 @@ BlockSizes ComputeBlockSizes(const UpstreamInfo& info, uint32_t max_payload) {
   BlockSizes b;
   b.min = info.minimum_block_size;
   if (!IsPowerOfTwo(b.min) || b.min > 65536) b.min = 1;
-  uint32_t max = info.maximum_block_size == 0 ? (32u << 20)
-                                              : info.maximum_block_size;
+  uint32_t max =
+      info.maximum_block_size == 0 ? (32u << 20) : info.maximum_block_size;
   max = std::min(max, std::max<uint32_t>(max_payload, 512));
   max -= max % b.min;
   if (max < b.min) max = b.min;
   b.max = max;
   uint32_t pref = info.preferred_block_size;
-  if (!IsPowerOfTwo(pref) || pref < b.min) pref = std::max<uint32_t>(b.min, 4096);
+  if (!IsPowerOfTwo(pref) || pref < b.min)
+    pref = std::max<uint32_t>(b.min, 4096);
   while (pref > b.max && pref / 2 >= b.min) pref /= 2;
   b.preferred = pref;
   return b;
@@ -96,7 +97,8 @@ absl::Status Handshaker::Enter(const ShimExport* e, const UpstreamInfo& info) {
   result_.info = info;
   result_.structured_replies = structured_;
   result_.no_zeroes = no_zeroes_;
-  result_.transmission_flags = TransmissionFlags(info, e->read_only, structured_);
+  result_.transmission_flags =
+      TransmissionFlags(info, e->read_only, structured_);
   BlockSizes b = ComputeBlockSizes(info, options_.max_payload_bytes);
   result_.min_block_size = b.min;
   result_.max_payload = b.max;
@@ -230,7 +232,8 @@ absl::Status Handshaker::MetaContext(uint32_t opt, const std::string& data) {
       bool match = q == c;
       if (!set) {  // Wildcards are for LIST only.
         if (q == "base:" && c == kBaseAllocation) match = true;
-        if ((q == "qemu:" || q == kDirtyBitmapPrefix) && IsDirtyBitmapContext(c)) {
+        if ((q == "qemu:" || q == kDirtyBitmapPrefix) &&
+            IsDirtyBitmapContext(c)) {
           match = true;
         }
       }
@@ -254,7 +257,8 @@ absl::Status Handshaker::MetaContext(uint32_t opt, const std::string& data) {
 }
 
 absl::Status Handshaker::List(const std::string& data) {
-  if (!data.empty()) return Reply(kOptList, kRepErrInvalid, "LIST takes no data");
+  if (!data.empty())
+    return Reply(kOptList, kRepErrInvalid, "LIST takes no data");
   for (const ShimExport& e : exports_) {
     std::string r;
     AppendBe32(&r, static_cast<uint32_t>(e.name.size()));

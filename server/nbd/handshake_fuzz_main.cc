@@ -62,17 +62,23 @@ int main(int argc, char** argv) {
       for (int k = 0; k < edits && !m.empty(); ++k) {
         size_t pos = rng() % m.size();
         switch (rng() % 4) {
-          case 0: m[pos] = static_cast<char>(rng()); break;
-          case 1: m[pos] ^= static_cast<char>(1u << (rng() % 8)); break;
-          case 2: m.erase(pos, 1 + rng() % 8); break;
-          default: m.insert(pos, seeds[rng() % seeds.size()].substr(0, 64));
+          case 0:
+            m[pos] = static_cast<char>(rng());
+            break;
+          case 1:
+            m[pos] ^= static_cast<char>(1u << (rng() % 8));
+            break;
+          case 2:
+            m.erase(pos, 1 + rng() % 8);
+            break;
+          default:
+            m.insert(pos, seeds[rng() % seeds.size()].substr(0, 64));
         }
       }
       Run(m);
       ++runs;
     }
   }
-  std::cout << "ran " << runs << " inputs from " << seeds.size()
-            << " seeds\n";
+  std::cout << "ran " << runs << " inputs from " << seeds.size() << " seeds\n";
   return 0;
 }

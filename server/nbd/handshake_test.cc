@@ -60,9 +60,10 @@ TEST_F(HandshakeTest, GreetingIsFixedNewstyle) {
 }
 
 TEST_F(HandshakeTest, GoWithInfos) {
-  auto n = Run(ClientFlags() + Option(kOptStructuredReply) +
-               Option(kOptGo, GoData("a", {kInfoName, kInfoDescription,
-                                           kInfoBlockSize})));
+  auto n =
+      Run(ClientFlags() + Option(kOptStructuredReply) +
+          Option(kOptGo,
+                 GoData("a", {kInfoName, kInfoDescription, kInfoBlockSize})));
   ASSERT_TRUE(n.ok()) << n.status();
   EXPECT_EQ(n->export_entry, &exports_[0]);
   EXPECT_TRUE(n->structured_replies);
@@ -102,8 +103,8 @@ TEST_F(HandshakeTest, TransmissionFlags) {
 }
 
 TEST_F(HandshakeTest, ExportNameWithAndWithoutZeroes) {
-  auto n = Run(ClientFlags(kClientFlagFixedNewstyle) +
-               Option(kOptExportName, "b"));
+  auto n =
+      Run(ClientFlags(kClientFlagFixedNewstyle) + Option(kOptExportName, "b"));
   ASSERT_TRUE(n.ok()) << n.status();
   EXPECT_EQ(n->export_entry, &exports_[1]);
   ASSERT_EQ(stream_->output().size(), 18u + 10 + 124);
@@ -177,10 +178,9 @@ TEST_F(HandshakeTest, BadMagicAndFlags) {
   AppendBe32(&in, kOptGo);
   AppendBe32(&in, 0);
   EXPECT_EQ(Run(in).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(Run(ClientFlags(1u << 5) + Option(kOptGo, GoData("a")))
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      Run(ClientFlags(1u << 5) + Option(kOptGo, GoData("a"))).status().code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(HandshakeTest, UnknownAndUnsupportedOptions) {
@@ -229,15 +229,15 @@ TEST_F(HandshakeTest, SetMetaContextNeedsStructuredReplies) {
 }
 
 TEST_F(HandshakeTest, SetAndListMetaContexts) {
-  auto n = Run(
-      ClientFlags() + Option(kOptStructuredReply) +
-      Option(kOptListMetaContext, MetaData("a", {})) +
-      Option(kOptListMetaContext, MetaData("a", {"base:"})) +
-      Option(kOptListMetaContext, MetaData("a", {"qemu:dirty-bitmap:"})) +
-      Option(kOptSetMetaContext,
-             MetaData("a", {"base:", "nope:x", "base:allocation",
-                            "qemu:dirty-bitmap:b1", "base:allocation"})) +
-      Option(kOptGo, GoData("a")));
+  auto n =
+      Run(ClientFlags() + Option(kOptStructuredReply) +
+          Option(kOptListMetaContext, MetaData("a", {})) +
+          Option(kOptListMetaContext, MetaData("a", {"base:"})) +
+          Option(kOptListMetaContext, MetaData("a", {"qemu:dirty-bitmap:"})) +
+          Option(kOptSetMetaContext,
+                 MetaData("a", {"base:", "nope:x", "base:allocation",
+                                "qemu:dirty-bitmap:b1", "base:allocation"})) +
+          Option(kOptGo, GoData("a")));
   ASSERT_TRUE(n.ok()) << n.status();
   auto r = Replies();
   ASSERT_EQ(r.size(), 1u + 3 + 2 + 2 + 3 + 3);

@@ -32,8 +32,8 @@ nbd::ConnectionOptions OptionsFromConfig(
       c.handshake_timeout_ms() == 0 ? 10000 : c.handshake_timeout_ms());
   o.handshake.max_payload_bytes =
       c.max_payload_bytes() == 0 ? (32u << 20) : c.max_payload_bytes();
-  o.max_inflight_bytes =
-      std::max<uint64_t>(o.max_inflight_bytes, 2ull * o.handshake.max_payload_bytes);
+  o.max_inflight_bytes = std::max<uint64_t>(
+      o.max_inflight_bytes, 2ull * o.handshake.max_payload_bytes);
   return o;
 }
 
@@ -69,9 +69,8 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
     : exports_(std::move(exports)),
       cache_(cache),
       options_(OptionsFromConfig(config)),
-      max_connections_(config.max_connections() == 0
-                           ? 100
-                           : config.max_connections()) {
+      max_connections_(
+          config.max_connections() == 0 ? 100 : config.max_connections()) {
   std::sort(exports_.begin(), exports_.end(),
             [](const nbd::ShimExport& a, const nbd::ShimExport& b) {
               return a.name < b.name;
@@ -107,11 +106,12 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
     struct addrinfo* res = nullptr;
-    int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(),
-                         service.c_str(), &hints, &res);
+    int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(),
+                         &hints, &res);
     if (rc != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cannot resolve NBD listen address ", tcp_addr, ": ", gai_strerror(rc)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot resolve NBD listen address ", tcp_addr, ": ",
+                       gai_strerror(rc)));
     }
     int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
@@ -194,9 +194,10 @@ void NbdServer::AcceptLoop() {
 void NbdServer::OnAccept(int fd) {
   if (active_.load() >= max_connections_) {
     rejected_.fetch_add(1);
-    LogWarning("nbd_connection_rejected",
-               {{"reason", "max_connections"},
-                {"max_connections", static_cast<unsigned long>(max_connections_)}});
+    LogWarning(
+        "nbd_connection_rejected",
+        {{"reason", "max_connections"},
+         {"max_connections", static_cast<unsigned long>(max_connections_)}});
     close(fd);
     return;
   }

@@ -34,8 +34,8 @@ std::string TempSocket(const std::string& name) {
   return path;
 }
 
-Request Req(uint16_t type, uint64_t offset, uint32_t length,
-            uint16_t flags = 0, uint64_t handle = 1) {
+Request Req(uint16_t type, uint64_t offset, uint32_t length, uint16_t flags = 0,
+            uint64_t handle = 1) {
   Request r;
   r.type = type;
   r.offset = offset;
@@ -51,7 +51,7 @@ class NbdServerTest : public ::testing::Test {
     a_ = std::make_unique<FakeUpstream>(kSize, kBlock, true);
     b_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
     ro_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
-    a_->Fill(0, kBlock, 'a');            // a: block 0 data
+    a_->Fill(0, kBlock, 'a');               // a: block 0 data
     b_->Fill(kSize - kBlock, kBlock, 'b');  // b: last block data
     std::vector<nbd::ShimExport> exports = {
         {"a", "export a", a_.get(), false, absl::Seconds(5)},
@@ -59,8 +59,8 @@ class NbdServerTest : public ::testing::Test {
         {"ro", "", ro_.get(), /*read_only=*/true, absl::Seconds(5)},
     };
     cache_ = std::make_unique<ExtentCache>(ExtentCache::Options());
-    server_ = std::make_unique<NbdServer>(std::move(exports), cache_.get(),
-                                          config);
+    server_ =
+        std::make_unique<NbdServer>(std::move(exports), cache_.get(), config);
     sock_ = TempSocket("shim");
     auto port = server_->Start("127.0.0.1:0", sock_);
     ASSERT_TRUE(port.ok()) << port.status();
@@ -78,10 +78,10 @@ class NbdServerTest : public ::testing::Test {
   std::unique_ptr<RawClient> Session(const std::string& name,
                                      bool structured = true) {
     auto c = Connect();
-    auto h = c->Handshake(
-        name, structured,
-        structured ? std::vector<std::string>{"base:allocation"}
-                   : std::vector<std::string>{});
+    auto h =
+        c->Handshake(name, structured,
+                     structured ? std::vector<std::string>{"base:allocation"}
+                                : std::vector<std::string>{});
     EXPECT_TRUE(h.ok()) << h.status();
     return c;
   }
@@ -130,11 +130,11 @@ TEST_F(NbdServerTest, BadRequestsGetErrorsAndTheConnectionSurvives) {
     uint32_t error;
   };
   for (const Case& k : std::vector<Case>{
-           {Req(99, 0, 1), nbd::kEinval},                     // unknown cmd
+           {Req(99, 0, 1), nbd::kEinval},                       // unknown cmd
            {Req(nbd::kCmdRead, 0, 1, 1u << 10), nbd::kEinval},  // unknown flag
-           {Req(nbd::kCmdRead, kSize, 1), nbd::kEinval},      // past the end
-           {Req(nbd::kCmdRead, ~0ull - 1, 4), nbd::kEinval},  // overflow
-           {Req(nbd::kCmdRead, 0, 0), nbd::kEinval},          // zero length
+           {Req(nbd::kCmdRead, kSize, 1), nbd::kEinval},        // past the end
+           {Req(nbd::kCmdRead, ~0ull - 1, 4), nbd::kEinval},    // overflow
+           {Req(nbd::kCmdRead, 0, 0), nbd::kEinval},            // zero length
            {Req(nbd::kCmdBlockStatus, 0, 0), nbd::kEinval},
            {Req(nbd::kCmdRead, 0, 2u << 20), nbd::kEoverflow},  // oversize
            {Req(nbd::kCmdBlockStatus, kSize - 1, 2), nbd::kEinval},
@@ -164,8 +164,8 @@ TEST_F(NbdServerTest, BadMagicAndUnskippableWriteDisconnect) {
   ASSERT_TRUE(c->Send(bad).ok());
   EXPECT_TRUE(c->WaitForClose());
   c = Session("a");
-  ASSERT_TRUE(c->Send(nbd::EncodeRequest(Req(nbd::kCmdWrite, 0, 0xffffffffu)))
-                  .ok());
+  ASSERT_TRUE(
+      c->Send(nbd::EncodeRequest(Req(nbd::kCmdWrite, 0, 0xffffffffu))).ok());
   EXPECT_TRUE(c->WaitForClose());
   ExpectHealthy();
 }
@@ -198,9 +198,9 @@ TEST_F(NbdServerTest, ExportsAreIsolated) {
   EXPECT_EQ(DecodeBlockStatus(rb->chunks[0].data).extents,
             (std::vector<P>{{kSize - kBlock, 3}, {kBlock, 0}}));
   // A write to a is visible through a, and b's view does not change.
-  ASSERT_EQ(ca->Call(Req(nbd::kCmdWrite, kBlock, 512), std::string(512, 'w'))
-                ->error,
-            0u);
+  ASSERT_EQ(
+      ca->Call(Req(nbd::kCmdWrite, kBlock, 512), std::string(512, 'w'))->error,
+      0u);
   ra = ca->Call(Req(nbd::kCmdBlockStatus, 0, kSize));
   EXPECT_EQ(DecodeBlockStatus(ra->chunks[0].data).extents,
             (std::vector<P>{{2 * kBlock, 0}, {kSize - 2 * kBlock, 3}}));
@@ -214,9 +214,9 @@ TEST_F(NbdServerTest, PipelinedRequestsAllGetReplies) {
   auto c = Session("a");
   std::string batch;
   for (uint64_t i = 0; i < 64; ++i) {
-    batch += nbd::EncodeRequest(
-        Req(i % 2 ? nbd::kCmdRead : nbd::kCmdBlockStatus, i * 4096, 4096,
-            0, 1000 + i));
+    batch +=
+        nbd::EncodeRequest(Req(i % 2 ? nbd::kCmdRead : nbd::kCmdBlockStatus,
+                               i * 4096, 4096, 0, 1000 + i));
   }
   ASSERT_TRUE(c->Send(batch).ok());
   std::vector<bool> seen(64, false);
@@ -255,9 +255,9 @@ TEST_F(NbdServerTest, HangUpsMidRequestAndMidPipelineAreHarmless) {
   for (size_t cut = 0; cut < 60; cut += 7) {  // mid-handshake
     auto c = Connect();
     ASSERT_TRUE(c->Read(18).ok());
-    std::string hs = nbd::testing::ClientFlags() +
-                     nbd::testing::Option(nbd::kOptGo,
-                                          nbd::testing::GoData("a"));
+    std::string hs =
+        nbd::testing::ClientFlags() +
+        nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("a"));
     ASSERT_TRUE(c->Send(hs.substr(0, std::min(cut, hs.size()))).ok());
   }
   WaitForNoConnections();

@@ -141,7 +141,8 @@ Verdict ValidateRequest(const Request& r, const Negotiated& n) {
       return fail(kEinval, "request past the end of the export");
     }
     if (data_cmd && n.min_block_size > 1 &&
-        (r.offset % n.min_block_size != 0 || r.length % n.min_block_size != 0)) {
+        (r.offset % n.min_block_size != 0 ||
+         r.length % n.min_block_size != 0)) {
       return fail(kEinval, "request not aligned to the minimum block size");
     }
   }
@@ -150,27 +151,6 @@ Verdict ValidateRequest(const Request& r, const Negotiated& n) {
                 "read larger than the maximum payload");
   }
   return v;
-}
-
-uint32_t NbdErrorFromStatus(const absl::Status& s) {
-  switch (s.code()) {
-    case absl::StatusCode::kOk:
-      return 0;
-    case absl::StatusCode::kPermissionDenied:
-      return kEperm;
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kOutOfRange:
-    case absl::StatusCode::kFailedPrecondition:
-      return kEinval;
-    case absl::StatusCode::kResourceExhausted:
-      return kEnospc;
-    case absl::StatusCode::kUnimplemented:
-      return kEnotsup;
-    case absl::StatusCode::kCancelled:
-      return kEshutdown;
-    default:
-      return kEio;
-  }
 }
 
 std::string SimpleReply(uint64_t handle, uint32_t error) {

@@ -21,7 +21,6 @@
 #include <string>
 #include <string_view>
 
-#include "absl/status/status.h"
 #include "server/nbd/handshake.h"
 #include "server/nbd/protocol.h"
 
@@ -42,18 +41,14 @@ bool ParseRequestHeader(const uint8_t* buf, Request* out);
 std::string EncodeRequest(const Request& r);
 
 struct Verdict {
-  uint32_t error = 0;          // NBD error to reply with; 0 = handle it
-  std::string_view reason;     // for logs and structured error messages
-  uint64_t payload = 0;        // WRITE payload bytes following the header
+  uint32_t error = 0;            // NBD error to reply with; 0 = handle it
+  std::string_view reason;       // for logs and structured error messages
+  uint64_t payload = 0;          // WRITE payload bytes following the header
   bool discard_payload = false;  // read `payload` bytes and drop them
-  bool disconnect = false;     // stop reading (DISC, or cannot resync)
+  bool disconnect = false;       // stop reading (DISC, or cannot resync)
 };
 
 Verdict ValidateRequest(const Request& r, const Negotiated& n);
-
-// One errno map for the whole shim: absl::Status from the upstream or the
-// cache -> NBD error.
-uint32_t NbdErrorFromStatus(const absl::Status& s);
 
 // Reply encoding.
 std::string SimpleReply(uint64_t handle, uint32_t error);

@@ -40,16 +40,16 @@ TEST(ParseRequestHeader, RoundTripAndBadMagic) {
   std::string wire = EncodeRequest(r);
   ASSERT_EQ(wire.size(), kRequestHeaderSize);
   Request got;
-  ASSERT_TRUE(ParseRequestHeader(reinterpret_cast<const uint8_t*>(wire.data()),
-                                 &got));
+  ASSERT_TRUE(
+      ParseRequestHeader(reinterpret_cast<const uint8_t*>(wire.data()), &got));
   EXPECT_EQ(got.type, r.type);
   EXPECT_EQ(got.flags, r.flags);
   EXPECT_EQ(got.handle, r.handle);
   EXPECT_EQ(got.offset, r.offset);
   EXPECT_EQ(got.length, r.length);
   wire[0] ^= 1;
-  EXPECT_FALSE(ParseRequestHeader(
-      reinterpret_cast<const uint8_t*>(wire.data()), &got));
+  EXPECT_FALSE(
+      ParseRequestHeader(reinterpret_cast<const uint8_t*>(wire.data()), &got));
 }
 
 TEST(ValidateRequest, ValidRequests) {
@@ -164,10 +164,9 @@ TEST(ValidateRequest, BlockStatusNeedsAContext) {
   Negotiated n = MakeNegotiated(true);
   n.contexts.clear();
   EXPECT_EQ(ValidateRequest(Req(kCmdBlockStatus, 0, 512), n).error, kEinval);
-  EXPECT_EQ(
-      ValidateRequest(Req(kCmdBlockStatus, 0, 512), MakeNegotiated(false))
-          .error,
-      kEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdBlockStatus, 0, 512), MakeNegotiated(false))
+                .error,
+            kEinval);
 }
 
 TEST(ValidateRequest, FlushAndDisc) {
@@ -177,17 +176,6 @@ TEST(ValidateRequest, FlushAndDisc) {
   EXPECT_TRUE(ValidateRequest(Req(kCmdDisc, 0, 0), n).disconnect);
   n.transmission_flags &= ~kFlagSendFlush;
   EXPECT_EQ(ValidateRequest(Req(kCmdFlush, 0, 0), n).error, kEinval);
-}
-
-TEST(NbdErrorFromStatus, Map) {
-  EXPECT_EQ(NbdErrorFromStatus(absl::OkStatus()), 0u);
-  EXPECT_EQ(NbdErrorFromStatus(absl::PermissionDeniedError("")), kEperm);
-  EXPECT_EQ(NbdErrorFromStatus(absl::OutOfRangeError("")), kEinval);
-  EXPECT_EQ(NbdErrorFromStatus(absl::InvalidArgumentError("")), kEinval);
-  EXPECT_EQ(NbdErrorFromStatus(absl::ResourceExhaustedError("")), kEnospc);
-  EXPECT_EQ(NbdErrorFromStatus(absl::UnimplementedError("")), kEnotsup);
-  EXPECT_EQ(NbdErrorFromStatus(absl::UnavailableError("")), kEio);
-  EXPECT_EQ(NbdErrorFromStatus(absl::DeadlineExceededError("")), kEio);
 }
 
 TEST(Replies, Encoding) {

@@ -46,7 +46,8 @@ absl::Status FdStream::ReadFull(void* buf, size_t n) {
     }
     ssize_t r = recv(fd_, p, n, 0);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return absl::UnavailableError(absl::StrCat("recv: ", strerror(errno)));
+    if (r < 0)
+      return absl::UnavailableError(absl::StrCat("recv: ", strerror(errno)));
     if (r == 0) return absl::UnavailableError("peer closed the connection");
     p += r;
     n -= static_cast<size_t>(r);
@@ -59,7 +60,8 @@ absl::Status FdStream::WriteAll(const void* buf, size_t n) {
   while (n > 0) {
     ssize_t r = send(fd_, p, n, MSG_NOSIGNAL);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return absl::UnavailableError(absl::StrCat("send: ", strerror(errno)));
+    if (r < 0)
+      return absl::UnavailableError(absl::StrCat("send: ", strerror(errno)));
     p += r;
     n -= static_cast<size_t>(r);
   }

@@ -31,7 +31,8 @@ std::string Option(uint32_t opt, const std::string& data) {
   return s + data;
 }
 
-std::string GoData(const std::string& name, const std::vector<uint16_t>& infos) {
+std::string GoData(const std::string& name,
+                   const std::vector<uint16_t>& infos) {
   std::string s;
   AppendBe32(&s, static_cast<uint32_t>(name.size()));
   s += name;
@@ -61,8 +62,8 @@ std::vector<OptReply> ParseOptReplies(const std::string& out,
   while (out.size() - pos >= 20 && GetBe64(p + pos) == kOptReplyMagic) {
     uint32_t len = GetBe32(p + pos + 16);
     if (out.size() - pos - 20 < len) break;
-    replies.push_back(
-        {GetBe32(p + pos + 8), GetBe32(p + pos + 12), out.substr(pos + 20, len)});
+    replies.push_back({GetBe32(p + pos + 8), GetBe32(p + pos + 12),
+                       out.substr(pos + 20, len)});
     pos += 20 + len;
   }
   if (rest != nullptr) *rest = out.substr(pos);
@@ -85,7 +86,8 @@ absl::StatusOr<std::unique_ptr<RawClient>> RawClient::ConnectUnix(
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0 ||
       connect(fd, reinterpret_cast<struct sockaddr*>(&sa), sizeof sa) != 0) {
-    absl::Status s = absl::UnavailableError(absl::StrCat("connect: ", strerror(errno)));
+    absl::Status s =
+        absl::UnavailableError(absl::StrCat("connect: ", strerror(errno)));
     if (fd >= 0) close(fd);
     return s;
   }
@@ -101,7 +103,8 @@ absl::StatusOr<std::unique_ptr<RawClient>> RawClient::ConnectTcp(
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0 ||
       connect(fd, reinterpret_cast<struct sockaddr*>(&sa), sizeof sa) != 0) {
-    absl::Status s = absl::UnavailableError(absl::StrCat("connect: ", strerror(errno)));
+    absl::Status s =
+        absl::UnavailableError(absl::StrCat("connect: ", strerror(errno)));
     if (fd >= 0) close(fd);
     return s;
   }
@@ -171,9 +174,12 @@ absl::StatusOr<RawClient::Result> RawClient::Handshake(
       return absl::NotFoundError(absl::StrCat("GO refused: ", r.type));
     }
     if (r.opt == kOptGo && r.type == kRepInfo && r.data.size() == 12 &&
-        GetBe16(reinterpret_cast<const uint8_t*>(r.data.data())) == kInfoExport) {
-      result.size = GetBe64(reinterpret_cast<const uint8_t*>(r.data.data()) + 2);
-      result.flags = GetBe16(reinterpret_cast<const uint8_t*>(r.data.data()) + 10);
+        GetBe16(reinterpret_cast<const uint8_t*>(r.data.data())) ==
+            kInfoExport) {
+      result.size =
+          GetBe64(reinterpret_cast<const uint8_t*>(r.data.data()) + 2);
+      result.flags =
+          GetBe16(reinterpret_cast<const uint8_t*>(r.data.data()) + 10);
     }
     result.replies.push_back(std::move(r));
   }

@@ -6,8 +6,8 @@
 
 #include <cstdint>
 #include <memory>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -78,9 +78,9 @@ class RawClient {
   };
   struct Reply {
     uint64_t handle = 0;
-    uint32_t error = 0;       // simple reply error or first error chunk's
+    uint32_t error = 0;         // simple reply error or first error chunk's
     std::vector<Chunk> chunks;  // structured replies
-    std::string data;         // simple READ data
+    std::string data;           // simple READ data
   };
   // Reads one complete reply. `simple_read_length` is the data length that
   // follows a successful simple reply (READ), else 0.

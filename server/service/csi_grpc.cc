@@ -184,7 +184,7 @@ CsiSnapshotMetadataService::GetMetadataDelta(
         "bitmap) the delta starts from");
   }
   p.export_name = request->target_snapshot_id();
-  p.context = absl::StrCat(kDirtyBitmapPrefix, request->base_snapshot_id());
+  p.context = absl::StrCat(std::string(kDirtyBitmapPrefix), request->base_snapshot_id());
   p.select = CsiRangeBuilder::Select::kDirty;
   p.starting_offset = request->starting_offset();
   p.max_results = request->max_results();

@@ -63,11 +63,6 @@ absl::Status ValidateContextName(const std::string& context) {
   return absl::OkStatus();
 }
 
-uint64_t ExtentBytes(const ExtentList& extents) {
-  uint64_t n = 0;
-  for (const Extent& e : extents) n += e.length;
-  return n;
-}
 
 }  // namespace
 
@@ -448,13 +443,18 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
     }
   }
   bool whole = request.offset() == 0 && request.length() == 0;
+  const std::vector<CacheKey> keys = cache_->Keys();
   ExtentCache::Dropped total;
   for (ExportEntry* e : targets) {
     const std::string& name = e->config.name();
     ExtentCache::Dropped d;
     if (!request.context().empty()) {
-      d = cache_->Invalidate(CacheKey{name, request.context()},
-                             request.offset(), request.length());
+      // Only keys the cache already has: an arbitrary context name must not
+      // create cache state.
+      CacheKey key{name, request.context()};
+      if (std::find(keys.begin(), keys.end(), key) != keys.end()) {
+        d = cache_->Invalidate(key, request.offset(), request.length());
+      }
     } else if (whole) {
       d = cache_->InvalidateExport(name);
     } else {

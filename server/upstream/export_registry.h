@@ -20,6 +20,21 @@ struct ExportEntry {
   std::unique_ptr<Upstream> upstream;
 };
 
+// Limits checked by ValidateExportConfig.
+inline constexpr size_t kMaxExportNameBytes = 256;
+inline constexpr uint32_t kMaxUpstreamConnections = 16;
+inline constexpr uint32_t kMaxUpstreamTimeoutMs = 3600 * 1000;
+
+// Checks one export: non-empty printable-ASCII name of at most 256 bytes,
+// exactly one upstream (an nbd/nbds URI; an existing image path with format
+// "", "raw" or "qcow2", bitmaps only for qcow2; a non-empty command argv),
+// connections <= 16, upstream_timeout_ms <= 1 h. INVALID_ARGUMENT naming the
+// export and the field. Cost: one stat(2) for image upstreams.
+absl::Status ValidateExportConfig(const blockmeta::v1::ExportConfig& config);
+
+// ValidateExportConfig for each export, plus unique names.
+absl::Status ValidateExports(const blockmeta::v1::ServerConfig& config);
+
 class ExportRegistry {
  public:
   // Validates every ExportConfig (INVALID_ARGUMENT with the export's name
@@ -29,8 +44,9 @@ class ExportRegistry {
       const blockmeta::v1::ServerConfig& config);
   // For tests: wrap ready-made upstreams (e.g. fakes).
   static std::unique_ptr<ExportRegistry> FromUpstreams(
-      std::vector<std::pair<blockmeta::v1::ExportConfig,
-                            std::unique_ptr<Upstream>>> exports);
+      std::vector<
+          std::pair<blockmeta::v1::ExportConfig, std::unique_ptr<Upstream>>>
+          exports);
 
   // nullptr when unknown.
   ExportEntry* Find(const std::string& name) const;

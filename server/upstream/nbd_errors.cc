@@ -49,14 +49,14 @@ absl::StatusCode StatusCodeFromErrno(int err) {
   }
 }
 
-absl::Status StatusFromErrno(int err, std::string_view what,
-                             std::string_view detail) {
+absl::Status StatusFromErrno(int err, absl::string_view what,
+                             absl::string_view detail) {
   std::string msg = absl::StrCat(what, ": ", detail);
   if (detail.empty()) msg = absl::StrCat(what, ": ", strerror(err));
   return absl::Status(StatusCodeFromErrno(err), msg);
 }
 
-absl::Status StatusFromNbdError(std::string_view what) {
+absl::Status StatusFromNbdError(absl::string_view what) {
   const int err = nbd_get_errno();
   const char* detail = nbd_get_error();
   return StatusFromErrno(err, what, detail != nullptr ? detail : "");

@@ -34,9 +34,9 @@
 #define BLOCKMETA_SERVER_UPSTREAM_NBD_ERRORS_H_
 
 #include <cstdint>
-#include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace blockmeta {
 
@@ -55,12 +55,12 @@ absl::StatusCode StatusCodeFromErrno(int err);
 
 // A status for errno `err` with message "WHAT: DETAIL". OK when err == 0 is
 // not meaningful: err 0 gives UNKNOWN.
-absl::Status StatusFromErrno(int err, std::string_view what,
-                             std::string_view detail);
+absl::Status StatusFromErrno(int err, absl::string_view what,
+                             absl::string_view detail);
 
 // The status for the libnbd call that just failed on this thread:
 // nbd_get_errno() mapped as above, message "WHAT: nbd_get_error()".
-absl::Status StatusFromNbdError(std::string_view what);
+absl::Status StatusFromNbdError(absl::string_view what);
 
 // The NBD error to send for a failed status (0 for OK).
 uint32_t NbdErrorFromStatus(const absl::Status& status);

@@ -22,7 +22,8 @@ TEST(NbdErrorsTest, ErrnoToStatus) {
   EXPECT_EQ(StatusCodeFromErrno(ECONNRESET), absl::StatusCode::kUnavailable);
   EXPECT_EQ(StatusCodeFromErrno(EPIPE), absl::StatusCode::kUnavailable);
   EXPECT_EQ(StatusCodeFromErrno(ESHUTDOWN), absl::StatusCode::kUnavailable);
-  EXPECT_EQ(StatusCodeFromErrno(ETIMEDOUT), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(StatusCodeFromErrno(ETIMEDOUT),
+            absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(StatusCodeFromErrno(ENOTSUP), absl::StatusCode::kUnimplemented);
   EXPECT_EQ(StatusCodeFromErrno(EIO), absl::StatusCode::kDataLoss);
   EXPECT_EQ(StatusCodeFromErrno(EPROTO), absl::StatusCode::kUnknown);

@@ -11,7 +11,8 @@
 // command), FAILED_PRECONDITION for a metadata context the upstream did not
 // negotiate, OUT_OF_RANGE / INVALID_ARGUMENT for bad ranges, PERMISSION_DENIED
 // for writes to a read-only export, and the NBD error mapped from errno for
-// commands the server refused (see StatusFromNbdErrno).
+// commands the server refused (see server/upstream/nbd_errors.h; an NBD
+// EIO from the server is DATA_LOSS).
 //
 // Thread-safety: every method is thread-safe; concurrent calls use
 // different connections of the pool (or wait for one until the deadline).
@@ -25,6 +26,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "server/cache/extent.h"
 
@@ -36,6 +38,7 @@ struct UpstreamInfo {
   uint32_t minimum_block_size = 1;
   uint32_t preferred_block_size = 4096;
   uint32_t maximum_block_size = 32u << 20;
+  // Effective: the server said read-only, or the config asks for it.
   bool read_only = false;
   bool can_trim = false;
   bool can_zero = false;
@@ -62,6 +65,14 @@ class Upstream {
 
   // True while at least one connection is up.
   virtual bool Ready() const = 0;
+  // Blocks until Ready() or `deadline`; returns Ready(). The default polls
+  // every 10 ms (for fakes); NbdUpstream waits on its own state.
+  virtual bool WaitReady(absl::Time deadline) {
+    while (!Ready() && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return Ready();
+  }
   // Last negotiated info; FAILED_PRECONDITION/UNAVAILABLE before the first
   // successful connection.
   virtual absl::StatusOr<UpstreamInfo> Info() const = 0;
@@ -84,9 +95,8 @@ class Upstream {
   // Data commands, passed through for the NBD shim.
   virtual absl::Status Pread(void* buf, uint64_t count, uint64_t offset,
                              absl::Time deadline) = 0;
-  virtual absl::Status Pwrite(const void* buf, uint64_t count,
-                              uint64_t offset, uint32_t flags,
-                              absl::Time deadline) = 0;
+  virtual absl::Status Pwrite(const void* buf, uint64_t count, uint64_t offset,
+                              uint32_t flags, absl::Time deadline) = 0;
   virtual absl::Status Trim(uint64_t count, uint64_t offset, uint32_t flags,
                             absl::Time deadline) = 0;
   virtual absl::Status Zero(uint64_t count, uint64_t offset, uint32_t flags,

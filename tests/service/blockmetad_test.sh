@@ -6,14 +6,18 @@
 set -euo pipefail
 server_bin="$TEST_SRCDIR/blockmeta/server/blockmetad"
 client_py="$TEST_SRCDIR/blockmeta/tests/service/reflection_client.py"
-tmp="${TEST_TMPDIR:-$(mktemp -d)}"
+# Unix socket paths are limited to 107 bytes: Bazel's TEST_TMPDIR is too deep.
+tmp=$(mktemp -d /tmp/blockmetad_test.XXXXXX)
 fail() { echo "FAIL: $*" >&2; exit 1; }
 for tool in nbdkit nbdinfo /usr/bin/python3; do
   command -v "$tool" >/dev/null || fail "$tool is missing: run scripts/setup"
 done
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
 trap cleanup EXIT
 
 sock="$tmp/up.sock"

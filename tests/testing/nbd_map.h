@@ -2,8 +2,9 @@
 // standard tools (`nbdinfo --map --json`, `nbdinfo --json`,
 // `qemu-img map --output=json`) as blockmeta types, to compare against.
 //
-// Parsing uses protobuf's JSON parser into google.protobuf.Value, so numbers
-// are doubles: exact up to 2^53 bytes, far beyond any test image.
+// Parsing uses protobuf's JSON parser into the messages of
+// tool_output.proto (not google.protobuf.Struct: its inline map code
+// misbehaves under --config=tsan against Debian's uninstrumented protobuf).
 // Thread-safety: all functions are thread-safe. Each run spawns one process.
 #ifndef BLOCKMETA_TESTS_TESTING_NBD_MAP_H_
 #define BLOCKMETA_TESTS_TESTING_NBD_MAP_H_

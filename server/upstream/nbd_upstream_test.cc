@@ -1,0 +1,421 @@
+// server/upstream/nbd_upstream_test.cc — NbdUpstream against real nbdkit
+// and qemu-nbd: negotiated info and contexts, extents equal to what
+// `nbdinfo --map` reports for the same export, the pool, data commands.
+#include "server/upstream/nbd_upstream.h"
+
+#include <signal.h>
+
+#include <atomic>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/nbd_map.h"
+#include "tests/testing/nbd_process.h"
+
+namespace blockmeta {
+namespace {
+
+using ::blockmeta::testing::MakeImage;
+using ::blockmeta::testing::MergeAdjacent;
+using ::blockmeta::testing::NbdinfoMap;
+using ::blockmeta::testing::NbdProcess;
+using ::blockmeta::testing::QemuIo;
+using ::blockmeta::testing::RunCommand;
+using ::blockmeta::testing::TempDir;
+using ::testing::ElementsAre;
+using ::testing::UnorderedElementsAre;
+
+constexpr uint64_t kMiB = 1 << 20;
+
+absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
+
+std::unique_ptr<Upstream> Connect(const blockmeta::v1::ExportConfig& config) {
+  absl::StatusOr<std::unique_ptr<Upstream>> up = CreateUpstream(config);
+  EXPECT_TRUE(up.ok()) << up.status();
+  if (!up.ok()) return nullptr;
+  EXPECT_TRUE((*up)->WaitReady(absl::Now() + absl::Seconds(20)))
+      << (*up)->LastError();
+  return std::move(*up);
+}
+
+blockmeta::v1::ExportConfig UriExport(const std::string& uri) {
+  blockmeta::v1::ExportConfig c;
+  c.set_name("e");
+  c.set_nbd_uri(uri);
+  return c;
+}
+
+blockmeta::v1::ExportConfig CommandExport(std::vector<std::string> argv) {
+  blockmeta::v1::ExportConfig c;
+  c.set_name("cmd");
+  for (auto& a : argv) c.mutable_command()->add_argv(a);
+  return c;
+}
+
+blockmeta::v1::ExportConfig ImageExport(const std::string& path, bool read_only,
+                                        std::vector<std::string> bitmaps = {}) {
+  blockmeta::v1::ExportConfig c;
+  c.set_name("img");
+  c.mutable_image()->set_path(path);
+  c.mutable_image()->set_read_only(read_only);
+  for (auto& b : bitmaps) c.mutable_image()->add_bitmaps(b);
+  return c;
+}
+
+// The whole map of `context`, by repeated BlockStatus calls; checks every
+// reply starts where asked and is contiguous.
+ExtentList FullMap(Upstream& up, const std::string& context, uint64_t size,
+                   uint64_t window = kMaxNbdRequestLength) {
+  ExtentList all;
+  uint64_t offset = 0;
+  while (offset < size) {
+    absl::StatusOr<ExtentList> r =
+        up.BlockStatus(context, offset, window, Soon());
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok() || r->empty()) break;
+    EXPECT_EQ(r->front().offset, offset);
+    for (const Extent& e : *r) {
+      EXPECT_EQ(e.offset, offset);
+      EXPECT_GT(e.length, 0u);
+      offset = e.end();
+      all.push_back(e);
+    }
+  }
+  EXPECT_EQ(offset, size);
+  return MergeAdjacent(all);
+}
+
+ExtentList ToolMap(const std::string& uri, const std::string& context) {
+  absl::StatusOr<ExtentList> m = NbdinfoMap(uri, context);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? MergeAdjacent(*m) : ExtentList{};
+}
+
+TEST(NbdUpstreamTest, NbdkitMemoryInfoAndMapMatchNbdinfo) {
+  auto server =
+      NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "memory", "64M"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto up = Connect(UriExport((*server)->uri()));
+  ASSERT_NE(up, nullptr);
+  absl::StatusOr<UpstreamInfo> info = up->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  absl::StatusOr<testing::NbdinfoExport> tool =
+      testing::Nbdinfo((*server)->uri());
+  ASSERT_TRUE(tool.ok()) << tool.status();
+  EXPECT_EQ(info->size, tool->size);
+  EXPECT_EQ(info->size, 64 * kMiB);
+  EXPECT_THAT(info->contexts, ElementsAre("base:allocation"));
+  EXPECT_EQ(info->contexts, tool->contexts);
+  EXPECT_FALSE(info->read_only);
+  EXPECT_TRUE(info->can_trim);
+  EXPECT_TRUE(info->can_zero);
+  EXPECT_TRUE(info->can_flush);
+  EXPECT_TRUE(info->can_multi_conn);
+  EXPECT_EQ(LiveConnectionsForTesting(up.get()), 2);
+  EXPECT_EQ(up->Generation(), 1u);
+  EXPECT_EQ(up->LastError(), "");
+
+  EXPECT_THAT(FullMap(*up, "base:allocation", info->size),
+              ElementsAre(Extent{0, 64 * kMiB, kStateHole | kStateZero}));
+
+  // Write data and zeroes through the upstream; the maps still agree.
+  std::string data(128 << 10, 'x');
+  ASSERT_TRUE(up->Pwrite(data.data(), data.size(), 8 * kMiB, 0, Soon()).ok());
+  ASSERT_TRUE(
+      up->Pwrite(data.data(), data.size(), 40 * kMiB, kCmdFlagFua, Soon())
+          .ok());
+  ASSERT_TRUE(up->Flush(Soon()).ok());
+  ExtentList ours = FullMap(*up, "base:allocation", info->size);
+  EXPECT_EQ(ours, ToolMap((*server)->uri(), "base:allocation"));
+  EXPECT_GE(ours.size(), 5u);
+
+  std::string back(data.size(), '\0');
+  ASSERT_TRUE(up->Pread(back.data(), back.size(), 8 * kMiB, Soon()).ok());
+  EXPECT_EQ(back, data);
+  ASSERT_TRUE(up->Trim(data.size(), 8 * kMiB, 0, Soon()).ok());
+  ASSERT_TRUE(up->Zero(data.size(), 40 * kMiB, kCmdFlagNoHole, Soon()).ok());
+  ASSERT_TRUE(up->Cache(kMiB, 0, Soon()).ok());
+  EXPECT_EQ(FullMap(*up, "base:allocation", info->size),
+            ToolMap((*server)->uri(), "base:allocation"));
+}
+
+TEST(NbdUpstreamTest, NbdkitDataPluginViaCommand) {
+  const std::vector<std::string> plugin = {"data", "1 @1048576 2 @4194303 3"};
+  std::vector<std::string> argv = {"nbdkit", "-U", "{sock}", "-f"};
+  argv.insert(argv.end(), plugin.begin(), plugin.end());
+  auto server = NbdProcess::Start(argv);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::vector<std::string> cmd = {"nbdkit"};
+  cmd.insert(cmd.end(), plugin.begin(), plugin.end());
+  auto up = Connect(CommandExport(cmd));
+  ASSERT_NE(up, nullptr);
+  EXPECT_GT(SpawnedServerPidForTesting(up.get()), 0);
+  absl::StatusOr<UpstreamInfo> info = up->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->size, 4194304u);
+  EXPECT_TRUE(absl::StrContains(info->description, "nbdkit data"));
+  ExtentList tool = ToolMap((*server)->uri(), "base:allocation");
+  EXPECT_EQ(FullMap(*up, "base:allocation", info->size), tool);
+  // Small windows (replies of many calls) give the same map.
+  EXPECT_EQ(FullMap(*up, "base:allocation", info->size, 100000), tool);
+  char buf[2];
+  ASSERT_TRUE(up->Pread(buf, 1, 1048576, Soon()).ok());
+  EXPECT_EQ(buf[0], 2);
+}
+
+TEST(NbdUpstreamTest, NbdkitSparseRandomMapMatchesNbdinfo) {
+  auto server = NbdProcess::Start(
+      {"nbdkit", "-U", "{sock}", "-f", "sparse-random", "1G", "seed=4242"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto up = Connect(UriExport((*server)->uri()));
+  ASSERT_NE(up, nullptr);
+  absl::StatusOr<UpstreamInfo> info = up->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  ExtentList tool = ToolMap((*server)->uri(), "base:allocation");
+  ExtentList ours = FullMap(*up, "base:allocation", info->size);
+  EXPECT_GT(ours.size(), 2u);
+  EXPECT_EQ(ours, tool);
+}
+
+TEST(NbdUpstreamTest, NbdkitFilePluginRepliesPastTheRequest) {
+  TempDir dir;
+  const std::string img = dir.File("disk.raw");
+  ASSERT_TRUE(MakeImage(img, "raw", 16 * kMiB,
+                        {"write -P 0x11 0 64k", "write -P 0x22 8M 1M"})
+                  .ok());
+  auto server =
+      NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "file", img});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto up = Connect(UriExport((*server)->uri()));
+  ASSERT_NE(up, nullptr);
+  // Ask for 4 KiB of the hole: nbdkit's file plugin answers to the end of
+  // the hole, beyond what was asked; we keep it.
+  absl::StatusOr<ExtentList> r =
+      up->BlockStatus("base:allocation", 1 * kMiB, 4096, Soon());
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_FALSE(r->empty());
+  EXPECT_EQ(r->front().offset, kMiB);
+  EXPECT_EQ(r->front().flags, kStateHole | kStateZero);
+  EXPECT_GT(r->back().end(), kMiB + 4096);
+  EXPECT_EQ(FullMap(*up, "base:allocation", 16 * kMiB),
+            ToolMap((*server)->uri(), "base:allocation"));
+}
+
+TEST(NbdUpstreamTest, BeyondFourGiBIsCappedPerRequest) {
+  auto server =
+      NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "memory", "10G"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto up = Connect(UriExport((*server)->uri()));
+  ASSERT_NE(up, nullptr);
+  const uint64_t size = uint64_t{10} << 30;
+  absl::StatusOr<ExtentList> r =
+      up->BlockStatus("base:allocation", 0, size, Soon());
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_FALSE(r->empty());
+  EXPECT_LE(r->front().end(), kMaxNbdRequestLength);
+  EXPECT_LT(r->back().end(), size);
+  EXPECT_EQ(FullMap(*up, "base:allocation", size),
+            ToolMap((*server)->uri(), "base:allocation"));
+  // The tail is clipped to the size.
+  r = up->BlockStatus("base:allocation", size - 4096, kMaxNbdRequestLength,
+                      Soon());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(*r, ElementsAre(Extent{size - 4096, 4096, 3}));
+}
+
+TEST(NbdUpstreamTest, RangeAndContextErrors) {
+  auto server =
+      NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "memory", "1M"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto up = Connect(UriExport((*server)->uri()));
+  ASSERT_NE(up, nullptr);
+  absl::StatusOr<ExtentList> r =
+      up->BlockStatus("qemu:dirty-bitmap:b1", 0, 4096, Soon());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(r.status().message(),
+                                "does not offer context qemu:dirty-bitmap:b1; "
+                                "offered: base:allocation"))
+      << r.status();
+  EXPECT_EQ(up->BlockStatus("base:allocation", kMiB, 1, Soon()).status().code(),
+            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(up->BlockStatus("base:allocation", 0, 0, Soon()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  char buf[4096];
+  EXPECT_EQ(up->Pread(buf, 4096, kMiB - 100, Soon()).code(),
+            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(up->Pwrite(buf, 4096, kMiB, 0, Soon()).code(),
+            absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(up->Zero(1, kMiB, 0, Soon()).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(up->Trim(kMiB + 1, 0, 0, Soon()).code(),
+            absl::StatusCode::kOutOfRange);
+}
+
+TEST(NbdUpstreamTest, ReadOnlyRefusesWrites) {
+  auto server = NbdProcess::Start(
+      {"nbdkit", "-U", "{sock}", "-f", "--readonly", "memory", "1M"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto up = Connect(UriExport((*server)->uri()));
+  ASSERT_NE(up, nullptr);
+  ASSERT_TRUE(up->Info().ok());
+  EXPECT_TRUE(up->Info()->read_only);
+  char buf[512] = {};
+  EXPECT_EQ(up->Pwrite(buf, sizeof buf, 0, 0, Soon()).code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(up->Zero(512, 0, 0, Soon()).code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(up->Trim(512, 0, 0, Soon()).code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(up->Pread(buf, sizeof buf, 0, Soon()).ok());
+
+  // The config can force read-only on a writable upstream too.
+  auto rw = NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "memory", "1M"});
+  ASSERT_TRUE(rw.ok()) << rw.status();
+  auto config = UriExport((*rw)->uri());
+  config.set_read_only(true);
+  auto up2 = Connect(config);
+  ASSERT_NE(up2, nullptr);
+  EXPECT_EQ(up2->Pwrite(buf, sizeof buf, 0, 0, Soon()).code(),
+            absl::StatusCode::kPermissionDenied);
+}
+
+TEST(NbdUpstreamTest, PoolRespectsMultiConn) {
+  auto config = CommandExport({"nbdkit", "--filter=multi-conn", "memory", "1M",
+                               "multi-conn-mode=disable"});
+  config.set_connections(4);
+  auto up = Connect(config);
+  ASSERT_NE(up, nullptr);
+  ASSERT_TRUE(up->Info().ok());
+  EXPECT_FALSE(up->Info()->can_multi_conn);
+  EXPECT_EQ(LiveConnectionsForTesting(up.get()), 1);
+
+  auto config4 = CommandExport({"nbdkit", "memory", "1M"});
+  config4.set_connections(4);
+  auto up4 = Connect(config4);
+  ASSERT_NE(up4, nullptr);
+  // The pool fills in the background.
+  for (int i = 0; i < 200 && LiveConnectionsForTesting(up4.get()) < 4; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(LiveConnectionsForTesting(up4.get()), 4);
+}
+
+TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
+  auto up = Connect(CommandExport(
+      {"nbdkit", "--filter=delay", "memory", "64M", "delay-extents=50ms"}));
+  ASSERT_NE(up, nullptr);
+  for (int i = 0; i < 500 && LiveConnectionsForTesting(up.get()) < 2; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(LiveConnectionsForTesting(up.get()), 2);
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  const absl::Time start = absl::Now();
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 5; ++i) {
+        auto r = up->BlockStatus("base:allocation", t * kMiB, kMiB, Soon());
+        if (r.ok() && !r->empty() && r->front().offset == t * kMiB) ++ok;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(ok.load(), 40);
+  // 40 calls x 50 ms on 2 connections: about 1 s, not 2 s.
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(1700));
+}
+
+class QemuNbdTest : public ::testing::Test {
+ protected:
+  TempDir dir_;
+};
+
+TEST_F(QemuNbdTest, RawImage) {
+  const std::string img = dir_.File("disk.img");
+  ASSERT_TRUE(MakeImage(img, "raw", 8 * kMiB,
+                        {"write -P 0xab 1M 64k", "write -P 0xcd 4M 1M"})
+                  .ok());
+  auto up = Connect(ImageExport(img, /*read_only=*/true));
+  ASSERT_NE(up, nullptr);
+  absl::StatusOr<UpstreamInfo> info = up->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->size, 8 * kMiB);
+  EXPECT_TRUE(info->read_only);
+  EXPECT_THAT(info->contexts, ElementsAre("base:allocation"));
+  auto tool = NbdProcess::Start(
+      {"qemu-nbd", "-t", "-k", "{sock}", "-f", "raw", "--read-only", img});
+  ASSERT_TRUE(tool.ok()) << tool.status();
+  EXPECT_EQ(FullMap(*up, "base:allocation", info->size),
+            ToolMap((*tool)->uri(), "base:allocation"));
+}
+
+TEST_F(QemuNbdTest, Qcow2WithDirtyBitmap) {
+  const std::string img = dir_.File("disk.qcow2");
+  ASSERT_TRUE(MakeImage(img, "qcow2", 16 * kMiB, {"write -P 1 0 1M"}).ok());
+  ASSERT_TRUE(RunCommand({"qemu-img", "bitmap", "--add", img, "b1"}).ok());
+  ASSERT_TRUE(RunCommand({"qemu-img", "bitmap", "--add", img, "b2"}).ok());
+  ASSERT_TRUE(
+      QemuIo(img, "qcow2", {"write -P 2 2M 64k", "write -z 6M 128k"}).ok());
+  // The format comes from the ".qcow2" suffix.
+  auto up = Connect(ImageExport(img, /*read_only=*/true, {"b1", "b2"}));
+  ASSERT_NE(up, nullptr);
+  absl::StatusOr<UpstreamInfo> info = up->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->size, 16 * kMiB);
+  EXPECT_THAT(info->contexts,
+              UnorderedElementsAre("base:allocation", "qemu:dirty-bitmap:b1",
+                                   "qemu:dirty-bitmap:b2"));
+  auto tool = NbdProcess::Start({"qemu-nbd", "-t", "-k", "{sock}", "-f",
+                                 "qcow2", "--read-only", "-B", "b1", img});
+  ASSERT_TRUE(tool.ok()) << tool.status();
+  EXPECT_EQ(FullMap(*up, "base:allocation", info->size),
+            ToolMap((*tool)->uri(), "base:allocation"));
+  ExtentList dirty = FullMap(*up, "qemu:dirty-bitmap:b1", info->size);
+  EXPECT_EQ(dirty, ToolMap((*tool)->uri(), "qemu:dirty-bitmap:b1"));
+  // 2M+64k and 6M+128k were written after the bitmap was added.
+  uint64_t dirty_bytes = 0;
+  for (const Extent& e : dirty) {
+    if (e.flags & kStateDirty) dirty_bytes += e.length;
+  }
+  EXPECT_GE(dirty_bytes, 192u << 10);
+  EXPECT_LT(dirty_bytes, 2 * kMiB);
+  EXPECT_EQ(
+      up->BlockStatus("qemu:dirty-bitmap:b3", 0, 4096, Soon()).status().code(),
+      absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(QemuNbdTest, WritableQcow2ImageRoundTrip) {
+  const std::string img = dir_.File("rw.qcow2");
+  ASSERT_TRUE(MakeImage(img, "qcow2", 4 * kMiB).ok());
+  auto config = ImageExport(img, /*read_only=*/false);
+  config.set_connections(3);
+  auto up = Connect(config);
+  ASSERT_NE(up, nullptr);
+  ASSERT_TRUE(up->Info().ok());
+  EXPECT_FALSE(up->Info()->read_only);
+  std::string data(64 << 10, 'q');
+  ASSERT_TRUE(
+      up->Pwrite(data.data(), data.size(), kMiB, kCmdFlagFua, Soon()).ok());
+  ASSERT_TRUE(up->Flush(Soon()).ok());
+  absl::StatusOr<ExtentList> r =
+      up->BlockStatus("base:allocation", kMiB, 64 << 10, Soon());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(*r, ElementsAre(Extent{kMiB, 64 << 10, 0}));
+  std::string back(data.size(), '\0');
+  ASSERT_TRUE(up->Pread(back.data(), back.size(), kMiB, Soon()).ok());
+  EXPECT_EQ(back, data);
+  const pid_t pid = SpawnedServerPidForTesting(up.get());
+  ASSERT_GT(pid, 0);
+  up.reset();  // stops qemu-nbd (SIGTERM) and reaps it
+  EXPECT_NE(kill(pid, 0), 0);
+  // The write reached the image.
+  absl::StatusOr<ExtentList> local = testing::QemuImgMap(img, "qcow2");
+  ASSERT_TRUE(local.ok()) << local.status();
+  EXPECT_THAT(testing::Slice(*local, kMiB, 64 << 10),
+              ElementsAre(Extent{kMiB, 64 << 10, 0}));
+}
+
+}  // namespace
+}  // namespace blockmeta

@@ -1,0 +1,116 @@
+// server/upstream/spawned_server_test.cc — socket-activated servers: one
+// process serves many connections, restarts reuse the socket path, and
+// stopping always reaps.
+#include "server/upstream/spawned_server.h"
+
+#include <signal.h>
+#include <sys/stat.h>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/testing/nbd_process.h"
+
+namespace blockmeta {
+namespace {
+
+using ::blockmeta::testing::RunCommand;
+
+std::string Uri(const SpawnedServer& s) {
+  return absl::StrCat("nbd+unix:///?socket=", s.socket_path());
+}
+
+TEST(SpawnedServerTest, NbdkitBySocketActivation) {
+  auto s = SpawnedServer::Create({"nbdkit", "memory", "3M"});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Start().ok());
+  const pid_t pid = (*s)->pid();
+  EXPECT_GT(pid, 0);
+  for (int i = 0; i < 3; ++i) {  // the same process serves every client
+    auto out = RunCommand({"nbdinfo", "--size", Uri(**s)}, absl::Seconds(10));
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(*out, "3145728\n");
+  }
+  EXPECT_TRUE((*s)->Running());
+  EXPECT_EQ((*s)->pid(), pid);
+  (*s)->Stop();
+  EXPECT_FALSE((*s)->Running());
+  EXPECT_EQ((*s)->pid(), -1);
+  EXPECT_NE(kill(pid, 0), 0);
+  // Nobody listens any more: connecting fails at once.
+  auto out = RunCommand({"nbdinfo", "--size", Uri(**s)}, absl::Seconds(5));
+  EXPECT_FALSE(out.ok());
+}
+
+TEST(SpawnedServerTest, QemuNbdPersistentAndShared) {
+  blockmeta::testing::TempDir dir;
+  const std::string img = dir.File("a.raw");
+  ASSERT_TRUE(blockmeta::testing::MakeImage(img, "raw", 1 << 20).ok());
+  auto s = SpawnedServer::Create(
+      {"qemu-nbd", "-f", "raw", "--shared=0", "--persistent", "--", img});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Start().ok());
+  for (int i = 0; i < 2; ++i) {
+    auto out = RunCommand({"nbdinfo", "--size", Uri(**s)}, absl::Seconds(10));
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(*out, "1048576\n");
+  }
+}
+
+TEST(SpawnedServerTest, DeathIsNoticedWithStderr) {
+  auto s = SpawnedServer::Create({"nbdkit", "no-such-plugin-abc"});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Start().ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while ((*s)->Running() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_FALSE((*s)->Running());
+  EXPECT_TRUE(absl::StrContains((*s)->ExitDescription(), "exited with status"))
+      << (*s)->ExitDescription();
+  EXPECT_TRUE(absl::StrContains((*s)->ExitDescription(), "no-such-plugin-abc"))
+      << (*s)->ExitDescription();
+}
+
+TEST(SpawnedServerTest, MissingProgram) {
+  auto s = SpawnedServer::Create({"/nonexistent/server"});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Start().ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while ((*s)->Running() && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_TRUE(absl::StrContains((*s)->ExitDescription(), "status 127"))
+      << (*s)->ExitDescription();
+}
+
+TEST(SpawnedServerTest, StopKillsAServerIgnoringSigterm) {
+  auto s = SpawnedServer::Create({"sh", "-c", "trap '' TERM; sleep 30"});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Start().ok());
+  absl::SleepFor(absl::Milliseconds(100));  // let the trap be installed
+  const absl::Time start = absl::Now();
+  (*s)->Stop(absl::Milliseconds(200));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_FALSE((*s)->Running());
+}
+
+TEST(SpawnedServerTest, EmptyArgvIsInvalid) {
+  EXPECT_EQ(SpawnedServer::Create({}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SpawnedServerTest, DirectoryRemoved) {
+  std::string sock;
+  {
+    auto s = SpawnedServer::Create({"nbdkit", "memory", "1M"});
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE((*s)->Start().ok());
+    sock = (*s)->socket_path();
+  }
+  struct stat st;
+  EXPECT_NE(stat(sock.c_str(), &st), 0);
+}
+
+}  // namespace
+}  // namespace blockmeta

@@ -1,0 +1,253 @@
+// tests/service/server_options_test.cc — server settings a deployment
+// relies on, each against a real BlockMetaServer and a real nbdkit
+// upstream: TLS, mutual TLS, the Unix-socket listener, admission control
+// (RESOURCE_EXHAUSTED), and graceful shutdown letting in-flight calls
+// finish within the grace period.
+#include <atomic>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "blockmeta/v1/blockmeta.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "server/blockmeta_server.h"
+#include "tests/testing/nbd_process.h"
+
+namespace blockmeta {
+namespace {
+
+namespace v1 = ::blockmeta::v1;
+using ::blockmeta::testing::NbdProcess;
+using ::blockmeta::testing::RunCommand;
+using ::blockmeta::testing::TempDir;
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A CA, a server cert for 127.0.0.1/localhost and a client cert, made with
+// the openssl CLI.
+void MakeCerts(const TempDir& dir) {
+  auto run = [](std::vector<std::string> argv) {
+    auto r = RunCommand(argv);
+    ASSERT_TRUE(r.ok()) << r.status();
+  };
+  std::string d = dir.path();
+  run({"openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+       "2", "-subj", "/CN=blockmeta-test-ca", "-keyout", d + "/ca.key",
+       "-out", d + "/ca.pem"});
+  std::ofstream(d + "/server.ext")
+      << "subjectAltName=IP:127.0.0.1,DNS:localhost\n";
+  for (const std::string who : {"server", "client"}) {
+    run({"openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj",
+         "/CN=" + who, "-keyout", d + "/" + who + ".key", "-out",
+         d + "/" + who + ".csr"});
+    std::vector<std::string> sign = {
+        "openssl", "x509", "-req", "-in", d + "/" + who + ".csr", "-CA",
+        d + "/ca.pem", "-CAkey", d + "/ca.key", "-CAcreateserial", "-days",
+        "2", "-out", d + "/" + who + ".pem"};
+    if (who == "server") {
+      sign.push_back("-extfile");
+      sign.push_back(d + "/server.ext");
+    }
+    run(sign);
+  }
+}
+
+class ServerOptionsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto up = NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "data",
+                                 "data=@65536 1", "size=16M"});
+    ASSERT_TRUE(up.ok()) << up.status();
+    upstream_ = *std::move(up);
+    auto slow = NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f",
+                                   "--filter=delay", "data", "data=1",
+                                   "size=16M", "delay-extents=1"});
+    ASSERT_TRUE(slow.ok()) << slow.status();
+    slow_ = *std::move(slow);
+  }
+
+  v1::ServerConfig BaseConfig() {
+    v1::ServerConfig c;
+    c.set_grpc_listen("127.0.0.1:0");
+    v1::ExportConfig* e = c.add_exports();
+    e->set_name("disk");
+    e->set_nbd_uri(upstream_->uri());
+    v1::ExportConfig* s = c.add_exports();
+    s->set_name("slow");
+    s->set_nbd_uri(slow_->uri());
+    s->set_connections(8);
+    return c;
+  }
+
+  static grpc::Status ListExports(std::shared_ptr<grpc::Channel> ch,
+                                  v1::ListExportsResponse* r = nullptr) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+    v1::ListExportsResponse tmp;
+    return v1::BlockMeta::NewStub(ch)->ListExports(&ctx, {}, r ? r : &tmp);
+  }
+
+  static void WaitReady(std::shared_ptr<grpc::Channel> ch) {
+    absl::Time give_up = absl::Now() + absl::Seconds(20);
+    while (absl::Now() < give_up) {
+      v1::ListExportsResponse r;
+      bool all = ListExports(ch, &r).ok() && r.exports_size() > 0;
+      for (const auto& e : r.exports()) {
+        all = all && e.state() == v1::EXPORT_STATE_READY;
+      }
+      if (all) return;
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    ADD_FAILURE() << "exports not ready";
+  }
+
+  TempDir tmp_;
+  std::unique_ptr<NbdProcess> upstream_;
+  std::unique_ptr<NbdProcess> slow_;
+};
+
+TEST_F(ServerOptionsTest, TlsAndMutualTls) {
+  MakeCerts(tmp_);
+  const std::string d = tmp_.path();
+  v1::ServerConfig c = BaseConfig();
+  c.mutable_tls()->set_cert_file(d + "/server.pem");
+  c.mutable_tls()->set_key_file(d + "/server.key");
+  c.mutable_tls()->set_client_ca_file(d + "/ca.pem");
+  auto server = BlockMetaServer::Create(c);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  std::string target = absl::StrCat("127.0.0.1:", (*server)->grpc_port());
+
+  grpc::SslCredentialsOptions with_cert;
+  with_cert.pem_root_certs = Slurp(d + "/ca.pem");
+  with_cert.pem_private_key = Slurp(d + "/client.key");
+  with_cert.pem_cert_chain = Slurp(d + "/client.pem");
+  auto good = grpc::CreateChannel(target, grpc::SslCredentials(with_cert));
+  EXPECT_TRUE(ListExports(good).ok());
+
+  grpc::SslCredentialsOptions no_cert;
+  no_cert.pem_root_certs = Slurp(d + "/ca.pem");
+  auto anon = grpc::CreateChannel(target, grpc::SslCredentials(no_cert));
+  EXPECT_EQ(ListExports(anon).error_code(), grpc::StatusCode::UNAVAILABLE)
+      << "mTLS must refuse a client without a certificate";
+
+  auto plain = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  EXPECT_EQ(ListExports(plain).error_code(), grpc::StatusCode::UNAVAILABLE);
+  (*server)->Shutdown(absl::Seconds(1));
+}
+
+TEST_F(ServerOptionsTest, BadTlsConfigIsAClearError) {
+  v1::ServerConfig c = BaseConfig();
+  c.mutable_tls()->set_cert_file(tmp_.File("missing.pem"));
+  auto server = BlockMetaServer::Create(c);
+  ASSERT_TRUE(server.ok());
+  absl::Status s = (*server)->Start();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("key_file"), absl::string_view::npos) << s;
+  c.mutable_tls()->set_key_file(tmp_.File("missing.key"));
+  server = BlockMetaServer::Create(c);
+  ASSERT_TRUE(server.ok());
+  s = (*server)->Start();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("missing"), absl::string_view::npos) << s;
+}
+
+TEST_F(ServerOptionsTest, UnixSocketListener) {
+  // Keep the path short: Unix socket paths are limited to 107 bytes.
+  std::string sock = absl::StrCat("/tmp/bm-grpc-", getpid(), ".sock");
+  v1::ServerConfig c = BaseConfig();
+  c.clear_grpc_listen();
+  c.set_grpc_unix_socket(sock);
+  auto server = BlockMetaServer::Create(c);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto ch = grpc::CreateChannel("unix:" + sock,
+                                grpc::InsecureChannelCredentials());
+  EXPECT_TRUE(ListExports(ch).ok());
+  (*server)->Shutdown(absl::Seconds(1));
+  ::unlink(sock.c_str());
+}
+
+TEST_F(ServerOptionsTest, OverloadIsAnsweredWithResourceExhausted) {
+  v1::ServerConfig c = BaseConfig();
+  c.mutable_grpc()->set_max_inflight_calls(2);
+  auto server = BlockMetaServer::Create(c);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto ch = grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
+      grpc::InsecureChannelCredentials());
+  WaitReady(ch);
+  std::atomic<int> ok{0}, exhausted{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(20)));
+      v1::GetExtentsRequest req;
+      req.set_export_name("slow");
+      req.set_offset(static_cast<uint64_t>(i) * 4096);
+      req.set_length(4096);
+      req.set_cache_mode(v1::CACHE_MODE_BYPASS);  // every call is slow
+      v1::GetExtentsResponse r;
+      grpc::Status s = v1::BlockMeta::NewStub(ch)->GetExtents(&ctx, req, &r);
+      if (s.ok()) {
+        ok++;
+      } else if (s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+        exhausted++;
+        EXPECT_NE(s.error_message().find("limit"), std::string::npos);
+      } else {
+        other++;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_GE(ok.load(), 1);
+  EXPECT_LE(ok.load(), 7) << "some calls must have been refused";
+  EXPECT_GE(exhausted.load(), 1);
+  EXPECT_EQ(other.load(), 0);
+  // Once the burst is over the server admits calls again.
+  EXPECT_TRUE(ListExports(ch).ok());
+  (*server)->Shutdown(absl::Seconds(1));
+}
+
+TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
+  auto server = BlockMetaServer::Create(BaseConfig());
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto ch = grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
+      grpc::InsecureChannelCredentials());
+  WaitReady(ch);
+  grpc::Status in_flight;
+  std::thread call([&] {
+    grpc::ClientContext ctx;
+    v1::GetExtentsRequest req;
+    req.set_export_name("slow");
+    req.set_length(4096);
+    req.set_cache_mode(v1::CACHE_MODE_BYPASS);
+    v1::GetExtentsResponse r;
+    in_flight = v1::BlockMeta::NewStub(ch)->GetExtents(&ctx, req, &r);
+  });
+  absl::SleepFor(absl::Milliseconds(300));  // the call is now in flight
+  absl::Time start = absl::Now();
+  (*server)->Shutdown(absl::Seconds(10));
+  call.join();
+  EXPECT_TRUE(in_flight.ok()) << in_flight.error_message();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_EQ(ListExports(ch).error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+}  // namespace
+}  // namespace blockmeta
