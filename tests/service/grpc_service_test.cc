@@ -102,7 +102,7 @@ class GrpcServiceTest : public ::testing::Test {
     auto slowish = NbdProcess::Start(
         {"nbdkit", "-U", "{sock}", "-f", "--filter=delay", "data",
          "data=@1048576 1 2 3 @4194304 (0x55)*65536 @33554432 (0xaa)*1048576",
-         "size=64M", "delay-extents=0.05"});
+         "size=64M", "delay-extents=50ms"});
     ASSERT_TRUE(slowish.ok()) << slowish.status();
     slowish_ = slowish->release();
     // A qcow2 image with a persistent dirty bitmap b1 and writes after it.
