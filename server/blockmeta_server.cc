@@ -190,8 +190,12 @@ absl::Status BlockMetaServer::Start() {
   }
   if (!c.grpc_unix_socket().empty()) {
     ::unlink(c.grpc_unix_socket().c_str());  // a stale socket from a crash
+    // The Unix socket is plaintext even when TCP uses TLS: it is reached
+    // only by local processes that can open the socket file (a pod's shared
+    // emptyDir, a service user's runtime directory), and kubelet exec
+    // probes and sidecars use it without certificates.
     builder.AddListeningPort(absl::StrCat("unix:", c.grpc_unix_socket()),
-                             *creds);
+                             grpc::InsecureServerCredentials());
   }
   builder.RegisterService(grpc_service_.get());
   builder.RegisterService(csi_service_.get());
