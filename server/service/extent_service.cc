@@ -102,6 +102,14 @@ absl::StatusOr<ExportEntry*> ExtentService::FindExport(
   return entry;
 }
 
+absl::StatusOr<std::vector<ExportEntry*>> ExtentService::ExportsNamed(
+    const std::string& name) const {
+  if (name.empty()) return registry_->All();
+  absl::StatusOr<ExportEntry*> e = FindExport(name);
+  if (!e.ok()) return e.status();
+  return std::vector<ExportEntry*>{*e};
+}
+
 absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
   v1::ListExportsResponse response;
   for (ExportEntry* e : registry_->All()) {
@@ -429,14 +437,9 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
         absl::StrCat("offset ", request.offset(), " + length ",
                      request.length(), " overflows a 64-bit byte address"));
   }
-  std::vector<ExportEntry*> targets;
-  if (request.export_name().empty()) {
-    targets = registry_->All();
-  } else {
-    absl::StatusOr<ExportEntry*> e = FindExport(request.export_name());
-    if (!e.ok()) return e.status();
-    targets.push_back(*e);
-  }
+  absl::StatusOr<std::vector<ExportEntry*>> targets =
+      ExportsNamed(request.export_name());
+  if (!targets.ok()) return targets.status();
   if (!request.context().empty()) {
     if (absl::Status s = ValidateContextName(request.context()); !s.ok()) {
       return s;
@@ -445,7 +448,7 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
   bool whole = request.offset() == 0 && request.length() == 0;
   const std::vector<CacheKey> keys = cache_->Keys();
   ExtentCache::Dropped total;
-  for (ExportEntry* e : targets) {
+  for (ExportEntry* e : *targets) {
     const std::string& name = e->config.name();
     ExtentCache::Dropped d;
     if (!request.context().empty()) {
@@ -491,18 +494,13 @@ void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
 
 absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     const v1::GetStatsRequest& request) const {
-  std::vector<ExportEntry*> targets;
-  if (request.export_name().empty()) {
-    targets = registry_->All();
-  } else {
-    absl::StatusOr<ExportEntry*> e = FindExport(request.export_name());
-    if (!e.ok()) return e.status();
-    targets.push_back(*e);
-  }
+  absl::StatusOr<std::vector<ExportEntry*>> targets =
+      ExportsNamed(request.export_name());
+  if (!targets.ok()) return targets.status();
   v1::GetStatsResponse response;
   response.set_memory_limit_bytes(cache_->options().memory_limit_bytes);
   std::vector<CacheKey> keys = cache_->Keys();
-  for (ExportEntry* e : targets) {
+  for (ExportEntry* e : *targets) {
     const std::string& name = e->config.name();
     v1::ExportStats* s = response.add_exports();
     s->set_export_name(name);

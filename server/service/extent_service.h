@@ -117,6 +117,9 @@ class ExtentService {
 
   // Looks up an export; NOT_FOUND (with the known names) when unknown.
   absl::StatusOr<ExportEntry*> FindExport(const std::string& name) const;
+  // Every export for "", else the one named (NOT_FOUND when unknown).
+  absl::StatusOr<std::vector<ExportEntry*>> ExportsNamed(
+      const std::string& name) const;
 
  private:
   struct ExportCounters {

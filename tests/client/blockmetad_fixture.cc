@@ -2,6 +2,7 @@
 #include "tests/client/blockmetad_fixture.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 namespace blockmeta::testing {
 
@@ -20,6 +21,19 @@ absl::StatusOr<std::unique_ptr<Blockmetad>> Blockmetad::Start(
   auto d = std::unique_ptr<Blockmetad>(new Blockmetad);
   d->process_ = *std::move(process);
   return d;
+}
+
+RunResult Blockmetad::AwaitHealth(const std::string& service,
+                                  const std::string& want,
+                                  absl::Duration timeout) const {
+  absl::Time deadline = absl::Now() + timeout;
+  RunResult r;
+  do {
+    r = Cli({"health", service});
+    if (r.out == want) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  } while (absl::Now() < deadline);
+  return r;
 }
 
 RunResult Blockmetad::Cli(std::vector<std::string> args,

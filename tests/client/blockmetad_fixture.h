@@ -30,6 +30,12 @@ class Blockmetad {
   std::string Log() const { return process_->Log(); }
   NbdProcess& process() { return *process_; }
 
+  // Polls `blockmeta health SERVICE` until it prints `want` ("SERVING\n" or
+  // "NOT_SERVING\n"; the server refreshes per-export health every 500 ms),
+  // at most `timeout`. Returns the last run.
+  RunResult AwaitHealth(const std::string& service, const std::string& want,
+                        absl::Duration timeout = absl::Seconds(10)) const;
+
   // Runs `blockmeta ARGS --server=target()`.
   RunResult Cli(std::vector<std::string> args,
                 RunOptions options = RunOptions()) const;

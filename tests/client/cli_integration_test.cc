@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/client/blockmetad_fixture.h"
@@ -43,6 +44,10 @@ class CliIntegrationTest : public ::testing::Test {
         Blockmetad::Start({{"disk", qemu_->uri()}, {"mem", nbdkit_->uri()}});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = *std::move(s);
+    // Start each test with every upstream connected.
+    ASSERT_EQ(server_->AwaitHealth("blockmeta.v1.BlockMeta", "SERVING\n").out,
+              "SERVING\n")
+        << server_->Log();
   }
 
   RunResult Cli(std::vector<std::string> args) {
@@ -159,15 +164,31 @@ TEST_F(CliIntegrationTest, StatsShowCacheUseAndInvalidateDropsIt) {
 }
 
 TEST_F(CliIntegrationTest, Health) {
+  // The whole server serves as soon as it listens.
   RunResult r = Cli({"health"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "SERVING\n");
-  r = Cli({"health", "blockmeta.v1.BlockMeta"});
+  // The BlockMeta service serves once every upstream is connected.
+  r = server_->AwaitHealth("blockmeta.v1.BlockMeta", "SERVING\n");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "SERVING\n");
+  r = Cli({"health", "blockmeta.v1.BlockMeta/mem"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
   r = Cli({"health", "no.such.Service"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("health check: NOT_FOUND"));
+  // An upstream goes away: its export and the service stop serving (exit 5),
+  // the server as a whole still serves.
+  nbdkit_->Kill();
+  r = server_->AwaitHealth("blockmeta.v1.BlockMeta/mem", "NOT_SERVING\n");
+  EXPECT_EQ(r.exit_code, 5) << r.err;
+  EXPECT_EQ(r.out, "NOT_SERVING\n");
+  r = Cli({"health", "blockmeta.v1.BlockMeta"});
+  EXPECT_EQ(r.exit_code, 5);
+  EXPECT_EQ(r.out, "NOT_SERVING\n");
+  r = Cli({"health", "blockmeta.v1.BlockMeta/disk"});
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_EQ(Cli({"health"}).exit_code, 0);
 }
 
 TEST_F(CliIntegrationTest, UpstreamDownIsUnavailable) {

@@ -128,6 +128,9 @@ class DifferentialTest : public ::testing::Test {
     auto server = Blockmetad::Start(exports);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = server->release();
+    ASSERT_EQ(server_->AwaitHealth("blockmeta.v1.BlockMeta", "SERVING\n").out,
+              "SERVING\n")
+        << server_->Log();
   }
 
   static void TearDownTestSuite() {

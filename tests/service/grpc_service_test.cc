@@ -30,25 +30,13 @@ namespace {
 
 namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::MakeImage;
+using ::blockmeta::testing::MergeAdjacent;
 using ::blockmeta::testing::NbdinfoMap;
 using ::blockmeta::testing::NbdProcess;
 using ::blockmeta::testing::QemuIo;
 using ::blockmeta::testing::TempDir;
 
 constexpr uint64_t kMiB = 1 << 20;
-
-ExtentList Merge(const ExtentList& in) {
-  ExtentList out;
-  for (const Extent& e : in) {
-    if (!out.empty() && out.back().end() == e.offset &&
-        out.back().flags == e.flags) {
-      out.back().length += e.length;
-    } else {
-      out.push_back(e);
-    }
-  }
-  return out;
-}
 
 ExtentList FromProto(const google::protobuf::RepeatedPtrField<v1::Extent>& r) {
   ExtentList out;
@@ -211,7 +199,7 @@ class GrpcServiceTest : public ::testing::Test {
     }
     grpc::Status s = reader->Finish();
     EXPECT_TRUE(s.ok()) << s.error_message();
-    return Merge(out);
+    return MergeAdjacent(out);
   }
 
   static TempDir* tmp_;
@@ -255,24 +243,24 @@ TEST_F(GrpcServiceTest, GetExtentsEqualsNbdinfoAndThenHits) {
   v1::GetExtentsRequest req = Req("data", 0, 64 * kMiB);
   req.set_cache_mode(v1::CACHE_MODE_REFRESH);
   ASSERT_TRUE(GetExtents(req, &r).ok());
-  EXPECT_EQ(FromProto(r.extents()), Merge(*truth));
+  EXPECT_EQ(FromProto(r.extents()), MergeAdjacent(*truth));
   EXPECT_EQ(r.next_offset(), 64 * kMiB);
   v1::GetExtentsResponse again;
   ASSERT_TRUE(GetExtents(Req("data", 0, 64 * kMiB), &again).ok());
   EXPECT_EQ(again.cache_outcome(), v1::CACHE_OUTCOME_HIT);
-  EXPECT_EQ(FromProto(again.extents()), Merge(*truth));
+  EXPECT_EQ(FromProto(again.extents()), MergeAdjacent(*truth));
 }
 
 TEST_F(GrpcServiceTest, MapExtentsEqualsNbdinfoForAllocationAndBitmap) {
   for (uint32_t batch : {0u, 1u, 3u}) {
     absl::StatusOr<ExtentList> truth = NbdinfoMap(qcow_->uri());
     ASSERT_TRUE(truth.ok()) << truth.status();
-    EXPECT_EQ(MapAll("qcow", "", batch), Merge(*truth)) << "batch " << batch;
+    EXPECT_EQ(MapAll("qcow", "", batch), MergeAdjacent(*truth)) << "batch " << batch;
     absl::StatusOr<ExtentList> dirty =
         NbdinfoMap(qcow_->uri(), "qemu:dirty-bitmap:b1");
     ASSERT_TRUE(dirty.ok()) << dirty.status();
     ExtentList got = MapAll("qcow", "qemu:dirty-bitmap:b1", batch);
-    EXPECT_EQ(got, Merge(*dirty)) << "batch " << batch;
+    EXPECT_EQ(got, MergeAdjacent(*dirty)) << "batch " << batch;
   }
   // The bitmap really shows the writes made after it was added.
   ExtentList dirty = MapAll("qcow", "qemu:dirty-bitmap:b1");
@@ -352,10 +340,10 @@ TEST_F(GrpcServiceTest, ManyConcurrentClientsGetTheTruth) {
   // so calls mix cache hits, coalesced misses and slow misses.
   absl::StatusOr<ExtentList> truth_or = NbdinfoMap(data_->uri());
   ASSERT_TRUE(truth_or.ok());
-  const ExtentList truth = Merge(*truth_or);
+  const ExtentList truth = MergeAdjacent(*truth_or);
   absl::StatusOr<ExtentList> slow_truth = NbdinfoMap(slowish_->uri());
   ASSERT_TRUE(slow_truth.ok());
-  ASSERT_EQ(Merge(*slow_truth), truth);
+  ASSERT_EQ(MergeAdjacent(*slow_truth), truth);
   std::atomic<int> wrong{0}, errors{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 12; ++t) {
@@ -414,7 +402,7 @@ TEST_F(GrpcServiceTest, CsiAllocatedAndDelta) {
   absl::StatusOr<ExtentList> alloc = NbdinfoMap(qcow_->uri());
   ASSERT_TRUE(alloc.ok());
   std::vector<std::pair<int64_t, int64_t>> want;
-  for (const Extent& e : Merge(*alloc)) {
+  for (const Extent& e : MergeAdjacent(*alloc)) {
     if (e.flags & kStateZero) continue;
     if (!want.empty() && want.back().first + want.back().second ==
                              static_cast<int64_t>(e.offset)) {
