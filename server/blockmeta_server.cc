@@ -199,33 +199,35 @@ absl::Status BlockMetaServer::Start() {
   }
   builder.RegisterService(grpc_service_.get());
   builder.RegisterService(csi_service_.get());
-  builder.SetMaxReceiveMessageSize(static_cast<int>(c.grpc().max_message_bytes()));
+  builder.SetMaxReceiveMessageSize(
+      static_cast<int>(c.grpc().max_message_bytes()));
   builder.SetMaxSendMessageSize(static_cast<int>(c.grpc().max_message_bytes()));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
                              static_cast<int>(c.grpc().keepalive_time_ms()));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
                              static_cast<int>(c.grpc().keepalive_timeout_ms()));
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-                             10000);
+  builder.AddChannelArgument(
+      GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   if (c.grpc().max_connection_idle_ms() != 0) {
     builder.AddChannelArgument(
         GRPC_ARG_MAX_CONNECTION_IDLE_MS,
         static_cast<int>(c.grpc().max_connection_idle_ms()));
   }
-  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+  std::vector<
+      std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
       interceptors;
   interceptors.push_back(metrics_->InterceptorFactory());
   interceptors.push_back(RequestLogInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot listen for gRPC on \"", c.grpc_listen(), "\"",
-        c.grpc_unix_socket().empty()
-            ? ""
-            : absl::StrCat(" / unix:", c.grpc_unix_socket()),
-        " (address in use, bad address, or bad TLS files?)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen for gRPC on \"", c.grpc_listen(), "\"",
+                     c.grpc_unix_socket().empty()
+                         ? ""
+                         : absl::StrCat(" / unix:", c.grpc_unix_socket()),
+                     " (address in use, bad address, or bad TLS files?)"));
   }
   if (!c.grpc_listen().empty() && grpc_port_ == 0) {
     return absl::UnavailableError(
@@ -261,7 +263,8 @@ void BlockMetaServer::HealthLoop() {
     }
     health->SetServingStatus("blockmeta.v1.BlockMeta", all_ready);
     health->SetServingStatus("", true);
-  } while (!stop_health_.WaitForNotificationWithTimeout(absl::Milliseconds(500)));
+  } while (
+      !stop_health_.WaitForNotificationWithTimeout(absl::Milliseconds(500)));
 }
 
 void BlockMetaServer::Shutdown(absl::Duration grace) {

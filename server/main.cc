@@ -156,14 +156,14 @@ int main(int argc, char** argv) {
     return Fail("listen_failed", s);
   }
   blockmeta::ApplyDefaults(&config);
-  blockmeta::LogInfo(
-      "serving", {{"grpc_listen", config.grpc_listen()},
-                  {"grpc_port", (*server)->grpc_port()},
-                  {"grpc_unix_socket", config.grpc_unix_socket()},
-                  {"nbd_port", (*server)->nbd_port()},
-                  {"nbd_unix_socket", config.nbd_unix_socket()},
-                  {"metrics_port", (*server)->metrics_port()},
-                  {"exports", config.exports_size()}});
+  blockmeta::LogInfo("serving",
+                     {{"grpc_listen", config.grpc_listen()},
+                      {"grpc_port", (*server)->grpc_port()},
+                      {"grpc_unix_socket", config.grpc_unix_socket()},
+                      {"nbd_port", (*server)->nbd_port()},
+                      {"nbd_unix_socket", config.nbd_unix_socket()},
+                      {"metrics_port", (*server)->metrics_port()},
+                      {"exports", config.exports_size()}});
   if (!absl::GetFlag(FLAGS_port_file).empty()) {
     std::string path = absl::GetFlag(FLAGS_port_file);
     std::string tmp = path + ".tmp";

@@ -16,8 +16,9 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <utility>
+
+#include "absl/strings/string_view.h"
 
 namespace blockmeta {
 
@@ -27,15 +28,15 @@ enum class LogFormat { kJson, kText };
 // A field value: strings are quoted/escaped, numbers and bools are not.
 class LogValue {
  public:
-  LogValue(absl::string_view s) : text_(s), quoted_(true) {}  // NOLINT
-  LogValue(const std::string& s) : text_(s), quoted_(true) {}  // NOLINT
-  LogValue(const char* s) : text_(s), quoted_(true) {}         // NOLINT
-  LogValue(bool b) : text_(b ? "true" : "false"), quoted_(false) {}  // NOLINT
-  LogValue(int v) : text_(std::to_string(v)), quoted_(false) {}      // NOLINT
-  LogValue(long v) : text_(std::to_string(v)), quoted_(false) {}     // NOLINT
+  LogValue(absl::string_view s) : text_(s), quoted_(true) {}           // NOLINT
+  LogValue(const std::string& s) : text_(s), quoted_(true) {}          // NOLINT
+  LogValue(const char* s) : text_(s), quoted_(true) {}                 // NOLINT
+  LogValue(bool b) : text_(b ? "true" : "false"), quoted_(false) {}    // NOLINT
+  LogValue(int v) : text_(std::to_string(v)), quoted_(false) {}        // NOLINT
+  LogValue(long v) : text_(std::to_string(v)), quoted_(false) {}       // NOLINT
   LogValue(long long v) : text_(std::to_string(v)), quoted_(false) {}  // NOLINT
   LogValue(unsigned v) : text_(std::to_string(v)), quoted_(false) {}   // NOLINT
-  LogValue(unsigned long v)  // NOLINT
+  LogValue(unsigned long v)                                            // NOLINT
       : text_(std::to_string(v)), quoted_(false) {}
   LogValue(unsigned long long v)  // NOLINT
       : text_(std::to_string(v)), quoted_(false) {}
@@ -60,17 +61,20 @@ bool ParseLogFormat(absl::string_view s, LogFormat* out);
 
 void Log(LogLevel level, absl::string_view event,
          std::initializer_list<LogField> fields = {});
-inline void LogDebug(absl::string_view e, std::initializer_list<LogField> f = {}) {
+inline void LogDebug(absl::string_view e,
+                     std::initializer_list<LogField> f = {}) {
   Log(LogLevel::kDebug, e, f);
 }
-inline void LogInfo(absl::string_view e, std::initializer_list<LogField> f = {}) {
+inline void LogInfo(absl::string_view e,
+                    std::initializer_list<LogField> f = {}) {
   Log(LogLevel::kInfo, e, f);
 }
 inline void LogWarning(absl::string_view e,
                        std::initializer_list<LogField> f = {}) {
   Log(LogLevel::kWarning, e, f);
 }
-inline void LogError(absl::string_view e, std::initializer_list<LogField> f = {}) {
+inline void LogError(absl::string_view e,
+                     std::initializer_list<LogField> f = {}) {
   Log(LogLevel::kError, e, f);
 }
 

@@ -18,10 +18,9 @@ TEST(LogTest, JsonLineEscapesAndTypesFields) {
 }
 
 TEST(LogTest, TextLineQuotesOnlyWhenNeeded) {
-  std::string line =
-      FormatLogLine(LogFormat::kText, LogLevel::kInfo, "start",
-                    {{"export", "disk0"}, {"why", "two words"}, {"port", 5}},
-                    "T");
+  std::string line = FormatLogLine(
+      LogFormat::kText, LogLevel::kInfo, "start",
+      {{"export", "disk0"}, {"why", "two words"}, {"port", 5}}, "T");
   EXPECT_EQ(line, "T info start export=disk0 why=\"two words\" port=5\n");
 }
 

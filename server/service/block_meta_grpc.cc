@@ -26,7 +26,8 @@ grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context,
 }
 
 // Streams MapExtents batches; each batch is produced on the worker pool.
-class MapReactor final : public grpc::ServerWriteReactor<v1::MapExtentsResponse> {
+class MapReactor final
+    : public grpc::ServerWriteReactor<v1::MapExtentsResponse> {
  public:
   MapReactor(const CallContext& ctx, grpc::CallbackServerContext* context,
              const v1::MapExtentsRequest& request)

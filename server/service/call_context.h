@@ -36,8 +36,7 @@ inline absl::Time CallDeadline(const grpc::CallbackServerContext* ctx,
 
 inline grpc::Status OverloadedStatus(const Admission& a) {
   return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                      "server is at its limit of " +
-                          std::to_string(a.limit()) +
+                      "server is at its limit of " + std::to_string(a.limit()) +
                           " calls in flight; retry with backoff");
 }
 

@@ -65,15 +65,16 @@ class CsiReactor final : public grpc::ServerWriteReactor<Response> {
   absl::Status Start(const CsiOptions& options, Params p) {
     if (!p.precheck.ok()) return p.precheck;
     if (p.starting_offset < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "starting_offset must not be negative (got ", p.starting_offset,
-          ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("starting_offset must not be negative (got ",
+                       p.starting_offset, ")"));
     }
     if (p.max_results < 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "max_results must not be negative (got ", p.max_results, ")"));
     }
-    absl::StatusOr<ExportEntry*> entry = ctx_.service->FindExport(p.export_name);
+    absl::StatusOr<ExportEntry*> entry =
+        ctx_.service->FindExport(p.export_name);
     if (!entry.ok()) {
       return absl::NotFoundError(absl::StrCat(
           "no snapshot \"", p.export_name, "\": ", entry.status().message()));
@@ -81,13 +82,12 @@ class CsiReactor final : public grpc::ServerWriteReactor<Response> {
     uint64_t block = options.fixed_block_size;
     uint64_t start = static_cast<uint64_t>(p.starting_offset);
     if (block != 0) start = start / block * block;
-    absl::StatusOr<ExtentService::Cursor> cursor =
-        ctx_.service->PrepareStream(p.export_name, p.context, start, 0,
-                                    kMaxResultsCap);
+    absl::StatusOr<ExtentService::Cursor> cursor = ctx_.service->PrepareStream(
+        p.export_name, p.context, start, 0, kMaxResultsCap);
     if (!cursor.ok()) {
       if (cursor.status().code() == absl::StatusCode::kFailedPrecondition) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            cursor.status().message(), p.missing_context_hint));
+        return absl::FailedPreconditionError(
+            absl::StrCat(cursor.status().message(), p.missing_context_hint));
       }
       return cursor.status();
     }
@@ -184,13 +184,13 @@ CsiSnapshotMetadataService::GetMetadataDelta(
         "bitmap) the delta starts from");
   }
   p.export_name = request->target_snapshot_id();
-  p.context = absl::StrCat(std::string(kDirtyBitmapPrefix), request->base_snapshot_id());
+  p.context = absl::StrCat(std::string(kDirtyBitmapPrefix),
+                           request->base_snapshot_id());
   p.select = CsiRangeBuilder::Select::kDirty;
   p.starting_offset = request->starting_offset();
   p.max_results = request->max_results();
   p.missing_context_hint = absl::StrCat(
-      ". No change tracking from base snapshot \"",
-      request->base_snapshot_id(),
+      ". No change tracking from base snapshot \"", request->base_snapshot_id(),
       "\" exists for this volume: perform a full backup instead");
   return new Reactor(ctx_, options_, context, std::move(p));
 }

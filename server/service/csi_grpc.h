@@ -37,9 +37,9 @@ class CsiSnapshotMetadataService final
   GetMetadataAllocated(
       grpc::CallbackServerContext* context,
       const csi::v1::GetMetadataAllocatedRequest* request) override;
-  grpc::ServerWriteReactor<csi::v1::GetMetadataDeltaResponse>*
-  GetMetadataDelta(grpc::CallbackServerContext* context,
-                   const csi::v1::GetMetadataDeltaRequest* request) override;
+  grpc::ServerWriteReactor<csi::v1::GetMetadataDeltaResponse>* GetMetadataDelta(
+      grpc::CallbackServerContext* context,
+      const csi::v1::GetMetadataDeltaRequest* request) override;
 
  private:
   const CallContext ctx_;

@@ -15,10 +15,10 @@ std::vector<CsiRange> All(CsiRangeBuilder& b) {
 
 TEST(CsiRangesTest, AllocatedSkipsZeroesAndMergesTouchingData) {
   CsiRangeBuilder b(CsiRangeBuilder::Select::kAllocated, 0, 1 << 20);
-  b.Add({0, 4096, 0});                          // data
-  b.Add({4096, 4096, kStateZero});              // allocated zeroes: skip
-  b.Add({8192, 4096, kStateHole});              // hole, not zero: copy!
-  b.Add({12288, 4096, 0});                      // data, touches previous
+  b.Add({0, 4096, 0});                            // data
+  b.Add({4096, 4096, kStateZero});                // allocated zeroes: skip
+  b.Add({8192, 4096, kStateHole});                // hole, not zero: copy!
+  b.Add({12288, 4096, 0});                        // data, touches previous
   b.Add({16384, 8192, kStateHole | kStateZero});  // sparse hole: skip
   EXPECT_EQ(All(b), (std::vector<CsiRange>{{0, 4096}, {8192, 8192}}));
 }
@@ -33,11 +33,11 @@ TEST(CsiRangesTest, DirtySelectsOnlyDirty) {
 
 TEST(CsiRangesTest, FixedLengthRoundsOutwardAndNeverRepeatsABlock) {
   CsiRangeBuilder b(CsiRangeBuilder::Select::kAllocated, 4096, 5 * 4096 + 100);
-  b.Add({100, 200, 0});         // inside block 0
-  b.Add({300, 4000, 0});        // blocks 0 and 1
+  b.Add({100, 200, 0});   // inside block 0
+  b.Add({300, 4000, 0});  // blocks 0 and 1
   b.Add({4300, 8000, kStateZero | kStateHole});
-  b.Add({12300, 8000, 0});      // blocks 3, 4
-  b.Add({20300, 280, 0});       // block 4 (seen) and the short last block
+  b.Add({12300, 8000, 0});  // blocks 3, 4
+  b.Add({20300, 280, 0});   // block 4 (seen) and the short last block
   std::vector<CsiRange> got = All(b);
   EXPECT_EQ(got, (std::vector<CsiRange>{{0, 4096},
                                         {4096, 4096},

@@ -47,12 +47,11 @@ absl::Status ValidateContextName(const std::string& context) {
                      " bytes; the limit is ", kMaxContextNameBytes));
   }
   size_t colon = context.find(':');
-  if (colon == std::string::npos || colon == 0 ||
-      colon + 1 == context.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "malformed metadata context \"", context,
-        "\": expected NAMESPACE:LEAF such as base:allocation or "
-        "qemu:dirty-bitmap:NAME"));
+  if (colon == std::string::npos || colon == 0 || colon + 1 == context.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("malformed metadata context \"", context,
+                     "\": expected NAMESPACE:LEAF such as base:allocation or "
+                     "qemu:dirty-bitmap:NAME"));
   }
   for (unsigned char c : context) {
     if (c < 0x20 || c > 0x7e) {
@@ -62,7 +61,6 @@ absl::Status ValidateContextName(const std::string& context) {
   }
   return absl::OkStatus();
 }
-
 
 }  // namespace
 
@@ -78,8 +76,8 @@ void ToProto(const Extent& e, const std::string& context, v1::Extent* out) {
   }
 }
 
-ExtentService::ExtentService(const ExportRegistry* registry,
-                             ExtentCache* cache, Options options)
+ExtentService::ExtentService(const ExportRegistry* registry, ExtentCache* cache,
+                             Options options)
     : registry_(registry), cache_(cache), options_(std::move(options)) {
   for (ExportEntry* e : registry_->All()) {
     counters_.emplace(e->config.name(), std::make_unique<ExportCounters>());
@@ -188,9 +186,9 @@ absl::StatusOr<ExtentService::Query> ExtentService::Validate(
         why.empty() ? std::string() : absl::StrCat(": ", why)));
   }
   if (offset >= info->size) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "offset ", offset, " is at or past the end of export \"",
-        export_name, "\" (size ", info->size, ")"));
+    return absl::OutOfRangeError(
+        absl::StrCat("offset ", offset, " is at or past the end of export \"",
+                     export_name, "\" (size ", info->size, ")"));
   }
   if (std::find(info->contexts.begin(), info->contexts.end(), context) ==
       info->contexts.end()) {
@@ -241,8 +239,8 @@ absl::StatusOr<ExtentService::Cursor> ExtentService::PrepareMap(
 }
 
 absl::StatusOr<ExtentService::Cursor> ExtentService::PrepareStream(
-    const std::string& export_name, const std::string& context,
-    uint64_t offset, uint64_t length, uint32_t batch_size) const {
+    const std::string& export_name, const std::string& context, uint64_t offset,
+    uint64_t length, uint32_t batch_size) const {
   absl::StatusOr<Query> q =
       Validate(export_name, context, offset, length,
                /*length_zero_means_end=*/true, batch_size, v1::CACHE_MODE_USE);
@@ -272,9 +270,9 @@ std::optional<v1::GetExtentsResponse> ExtentService::TryAnswerFromCache(
   LookupResult r = cache_->Lookup(query.key, query.offset,
                                   query.end - query.offset, query.max_extents,
                                   /*count=*/false);
-  bool complete = r.next_offset >= query.end ||
-                  (query.max_extents != 0 &&
-                   r.extents.size() >= query.max_extents);
+  bool complete =
+      r.next_offset >= query.end ||
+      (query.max_extents != 0 && r.extents.size() >= query.max_extents);
   if (r.extents.empty() || !complete) return std::nullopt;
   // Count the hit now that we know it is one (the probe above was silent).
   r = cache_->Lookup(query.key, query.offset, query.end - query.offset,
@@ -285,8 +283,7 @@ std::optional<v1::GetExtentsResponse> ExtentService::TryAnswerFromCache(
 }
 
 absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
-    const Query& query, uint64_t offset, uint64_t length,
-    absl::Time deadline) {
+    const Query& query, uint64_t offset, uint64_t length, absl::Time deadline) {
   absl::Time start = absl::Now();
   absl::StatusOr<ExtentList> got = query.entry->upstream->BlockStatus(
       query.key.context, offset, length, deadline);
@@ -316,8 +313,7 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
   while (pos < query.end &&
          (max_extents == 0 || out.extents.size() < max_extents)) {
     if (absl::Now() >= deadline && !out.extents.empty()) break;
-    size_t want =
-        max_extents == 0 ? 0 : max_extents - out.extents.size();
+    size_t want = max_extents == 0 ? 0 : max_extents - out.extents.size();
     absl::StatusOr<LookupResult> step;
     if (query.cache_mode == v1::CACHE_MODE_BYPASS) {
       absl::StatusOr<ExtentList> got = FetchFromUpstream(
@@ -353,9 +349,9 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
     }
     if (step->extents.empty() || step->next_offset <= pos) {
       if (!out.extents.empty()) break;
-      return absl::InternalError(absl::StrCat(
-          "no progress answering export \"", query.key.export_name,
-          "\" at offset ", pos));
+      return absl::InternalError(absl::StrCat("no progress answering export \"",
+                                              query.key.export_name,
+                                              "\" at offset ", pos));
     }
     switch (step->outcome) {
       case Outcome::kHit:
@@ -373,16 +369,17 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
       AppendExtent(&out.extents, e, coalesce);
     }
     pos = step->next_offset;
-    if (query.cache_mode == v1::CACHE_MODE_BYPASS) out.outcome = Outcome::kBypass;
+    if (query.cache_mode == v1::CACHE_MODE_BYPASS)
+      out.outcome = Outcome::kBypass;
   }
   if (max_extents != 0 && out.extents.size() > max_extents) {
     out.extents.resize(max_extents);
   }
   out.next_offset = out.extents.empty() ? offset : out.extents.back().end();
   if (query.cache_mode != v1::CACHE_MODE_BYPASS) {
-    out.outcome = used_upstream ? (used_cache ? Outcome::kPartial
-                                              : Outcome::kMiss)
-                                : Outcome::kHit;
+    out.outcome = used_upstream
+                      ? (used_cache ? Outcome::kPartial : Outcome::kMiss)
+                      : Outcome::kHit;
   } else {
     out.outcome = Outcome::kBypass;
   }
@@ -394,9 +391,8 @@ absl::StatusOr<v1::GetExtentsResponse> ExtentService::Answer(
   if (query.cache_mode == v1::CACHE_MODE_REFRESH) {
     cache_->Invalidate(query.key, query.offset, query.end - query.offset);
   }
-  absl::StatusOr<LookupResult> r =
-      Collect(query, query.offset, query.max_extents, /*coalesce=*/true,
-              deadline);
+  absl::StatusOr<LookupResult> r = Collect(
+      query, query.offset, query.max_extents, /*coalesce=*/true, deadline);
   if (!r.ok()) return r.status();
   return MakeResponse(query, *r);
 }

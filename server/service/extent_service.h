@@ -40,9 +40,9 @@
 namespace blockmeta {
 
 // Called after every upstream block-status call made for the service.
-using UpstreamCallObserver = std::function<void(
-    const std::string& export_name, absl::Duration latency,
-    const absl::Status& status)>;
+using UpstreamCallObserver =
+    std::function<void(const std::string& export_name, absl::Duration latency,
+                       const absl::Status& status)>;
 
 class ExtentService {
  public:
@@ -66,7 +66,7 @@ class ExtentService {
 
   // The state of one MapExtents (or CSI) stream between batches.
   struct Cursor {
-    Query query;      // query.offset advances as batches are produced
+    Query query;  // query.offset advances as batches are produced
     bool coalesce = true;
     bool refreshed = false;  // CACHE_MODE_REFRESH invalidation done
   };
@@ -134,8 +134,7 @@ class ExtentService {
                                        size_t max_extents, bool coalesce,
                                        absl::Time deadline);
   absl::StatusOr<ExtentList> FetchFromUpstream(const Query& query,
-                                               uint64_t offset,
-                                               uint64_t length,
+                                               uint64_t offset, uint64_t length,
                                                absl::Time deadline);
   absl::StatusOr<Query> Validate(const std::string& export_name,
                                  const std::string& context, uint64_t offset,

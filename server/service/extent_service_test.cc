@@ -28,7 +28,8 @@ ExtentList AllocationTruth() {
 }
 
 ExtentList BitmapTruth() {
-  return {{0, 2 * kMiB, 0}, {2 * kMiB, 1 * kMiB, kStateDirty},
+  return {{0, 2 * kMiB, 0},
+          {2 * kMiB, 1 * kMiB, kStateDirty},
           {3 * kMiB, 13 * kMiB, 0}};
 }
 
@@ -40,7 +41,8 @@ class ExtentServiceTest : public ::testing::Test {
     disk->SetContext(kBitmap, BitmapTruth());
     disk_ = disk.get();
     auto other = std::make_unique<FakeUpstream>(4 * kMiB);
-    other->SetContext("base:allocation", {{0, 4 * kMiB, kStateHole | kStateZero}});
+    other->SetContext("base:allocation",
+                      {{0, 4 * kMiB, kStateHole | kStateZero}});
     other_ = other.get();
     std::vector<std::pair<v1::ExportConfig, std::unique_ptr<Upstream>>> exports;
     v1::ExportConfig c1;
@@ -90,8 +92,7 @@ TEST_F(ExtentServiceTest, ValidationErrorsHavePreciseCodes) {
             absl::StatusCode::kNotFound);
   EXPECT_EQ(Get(Req(0, 1, "")).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(Get(Req(0, 0)).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Get(Req(0, 0)).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Get(Req(5, ~0ull)).status().code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Get(Req(16 * kMiB, 1)).status().code(),
@@ -262,7 +263,8 @@ TEST_F(ExtentServiceTest, InvalidateMakesTheNextQueryAskUpstream) {
   inv.set_export_name("disk");
   inv.set_offset(2 * kMiB);
   inv.set_length(kMiB);
-  absl::StatusOr<v1::InvalidateCacheResponse> d = service_->InvalidateCache(inv);
+  absl::StatusOr<v1::InvalidateCacheResponse> d =
+      service_->InvalidateCache(inv);
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_GE(d->extents_dropped(), 1u);
   EXPECT_EQ(d->bytes_dropped(), kMiB);

@@ -20,13 +20,23 @@ namespace blockmeta {
 namespace {
 
 const char* CodeName(int code) {
-  static const char* const kNames[] = {
-      "OK",           "Canceled",          "Unknown",
-      "InvalidArgument", "DeadlineExceeded", "NotFound",
-      "AlreadyExists", "PermissionDenied", "ResourceExhausted",
-      "FailedPrecondition", "Aborted",     "OutOfRange",
-      "Unimplemented", "Internal",         "Unavailable",
-      "DataLoss",     "Unauthenticated"};
+  static const char* const kNames[] = {"OK",
+                                       "Canceled",
+                                       "Unknown",
+                                       "InvalidArgument",
+                                       "DeadlineExceeded",
+                                       "NotFound",
+                                       "AlreadyExists",
+                                       "PermissionDenied",
+                                       "ResourceExhausted",
+                                       "FailedPrecondition",
+                                       "Aborted",
+                                       "OutOfRange",
+                                       "Unimplemented",
+                                       "Internal",
+                                       "Unavailable",
+                                       "DataLoss",
+                                       "Unauthenticated"};
   if (code < 0 || code > 16) return "Unknown";
   return kNames[code];
 }
@@ -57,8 +67,8 @@ std::pair<std::string, std::string> SplitMethod(const char* full) {
 
 const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
   static const auto* b = new prometheus::Histogram::BucketBoundaries{
-      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-      0.025,  0.05,    0.1,    0.25,  0.5,    1,     2.5, 5, 10};
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+      0.05,   0.1,     0.25,   0.5,   1,      2.5,   5,    10};
   return *b;
 }
 
@@ -78,8 +88,8 @@ class CacheCollector final : public prometheus::Collectable {
         {"blockmeta_cache_hits_total", "Queries answered entirely from cache",
          prometheus::MetricType::Counter, &CacheCounters::hits},
         {"blockmeta_cache_partial_hits_total",
-         "Queries answered partly from cache",
-         prometheus::MetricType::Counter, &CacheCounters::partial_hits},
+         "Queries answered partly from cache", prometheus::MetricType::Counter,
+         &CacheCounters::partial_hits},
         {"blockmeta_cache_misses_total", "Queries with nothing cached",
          prometheus::MetricType::Counter, &CacheCounters::misses},
         {"blockmeta_cache_upstream_calls_total",
@@ -89,8 +99,8 @@ class CacheCollector final : public prometheus::Collectable {
          "Callers that waited for another caller's upstream call",
          prometheus::MetricType::Counter, &CacheCounters::coalesced_waits},
         {"blockmeta_cache_bytes_from_cache_total",
-         "Bytes of answers served from cache",
-         prometheus::MetricType::Counter, &CacheCounters::bytes_from_cache},
+         "Bytes of answers served from cache", prometheus::MetricType::Counter,
+         &CacheCounters::bytes_from_cache},
         {"blockmeta_cache_bytes_from_upstream_total",
          "Bytes of answers that came from the upstream",
          prometheus::MetricType::Counter, &CacheCounters::bytes_from_upstream},
@@ -118,7 +128,8 @@ class CacheCollector final : public prometheus::Collectable {
       f.type = d.type;
       for (size_t i = 0; i < keys.size(); ++i) {
         prometheus::ClientMetric m;
-        m.label = {{"context", keys[i].context}, {"export", keys[i].export_name}};
+        m.label = {{"context", keys[i].context},
+                   {"export", keys[i].export_name}};
         double v = static_cast<double>(values[i].*d.field);
         if (d.type == prometheus::MetricType::Counter) {
           m.counter.value = v;
@@ -190,7 +201,8 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
     impl_->started.Add(labels_).Increment();
   }
 
-  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+  void Intercept(
+      grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(
             grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
       grpc::Status status = methods->GetSendStatus();
@@ -236,8 +248,8 @@ absl::StatusOr<int> Metrics::Serve(const std::string& address) {
   try {
     exposer_ = std::make_unique<prometheus::Exposer>(address);
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot serve metrics on \"", address, "\": ", e.what()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot serve metrics on \"", address, "\": ", e.what()));
   }
   exposer_->RegisterCollectable(impl_->registry);
   exposer_->RegisterCollectable(impl_->cache_collector);
@@ -266,7 +278,8 @@ void Metrics::RecordUpstreamCall(const std::string& export_name,
 
 std::string Metrics::Render() const {
   std::vector<prometheus::MetricFamily> families = impl_->registry->Collect();
-  std::vector<prometheus::MetricFamily> cache = impl_->cache_collector->Collect();
+  std::vector<prometheus::MetricFamily> cache =
+      impl_->cache_collector->Collect();
   families.insert(families.end(), cache.begin(), cache.end());
   return prometheus::TextSerializer().Serialize(families);
 }

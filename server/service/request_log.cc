@@ -18,7 +18,8 @@ class RequestLogInterceptor final : public grpc::experimental::Interceptor {
   explicit RequestLogInterceptor(grpc::experimental::ServerRpcInfo* info)
       : info_(info), start_(std::chrono::steady_clock::now()) {}
 
-  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+  void Intercept(
+      grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
     if (methods->QueryInterceptionHookPoint(
             InterceptionHookPoints::POST_RECV_INITIAL_METADATA)) {

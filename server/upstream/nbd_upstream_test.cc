@@ -309,9 +309,9 @@ TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
   // structural check, not a timing one).
   TempDir dir;
   const std::string log = dir.File("nbdkit.log");
-  auto up = Connect(CommandExport({"nbdkit", "--filter=log", "--filter=delay",
-                                   "memory", "64M", "logfile=" + log,
-                                   "delay-extents=50ms"}));
+  auto up = Connect(
+      CommandExport({"nbdkit", "--filter=log", "--filter=delay", "memory",
+                     "64M", "logfile=" + log, "delay-extents=50ms"}));
   ASSERT_NE(up, nullptr);
   for (int i = 0; i < 500 && LiveConnectionsForTesting(up.get()) < 2; ++i) {
     absl::SleepFor(absl::Milliseconds(10));

@@ -79,10 +79,10 @@ class GrpcServiceTest : public ::testing::Test {
     ASSERT_TRUE(data.ok()) << data.status();
     data_ = data->release();
     // The same kind of disk behind a slow extents call.
-    auto slow = NbdProcess::Start(
-        {"nbdkit", "-U", "{sock}", "-f", "--filter=delay", "data",
-         "data=@1048576 1 @8388608 (0x11)*4096", "size=16M",
-         "delay-extents=3"});
+    auto slow =
+        NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "--filter=delay",
+                           "data", "data=@1048576 1 @8388608 (0x11)*4096",
+                           "size=16M", "delay-extents=3"});
     ASSERT_TRUE(slow.ok()) << slow.status();
     slow_ = slow->release();
     // The first disk again behind a 50 ms extents delay: mixed hits and
@@ -101,8 +101,9 @@ class GrpcServiceTest : public ::testing::Test {
     auto bitmap = ::blockmeta::testing::RunCommand(
         {"qemu-img", "bitmap", "--add", img, "b1"});
     ASSERT_TRUE(bitmap.ok()) << bitmap.status();
-    ASSERT_TRUE(QemuIo(img, "qcow2", {"write -P 0x3 4M 64k", "write -P 0x4 20M 1M"})
-                    .ok());
+    ASSERT_TRUE(
+        QemuIo(img, "qcow2", {"write -P 0x3 4M 64k", "write -P 0x4 20M 1M"})
+            .ok());
     auto q = NbdProcess::Start({"qemu-nbd", "-k", "{sock}", "-f", "qcow2",
                                 "--persistent", "--shared=8", "-B", "b1", "-r",
                                 img});
@@ -127,9 +128,9 @@ class GrpcServiceTest : public ::testing::Test {
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = server->release();
     ASSERT_TRUE(server_->Start().ok());
-    channel_ = new std::shared_ptr<grpc::Channel>(grpc::CreateChannel(
-        absl::StrCat("127.0.0.1:", server_->grpc_port()),
-        grpc::InsecureChannelCredentials()));
+    channel_ = new std::shared_ptr<grpc::Channel>(
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->grpc_port()),
+                            grpc::InsecureChannelCredentials()));
     // Wait until every upstream is connected.
     auto stub = v1::BlockMeta::NewStub(*channel_);
     absl::Time give_up = absl::Now() + absl::Seconds(20);
@@ -255,7 +256,8 @@ TEST_F(GrpcServiceTest, MapExtentsEqualsNbdinfoForAllocationAndBitmap) {
   for (uint32_t batch : {0u, 1u, 3u}) {
     absl::StatusOr<ExtentList> truth = NbdinfoMap(qcow_->uri());
     ASSERT_TRUE(truth.ok()) << truth.status();
-    EXPECT_EQ(MapAll("qcow", "", batch), MergeAdjacent(*truth)) << "batch " << batch;
+    EXPECT_EQ(MapAll("qcow", "", batch), MergeAdjacent(*truth))
+        << "batch " << batch;
     absl::StatusOr<ExtentList> dirty =
         NbdinfoMap(qcow_->uri(), "qemu:dirty-bitmap:b1");
     ASSERT_TRUE(dirty.ok()) << dirty.status();
@@ -291,7 +293,8 @@ TEST_F(GrpcServiceTest, BadInputGetsPreciseCodes) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_NE(s.error_message().find("base:allocation"), std::string::npos);
   ctx.set_context("garbage");
-  EXPECT_EQ(GetExtents(ctx, &r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(GetExtents(ctx, &r).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
   // Streams validate the same way.
   grpc::ClientContext c;
   v1::MapExtentsRequest m;
@@ -492,7 +495,8 @@ TEST_F(GrpcServiceTest, HealthAndMetrics) {
     do {
       grpc::ClientContext c2;
       s = health->Check(&c2, req, &resp);
-      if (s.ok() && resp.status() == grpc::health::v1::HealthCheckResponse::SERVING)
+      if (s.ok() &&
+          resp.status() == grpc::health::v1::HealthCheckResponse::SERVING)
         break;
       absl::SleepFor(absl::Milliseconds(100));
     } while (absl::Now() < give_up);
@@ -509,9 +513,10 @@ TEST_F(GrpcServiceTest, HealthAndMetrics) {
       << metrics.substr(0, 2000);
   EXPECT_NE(metrics.find("grpc_server_handling_seconds_bucket"),
             std::string::npos);
-  EXPECT_NE(metrics.find("blockmeta_cache_hits_total{context=\"base:allocation\","
-                         "export=\"data\"}"),
-            std::string::npos);
+  EXPECT_NE(
+      metrics.find("blockmeta_cache_hits_total{context=\"base:allocation\","
+                   "export=\"data\"}"),
+      std::string::npos);
   EXPECT_NE(metrics.find("blockmeta_upstream_calls_total"), std::string::npos);
 }
 

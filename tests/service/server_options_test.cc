@@ -42,19 +42,29 @@ void MakeCerts(const TempDir& dir) {
     ASSERT_TRUE(r.ok()) << r.status();
   };
   std::string d = dir.path();
-  run({"openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
-       "2", "-subj", "/CN=blockmeta-test-ca", "-keyout", d + "/ca.key",
-       "-out", d + "/ca.pem"});
+  run({"openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+       "-subj", "/CN=blockmeta-test-ca", "-keyout", d + "/ca.key", "-out",
+       d + "/ca.pem"});
   std::ofstream(d + "/server.ext")
       << "subjectAltName=IP:127.0.0.1,DNS:localhost\n";
   for (const std::string who : {"server", "client"}) {
     run({"openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj",
          "/CN=" + who, "-keyout", d + "/" + who + ".key", "-out",
          d + "/" + who + ".csr"});
-    std::vector<std::string> sign = {
-        "openssl", "x509", "-req", "-in", d + "/" + who + ".csr", "-CA",
-        d + "/ca.pem", "-CAkey", d + "/ca.key", "-CAcreateserial", "-days",
-        "2", "-out", d + "/" + who + ".pem"};
+    std::vector<std::string> sign = {"openssl",
+                                     "x509",
+                                     "-req",
+                                     "-in",
+                                     d + "/" + who + ".csr",
+                                     "-CA",
+                                     d + "/ca.pem",
+                                     "-CAkey",
+                                     d + "/ca.key",
+                                     "-CAcreateserial",
+                                     "-days",
+                                     "2",
+                                     "-out",
+                                     d + "/" + who + ".pem"};
     if (who == "server") {
       sign.push_back("-extfile");
       sign.push_back(d + "/server.ext");
@@ -66,13 +76,13 @@ void MakeCerts(const TempDir& dir) {
 class ServerOptionsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto up = NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "data",
-                                 "data=@65536 1", "size=16M"});
+    auto up = NbdProcess::Start(
+        {"nbdkit", "-U", "{sock}", "-f", "data", "data=@65536 1", "size=16M"});
     ASSERT_TRUE(up.ok()) << up.status();
     upstream_ = *std::move(up);
-    auto slow = NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f",
-                                   "--filter=delay", "data", "data=1",
-                                   "size=16M", "delay-extents=1"});
+    auto slow =
+        NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "--filter=delay",
+                           "data", "data=1", "size=16M", "delay-extents=1"});
     ASSERT_TRUE(slow.ok()) << slow.status();
     slow_ = *std::move(slow);
   }
@@ -172,8 +182,8 @@ TEST_F(ServerOptionsTest, UnixSocketListener) {
   auto server = BlockMetaServer::Create(c);
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_TRUE((*server)->Start().ok());
-  auto ch = grpc::CreateChannel("unix:" + sock,
-                                grpc::InsecureChannelCredentials());
+  auto ch =
+      grpc::CreateChannel("unix:" + sock, grpc::InsecureChannelCredentials());
   EXPECT_TRUE(ListExports(ch).ok());
   (*server)->Shutdown(absl::Seconds(1));
   ::unlink(sock.c_str());
@@ -185,9 +195,9 @@ TEST_F(ServerOptionsTest, OverloadIsAnsweredWithResourceExhausted) {
   auto server = BlockMetaServer::Create(c);
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_TRUE((*server)->Start().ok());
-  auto ch = grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-      grpc::InsecureChannelCredentials());
+  auto ch =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
+                          grpc::InsecureChannelCredentials());
   WaitReady(ch);
   std::atomic<int> ok{0}, exhausted{0}, other{0};
   std::vector<std::thread> threads;
@@ -226,9 +236,9 @@ TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
   auto server = BlockMetaServer::Create(BaseConfig());
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_TRUE((*server)->Start().ok());
-  auto ch = grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-      grpc::InsecureChannelCredentials());
+  auto ch =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
+                          grpc::InsecureChannelCredentials());
   WaitReady(ch);
   grpc::Status in_flight;
   std::thread call([&] {
