@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "blockmeta/v1/blockmeta.grpc.pb.h"
+#include "csi/v1/snapshot_metadata.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
@@ -257,6 +258,46 @@ TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
   EXPECT_TRUE(in_flight.ok()) << in_flight.error_message();
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
   EXPECT_EQ(ListExports(ch).error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(ServerOptionsTest, CsiFixedLengthBlocks) {
+  // The "disk" upstream has one data byte at 64 KiB in a 16 MiB volume.
+  v1::ServerConfig c = BaseConfig();
+  c.mutable_csi()->set_fixed_block_size(1 << 20);
+  auto server = BlockMetaServer::Create(c);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto ch =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
+                          grpc::InsecureChannelCredentials());
+  WaitReady(ch);
+  for (int64_t start : {0, 100000}) {
+    grpc::ClientContext ctx;
+    csi::v1::GetMetadataAllocatedRequest req;
+    req.set_snapshot_id("disk");
+    req.set_starting_offset(start);
+    auto reader =
+        csi::v1::SnapshotMetadata::NewStub(ch)->GetMetadataAllocated(&ctx, req);
+    csi::v1::GetMetadataAllocatedResponse msg;
+    std::vector<std::pair<int64_t, int64_t>> got;
+    while (reader->Read(&msg)) {
+      EXPECT_EQ(msg.block_metadata_type(), csi::v1::FIXED_LENGTH);
+      EXPECT_EQ(msg.volume_capacity_bytes(), 16 << 20);
+      for (const auto& b : msg.block_metadata()) {
+        got.push_back({b.byte_offset(), b.size_bytes()});
+      }
+    }
+    ASSERT_TRUE(reader->Finish().ok());
+    // The block holding the data byte, rounded out to the 1 MiB block.
+    ASSERT_EQ(got.size(), 1u) << "start " << start;
+    EXPECT_EQ(got[0], (std::pair<int64_t, int64_t>{0, 1 << 20}));
+    EXPECT_GT(got[0].first + got[0].second, start) << "ends after start";
+  }
+  v1::ServerConfig bad = BaseConfig();
+  bad.mutable_csi()->set_fixed_block_size(1000);
+  EXPECT_EQ(BlockMetaServer::Create(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  (*server)->Shutdown(absl::Seconds(1));
 }
 
 }  // namespace
