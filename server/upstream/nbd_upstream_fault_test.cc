@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/upstream/nbd_upstream.h"
+#include "server/upstream/nbd_upstream_test_util.h"
 #include "tests/testing/nbd_process.h"
 
 namespace blockmeta {
@@ -19,42 +20,6 @@ namespace {
 using ::blockmeta::testing::NbdProcess;
 
 constexpr uint64_t kMiB = 1 << 20;
-
-absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
-
-std::unique_ptr<Upstream> Connect(const blockmeta::v1::ExportConfig& config) {
-  absl::StatusOr<std::unique_ptr<Upstream>> up = CreateUpstream(config);
-  EXPECT_TRUE(up.ok()) << up.status();
-  if (!up.ok()) return nullptr;
-  EXPECT_TRUE((*up)->WaitReady(absl::Now() + absl::Seconds(20)))
-      << (*up)->LastError();
-  return std::move(*up);
-}
-
-blockmeta::v1::ExportConfig UriExport(const std::string& uri) {
-  blockmeta::v1::ExportConfig c;
-  c.set_name("e");
-  c.set_nbd_uri(uri);
-  return c;
-}
-
-blockmeta::v1::ExportConfig CommandExport(std::vector<std::string> argv) {
-  blockmeta::v1::ExportConfig c;
-  c.set_name("cmd");
-  for (auto& a : argv) c.mutable_command()->add_argv(a);
-  return c;
-}
-
-// Polls `pred` every 10 ms for at most `limit`.
-template <typename Pred>
-bool Eventually(Pred pred, absl::Duration limit = absl::Seconds(15)) {
-  const absl::Time deadline = absl::Now() + limit;
-  while (!pred()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return true;
-}
 
 struct ErrorCase {
   const char* nbdkit_error;

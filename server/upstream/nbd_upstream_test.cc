@@ -13,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/upstream/nbd_upstream_test_util.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 
@@ -30,41 +31,6 @@ using ::testing::ElementsAre;
 using ::testing::UnorderedElementsAre;
 
 constexpr uint64_t kMiB = 1 << 20;
-
-absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
-
-std::unique_ptr<Upstream> Connect(const blockmeta::v1::ExportConfig& config) {
-  absl::StatusOr<std::unique_ptr<Upstream>> up = CreateUpstream(config);
-  EXPECT_TRUE(up.ok()) << up.status();
-  if (!up.ok()) return nullptr;
-  EXPECT_TRUE((*up)->WaitReady(absl::Now() + absl::Seconds(20)))
-      << (*up)->LastError();
-  return std::move(*up);
-}
-
-blockmeta::v1::ExportConfig UriExport(const std::string& uri) {
-  blockmeta::v1::ExportConfig c;
-  c.set_name("e");
-  c.set_nbd_uri(uri);
-  return c;
-}
-
-blockmeta::v1::ExportConfig CommandExport(std::vector<std::string> argv) {
-  blockmeta::v1::ExportConfig c;
-  c.set_name("cmd");
-  for (auto& a : argv) c.mutable_command()->add_argv(a);
-  return c;
-}
-
-blockmeta::v1::ExportConfig ImageExport(const std::string& path, bool read_only,
-                                        std::vector<std::string> bitmaps = {}) {
-  blockmeta::v1::ExportConfig c;
-  c.set_name("img");
-  c.mutable_image()->set_path(path);
-  c.mutable_image()->set_read_only(read_only);
-  for (auto& b : bitmaps) c.mutable_image()->add_bitmaps(b);
-  return c;
-}
 
 // The whole map of `context`, by repeated BlockStatus calls; checks every
 // reply starts where asked and is contiguous.

@@ -1,0 +1,42 @@
+// server/upstream/nbd_upstream_test_util.h — helpers shared by the
+// upstream's tests (testonly): export configs for each upstream kind, a
+// connect-and-wait, a deadline and a bounded poll.
+#ifndef BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_TEST_UTIL_H_
+#define BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_TEST_UTIL_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "blockmeta/v1/config.pb.h"
+#include "server/upstream/upstream.h"
+
+namespace blockmeta {
+
+// A deadline 10 s from now.
+inline absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
+
+// CreateUpstream + WaitReady (20 s); a test failure and nullptr otherwise.
+std::unique_ptr<Upstream> Connect(const blockmeta::v1::ExportConfig& config);
+
+blockmeta::v1::ExportConfig UriExport(const std::string& uri);
+blockmeta::v1::ExportConfig CommandExport(std::vector<std::string> argv);
+blockmeta::v1::ExportConfig ImageExport(const std::string& path, bool read_only,
+                                        std::vector<std::string> bitmaps = {});
+
+// Polls `pred` every 10 ms for at most `limit`.
+template <typename Pred>
+bool Eventually(Pred pred, absl::Duration limit = absl::Seconds(15)) {
+  const absl::Time deadline = absl::Now() + limit;
+  while (!pred()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
+}  // namespace blockmeta
+
+#endif  // BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_TEST_UTIL_H_
