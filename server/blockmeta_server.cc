@@ -244,7 +244,7 @@ absl::Status BlockMetaServer::Start() {
     nbd_port_ = *port;
   }
   {
-    absl::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     serving_ = true;
   }
   health_thread_ = std::thread([this] { HealthLoop(); });
@@ -269,7 +269,7 @@ void BlockMetaServer::HealthLoop() {
 
 void BlockMetaServer::Shutdown(absl::Duration grace) {
   {
-    absl::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     if (!serving_) return;
     serving_ = false;
   }

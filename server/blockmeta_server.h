@@ -21,6 +21,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
+#include "server/common/mutex.h"
 
 namespace grpc {
 class Server;
@@ -82,7 +83,7 @@ class BlockMetaServer {
 
   absl::Notification stop_health_;
   std::thread health_thread_;
-  absl::Mutex mu_;
+  sync::Mutex mu_;
   bool serving_ ABSL_GUARDED_BY(mu_) = false;
 };
 

@@ -22,7 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "server/cache/mutex.h"
+#include "server/common/mutex.h"
 
 namespace blockmeta {
 namespace {

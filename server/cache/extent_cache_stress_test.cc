@@ -23,7 +23,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
-#include "server/cache/mutex.h"
+#include "server/common/mutex.h"
 
 namespace blockmeta {
 namespace {

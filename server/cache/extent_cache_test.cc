@@ -16,7 +16,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/cache/mutex.h"
+#include "server/common/mutex.h"
 
 namespace blockmeta {
 namespace {

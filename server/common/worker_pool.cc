@@ -13,19 +13,23 @@ WorkerPool::WorkerPool(size_t threads) {
 
 WorkerPool::~WorkerPool() {
   {
-    absl::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     stopping_ = true;
   }
+  work_.SignalAll();
   for (std::thread& t : threads_) t.join();
 }
 
 void WorkerPool::Schedule(absl::AnyInvocable<void() &&> task) {
-  absl::MutexLock lock(&mu_);
-  queue_.push_back(std::move(task));
+  {
+    sync::MutexLock lock(&mu_);
+    queue_.push_back(std::move(task));
+  }
+  work_.Signal();
 }
 
 size_t WorkerPool::QueueLength() const {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   return queue_.size();
 }
 
@@ -33,12 +37,10 @@ void WorkerPool::Run() {
   while (true) {
     absl::AnyInvocable<void() &&> task;
     {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](WorkerPool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
-            return p->stopping_ || !p->queue_.empty();
-          },
-          this));
+      sync::MutexLock lock(&mu_);
+      while (!stopping_ && queue_.empty()) {
+        mu_.WaitWithDeadline(&work_, absl::InfiniteFuture());
+      }
       if (queue_.empty()) return;  // stopping and drained
       task = std::move(queue_.front());
       queue_.pop_front();

@@ -17,6 +17,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/synchronization/mutex.h"
+#include "server/common/mutex.h"
 
 namespace blockmeta {
 
@@ -34,7 +35,8 @@ class WorkerPool {
  private:
   void Run();
 
-  mutable absl::Mutex mu_;
+  mutable sync::Mutex mu_;
+  absl::CondVar work_;  // signalled when a task is queued or stopping_ set
   std::deque<absl::AnyInvocable<void() &&>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   // Constant after construction.

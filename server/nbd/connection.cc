@@ -25,7 +25,7 @@ Connection::~Connection() = default;  // stream_ closes the fd
 void Connection::Stop() { shutdown(fd_, SHUT_RDWR); }
 
 void Connection::Send(const std::string& reply) {
-  absl::MutexLock lock(&write_mu_);
+  sync::MutexLock lock(&write_mu_);
   if (broken_) return;
   if (!stream_.WriteAll(reply).ok()) {
     broken_ = true;            // the client is gone; later replies are dropped
@@ -54,9 +54,10 @@ void Connection::Serve() {
   }
   ReaderLoop(*n);
   {
-    absl::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     reader_done_ = true;
   }
+  changed_.SignalAll();
   for (std::thread& t : workers) t.join();
   shutdown(fd_, SHUT_RDWR);
   LogDebug("nbd_session_end", {{"export", n->export_entry->name}});
@@ -93,17 +94,19 @@ void Connection::ReaderLoop(const Negotiated& n) {
       continue;
     }
     const uint64_t bytes = payload.size() + (r.type == kCmdRead ? r.length : 0);
-    absl::MutexLock lock(&mu_);
-    // Bounded in-flight work; one request is always admitted.
-    auto room = [this, bytes]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return inflight_ == 0 ||
-             (inflight_ < options_.max_inflight_requests &&
-              inflight_bytes_ + bytes <= options_.max_inflight_bytes);
-    };
-    mu_.Await(absl::Condition(&room));
-    ++inflight_;
-    inflight_bytes_ += bytes;
-    queue_.push_back(Job{r, std::move(payload)});
+    {
+      sync::MutexLock lock(&mu_);
+      // Bounded in-flight work; one request is always admitted.
+      while (!(inflight_ == 0 ||
+               (inflight_ < options_.max_inflight_requests &&
+                inflight_bytes_ + bytes <= options_.max_inflight_bytes))) {
+        mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+      }
+      ++inflight_;
+      inflight_bytes_ += bytes;
+      queue_.push_back(Job{r, std::move(payload)});
+    }
+    changed_.SignalAll();
   }
 }
 
@@ -112,11 +115,10 @@ void Connection::WorkerLoop(const Negotiated& n) {
   for (;;) {
     Job job;
     {
-      absl::MutexLock lock(&mu_);
-      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return !queue_.empty() || reader_done_;
-      };
-      mu_.Await(absl::Condition(&ready));
+      sync::MutexLock lock(&mu_);
+      while (queue_.empty() && !reader_done_) {
+        mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+      }
       if (queue_.empty()) return;  // reader done and nothing left
       job = std::move(queue_.front());
       queue_.pop_front();
@@ -125,9 +127,12 @@ void Connection::WorkerLoop(const Negotiated& n) {
         job.payload.size() +
         (job.request.type == kCmdRead ? job.request.length : 0);
     Send(handler.Handle(job.request, std::move(job.payload)));
-    absl::MutexLock lock(&mu_);
-    --inflight_;
-    inflight_bytes_ -= bytes;
+    {
+      sync::MutexLock lock(&mu_);
+      --inflight_;
+      inflight_bytes_ -= bytes;
+    }
+    changed_.SignalAll();  // the reader may be waiting for room
   }
 }
 

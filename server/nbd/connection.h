@@ -30,6 +30,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/cache/extent_cache.h"
+#include "server/common/mutex.h"
 #include "server/nbd/handshake.h"
 #include "server/nbd/request.h"
 #include "server/nbd/stream.h"
@@ -76,13 +77,15 @@ class Connection {
   const ConnectionOptions options_;
   FdStream stream_;
 
-  absl::Mutex mu_;  // protects the job queue
+  sync::Mutex mu_;  // protects the job queue
+  // Signalled when a job is queued or finished, or the reader stops.
+  absl::CondVar changed_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
   size_t inflight_ ABSL_GUARDED_BY(mu_) = 0;  // queued + running
   uint64_t inflight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool reader_done_ ABSL_GUARDED_BY(mu_) = false;
 
-  absl::Mutex write_mu_;  // serializes replies on the socket
+  sync::Mutex write_mu_;  // serializes replies on the socket
   bool broken_ ABSL_GUARDED_BY(write_mu_) = false;
 };
 

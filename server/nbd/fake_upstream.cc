@@ -18,7 +18,7 @@ FakeUpstream::FakeUpstream(uint64_t size, uint32_t block, bool with_bitmap)
   info_.contexts = {"base:allocation"};
   if (with_bitmap) info_.contexts.push_back("qemu:dirty-bitmap:b1");
   info_.description = "fake";
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   data_.assign(size, '\0');
   const uint64_t blocks = (size + block - 1) / block;
   allocated_.assign(blocks, false);
@@ -39,7 +39,7 @@ void FakeUpstream::Mark(uint64_t offset, uint64_t length, bool allocated) {
 }
 
 void FakeUpstream::Fill(uint64_t offset, uint64_t length, char byte) {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   memset(&data_[offset], byte, length);
   for (uint64_t b = offset / block_; b <= (offset + length - 1) / block_; ++b) {
     allocated_[b] = true;
@@ -61,7 +61,7 @@ absl::StatusOr<ExtentList> FakeUpstream::BlockStatus(const std::string& context,
     return absl::OutOfRangeError("bad range");
   }
   const uint64_t end = std::min(info_.size, offset + length);
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   ExtentList out;
   uint64_t pos = offset;
   while (pos < end) {
@@ -81,7 +81,7 @@ absl::StatusOr<ExtentList> FakeUpstream::BlockStatus(const std::string& context,
 absl::Status FakeUpstream::Pread(void* buf, uint64_t count, uint64_t offset,
                                  absl::Time) {
   data_calls_.fetch_add(1);
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   if (offset + count > data_.size()) return absl::OutOfRangeError("past end");
   memcpy(buf, &data_[offset], count);
   return absl::OkStatus();
@@ -91,7 +91,7 @@ absl::Status FakeUpstream::Pwrite(const void* buf, uint64_t count,
                                   uint64_t offset, uint32_t, absl::Time) {
   data_calls_.fetch_add(1);
   if (info_.read_only) return absl::PermissionDeniedError("read-only");
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   if (offset + count > data_.size()) return absl::OutOfRangeError("past end");
   memcpy(&data_[offset], buf, count);
   Mark(offset, count, true);
@@ -101,7 +101,7 @@ absl::Status FakeUpstream::Pwrite(const void* buf, uint64_t count,
 absl::Status FakeUpstream::Trim(uint64_t count, uint64_t offset, uint32_t,
                                 absl::Time) {
   data_calls_.fetch_add(1);
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   if (offset + count > data_.size()) return absl::OutOfRangeError("past end");
   memset(&data_[offset], 0, count);
   // Only whole blocks become holes.
@@ -117,7 +117,7 @@ absl::Status FakeUpstream::Trim(uint64_t count, uint64_t offset, uint32_t,
 absl::Status FakeUpstream::Zero(uint64_t count, uint64_t offset, uint32_t,
                                 absl::Time) {
   data_calls_.fetch_add(1);
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   if (offset + count > data_.size()) return absl::OutOfRangeError("past end");
   memset(&data_[offset], 0, count);
   Mark(offset, count, true);

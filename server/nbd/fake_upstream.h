@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "server/common/mutex.h"
 #include "server/upstream/upstream.h"
 
 namespace blockmeta {
@@ -65,7 +65,7 @@ class FakeUpstream : public Upstream {
   std::atomic<uint64_t> block_status_calls_{0};
   std::atomic<uint64_t> data_calls_{0};
 
-  mutable absl::Mutex mu_;
+  mutable sync::Mutex mu_;
   std::string data_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> allocated_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> dirty_ ABSL_GUARDED_BY(mu_);

@@ -82,7 +82,7 @@ NbdServer::~NbdServer() { Shutdown(); }
 absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
                                      const std::string& unix_path) {
   {
-    absl::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     if (started_) return absl::FailedPreconditionError("already started");
     started_ = true;
   }
@@ -173,7 +173,7 @@ void NbdServer::AcceptLoop() {
     int r = poll(pfds, n, 1000);
     if (r < 0 && errno != EINTR) return;
     {
-      absl::MutexLock lock(&mu_);
+      sync::MutexLock lock(&mu_);
       if (stopping_) return;
       ReapLocked();
     }
@@ -206,7 +206,7 @@ void NbdServer::OnAccept(int fd) {
   slot->connection =
       std::make_unique<nbd::Connection>(fd, &exports_, cache_, options_);
   Slot* raw = slot.get();
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   slots_.push_back(std::move(slot));
   raw->thread = std::thread([this, raw] {
     raw->connection->Serve();
@@ -228,7 +228,7 @@ void NbdServer::ReapLocked() {
 
 void NbdServer::Shutdown() {
   {
-    absl::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     if (stopping_) return;
     stopping_ = true;
   }
@@ -244,7 +244,7 @@ void NbdServer::Shutdown() {
   if (!unix_path_.empty()) unlink(unix_path_.c_str());
   std::list<std::unique_ptr<Slot>> slots;
   {
-    absl::MutexLock lock(&mu_);
+    sync::MutexLock lock(&mu_);
     slots.swap(slots_);
   }
   for (auto& s : slots) s->connection->Stop();

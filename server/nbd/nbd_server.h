@@ -30,6 +30,7 @@
 #include "absl/synchronization/mutex.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/cache/extent_cache.h"
+#include "server/common/mutex.h"
 #include "server/nbd/connection.h"
 #include "server/nbd/handshake.h"
 
@@ -87,7 +88,7 @@ class NbdServer {
   std::string unix_path_;
   std::thread acceptor_;
 
-  absl::Mutex mu_;
+  sync::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::list<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);

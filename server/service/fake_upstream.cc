@@ -9,33 +9,33 @@ namespace blockmeta {
 FakeUpstream::FakeUpstream(uint64_t size) : size_(size) {}
 
 void FakeUpstream::SetContext(const std::string& context, ExtentList truth) {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   truth_[context] = std::move(truth);
 }
 
 void FakeUpstream::SetDown(bool down) {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   down_ = down;
 }
 
 void FakeUpstream::FailNextCalls(int n, absl::Status status) {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   fail_next_ = n;
   fail_status_ = std::move(status);
 }
 
 void FakeUpstream::SetReplyExtentsMax(size_t n) {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   reply_extents_max_ = n;
 }
 
 bool FakeUpstream::Ready() const {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   return !down_;
 }
 
 absl::StatusOr<UpstreamInfo> FakeUpstream::Info() const {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   if (down_) return absl::UnavailableError("fake upstream is down");
   UpstreamInfo info;
   info.size = size_;
@@ -45,7 +45,7 @@ absl::StatusOr<UpstreamInfo> FakeUpstream::Info() const {
 }
 
 std::string FakeUpstream::LastError() const {
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   return down_ ? "fake upstream is down" : "";
 }
 
@@ -54,7 +54,7 @@ absl::StatusOr<ExtentList> FakeUpstream::BlockStatus(const std::string& context,
                                                      uint64_t length,
                                                      absl::Time) {
   calls_.fetch_add(1);
-  absl::MutexLock lock(&mu_);
+  sync::MutexLock lock(&mu_);
   if (down_) return absl::UnavailableError("fake upstream is down");
   if (fail_next_ > 0) {
     --fail_next_;

@@ -15,7 +15,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
+#include "server/common/mutex.h"
 #include "server/upstream/upstream.h"
 
 namespace blockmeta {
@@ -61,7 +61,7 @@ class FakeUpstream final : public Upstream {
 
  private:
   const uint64_t size_;
-  mutable absl::Mutex mu_;
+  mutable sync::Mutex mu_;
   std::map<std::string, ExtentList> truth_ ABSL_GUARDED_BY(mu_);
   bool down_ ABSL_GUARDED_BY(mu_) = false;
   int fail_next_ ABSL_GUARDED_BY(mu_) = 0;

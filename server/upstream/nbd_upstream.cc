@@ -20,7 +20,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "server/cache/mutex.h"
+#include "server/common/mutex.h"
 #include "server/upstream/nbd_errors.h"
 #include "server/upstream/spawned_server.h"
 

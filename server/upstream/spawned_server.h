@@ -31,7 +31,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "server/cache/mutex.h"
+#include "server/common/mutex.h"
 
 namespace blockmeta {
 

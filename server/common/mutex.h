@@ -1,4 +1,4 @@
-// server/cache/mutex.h — absl::Mutex that ThreadSanitizer can see.
+// server/common/mutex.h — absl::Mutex that ThreadSanitizer can see.
 //
 // Debian's libabsl is not built with -fsanitize=thread, so TSan sees neither
 // the acquire/release inside absl::Mutex nor the annotations absl would add
@@ -14,8 +14,8 @@
 // ABSL_SCOPED_LOCKABLE), so clang -Wthread-safety checks ABSL_GUARDED_BY
 // fields guarded by a sync::Mutex. Waiting on an absl::CondVar goes through
 // Mutex::WaitWithDeadline so that TSan sees the release and re-acquire.
-#ifndef BLOCKMETA_SERVER_CACHE_MUTEX_H_
-#define BLOCKMETA_SERVER_CACHE_MUTEX_H_
+#ifndef BLOCKMETA_SERVER_COMMON_MUTEX_H_
+#define BLOCKMETA_SERVER_COMMON_MUTEX_H_
 
 #include "absl/base/config.h"
 #include "absl/base/thread_annotations.h"
@@ -107,4 +107,4 @@ class ABSL_SCOPED_LOCKABLE ReaderMutexLock {
 
 #undef BLOCKMETA_TSAN
 
-#endif  // BLOCKMETA_SERVER_CACHE_MUTEX_H_
+#endif  // BLOCKMETA_SERVER_COMMON_MUTEX_H_
