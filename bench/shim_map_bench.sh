@@ -5,7 +5,7 @@
 # it) is mapped with `qemu-img map --output=json`:
 #   (a) directly,
 #   (b) through `nbdkit --filter=cacheextents nbd ...`,
-#   (c) through the blockmeta NBD shim (bench/shim_bench_server),
+#   (c) through the blockmeta NBD shim (blockmetad --nbd_unix_socket),
 # each twice in a row on a fresh upstream (cold, then warm: a second client),
 # plus 4 clients at once, plus a map after a 4 KiB write made through the
 # proxy (cacheextents wipes its cache on any write; the shim forgets only
@@ -16,16 +16,16 @@
 #   SIZE=8G DELAY=20ms bench/shim_map_bench.sh
 #
 # Needs: nbdkit (sparse-random plugin, delay/log/cacheextents filters),
-# qemu-img, and the shim binary: $SHIM_BIN, else bazel-bin/bench/
-# shim_bench_server (built with: bazel build -c opt //bench:shim_bench_server).
+# qemu-img, and blockmetad: $SHIM_BIN, else the --config=opt build of
+# //server:blockmetad (bazel build --config=opt //server:blockmetad).
 set -euo pipefail
 SIZE="${SIZE:-4G}"
 DELAY="${DELAY:-10ms}"
 RUNLENGTH="${RUNLENGTH:-4194304}"
 PERCENT="${PERCENT:-30}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-SHIM_BIN="${SHIM_BIN:-$ROOT/bazel-bin/bench/shim_bench_server}"
-[ -x "$SHIM_BIN" ] || { echo "shim binary $SHIM_BIN missing; run: bazel build -c opt //bench:shim_bench_server" >&2; exit 2; }
+SHIM_BIN="${SHIM_BIN:-$(cd "$ROOT" && bazel info --config=opt bazel-bin 2>/dev/null)/server/blockmetad}"
+[ -x "$SHIM_BIN" ] || { echo "blockmetad $SHIM_BIN missing; run: bazel build --config=opt //server:blockmetad" >&2; exit 2; }
 for t in nbdkit qemu-img; do command -v $t >/dev/null || { echo "$t missing" >&2; exit 2; }; done
 
 W="$(mktemp -d /tmp/shim-bench.XXXXXX)"
@@ -110,8 +110,9 @@ stop_pid "$CE_PID"; stop_pid "$SLOW_PID"
 # (c) the blockmeta shim.
 start_slow c
 rm -f "$W/shim.sock"
-"$SHIM_BIN" --upstream="nbd+unix:///?socket=$W/slow.sock" --export=disk \
-  --socket="$W/shim.sock" > "$W/shim.out" 2> "$W/shim.err" &
+"$SHIM_BIN" --grpc_listen=127.0.0.1:0 --log_level=warning \
+  --export=disk="nbd+unix:///?socket=$W/slow.sock" \
+  --nbd_unix_socket="$W/shim.sock" > "$W/shim.out" 2> "$W/shim.err" &
 SHIM_PID=$!; PIDS+=("$SHIM_PID"); wait_sock "$W/shim.sock"
 C_T=$(map "nbd+unix:///disk?socket=$W/shim.sock" "$W/c.json"); check "$W/c.json"
 C_C=$(calls c)
