@@ -73,7 +73,8 @@ TEST(DelayFilterTest, DeadlineExceededThenThePoolRecovers) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
       << r.status();
   EXPECT_GE(took, absl::Milliseconds(290));
-  EXPECT_LT(took, absl::Milliseconds(1500));
+  // Well before the 5 s delay ends: the deadline, not the server, decided.
+  EXPECT_LT(took, absl::Seconds(3));
   // Other commands are not delayed and keep working meanwhile.
   char buf[512];
   EXPECT_TRUE(up->Pread(buf, sizeof buf, 0, Soon()).ok());
@@ -111,7 +112,8 @@ TEST(DelayFilterTest, WaitingForABusyPoolRespectsTheDeadline) {
   EXPECT_EQ(up->Pread(buf, sizeof buf, 0, absl::Now() + absl::Milliseconds(200))
                 .code(),
             absl::StatusCode::kDeadlineExceeded);
-  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  // Not after the busy call's 2 s: the waiter's own deadline decided.
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(1500));
   slow.join();
 }
 
@@ -133,7 +135,8 @@ TEST(RestartTest, KilledUriServerFailsFastThenResumes) {
     absl::StatusOr<ExtentList> r =
         up->BlockStatus("base:allocation", 0, kMiB, Soon());
     EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
-    EXPECT_LT(absl::Now() - start, absl::Milliseconds(500));
+    // Fast: far below the 10 s deadline the call was given.
+    EXPECT_LT(absl::Now() - start, absl::Seconds(2));
   }
   EXPECT_TRUE(Eventually([&] { return !up->Ready(); }));
   EXPECT_NE(up->LastError(), "");
@@ -188,7 +191,8 @@ TEST(StartupTest, MissingSocketIsUnavailableWithReason) {
   absl::StatusOr<ExtentList> r =
       (*up)->BlockStatus("base:allocation", 0, 1, Soon());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(100));
+  // At once, not after the 10 s deadline.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
   EXPECT_EQ((*up)->Info().status().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ((*up)->Generation(), 0u);
 }

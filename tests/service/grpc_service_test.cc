@@ -334,7 +334,8 @@ TEST_F(GrpcServiceTest, CacheHitsDoNotWaitForASlowMiss) {
   absl::Time start = absl::Now();
   ASSERT_TRUE(GetExtents(Req("data", 0, 64 * kMiB), &r).ok());
   EXPECT_EQ(r.cache_outcome(), v1::CACHE_OUTCOME_HIT);
-  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  // The slow miss takes 3 s; the hit must not wait for it.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
   slow.join();
 }
 
