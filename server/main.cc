@@ -5,13 +5,15 @@
 //   blockmetad --grpc_listen=127.0.0.1:0 --export=disk=nbd+unix:///?socket=/s
 //
 // Flags override the config file. SIGTERM/SIGINT start a graceful shutdown
-// (health NOT_SERVING, drain for shutdown_grace_seconds, exit 0).
+// (health NOT_SERVING, drain for shutdown_grace_seconds, exit 0); if calls
+// stuck in upstream I/O keep it alive 5 s past the grace period, it exits 1.
 #include <signal.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -20,6 +22,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/notification.h"
 #include "server/blockmeta_server.h"
 #include "server/common/config.h"
 #include "server/common/log.h"
@@ -182,8 +185,24 @@ int main(int argc, char** argv) {
   blockmeta::LogInfo("shutting_down",
                      {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"},
                       {"grace_seconds", config.shutdown_grace_seconds()}});
+  // In-flight calls are cancelled when the grace period ends, but a worker
+  // blocked in an upstream call returns only at that call's own timeout
+  // (libnbd cannot cancel a command). Do not outlive the grace period by
+  // more than a few seconds waiting for it: orchestrators kill us anyway.
+  absl::Notification stopped;
+  std::thread watchdog([&stopped, grace] {
+    if (!stopped.WaitForNotificationWithTimeout(grace + absl::Seconds(5))) {
+      blockmeta::LogError("shutdown_forced",
+                          {{"reason",
+                            "calls still running after the grace "
+                            "period; exiting without them"}});
+      std::_Exit(1);
+    }
+  });
   (*server)->Shutdown(grace);
   server->reset();
+  stopped.Notify();
+  watchdog.join();
   blockmeta::LogInfo("stopped");
   return 0;
 }

@@ -6,6 +6,7 @@
 set -euo pipefail
 server_bin="$TEST_SRCDIR/blockmeta/server/blockmetad"
 client_py="$TEST_SRCDIR/blockmeta/tests/service/reflection_client.py"
+client_bin="$TEST_SRCDIR/blockmeta/client/blockmeta"
 # Unix socket paths are limited to 107 bytes: Bazel's TEST_TMPDIR is too deep.
 tmp=$(mktemp -d /tmp/blockmetad_test.XXXXXX)
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -84,4 +85,29 @@ elapsed=$(( $(date +%s) - start ))
 [ "$rc" -eq 0 ] || { cat "$tmp/server.log"; fail "exit code $rc after SIGTERM"; }
 [ "$elapsed" -le 6 ] || fail "shutdown took ${elapsed}s (grace 5s)"
 grep -q '"event":"stopped"' "$tmp/server.log" || fail "no 'stopped' log line"
+# 5. A call stuck in upstream I/O (libnbd cannot cancel it) does not keep
+#    the process alive long past the grace period: exit 1 after grace + 5 s.
+slow_sock="$tmp/slow.sock"
+nbdkit -U "$slow_sock" -f --filter=delay memory 16M delay-extents=60 &
+pids+=($!)
+for _ in $(seq 1 100); do [ -S "$slow_sock" ] && break; sleep 0.05; done
+rm -f "$tmp/ports"
+"$server_bin" --grpc_listen=127.0.0.1:0 --export=slow="nbd+unix:///?socket=$slow_sock" \
+  --port_file="$tmp/ports" --shutdown_grace_seconds=1 2>"$tmp/server2.log" &
+server_pid=$!
+pids+=($server_pid)
+for _ in $(seq 1 200); do [ -s "$tmp/ports" ] && break; sleep 0.05; done
+port=$(sed -n 's/.*grpc=\([0-9]*\).*/\1/p' "$tmp/ports")
+"$client_bin" --server="127.0.0.1:$port" --timeout=120s map slow --cache=bypass \
+  >/dev/null 2>&1 &
+pids+=($!)
+sleep 1  # the map is now waiting for the 60 s extents call
+start=$(date +%s)
+kill -TERM "$server_pid"
+rc=0
+wait "$server_pid" || rc=$?
+elapsed=$(( $(date +%s) - start ))
+[ "$rc" -eq 1 ] || { cat "$tmp/server2.log"; fail "expected exit 1 after a forced shutdown, got $rc"; }
+[ "$elapsed" -le 10 ] || fail "forced shutdown took ${elapsed}s (grace 1 s + 5 s)"
+grep -q '"event":"shutdown_forced"' "$tmp/server2.log" || fail "no shutdown_forced log line"
 echo "PASS"
