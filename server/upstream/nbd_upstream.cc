@@ -728,6 +728,12 @@ absl::StatusOr<nbd_handle*> NbdUpstream::ConnectOne(UpstreamInfo* info) {
     return fail(StatusFromNbdError("opt mode"));
   int r;
   if (!uri_.empty()) {
+    // The URI comes from the operator's configuration, not from a client:
+    // let it name local files (nbds:// ...&tls-certificates=DIR or
+    // tls-psk-file=FILE), which libnbd refuses by default.
+    if (nbd_set_uri_allow_local_file(h, true) == -1) {
+      return fail(StatusFromNbdError("uri allow local file"));
+    }
     r = nbd_aio_connect_uri(h, uri_.c_str());
   } else {
     r = nbd_aio_connect_unix(h, server_->socket_path().c_str());
