@@ -4,9 +4,9 @@
 #include "server/nbd/handler.h"
 
 #include "gtest/gtest.h"
-#include "server/nbd/fake_upstream.h"
 #include "server/nbd/stream.h"
 #include "server/nbd/test_client.h"
+#include "server/upstream/fake_upstream.h"
 
 namespace blockmeta {
 namespace nbd {

@@ -14,11 +14,11 @@
 #include <vector>
 
 #include "server/cache/extent_cache.h"
-#include "server/nbd/fake_upstream.h"
 #include "server/nbd/handler.h"
 #include "server/nbd/handshake.h"
 #include "server/nbd/request.h"
 #include "server/nbd/stream.h"
+#include "server/upstream/fake_upstream.h"
 
 namespace {
 

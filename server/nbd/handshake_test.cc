@@ -10,9 +10,9 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/nbd/fake_upstream.h"
 #include "server/nbd/protocol.h"
 #include "server/nbd/test_client.h"
+#include "server/upstream/fake_upstream.h"
 
 namespace blockmeta {
 namespace nbd {

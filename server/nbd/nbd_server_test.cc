@@ -12,13 +12,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
-#include "server/nbd/fake_upstream.h"
 #include "server/nbd/test_client.h"
+#include "server/upstream/fake_upstream.h"
 
 namespace blockmeta {
 namespace {
 
-using nbd::FakeUpstream;
 using nbd::Request;
 using nbd::testing::DecodeBlockStatus;
 using nbd::testing::RawClient;

@@ -8,7 +8,7 @@
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
-#include "server/service/fake_upstream.h"
+#include "server/upstream/fake_upstream.h"
 
 namespace blockmeta {
 namespace {
@@ -36,13 +36,15 @@ ExtentList BitmapTruth() {
 class ExtentServiceTest : public ::testing::Test {
  protected:
   ExtentServiceTest() {
-    auto disk = std::make_unique<FakeUpstream>(16 * kMiB);
-    disk->SetContext("base:allocation", AllocationTruth());
-    disk->SetContext(kBitmap, BitmapTruth());
+    auto disk = std::make_unique<FakeUpstream>(16 * kMiB, 4096,
+                                               /*with_bitmap=*/false);
+    disk->SetContextTruth("base:allocation", AllocationTruth());
+    disk->SetContextTruth(kBitmap, BitmapTruth());
     disk_ = disk.get();
-    auto other = std::make_unique<FakeUpstream>(4 * kMiB);
-    other->SetContext("base:allocation",
-                      {{0, 4 * kMiB, kStateHole | kStateZero}});
+    auto other = std::make_unique<FakeUpstream>(4 * kMiB, 4096,
+                                                /*with_bitmap=*/false);
+    other->SetContextTruth("base:allocation",
+                           {{0, 4 * kMiB, kStateHole | kStateZero}});
     other_ = other.get();
     std::vector<std::pair<v1::ExportConfig, std::unique_ptr<Upstream>>> exports;
     v1::ExportConfig c1;
@@ -108,7 +110,7 @@ TEST_F(ExtentServiceTest, ValidationErrorsHavePreciseCodes) {
   v1::GetExtentsRequest bad_mode = Req(0, 1);
   bad_mode.set_cache_mode(static_cast<v1::CacheMode>(42));
   EXPECT_EQ(Get(bad_mode).status().code(), absl::StatusCode::kInvalidArgument);
-  disk_->SetDown(true);
+  disk_->set_ready(false);
   EXPECT_EQ(Get(Req(0, 1)).status().code(), absl::StatusCode::kUnavailable);
 }
 
@@ -124,7 +126,7 @@ TEST_F(ExtentServiceTest, AnswersTheTruthAndThenHitsTheCache) {
   EXPECT_TRUE(r->extents(1).zero());
   EXPECT_FALSE(r->extents(3).hole());
   EXPECT_TRUE(r->extents(3).zero());
-  int calls = disk_->calls();
+  uint64_t calls = disk_->block_status_calls();
 
   absl::StatusOr<ExtentService::Query> q =
       service_->PrepareExtents(Req(512 * 1024, 5 * kMiB));
@@ -136,7 +138,7 @@ TEST_F(ExtentServiceTest, AnswersTheTruthAndThenHitsTheCache) {
             (ExtentList{{512 * 1024, 512 * 1024, 0},
                         {1 * kMiB, 3 * kMiB, kStateHole | kStateZero},
                         {4 * kMiB, 1536 * 1024, 0}}));
-  EXPECT_EQ(disk_->calls(), calls);
+  EXPECT_EQ(disk_->block_status_calls(), calls);
 }
 
 TEST_F(ExtentServiceTest, LengthPastTheEndIsClipped) {
@@ -178,13 +180,13 @@ TEST_F(ExtentServiceTest, BypassNeverTouchesTheCacheRefreshRefills) {
   ASSERT_TRUE(Get(Req(0, 16 * kMiB)).ok());  // fills
   ASSERT_TRUE(service_->TryAnswerFromCache(*q).has_value());
   // The disk changes behind our back; refresh sees it and re-caches.
-  disk_->SetContext("base:allocation", {{0, 16 * kMiB, 0}});
-  int calls = disk_->calls();
+  disk_->SetContextTruth("base:allocation", {{0, 16 * kMiB, 0}});
+  uint64_t calls = disk_->block_status_calls();
   v1::GetExtentsRequest refresh = Req(0, 16 * kMiB);
   refresh.set_cache_mode(v1::CACHE_MODE_REFRESH);
   r = Get(refresh);
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_GT(disk_->calls(), calls);
+  EXPECT_GT(disk_->block_status_calls(), calls);
   EXPECT_EQ(FromProto(*r), (ExtentList{{0, 16 * kMiB, 0}}));
   std::optional<v1::GetExtentsResponse> hit = service_->TryAnswerFromCache(*q);
   ASSERT_TRUE(hit.has_value());
@@ -223,7 +225,7 @@ TEST_F(ExtentServiceTest, ExportsAndContextsAreIsolated) {
 }
 
 TEST_F(ExtentServiceTest, UpstreamErrorsPropagate) {
-  disk_->FailNextCalls(1, absl::UnavailableError("connection reset"));
+  disk_->FailNextBlockStatus(1, absl::UnavailableError("connection reset"));
   absl::Status s = Get(Req(0, kMiB)).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
   EXPECT_TRUE(Get(Req(0, kMiB)).ok()) << "next call goes through";
@@ -289,8 +291,7 @@ TEST_F(ExtentServiceTest, StatsCountHitsAndUpstreamCalls) {
   EXPECT_GE(s->total().upstream_calls(), 1u);
   ASSERT_EQ(s->exports_size(), 2);
   EXPECT_EQ(s->exports(0).export_name(), "disk");
-  EXPECT_EQ(s->exports(0).upstream_calls(),
-            static_cast<uint64_t>(disk_->calls()));
+  EXPECT_EQ(s->exports(0).upstream_calls(), disk_->block_status_calls());
   v1::GetStatsRequest bad;
   bad.set_export_name("nope");
   EXPECT_EQ(service_->GetStats(bad).status().code(),

@@ -1,11 +1,10 @@
-// server/nbd/fake_upstream.cc — in-memory Upstream for tests.
-#include "server/nbd/fake_upstream.h"
+// server/upstream/fake_upstream.cc — see fake_upstream.h.
+#include "server/upstream/fake_upstream.h"
 
 #include <algorithm>
 #include <cstring>
 
 namespace blockmeta {
-namespace nbd {
 
 FakeUpstream::FakeUpstream(uint64_t size, uint32_t block, bool with_bitmap)
     : block_(block) {
@@ -46,12 +45,57 @@ void FakeUpstream::Fill(uint64_t offset, uint64_t length, char byte) {
   }
 }
 
+void FakeUpstream::SetContextTruth(const std::string& context,
+                                   ExtentList truth) {
+  if (std::find(info_.contexts.begin(), info_.contexts.end(), context) ==
+      info_.contexts.end()) {
+    info_.contexts.push_back(context);
+  }
+  sync::MutexLock lock(&mu_);
+  truth_[context] = std::move(truth);
+}
+
+void FakeUpstream::FailNextBlockStatus(int n, absl::Status status) {
+  sync::MutexLock lock(&mu_);
+  fail_next_ = n;
+  fail_status_ = std::move(status);
+}
+
+void FakeUpstream::SetReplyExtentsMax(size_t n) {
+  sync::MutexLock lock(&mu_);
+  reply_extents_max_ = n;
+}
+
 absl::StatusOr<ExtentList> FakeUpstream::BlockStatus(const std::string& context,
                                                      uint64_t offset,
                                                      uint64_t length,
                                                      absl::Time) {
   block_status_calls_.fetch_add(1);
   if (!ready_) return absl::UnavailableError("fake upstream not ready");
+  {
+    sync::MutexLock lock(&mu_);
+    if (fail_next_ > 0) {
+      --fail_next_;
+      return fail_status_;
+    }
+    auto it = truth_.find(context);
+    if (it != truth_.end()) {
+      // Like servers that may answer past the requested length.
+      ExtentList out;
+      for (const Extent& e : it->second) {
+        if (e.end() <= offset) continue;
+        if (out.size() >= reply_extents_max_) break;
+        if (!out.empty() && e.offset >= offset + length) break;
+        Extent piece = e;
+        if (piece.offset < offset) {
+          piece.length -= offset - piece.offset;
+          piece.offset = offset;
+        }
+        out.push_back(piece);
+      }
+      return out;
+    }
+  }
   const bool bitmap =
       context == "qemu:dirty-bitmap:b1" && info_.contexts.size() > 1;
   if (context != "base:allocation" && !bitmap) {
@@ -134,5 +178,4 @@ absl::Status FakeUpstream::Cache(uint64_t, uint64_t, absl::Time) {
   return absl::OkStatus();
 }
 
-}  // namespace nbd
 }  // namespace blockmeta

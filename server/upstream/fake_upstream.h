@@ -1,17 +1,26 @@
-// server/nbd/fake_upstream.h — an in-memory Upstream for the shim's unit
-// tests and fuzzer (testonly). Integration tests use real nbdkit/qemu-nbd.
+// server/upstream/fake_upstream.h — an in-memory Upstream for unit tests
+// and the shim's fuzzer (testonly). Integration tests use real nbdkit /
+// qemu-nbd.
 //
 // The disk is `size` bytes in blocks of `block` bytes. base:allocation
 // reports a block as HOLE|ZERO until it is written, then as data (trim
 // makes it a hole again); the dirty bitmap context (if enabled) reports a
 // block DIRTY once written. BlockStatus answers are contiguous runs from the
 // offset, covering at most `length` rounded up to a block, and are counted.
+//
+// For tests of the service logic a context can instead be given a fixed
+// truth table (SetContextTruth): any flags (allocated zeroes, holes that do
+// not read as zero, ...), answered like servers that reply past the
+// requested length (up to SetReplyExtentsMax extents). BlockStatus can be
+// made to fail (FailNextBlockStatus) and the upstream to be down
+// (set_ready(false): Info() and every call UNAVAILABLE).
 // Thread-safety: all methods are thread-safe.
-#ifndef BLOCKMETA_SERVER_NBD_FAKE_UPSTREAM_H_
-#define BLOCKMETA_SERVER_NBD_FAKE_UPSTREAM_H_
+#ifndef BLOCKMETA_SERVER_UPSTREAM_FAKE_UPSTREAM_H_
+#define BLOCKMETA_SERVER_UPSTREAM_FAKE_UPSTREAM_H_
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -20,7 +29,6 @@
 #include "server/upstream/upstream.h"
 
 namespace blockmeta {
-namespace nbd {
 
 class FakeUpstream : public Upstream {
  public:
@@ -31,6 +39,13 @@ class FakeUpstream : public Upstream {
   void set_ready(bool ready) { ready_ = ready; }
   // Marks [offset, offset+length) as data without counting as a write.
   void Fill(uint64_t offset, uint64_t length, char byte);
+  // Answers `context` from `truth` (extents tiling [0, size)) from now on;
+  // adds the context to the negotiated ones. Call before serving.
+  void SetContextTruth(const std::string& context, ExtentList truth);
+  // The next `n` BlockStatus calls fail with `status`.
+  void FailNextBlockStatus(int n, absl::Status status);
+  // Truth-table answers carry at most `n` extents (default: unlimited).
+  void SetReplyExtentsMax(size_t n);
 
   uint64_t block_status_calls() const { return block_status_calls_.load(); }
   uint64_t data_calls() const { return data_calls_.load(); }
@@ -69,9 +84,12 @@ class FakeUpstream : public Upstream {
   std::string data_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> allocated_ ABSL_GUARDED_BY(mu_);
   std::vector<bool> dirty_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, ExtentList> truth_ ABSL_GUARDED_BY(mu_);
+  int fail_next_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status fail_status_ ABSL_GUARDED_BY(mu_);
+  size_t reply_extents_max_ ABSL_GUARDED_BY(mu_) = SIZE_MAX;
 };
 
-}  // namespace nbd
 }  // namespace blockmeta
 
-#endif  // BLOCKMETA_SERVER_NBD_FAKE_UPSTREAM_H_
+#endif  // BLOCKMETA_SERVER_UPSTREAM_FAKE_UPSTREAM_H_
