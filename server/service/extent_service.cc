@@ -301,6 +301,26 @@ absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
   return got;
 }
 
+absl::StatusOr<LookupResult> ExtentService::BypassStep(const Query& query,
+                                                       uint64_t pos,
+                                                       size_t want,
+                                                       absl::Time deadline) {
+  absl::StatusOr<ExtentList> got = FetchFromUpstream(
+      query, pos, std::min(query.end - pos, kMaxNbdRequestLength), deadline);
+  if (!got.ok()) return got.status();
+  LookupResult r;
+  for (const Extent& e : *got) {
+    if (e.offset >= query.end) break;
+    Extent clipped = e;
+    clipped.length = std::min(e.end(), query.end) - e.offset;
+    r.extents.push_back(clipped);
+    if (want != 0 && r.extents.size() >= want) break;
+  }
+  r.next_offset = r.extents.empty() ? pos : r.extents.back().end();
+  r.outcome = Outcome::kBypass;
+  return r;
+}
+
 absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
                                                     uint64_t offset,
                                                     size_t max_extents,
@@ -316,24 +336,7 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
     size_t want = max_extents == 0 ? 0 : max_extents - out.extents.size();
     absl::StatusOr<LookupResult> step;
     if (query.cache_mode == v1::CACHE_MODE_BYPASS) {
-      absl::StatusOr<ExtentList> got = FetchFromUpstream(
-          query, pos, std::min(query.end - pos, kMaxNbdRequestLength),
-          deadline);
-      if (got.ok()) {
-        LookupResult r;
-        for (const Extent& e : *got) {
-          if (e.offset >= query.end) break;
-          Extent clipped = e;
-          clipped.length = std::min(e.end(), query.end) - e.offset;
-          r.extents.push_back(clipped);
-          if (want != 0 && r.extents.size() >= want) break;
-        }
-        r.next_offset = r.extents.empty() ? pos : r.extents.back().end();
-        r.outcome = Outcome::kBypass;
-        step = std::move(r);
-      } else {
-        step = got.status();
-      }
+      step = BypassStep(query, pos, want, deadline);
     } else {
       auto fetch = [this, &query](uint64_t off, uint64_t len,
                                   absl::Time dl) -> absl::StatusOr<ExtentList> {
@@ -369,8 +372,6 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
       AppendExtent(&out.extents, e, coalesce);
     }
     pos = step->next_offset;
-    if (query.cache_mode == v1::CACHE_MODE_BYPASS)
-      out.outcome = Outcome::kBypass;
   }
   if (max_extents != 0 && out.extents.size() > max_extents) {
     out.extents.resize(max_extents);

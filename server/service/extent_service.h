@@ -133,6 +133,10 @@ class ExtentService {
   absl::StatusOr<LookupResult> Collect(const Query& query, uint64_t offset,
                                        size_t max_extents, bool coalesce,
                                        absl::Time deadline);
+  // One upstream answer from `pos` for CACHE_MODE_BYPASS, clipped to the
+  // query's end and to `want` extents (0 = all).
+  absl::StatusOr<LookupResult> BypassStep(const Query& query, uint64_t pos,
+                                          size_t want, absl::Time deadline);
   absl::StatusOr<ExtentList> FetchFromUpstream(const Query& query,
                                                uint64_t offset, uint64_t length,
                                                absl::Time deadline);
