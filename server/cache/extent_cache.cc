@@ -836,19 +836,7 @@ void ExtentCache::SetExportTtl(const std::string& export_name,
 CacheCounters ExtentCache::Counters() const {
   CacheCounters total;
   for (KeyState* k : impl_->KeysOf(nullptr)) {
-    const CacheCounters c = Impl::CountersOf(*k);
-    total.hits += c.hits;
-    total.partial_hits += c.partial_hits;
-    total.misses += c.misses;
-    total.upstream_calls += c.upstream_calls;
-    total.coalesced_waits += c.coalesced_waits;
-    total.bytes_from_cache += c.bytes_from_cache;
-    total.bytes_from_upstream += c.bytes_from_upstream;
-    total.evictions += c.evictions;
-    total.invalidations += c.invalidations;
-    total.stale_fills_dropped += c.stale_fills_dropped;
-    total.entries += c.entries;
-    total.memory_bytes += c.memory_bytes;
+    total += Impl::CountersOf(*k);
   }
   return total;
 }

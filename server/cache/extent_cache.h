@@ -113,6 +113,22 @@ struct CacheCounters {
   uint64_t stale_fills_dropped = 0;  // fills cut by an in-flight invalidation
   uint64_t entries = 0;              // gauge: intervals held
   uint64_t memory_bytes = 0;         // gauge: bytes the interval maps hold
+
+  CacheCounters& operator+=(const CacheCounters& o) {
+    hits += o.hits;
+    partial_hits += o.partial_hits;
+    misses += o.misses;
+    upstream_calls += o.upstream_calls;
+    coalesced_waits += o.coalesced_waits;
+    bytes_from_cache += o.bytes_from_cache;
+    bytes_from_upstream += o.bytes_from_upstream;
+    evictions += o.evictions;
+    invalidations += o.invalidations;
+    stale_fills_dropped += o.stale_fills_dropped;
+    entries += o.entries;
+    memory_bytes += o.memory_bytes;
+    return *this;
+  }
 };
 
 class ExtentCache {

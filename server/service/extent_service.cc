@@ -518,19 +518,7 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     CacheCounters sum;
     for (const CacheKey& k : keys) {
       if (k.export_name != request.export_name()) continue;
-      CacheCounters c = cache_->Counters(k);
-      sum.hits += c.hits;
-      sum.partial_hits += c.partial_hits;
-      sum.misses += c.misses;
-      sum.upstream_calls += c.upstream_calls;
-      sum.coalesced_waits += c.coalesced_waits;
-      sum.bytes_from_cache += c.bytes_from_cache;
-      sum.bytes_from_upstream += c.bytes_from_upstream;
-      sum.evictions += c.evictions;
-      sum.invalidations += c.invalidations;
-      sum.stale_fills_dropped += c.stale_fills_dropped;
-      sum.entries += c.entries;
-      sum.memory_bytes += c.memory_bytes;
+      sum += cache_->Counters(k);
     }
     FillCounters(sum, response.mutable_total());
   }
