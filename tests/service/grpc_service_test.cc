@@ -339,6 +339,43 @@ TEST_F(GrpcServiceTest, CacheHitsDoNotWaitForASlowMiss) {
   slow.join();
 }
 
+TEST_F(GrpcServiceTest, ConcurrentMissesShareOneUpstreamCall) {
+  // "slow" answers extents in 3 s. Eight clients miss the same range at
+  // once: one upstream call, the others wait for it (single flight).
+  auto stats = [&]() {
+    grpc::ClientContext ctx;
+    v1::GetStatsRequest req;
+    req.set_export_name("slow");
+    v1::GetStatsResponse r;
+    EXPECT_TRUE(Stub()->GetStats(&ctx, req, &r).ok());
+    return r;
+  };
+  {
+    grpc::ClientContext ctx;
+    v1::InvalidateCacheRequest inv;
+    inv.set_export_name("slow");
+    v1::InvalidateCacheResponse ir;
+    ASSERT_TRUE(Stub()->InvalidateCache(&ctx, inv, &ir).ok());
+  }
+  const uint64_t calls_before = stats().exports(0).upstream_calls();
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&] {
+      v1::GetExtentsResponse r;
+      if (GetExtents(Req("slow", 0, 16 * kMiB), &r, absl::Seconds(30)).ok() &&
+          r.next_offset() == 16 * kMiB) {
+        ++ok;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 8);
+  v1::GetStatsResponse after = stats();
+  EXPECT_EQ(after.exports(0).upstream_calls() - calls_before, 1u);
+  EXPECT_GE(after.total().coalesced_waits(), 1u);
+}
+
 TEST_F(GrpcServiceTest, ManyConcurrentClientsGetTheTruth) {
   // Both exports serve the same layout; "slowish" answers extents in 50 ms,
   // so calls mix cache hits, coalesced misses and slow misses.
