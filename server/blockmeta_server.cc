@@ -15,7 +15,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/log.h"
-#include "server/common/worker_pool.h"
+#include "server/common/worker_pools.h"
 #include "server/nbd/nbd_server.h"
 #include "server/service/admission.h"
 #include "server/service/block_meta_grpc.h"
@@ -146,7 +146,9 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
       }
     });
   }
-  s->pool_ = std::make_unique<WorkerPool>(c.worker_threads());
+  std::vector<std::string> names;
+  for (ExportEntry* e : s->registry_->All()) names.push_back(e->config.name());
+  s->pools_ = std::make_unique<WorkerPools>(names, c.worker_threads());
   s->admission_ = std::make_unique<Admission>(c.grpc().max_inflight_calls());
   s->metrics_ = std::make_unique<Metrics>(cache);
   ExtentService::Options service_options;
@@ -160,7 +162,7 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
                                                 std::move(service_options));
   CallContext ctx;
   ctx.service = s->service_.get();
-  ctx.pool = s->pool_.get();
+  ctx.pools = s->pools_.get();
   ctx.admission = s->admission_.get();
   ctx.default_deadline = absl::Milliseconds(c.grpc().default_deadline_ms());
   s->grpc_service_ = std::make_unique<BlockMetaGrpcService>(ctx);

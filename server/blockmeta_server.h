@@ -1,6 +1,6 @@
 // server/blockmeta_server.h — assembles one blockmeta process: the export
-// registry and upstreams, the shared ExtentCache, the worker pool, the gRPC
-// server (BlockMeta, CSI SnapshotMetadata, health, reflection, metrics
+// registry and upstreams, the shared ExtentCache, per-export worker pools, the
+// gRPC server (BlockMeta, CSI SnapshotMetadata, health, reflection, metrics
 // interceptor), the metrics endpoint and the NBD shim.
 //
 // Lifecycle: Create() validates the config and builds everything; Start()
@@ -31,7 +31,7 @@ namespace blockmeta {
 
 class ExportRegistry;
 class ExtentCache;
-class WorkerPool;
+class WorkerPools;
 class Admission;
 class ExtentService;
 class Metrics;
@@ -69,7 +69,7 @@ class BlockMetaServer {
   // (generation changes) until the registry is destroyed.
   std::unique_ptr<ExtentCache> cache_;
   std::unique_ptr<ExportRegistry> registry_;
-  std::unique_ptr<WorkerPool> pool_;
+  std::unique_ptr<WorkerPools> pools_;
   std::unique_ptr<Admission> admission_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ExtentService> service_;

@@ -5,6 +5,7 @@
 
 #include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
+#include "server/common/worker_pools.h"
 
 namespace blockmeta {
 namespace {
@@ -32,6 +33,19 @@ TEST(WorkerPoolTest, ZeroThreadsMeansOne) {
   absl::Notification done;
   pool.Schedule([&] { done.Notify(); });
   EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+}
+
+TEST(WorkerPoolsTest, ASaturatedExportDoesNotDelayAnother) {
+  WorkerPools pools({"slow", "fast"}, 1);
+  EXPECT_NE(pools.For("slow"), pools.For("fast"));
+  EXPECT_EQ(pools.For("slow"), pools.For("slow"));
+  EXPECT_NE(pools.For("unknown"), nullptr);
+  absl::Notification release, fast_ran;
+  pools.For("slow")->Schedule([&] { release.WaitForNotification(); });
+  pools.For("slow")->Schedule([] {});  // queued behind the blocked one
+  pools.For("fast")->Schedule([&] { fast_ran.Notify(); });
+  EXPECT_TRUE(fast_ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  release.Notify();
 }
 
 }  // namespace

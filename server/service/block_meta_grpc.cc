@@ -67,7 +67,7 @@ class MapReactor final
 
  private:
   void ProduceNext() {
-    ctx_.pool->Schedule([this] {
+    ctx_.pools->For(cursor_.query.key.export_name)->Schedule([this] {
       if (cancelled_.load()) {
         Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled"));
         return;
@@ -154,9 +154,9 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     return reactor;
   }
   absl::Time deadline = CallDeadline(context, ctx_.default_deadline);
-  ctx_.pool->Schedule([this, context, reactor, response,
-                       query = *std::move(query), deadline,
-                       ticket = std::move(ticket)]() mutable {
+  WorkerPool* pool = ctx_.pools->For(query->key.export_name);
+  pool->Schedule([this, context, reactor, response, query = *std::move(query),
+                  deadline, ticket = std::move(ticket)]() mutable {
     if (context->IsCancelled()) {
       reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
                                    "call cancelled before it was served"));

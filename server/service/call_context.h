@@ -1,5 +1,6 @@
 // server/service/call_context.h — what every gRPC handler of blockmeta
-// needs: the transport-free service, the worker pool for blocking work,
+// needs: the transport-free service, the per-export worker pools for
+// blocking work,
 // admission control, and the default deadline. Plus the helpers that turn
 // a gRPC call's deadline into an absl::Time.
 #ifndef BLOCKMETA_SERVER_SERVICE_CALL_CONTEXT_H_
@@ -10,7 +11,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "grpcpp/server_context.h"
-#include "server/common/worker_pool.h"
+#include "server/common/worker_pools.h"
 #include "server/service/admission.h"
 #include "server/service/extent_service.h"
 
@@ -18,7 +19,8 @@ namespace blockmeta {
 
 struct CallContext {
   ExtentService* service = nullptr;
-  WorkerPool* pool = nullptr;
+  // Blocking work for an export runs on that export's pool.
+  const WorkerPools* pools = nullptr;
   Admission* admission = nullptr;
   // Used when the client set no deadline.
   absl::Duration default_deadline = absl::Seconds(30);

@@ -105,7 +105,7 @@ class CsiReactor final : public grpc::ServerWriteReactor<Response> {
   // Fills one message (on the pool): pulls batches until max_results
   // ranges are ready or the volume ends.
   void ProduceNext() {
-    ctx_.pool->Schedule([this] {
+    ctx_.pools->For(cursor_.query.key.export_name)->Schedule([this] {
       if (cancelled_.load()) {
         this->Finish(
             grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled"));

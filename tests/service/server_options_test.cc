@@ -233,6 +233,54 @@ TEST_F(ServerOptionsTest, OverloadIsAnsweredWithResourceExhausted) {
   (*server)->Shutdown(absl::Seconds(1));
 }
 
+TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
+  // Each export has its own worker pool: misses piling up on a slow
+  // upstream (3 s per extents call) must not delay a miss on another.
+  auto very_slow =
+      NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "--filter=delay",
+                         "memory", "16M", "delay-extents=3"});
+  ASSERT_TRUE(very_slow.ok()) << very_slow.status();
+  v1::ServerConfig c = BaseConfig();
+  c.set_worker_threads(2);
+  v1::ExportConfig* e = c.add_exports();
+  e->set_name("very_slow");
+  e->set_nbd_uri((*very_slow)->uri());
+  e->set_connections(8);
+  auto server = BlockMetaServer::Create(c);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->Start().ok());
+  auto ch =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
+                          grpc::InsecureChannelCredentials());
+  WaitReady(ch);
+  auto call = [&](const std::string& name, uint64_t offset) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+    v1::GetExtentsRequest req;
+    req.set_export_name(name);
+    req.set_offset(offset);
+    req.set_length(4096);
+    req.set_cache_mode(v1::CACHE_MODE_BYPASS);  // always the upstream
+    v1::GetExtentsResponse r;
+    return v1::BlockMeta::NewStub(ch)->GetExtents(&ctx, req, &r);
+  };
+  std::vector<std::thread> slow_calls;
+  for (int i = 0; i < 6; ++i) {
+    slow_calls.emplace_back([&, i] {
+      EXPECT_TRUE(call("very_slow", static_cast<uint64_t>(i) * 4096).ok());
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(300));  // very_slow's pool is saturated
+  const absl::Time start = absl::Now();
+  grpc::Status fast = call("disk", 0);
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_TRUE(fast.ok()) << fast.error_message();
+  // With one shared pool of 2 threads this waits behind 3 s calls.
+  EXPECT_LT(took, absl::Milliseconds(1500));
+  for (auto& t : slow_calls) t.join();
+  (*server)->Shutdown(absl::Seconds(1));
+}
+
 TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
   auto server = BlockMetaServer::Create(BaseConfig());
   ASSERT_TRUE(server.ok()) << server.status();
