@@ -182,7 +182,7 @@ class GrpcExtentIterator final : public ExtentIterator {
     if (stream_ == nullptr) {
       v1::MapExtentsRequest req = request_;
       req.set_offset(position_);
-      if (range_end_ > 0) {
+      if (learned_range_) {
         req.set_length(range_end_ - position_);
       }
       stream_ = std::make_unique<MapStream>(stub_.get(), req);
@@ -197,10 +197,10 @@ class GrpcExtentIterator final : public ExtentIterator {
     }
     if (!more) {
       stream_.reset();
-      if (range_end_ == 0 || position_ != range_end_) {
+      if (!learned_range_ || position_ != range_end_) {
         return absl::InternalError(absl::StrCat(
             "server ended the MapExtents stream at offset ", position_,
-            range_end_ == 0
+            !learned_range_
                 ? " without sending any extents"
                 : absl::StrCat(" before the range end ", range_end_)));
       }
@@ -219,7 +219,8 @@ class GrpcExtentIterator final : public ExtentIterator {
 
   // Checks one batch against the stream contract and learns the range.
   absl::Status Validate() {
-    if (range_end_ == 0) {
+    if (!learned_range_) {
+      learned_range_ = true;
       export_size_ = batch_.export_size();
       context_ = batch_.context();
       uint64_t end = export_size_;
@@ -259,6 +260,7 @@ class GrpcExtentIterator final : public ExtentIterator {
   int index_ = 0;
   uint64_t position_;
   uint64_t range_end_ = 0;
+  bool learned_range_ = false;  // range_end_ is known (the first batch came)
   uint64_t export_size_ = 0;
   std::string context_;
   int failures_ = 0;

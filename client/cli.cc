@@ -685,7 +685,7 @@ int Runner::Map(bool changed) {
       out_.flush();
       return Fail("MapExtents", more.status());
     }
-    if (!begun && (*more || it->range_end() > 0)) {
+    if (!begun) {  // also for an empty export: headers, "[]", totals
       MapHeader h;
       h.export_name = req.export_name();
       h.context = it->context().empty() ? req.context() : it->context();

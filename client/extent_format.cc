@@ -134,6 +134,10 @@ class QemuJsonWriter final : public ExtentWriter {
       tail.zero = true;
       Push(tail);
     }
+    if (!cur_.has_value() && size == 0) {
+      // qemu-img maps an empty image as one zero-length, absent entry.
+      Print(QemuEntry{}, /*last=*/true);
+    }
     if (cur_.has_value()) Print(*cur_, /*last=*/true);
     cur_.reset();
     out_ << "]\n";

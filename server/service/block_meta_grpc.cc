@@ -88,10 +88,13 @@ class MapReactor final
       response_.set_export_size(cursor_.query.export_size);
       response_.set_context(cursor_.query.key.context);
       done_ = batch->done;
-      if (batch->extents.empty() && done_) {
+      // Every stream carries at least one message (export_size), even for
+      // an empty export; after that an empty final batch just ends it.
+      if (batch->extents.empty() && done_ && sent_any_) {
         Finish(grpc::Status::OK);
         return;
       }
+      sent_any_ = true;
       StartWrite(&response_);
     });
   }
@@ -104,6 +107,7 @@ class MapReactor final
   ExtentService::Cursor cursor_;
   v1::MapExtentsResponse response_;
   bool done_ = false;
+  bool sent_any_ = false;
   std::atomic<bool> cancelled_{false};
 };
 

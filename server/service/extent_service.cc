@@ -185,7 +185,11 @@ absl::StatusOr<ExtentService::Query> ExtentService::Validate(
         "export \"", export_name, "\" is not connected to its upstream",
         why.empty() ? std::string() : absl::StrCat(": ", why)));
   }
-  if (offset >= info->size) {
+  // Mapping a whole empty export is an empty (complete) answer, not an
+  // error; any other offset at or past the end is OUT_OF_RANGE.
+  const bool whole_empty_export =
+      info->size == 0 && offset == 0 && length_zero_means_end && length == 0;
+  if (offset >= info->size && !whole_empty_export) {
     return absl::OutOfRangeError(
         absl::StrCat("offset ", offset, " is at or past the end of export \"",
                      export_name, "\" (size ", info->size, ")"));

@@ -227,5 +227,35 @@ TEST_F(DifferentialTest, ChangedEqualsNbdinfoDirtyBitmap) {
   EXPECT_EQ(checked, 1);
 }
 
+// An empty (0-byte) export: every format says "nothing" exactly as the
+// reference tools do (qemu-img prints one zero-length absent entry).
+TEST(DifferentialEmptyTest, EmptyExportMatchesTheTools) {
+  auto up = NbdProcess::Start({"nbdkit", "-f", "-U", "{sock}", "null", "0"});
+  ASSERT_TRUE(up.ok()) << up.status();
+  auto server = Blockmetad::Start({{"empty", (*up)->uri()}});
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_EQ((*server)->AwaitHealth("blockmeta.v1.BlockMeta", "SERVING\n").out,
+            "SERVING\n")
+      << (*server)->Log();
+  auto tool = [](std::vector<std::string> argv) {
+    absl::StatusOr<std::string> out = RunCommand(argv);
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out.ok() ? *out : "<failed>";
+  };
+  auto cli = [&](std::vector<std::string> args) {
+    RunResult r = (*server)->Cli(args);
+    EXPECT_EQ(r.exit_code, 0) << absl::StrJoin(args, " ") << "\n" << r.err;
+    return r.out;
+  };
+  EXPECT_EQ(cli({"map", "empty", "--output=qemu-json"}),
+            tool({"qemu-img", "map", "--output=json", (*up)->uri()}));
+  EXPECT_EQ(cli({"map", "empty", "--output=nbdinfo"}),
+            tool({"nbdinfo", "--map", (*up)->uri()}));
+  EXPECT_EQ(cli({"map", "empty", "--output=json"}),
+            "{\"export\": \"empty\", \"context\": \"base:allocation\", "
+            "\"offset\": 0, \"end\": 0, \"export_size\": 0, \"extents\": "
+            "[]}\n");
+}
+
 }  // namespace
 }  // namespace blockmeta::testing
