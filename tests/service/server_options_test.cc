@@ -109,6 +109,25 @@ class ServerOptionsTest : public ::testing::Test {
     return v1::BlockMeta::NewStub(ch)->ListExports(&ctx, {}, r ? r : &tmp);
   }
 
+  // Creates and starts a server on `config`, waits until its exports are
+  // connected, and returns a plaintext channel to it.
+  static std::shared_ptr<grpc::Channel> StartReady(
+      const v1::ServerConfig& config,
+      std::unique_ptr<BlockMetaServer>* server) {
+    auto created = BlockMetaServer::Create(config);
+    EXPECT_TRUE(created.ok()) << created.status();
+    if (!created.ok()) return nullptr;
+    absl::Status started = (*created)->Start();
+    EXPECT_TRUE(started.ok()) << started;
+    if (!started.ok()) return nullptr;
+    *server = *std::move(created);
+    auto ch =
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
+                            grpc::InsecureChannelCredentials());
+    WaitReady(ch);
+    return ch;
+  }
+
   static void WaitReady(std::shared_ptr<grpc::Channel> ch) {
     absl::Time give_up = absl::Now() + absl::Seconds(20);
     while (absl::Now() < give_up) {
@@ -193,13 +212,9 @@ TEST_F(ServerOptionsTest, UnixSocketListener) {
 TEST_F(ServerOptionsTest, OverloadIsAnsweredWithResourceExhausted) {
   v1::ServerConfig c = BaseConfig();
   c.mutable_grpc()->set_max_inflight_calls(2);
-  auto server = BlockMetaServer::Create(c);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto ch =
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-                          grpc::InsecureChannelCredentials());
-  WaitReady(ch);
+  std::unique_ptr<BlockMetaServer> server;
+  auto ch = StartReady(c, &server);
+  ASSERT_NE(server, nullptr);
   std::atomic<int> ok{0}, exhausted{0}, other{0};
   std::vector<std::thread> threads;
   for (int i = 0; i < 8; ++i) {
@@ -230,7 +245,7 @@ TEST_F(ServerOptionsTest, OverloadIsAnsweredWithResourceExhausted) {
   EXPECT_EQ(other.load(), 0);
   // Once the burst is over the server admits calls again.
   EXPECT_TRUE(ListExports(ch).ok());
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
 }
 
 TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
@@ -246,13 +261,9 @@ TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
   e->set_name("very_slow");
   e->set_nbd_uri((*very_slow)->uri());
   e->set_connections(8);
-  auto server = BlockMetaServer::Create(c);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto ch =
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-                          grpc::InsecureChannelCredentials());
-  WaitReady(ch);
+  std::unique_ptr<BlockMetaServer> server;
+  auto ch = StartReady(c, &server);
+  ASSERT_NE(server, nullptr);
   auto call = [&](const std::string& name, uint64_t offset) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
@@ -278,17 +289,13 @@ TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
   // With one shared pool of 2 threads this waits behind 3 s calls.
   EXPECT_LT(took, absl::Milliseconds(1500));
   for (auto& t : slow_calls) t.join();
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
 }
 
 TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
-  auto server = BlockMetaServer::Create(BaseConfig());
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto ch =
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-                          grpc::InsecureChannelCredentials());
-  WaitReady(ch);
+  std::unique_ptr<BlockMetaServer> server;
+  auto ch = StartReady(BaseConfig(), &server);
+  ASSERT_NE(server, nullptr);
   grpc::Status in_flight;
   std::thread call([&] {
     grpc::ClientContext ctx;
@@ -301,7 +308,7 @@ TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
   });
   absl::SleepFor(absl::Milliseconds(300));  // the call is now in flight
   absl::Time start = absl::Now();
-  (*server)->Shutdown(absl::Seconds(10));
+  server->Shutdown(absl::Seconds(10));
   call.join();
   EXPECT_TRUE(in_flight.ok()) << in_flight.error_message();
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
@@ -312,13 +319,9 @@ TEST_F(ServerOptionsTest, CsiFixedLengthBlocks) {
   // The "disk" upstream has one data byte at 64 KiB in a 16 MiB volume.
   v1::ServerConfig c = BaseConfig();
   c.mutable_csi()->set_fixed_block_size(1 << 20);
-  auto server = BlockMetaServer::Create(c);
-  ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto ch =
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-                          grpc::InsecureChannelCredentials());
-  WaitReady(ch);
+  std::unique_ptr<BlockMetaServer> server;
+  auto ch = StartReady(c, &server);
+  ASSERT_NE(server, nullptr);
   for (int64_t start : {0, 100000}) {
     grpc::ClientContext ctx;
     csi::v1::GetMetadataAllocatedRequest req;
@@ -345,7 +348,7 @@ TEST_F(ServerOptionsTest, CsiFixedLengthBlocks) {
   bad.mutable_csi()->set_fixed_block_size(1000);
   EXPECT_EQ(BlockMetaServer::Create(bad).status().code(),
             absl::StatusCode::kInvalidArgument);
-  (*server)->Shutdown(absl::Seconds(1));
+  server->Shutdown(absl::Seconds(1));
 }
 
 }  // namespace
