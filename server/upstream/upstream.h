@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/clock.h"
@@ -53,6 +54,14 @@ struct UpstreamInfo {
   // Human description of where this comes from (no secrets).
   std::string description;
 };
+
+// Completions of asynchronous commands (see Upstream::Async*). Each is
+// called exactly once: on an engine thread when the upstream answers, or on
+// the caller's thread before the Async* call returns when the command
+// cannot be issued (not connected, bad range). A completion must not block;
+// it may issue further Async* calls.
+using StatusCallback = absl::AnyInvocable<void(absl::Status) &&>;
+using ExtentsCallback = absl::AnyInvocable<void(absl::StatusOr<ExtentList>) &&>;
 
 // NBD command flags the shim may pass through.
 inline constexpr uint32_t kCmdFlagFua = 1u << 0;
@@ -104,6 +113,40 @@ class Upstream {
   virtual absl::Status Flush(absl::Time deadline) = 0;
   virtual absl::Status Cache(uint64_t count, uint64_t offset,
                              absl::Time deadline) = 0;
+
+  // Asynchronous forms. They carry no caller deadline: the command runs
+  // under the export's own upstream timeout, and a caller that stops
+  // waiting simply drops interest (the completion still runs). Buffers must
+  // stay valid until the completion runs. The defaults run the synchronous
+  // form inline (for fakes); NbdUpstream keeps many commands in flight.
+  virtual void AsyncBlockStatus(const std::string& context, uint64_t offset,
+                                uint64_t length, ExtentsCallback done) {
+    std::move(done)(
+        BlockStatus(context, offset, length, absl::InfiniteFuture()));
+  }
+  virtual void AsyncPread(void* buf, uint64_t count, uint64_t offset,
+                          StatusCallback done) {
+    std::move(done)(Pread(buf, count, offset, absl::InfiniteFuture()));
+  }
+  virtual void AsyncPwrite(const void* buf, uint64_t count, uint64_t offset,
+                           uint32_t flags, StatusCallback done) {
+    std::move(done)(Pwrite(buf, count, offset, flags, absl::InfiniteFuture()));
+  }
+  virtual void AsyncTrim(uint64_t count, uint64_t offset, uint32_t flags,
+                         StatusCallback done) {
+    std::move(done)(Trim(count, offset, flags, absl::InfiniteFuture()));
+  }
+  virtual void AsyncZero(uint64_t count, uint64_t offset, uint32_t flags,
+                         StatusCallback done) {
+    std::move(done)(Zero(count, offset, flags, absl::InfiniteFuture()));
+  }
+  virtual void AsyncFlush(StatusCallback done) {
+    std::move(done)(Flush(absl::InfiniteFuture()));
+  }
+  virtual void AsyncCache(uint64_t count, uint64_t offset,
+                          StatusCallback done) {
+    std::move(done)(Cache(count, offset, absl::InfiniteFuture()));
+  }
 };
 
 }  // namespace blockmeta
