@@ -514,7 +514,7 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
       s->set_upstream_calls(it->second->upstream_calls.load());
       s->set_upstream_errors(it->second->upstream_errors.load());
     }
-    s->set_reconnects(e->upstream->Generation());
+    s->set_reconnects(e->upstream->Stats().reconnects);
   }
   if (request.export_name().empty()) {
     FillCounters(cache_->Counters(), response.mutable_total());

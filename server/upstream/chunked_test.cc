@@ -43,7 +43,9 @@ TEST(ChunkedTest, PiecesTileTheRequestAndDoneRunsOnceWithTheLowestFailure) {
       EXPECT_EQ(p.offset, offset + expect);
       EXPECT_GT(p.length, 0u);
       EXPECT_LE(p.length, max_piece);
-      if (&p != &pieces.back()) EXPECT_EQ(p.length, max_piece);
+      if (&p != &pieces.back()) {
+        EXPECT_EQ(p.length, max_piece);
+      }
       expect += p.length;
     }
     EXPECT_EQ(expect, count);

@@ -175,6 +175,8 @@ void RunFinished() {
 
 // The reason a connection was closed, for its unanswered commands.
 struct CloseReason {
+  CloseReason() = default;
+  explicit CloseReason(absl::Status s) : status(std::move(s)) {}
   absl::Status status;
   // Commands issued at or before this time exceeded upstream_timeout_ms.
   absl::Time timed_out_before = absl::InfinitePast();
@@ -525,7 +527,7 @@ void Conn::TickPhase(absl::Time now) {
         absl::Status why = absl::DeadlineExceededError(absl::StrCat(
             "export ", core_->name(), ": connect: handshake timed out"));
         core_->OnHandshakeFailed(this, why);
-        Close(CloseReason{why}, false);
+        Close(CloseReason(why), false);
         return;
       }
       break;
@@ -560,9 +562,9 @@ void Conn::TickPhase(absl::Time now) {
     case Phase::kDraining:
       if (now > drain_deadline_) {
         phase_ = Phase::kClosing;
-        Close(CloseReason{absl::UnavailableError(
+        Close(CloseReason(absl::UnavailableError(
                   absl::StrCat("export ", core_->name(),
-                               ": upstream is shutting down (ESHUTDOWN)"))},
+                               ": upstream is shutting down (ESHUTDOWN)"))),
               false);
         return;
       }
@@ -584,7 +586,7 @@ void Conn::Advance(absl::string_view notify_error) {
                          absl::StrCat("export ", core_->name(),
                                       ": connect: ", r.status().message()));
         core_->OnHandshakeFailed(this, why);
-        Close(CloseReason{why}, false);
+        Close(CloseReason(why), false);
         return;
       }
       if (!*r) return;
@@ -592,7 +594,7 @@ void Conn::Advance(absl::string_view notify_error) {
       last_activity_.store(absl::ToUnixNanos(absl::Now()));
       if (!core_->OnHandshakeDone(this, handshake_.info())) {
         phase_ = Phase::kClosing;
-        Close(CloseReason{absl::UnavailableError("connection not needed")},
+        Close(CloseReason(absl::UnavailableError("connection not needed")),
               false);
       }
       return;
@@ -600,7 +602,7 @@ void Conn::Advance(absl::string_view notify_error) {
     case Phase::kReady:
       if (nbd_aio_is_dead(h_) == 1 || nbd_aio_is_closed(h_) == 1) {
         phase_ = Phase::kClosing;
-        Close(CloseReason{LostStatus(notify_error)}, true);
+        Close(CloseReason(LostStatus(notify_error)), true);
         return;
       }
       if (saw_shutdown_.load()) StartDrain();
@@ -608,9 +610,9 @@ void Conn::Advance(absl::string_view notify_error) {
     case Phase::kDraining:
       if (nbd_aio_is_dead(h_) == 1 || nbd_aio_is_closed(h_) == 1) {
         phase_ = Phase::kClosing;
-        Close(CloseReason{absl::UnavailableError(
+        Close(CloseReason(absl::UnavailableError(
                   absl::StrCat("export ", core_->name(),
-                               ": upstream is shutting down (ESHUTDOWN)"))},
+                               ": upstream is shutting down (ESHUTDOWN)"))),
               false);
       }
       return;
@@ -643,9 +645,9 @@ void Conn::StartDrain() {
   drain_deadline_ = absl::Now() + kDrainLimit;
   if (nbd_aio_disconnect(h_, 0) == -1) {
     phase_ = Phase::kClosing;
-    Close(CloseReason{absl::UnavailableError(
+    Close(CloseReason(absl::UnavailableError(
               absl::StrCat("export ", core_->name(),
-                           ": upstream is shutting down (ESHUTDOWN)"))},
+                           ": upstream is shutting down (ESHUTDOWN)"))),
           false);
   }
 }
