@@ -1297,14 +1297,15 @@ absl::Status NbdUpstream::Pread(void* buf, uint64_t count, uint64_t offset,
       AsyncPread(buf, count, offset, std::move(cb));
     });
   }
-  auto bounce = std::make_shared<std::vector<char>>(count);
+  // Not value-initialised: the read fills it (no memset on the data path).
+  std::shared_ptr<char[]> bounce(new char[std::max<uint64_t>(count, 1)]);
   absl::Status s = Await("read", deadline, [&](StatusCallback cb) {
-    AsyncPread(bounce->data(), count, offset,
+    AsyncPread(bounce.get(), count, offset,
                [bounce, cb = std::move(cb)](absl::Status s) mutable {
                  std::move(cb)(std::move(s));
                });
   });
-  if (s.ok() && count > 0) std::memcpy(buf, bounce->data(), count);
+  if (s.ok() && count > 0) std::memcpy(buf, bounce.get(), count);
   return s;
 }
 
