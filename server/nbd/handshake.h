@@ -10,7 +10,8 @@
 // is refused with NBD_REP_ERR_POLICY (no TLS here); anything else gets
 // NBD_REP_ERR_UNSUP.
 //
-// Invariants (the bad-input classes of ../shared/reference.md):
+// Invariants (the NBD spec, doc/proto.md "Option haggling", and the CVEs
+// below):
 // * Option payloads above HandshakeOptions::max_option_length are never
 //   read or allocated (CVE-2017-15119): the client gets NBD_REP_ERR_TOO_BIG
 //   and a hard disconnect.

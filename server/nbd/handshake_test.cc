@@ -1,5 +1,6 @@
 // server/nbd/handshake_test.cc — option haggling over crafted byte streams,
-// including every handshake bad-input class of ../shared/reference.md.
+// including each bad handshake input the invariants of handshake.h name
+// (NBD spec doc/proto.md "Option haggling"; the CVEs cited there).
 #include "server/nbd/handshake.h"
 
 #include <sys/socket.h>

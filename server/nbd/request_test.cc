@@ -1,5 +1,6 @@
 // server/nbd/request_test.cc — request parsing and validation: every
-// transmission bad-input class of ../shared/reference.md.
+// malformed transmission request the NBD spec (doc/proto.md
+// "Transmission", "Request message") rules out.
 #include "server/nbd/request.h"
 
 #include "gtest/gtest.h"

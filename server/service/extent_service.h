@@ -4,7 +4,8 @@
 // ExtentService validates requests, turns them into queries on the shared
 // ExtentCache (or, for CACHE_MODE_BYPASS, directly on the Upstream), and
 // builds reply messages. It knows nothing of gRPC: every method returns
-// absl::Status(Or); server/service/grpc_service.cc converts to grpc::Status.
+// absl::Status(Or); the gRPC layers (block_meta_grpc.cc, csi_grpc.cc)
+// convert to grpc::Status with ToGrpcStatus (grpc_status.h).
 //
 // Two kinds of methods:
 // * Cheap ones that never wait for an upstream (ListExports, GetExportInfo,
