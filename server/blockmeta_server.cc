@@ -118,9 +118,15 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
         "csi.fixed_block_size must be 0 or a power of two >= 512, not ",
         block));
   }
-  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty()) {
+  if (!config.csi().socket().empty()) {
+    absl::StatusOr<std::string> path = CsiSocketPath(config.csi().socket());
+    if (!path.ok()) return path.status();
+  }
+  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty() &&
+      config.csi().socket().empty()) {
     return absl::InvalidArgumentError(
-        "no gRPC listener: set grpc_listen and/or grpc_unix_socket");
+        "no gRPC listener: set grpc_listen, grpc_unix_socket and/or "
+        "csi.socket");
   }
   std::unique_ptr<BlockMetaServer> s(new BlockMetaServer(std::move(config)));
   const v1::ServerConfig& c = s->config_;
@@ -171,10 +177,18 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   ctx.admission = s->admission_.get();
   ctx.default_deadline = absl::Milliseconds(c.grpc().default_deadline_ms());
   s->grpc_service_ = std::make_unique<BlockMetaGrpcService>(ctx);
-  CsiOptions csi;
+  CsiServiceOptions csi;
   csi.fixed_block_size = c.csi().fixed_block_size();
   csi.default_max_results = c.csi().default_max_results();
-  s->csi_service_ = std::make_unique<CsiSnapshotMetadataService>(ctx, csi);
+  if (!c.csi().driver_name().empty()) csi.driver_name = c.csi().driver_name();
+  if (!c.csi().driver_version().empty()) {
+    csi.driver_version = c.csi().driver_version();
+  }
+  s->csi_ =
+      std::make_unique<CsiService>(s->registry_.get(), s->service_.get(), csi);
+  s->csi_identity_ = std::make_unique<CsiIdentityService>(s->csi_.get());
+  s->csi_service_ =
+      std::make_unique<CsiSnapshotMetadataService>(ctx, s->csi_.get());
   if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
     s->nbd_ = std::make_unique<NbdServer>(s->registry_.get(), cache, c.nbd());
   }
@@ -204,7 +218,15 @@ absl::Status BlockMetaServer::Start() {
     builder.AddListeningPort(absl::StrCat("unix:", c.grpc_unix_socket()),
                              grpc::InsecureServerCredentials());
   }
+  if (!c.csi().socket().empty()) {
+    // The CSI driver socket (external-snapshot-metadata --csi-address).
+    std::string path = *CsiSocketPath(c.csi().socket());  // checked in Create
+    ::unlink(path.c_str());
+    builder.AddListeningPort(absl::StrCat("unix:", path),
+                             grpc::InsecureServerCredentials());
+  }
   builder.RegisterService(grpc_service_.get());
+  builder.RegisterService(csi_identity_.get());
   builder.RegisterService(csi_service_.get());
   builder.SetMaxReceiveMessageSize(
       static_cast<int>(c.grpc().max_message_bytes()));

@@ -4,6 +4,7 @@
 #include <memory>
 #include <utility>
 
+#include "server/service/batch_stream.h"
 #include "server/service/grpc_status.h"
 
 namespace blockmeta {
@@ -25,90 +26,35 @@ grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context,
   return reactor;
 }
 
-// Streams MapExtents batches; each batch is produced on the worker pool.
-class MapReactor final
-    : public grpc::ServerWriteReactor<v1::MapExtentsResponse> {
+// The MapExtents stream: one message per batch of the cursor.
+class MapSource {
  public:
-  MapReactor(const CallContext& ctx, grpc::CallbackServerContext* context,
-             const v1::MapExtentsRequest& request)
-      : ctx_(ctx),
-        deadline_(CallDeadline(context, ctx.default_deadline)),
-        ticket_(ctx.admission->TryAcquire()) {
-    if (!ticket_) {
-      Finish(OverloadedStatus(*ctx.admission));
-      return;
-    }
-    absl::StatusOr<ExtentService::Cursor> cursor =
-        ctx_.service->PrepareMap(request);
-    if (!cursor.ok()) {
-      Finish(ToGrpcStatus(cursor.status()));
-      return;
-    }
-    cursor_ = *std::move(cursor);
-    ProduceNext();
+  using Response = v1::MapExtentsResponse;
+
+  MapSource(ExtentService* service, ExtentService::Cursor cursor)
+      : service_(service), cursor_(std::move(cursor)) {}
+
+  const std::string& export_name() const {
+    return cursor_.query.key.export_name;
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                          "client went away during the stream"));
-      return;
+  absl::StatusOr<StreamStep> Fill(Response* out, absl::Time deadline) {
+    absl::StatusOr<ExtentService::Batch> batch =
+        service_->NextBatch(&cursor_, deadline);
+    if (!batch.ok()) return batch.status();
+    out->mutable_extents()->Reserve(static_cast<int>(batch->extents.size()));
+    for (const Extent& e : batch->extents) {
+      ToProto(e, cursor_.query.key.context, out->add_extents());
     }
-    if (done_) {
-      Finish(grpc::Status::OK);
-      return;
-    }
-    ProduceNext();
+    out->set_next_offset(batch->next_offset);
+    out->set_export_size(cursor_.query.export_size);
+    out->set_context(cursor_.query.key.context);
+    return StreamStep{batch->extents.empty(), batch->done};
   }
-
-  void OnCancel() override { cancelled_.store(true); }
-
-  void OnDone() override { delete this; }
 
  private:
-  void ProduceNext() {
-    ctx_.pools->For(cursor_.query.key.export_name)->Schedule([this] {
-      if (cancelled_.load()) {
-        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled"));
-        return;
-      }
-      absl::StatusOr<ExtentService::Batch> batch =
-          ctx_.service->NextBatch(&cursor_, deadline_);
-      if (!batch.ok()) {
-        Finish(ToGrpcStatus(batch.status()));
-        return;
-      }
-      response_.Clear();
-      response_.mutable_extents()->Reserve(
-          static_cast<int>(batch->extents.size()));
-      for (const Extent& e : batch->extents) {
-        ToProto(e, cursor_.query.key.context, response_.add_extents());
-      }
-      response_.set_next_offset(batch->next_offset);
-      response_.set_export_size(cursor_.query.export_size);
-      response_.set_context(cursor_.query.key.context);
-      done_ = batch->done;
-      // Every stream carries at least one message (export_size), even for
-      // an empty export; after that an empty final batch just ends it.
-      if (batch->extents.empty() && done_ && sent_any_) {
-        Finish(grpc::Status::OK);
-        return;
-      }
-      sent_any_ = true;
-      StartWrite(&response_);
-    });
-  }
-
-  const CallContext ctx_;
-  const absl::Time deadline_;
-  Admission::Ticket ticket_;
-  // Touched only by the one step in progress (a pool task or OnWriteDone);
-  // steps are sequential, so no lock is needed.
+  ExtentService* service_;
   ExtentService::Cursor cursor_;
-  v1::MapExtentsResponse response_;
-  bool done_ = false;
-  bool sent_any_ = false;
-  std::atomic<bool> cancelled_{false};
 };
 
 }  // namespace
@@ -182,7 +128,14 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
 grpc::ServerWriteReactor<v1::MapExtentsResponse>*
 BlockMetaGrpcService::MapExtents(grpc::CallbackServerContext* context,
                                  const v1::MapExtentsRequest* request) {
-  return new MapReactor(ctx_, context, *request);
+  ExtentService* service = ctx_.service;
+  return BatchStreamReactor<MapSource>::Start(
+      ctx_, context, [service, request]() -> absl::StatusOr<MapSource> {
+        absl::StatusOr<ExtentService::Cursor> cursor =
+            service->PrepareMap(*request);
+        if (!cursor.ok()) return cursor.status();
+        return MapSource(service, *std::move(cursor));
+      });
 }
 
 grpc::ServerUnaryReactor* BlockMetaGrpcService::InvalidateCache(
