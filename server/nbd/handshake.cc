@@ -19,15 +19,18 @@ struct BlockSizes {
   uint32_t min = 1, preferred = 4096, max = 32u << 20;
 };
 
-// Block size constraints advertised in NBD_INFO_BLOCK_SIZE: the upstream's,
-// with the maximum capped at the configured payload limit.
+// Block size constraints advertised in NBD_INFO_BLOCK_SIZE. The minimum
+// and preferred sizes are the upstream's; the maximum is the configured
+// payload cap (NbdShimConfig.max_payload_bytes), not the upstream's
+// maximum: the Upstream splits data commands into pieces of the upstream's
+// own maximum, so a client may send larger requests than the upstream
+// takes (libnbd and qemu use up to 32 MiB, the NBD project's integrity
+// test 64 MiB).
 BlockSizes ComputeBlockSizes(const UpstreamInfo& info, uint32_t max_payload) {
   BlockSizes b;
   b.min = info.minimum_block_size;
   if (!IsPowerOfTwo(b.min) || b.min > 65536) b.min = 1;
-  uint32_t max =
-      info.maximum_block_size == 0 ? (32u << 20) : info.maximum_block_size;
-  max = std::min(max, std::max<uint32_t>(max_payload, 512));
+  uint32_t max = std::max<uint32_t>(max_payload, 512);
   max -= max % b.min;
   if (max < b.min) max = b.min;
   b.max = max;

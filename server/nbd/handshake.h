@@ -46,6 +46,11 @@ struct ShimExport {
   Upstream* upstream = nullptr;  // not owned; outlives the server
   bool read_only = false;        // ExportConfig.read_only
   absl::Duration upstream_timeout = absl::Seconds(30);
+  // A write, trim or zero forgets cached knowledge rounded out to this
+  // (a power of two): the upstream reports allocation per filesystem block
+  // or qcow2 cluster (up to 2 MiB) and dirty bitmaps per granularity
+  // (64 KiB by default), so the bytes around a sub-block write change too.
+  uint64_t invalidate_granularity = 2u << 20;
 };
 
 struct HandshakeOptions {

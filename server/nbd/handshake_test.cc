@@ -90,6 +90,20 @@ TEST_F(HandshakeTest, GoWithInfos) {
   EXPECT_EQ(stream_->remaining(), 0u);
 }
 
+// The payload cap is the configured one, above the upstream's own maximum
+// (the Upstream splits data commands), and a multiple of the minimum.
+TEST_F(HandshakeTest, BlockSizeMaximumIsTheConfiguredPayloadCap) {
+  options_.max_payload_bytes = 64u << 20;
+  auto n = Run(ClientFlags() + Option(kOptGo, GoData("a", {kInfoBlockSize})));
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->max_payload, 64u << 20);
+  auto r = Replies();
+  ASSERT_EQ(r.size(), 3u);  // EXPORT, BLOCK_SIZE, ACK
+  const auto* p = reinterpret_cast<const uint8_t*>(r[1].data.data());
+  ASSERT_EQ(GetBe16(p), kInfoBlockSize);
+  EXPECT_EQ(GetBe32(p + 10), 64u << 20);
+}
+
 TEST_F(HandshakeTest, TransmissionFlags) {
   UpstreamInfo info = *a_.Info();
   uint16_t f = TransmissionFlags(info, false, true);

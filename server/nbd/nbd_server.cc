@@ -37,6 +37,16 @@ nbd::ConnectionOptions OptionsFromConfig(
   return o;
 }
 
+// The configured invalidation granularity: 2 MiB by default, at least 512,
+// rounded up to a power of two (coarser is always safe).
+uint64_t InvalidateGranularity(const blockmeta::v1::NbdShimConfig& c) {
+  uint64_t g = c.invalidate_granularity_bytes();
+  if (g == 0) return 2u << 20;
+  uint64_t p = 512;
+  while (p < g && p < (1ull << 62)) p <<= 1;
+  return p;
+}
+
 absl::Status Errno(const std::string& what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", strerror(errno)));
 }
@@ -71,6 +81,8 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
       options_(OptionsFromConfig(config)),
       max_connections_(
           config.max_connections() == 0 ? 100 : config.max_connections()) {
+  const uint64_t granularity = InvalidateGranularity(config);
+  for (nbd::ShimExport& e : exports_) e.invalidate_granularity = granularity;
   std::sort(exports_.begin(), exports_.end(),
             [](const nbd::ShimExport& a, const nbd::ShimExport& b) {
               return a.name < b.name;

@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "server/nbd/test_client.h"
 #include "server/upstream/fake_upstream.h"
+#include "server/upstream/nbd_errors.h"
 
 namespace blockmeta {
 namespace {
@@ -129,14 +130,14 @@ TEST_F(NbdServerTest, BadRequestsGetErrorsAndTheConnectionSurvives) {
     uint32_t error;
   };
   for (const Case& k : std::vector<Case>{
-           {Req(99, 0, 1), nbd::kEinval},                       // unknown cmd
-           {Req(nbd::kCmdRead, 0, 1, 1u << 10), nbd::kEinval},  // unknown flag
-           {Req(nbd::kCmdRead, kSize, 1), nbd::kEinval},        // past the end
-           {Req(nbd::kCmdRead, ~0ull - 1, 4), nbd::kEinval},    // overflow
-           {Req(nbd::kCmdRead, 0, 0), nbd::kEinval},            // zero length
-           {Req(nbd::kCmdBlockStatus, 0, 0), nbd::kEinval},
-           {Req(nbd::kCmdRead, 0, 2u << 20), nbd::kEoverflow},  // oversize
-           {Req(nbd::kCmdBlockStatus, kSize - 1, 2), nbd::kEinval},
+           {Req(99, 0, 1), kNbdEinval},                       // unknown cmd
+           {Req(nbd::kCmdRead, 0, 1, 1u << 10), kNbdEinval},  // unknown flag
+           {Req(nbd::kCmdRead, kSize, 1), kNbdEinval},        // past the end
+           {Req(nbd::kCmdRead, ~0ull - 1, 4), kNbdEinval},    // overflow
+           {Req(nbd::kCmdRead, 0, 0), kNbdEinval},            // zero length
+           {Req(nbd::kCmdBlockStatus, 0, 0), kNbdEinval},
+           {Req(nbd::kCmdRead, 0, 2u << 20), kNbdEoverflow},  // oversize
+           {Req(nbd::kCmdBlockStatus, kSize - 1, 2), kNbdEinval},
        }) {
     auto r = c->Call(k.r);
     ASSERT_TRUE(r.ok()) << nbd::CommandName(k.r.type) << " " << r.status();
@@ -146,7 +147,7 @@ TEST_F(NbdServerTest, BadRequestsGetErrorsAndTheConnectionSurvives) {
   const uint32_t big = (1u << 20) + 1;
   auto r = c->Call(Req(nbd::kCmdWrite, 0, big, 0, 7), std::string(big, 'q'));
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->error, nbd::kEinval);
+  EXPECT_EQ(r->error, kNbdEinval);
   EXPECT_EQ(r->handle, 7u);
   r = c->Call(Req(nbd::kCmdRead, 0, 2, 0, 8));
   ASSERT_TRUE(r.ok());
@@ -177,10 +178,10 @@ TEST_F(NbdServerTest, ReadOnlyExportRefusesWritesWithEperm) {
   EXPECT_TRUE(h->flags & nbd::kFlagReadOnly);
   auto r = c->Call(Req(nbd::kCmdWrite, 0, 4), "abcd");
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(r->error, nbd::kEperm);
+  EXPECT_EQ(r->error, kNbdEperm);
   r = c->Call(Req(nbd::kCmdWriteZeroes, 0, 4));
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(r->error, nbd::kEperm);
+  EXPECT_EQ(r->error, kNbdEperm);
   EXPECT_EQ(ro_->data_calls(), 0u);
 }
 
