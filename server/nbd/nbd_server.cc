@@ -32,8 +32,16 @@ nbd::ConnectionOptions OptionsFromConfig(
       c.handshake_timeout_ms() == 0 ? 10000 : c.handshake_timeout_ms());
   o.handshake.max_payload_bytes =
       c.max_payload_bytes() == 0 ? (32u << 20) : c.max_payload_bytes();
+  if (c.max_inflight_bytes_per_connection() != 0) {
+    o.max_inflight_bytes = c.max_inflight_bytes_per_connection();
+  }
   o.max_inflight_bytes = std::max<uint64_t>(
       o.max_inflight_bytes, 2ull * o.handshake.max_payload_bytes);
+  if (c.idle_timeout_ms() != 0) {
+    o.idle_timeout = absl::Milliseconds(c.idle_timeout_ms());
+  }
+  o.write_timeout = absl::Milliseconds(
+      c.write_timeout_ms() == 0 ? 30000 : c.write_timeout_ms());
   return o;
 }
 
@@ -80,7 +88,10 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
       cache_(cache),
       options_(OptionsFromConfig(config)),
       max_connections_(
-          config.max_connections() == 0 ? 100 : config.max_connections()) {
+          config.max_connections() == 0 ? 100 : config.max_connections()),
+      pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
+      budget_(config.max_inflight_bytes() == 0 ? (1ull << 30)
+                                               : config.max_inflight_bytes()) {
   const uint64_t granularity = InvalidateGranularity(config);
   for (nbd::ShimExport& e : exports_) e.invalidate_granularity = granularity;
   std::sort(exports_.begin(), exports_.end(),
@@ -204,21 +215,43 @@ void NbdServer::AcceptLoop() {
 }
 
 void NbdServer::OnAccept(int fd) {
+  sync::MutexLock lock(&mu_);
   if (active_.load() >= max_connections_) {
-    rejected_.fetch_add(1);
-    LogWarning(
-        "nbd_connection_rejected",
-        {{"reason", "max_connections"},
-         {"max_connections", static_cast<unsigned long>(max_connections_)}});
-    close(fd);
-    return;
+    // Full. A client still in its handshake makes room: the oldest one is
+    // stopped (a real client finishes in milliseconds; the stuck ones are
+    // idle, flooding or half-open), so hostile clients cannot keep good
+    // ones out. Sessions that finished the handshake are never evicted
+    // (idle_timeout_ms ends idle ones). Evicted slots still count until
+    // their thread ends, bounded at twice the cap.
+    Slot* victim = nullptr;
+    for (auto& s : slots_) {
+      if (s->evicted ||
+          s->connection->phase() != nbd::Connection::Phase::kHandshake) {
+        continue;
+      }
+      if (victim == nullptr ||
+          s->connection->started() < victim->connection->started()) {
+        victim = s.get();
+      }
+    }
+    if (victim == nullptr || active_.load() >= 2 * max_connections_) {
+      rejected_.fetch_add(1);
+      LogWarning(
+          "nbd_connection_rejected",
+          {{"reason", "max_connections"},
+           {"max_connections", static_cast<unsigned long>(max_connections_)}});
+      close(fd);
+      return;
+    }
+    victim->evicted = true;
+    victim->connection->Stop();
+    evicted_.fetch_add(1);
   }
   active_.fetch_add(1);
   auto slot = std::make_unique<Slot>();
-  slot->connection =
-      std::make_unique<nbd::Connection>(fd, &exports_, cache_, options_);
+  slot->connection = std::make_unique<nbd::Connection>(
+      fd, &exports_, cache_, &pool_, &budget_, options_);
   Slot* raw = slot.get();
-  sync::MutexLock lock(&mu_);
   slots_.push_back(std::move(slot));
   raw->thread = std::thread([this, raw] {
     raw->connection->Serve();
