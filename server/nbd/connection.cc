@@ -56,8 +56,23 @@ void Connection::Serve() {
   const absl::Time hs_deadline = started_ + options_.handshake_timeout;
   stream_.SetReadDeadline(hs_deadline);
   stream_.SetWriteDeadline(hs_deadline);
+  StartTlsFn start_tls;
+  if (options_.tls != nullptr) {
+    start_tls = [this]() -> absl::StatusOr<ByteStream*> {
+      absl::StatusOr<std::unique_ptr<TlsStream>> t = TlsStream::Accept(
+          &stream_, options_.tls->Get(), options_.tls_verify_client,
+          options_.tls_require_client_cert);
+      if (!t.ok()) {
+        LogInfo("nbd_tls_refused", {{"reason", t.status().ToString()}});
+        return t.status();
+      }
+      tls_ = *std::move(t);
+      io_ = tls_.get();
+      return io_;
+    };
+  }
   absl::StatusOr<Negotiated> n =
-      RunHandshake(stream_, *exports_, options_.handshake);
+      RunHandshake(stream_, *exports_, options_.handshake, start_tls);
   if (!n.ok()) {
     LogDebug("nbd_handshake_end", {{"reason", n.status().ToString()}});
     shutdown(fd_, SHUT_RDWR);  // the client sees EOF now, not at reaping

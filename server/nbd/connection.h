@@ -49,11 +49,13 @@
 #include "absl/time/time.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
+#include "server/common/tls_credentials.h"
 #include "server/common/worker_pool.h"
 #include "server/nbd/handler.h"
 #include "server/nbd/handshake.h"
 #include "server/nbd/request.h"
 #include "server/nbd/stream.h"
+#include "server/nbd/tls_stream.h"
 
 namespace blockmeta {
 namespace nbd {
@@ -75,6 +77,10 @@ struct ConnectionOptions {
   absl::Duration write_timeout = absl::Seconds(30);
   size_t max_inflight_requests = 16;
   uint64_t max_inflight_bytes = 64u << 20;
+  // STARTTLS (with handshake.tls != kOff); not owned, outlives the server.
+  TlsCredentials* tls = nullptr;
+  bool tls_verify_client = false;       // a client CA is configured
+  bool tls_require_client_cert = true;  // with it: refuse clients without
 };
 
 class Connection {
@@ -132,7 +138,8 @@ class Connection {
   // Set once the handshake succeeded, then constant (read by workers).
   std::optional<Negotiated> negotiated_;
   std::optional<RequestHandler> handler_;
-  ByteStream* io_ = &stream_;  // the transmission stream
+  std::unique_ptr<TlsStream> tls_;  // after STARTTLS; before stream_ dies
+  ByteStream* io_ = &stream_;       // the transmission stream
 
   sync::Mutex mu_;
   absl::CondVar changed_;  // signalled when a handed-off request finished

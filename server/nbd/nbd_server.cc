@@ -42,6 +42,8 @@ nbd::ConnectionOptions OptionsFromConfig(
   }
   o.write_timeout = absl::Milliseconds(
       c.write_timeout_ms() == 0 ? 30000 : c.write_timeout_ms());
+  o.tls_verify_client = !c.tls().client_ca_file().empty();
+  o.tls_require_client_cert = !c.tls().client_cert_optional();
   return o;
 }
 
@@ -55,11 +57,32 @@ uint64_t InvalidateGranularity(const blockmeta::v1::NbdShimConfig& c) {
   return p;
 }
 
+absl::StatusOr<nbd::TlsMode> ParseTlsMode(const std::string& mode) {
+  if (mode.empty() || mode == "off") return nbd::TlsMode::kOff;
+  if (mode == "allow") return nbd::TlsMode::kAllow;
+  if (mode == "require") return nbd::TlsMode::kRequire;
+  return absl::InvalidArgumentError(
+      absl::StrCat("nbd.tls.mode must be off, allow or require, not \"",
+                   mode.substr(0, 32), "\""));
+}
+
 absl::Status Errno(const std::string& what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", strerror(errno)));
 }
 
 }  // namespace
+
+blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
+    blockmeta::v1::NbdShimConfig nbd, const blockmeta::v1::TlsConfig& tls) {
+  blockmeta::v1::NbdTlsConfig* t = nbd.mutable_tls();
+  if (t->cert_file().empty() && t->key_file().empty()) {
+    t->set_cert_file(tls.cert_file());
+    t->set_key_file(tls.key_file());
+    if (t->client_ca_file().empty())
+      t->set_client_ca_file(tls.client_ca_file());
+  }
+  return nbd;
+}
 
 std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     const ExportRegistry& registry) {
@@ -87,6 +110,7 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
     : exports_(std::move(exports)),
       cache_(cache),
       options_(OptionsFromConfig(config)),
+      tls_config_(config.tls()),
       max_connections_(
           config.max_connections() == 0 ? 100 : config.max_connections()),
       pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
@@ -111,6 +135,17 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
   }
   if (tcp_addr.empty() && unix_path.empty()) {
     return absl::InvalidArgumentError("no NBD listen address");
+  }
+  absl::StatusOr<nbd::TlsMode> mode = ParseTlsMode(tls_config_.mode());
+  if (!mode.ok()) return mode.status();
+  if (*mode != nbd::TlsMode::kOff) {
+    absl::StatusOr<std::unique_ptr<TlsCredentials>> creds =
+        TlsCredentials::Create({tls_config_.cert_file(), tls_config_.key_file(),
+                                tls_config_.client_ca_file()});
+    if (!creds.ok()) return creds.status();
+    tls_ = *std::move(creds);
+    options_.tls = tls_.get();
+    options_.handshake.tls = *mode;
   }
   int port = 0;
   if (!tcp_addr.empty()) {

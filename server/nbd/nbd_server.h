@@ -36,6 +36,7 @@
 #include "blockmeta/v1/config.pb.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
+#include "server/common/tls_credentials.h"
 #include "server/common/worker_pool.h"
 #include "server/nbd/connection.h"
 #include "server/nbd/handshake.h"
@@ -48,6 +49,11 @@ class ExportRegistry;
 // upstream, read_only, upstream_timeout_ms).
 std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     const ExportRegistry& registry);
+
+// `nbd` with its TLS files defaulted to the gRPC listener's (`tls`) when it
+// names none of its own.
+blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
+    blockmeta::v1::NbdShimConfig nbd, const blockmeta::v1::TlsConfig& tls);
 
 class NbdServer {
  public:
@@ -64,6 +70,7 @@ class NbdServer {
 
   // Listens on `tcp_addr` ("host:port", port 0 picks one; "" = none) and/or
   // `unix_path` ("" = none). Returns the bound TCP port (0 without TCP).
+  // INVALID_ARGUMENT for a bad nbd.tls mode or unreadable TLS files.
   absl::StatusOr<int> Start(const std::string& tcp_addr,
                             const std::string& unix_path);
   void Shutdown();
@@ -87,10 +94,12 @@ class NbdServer {
   void OnAccept(int fd);
   void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Constant after construction.
+  // Constant after construction (options_.tls: after Start()).
   std::vector<nbd::ShimExport> exports_;
   ExtentCache* const cache_;
   nbd::ConnectionOptions options_;
+  const blockmeta::v1::NbdTlsConfig tls_config_;
+  std::unique_ptr<TlsCredentials> tls_;
   size_t max_connections_;
   WorkerPool pool_;  // handles every connection's requests
   nbd::ByteBudget budget_;
