@@ -190,7 +190,8 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   s->csi_service_ =
       std::make_unique<CsiSnapshotMetadataService>(ctx, s->csi_.get());
   if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
-    s->nbd_ = std::make_unique<NbdServer>(s->registry_.get(), cache, c.nbd());
+    s->nbd_ = std::make_unique<NbdServer>(
+        s->registry_.get(), cache, WithDefaultTlsFiles(c.nbd(), c.tls()));
   }
   return s;
 }
