@@ -133,6 +133,9 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   ExtentCache::Options cache_options;
   cache_options.memory_limit_bytes = c.cache().memory_limit_bytes();
   cache_options.fetch_window_bytes = c.cache().fetch_window_bytes();
+  if (c.cache().has_read_ahead_windows()) {
+    cache_options.read_ahead_windows = c.cache().read_ahead_windows();
+  }
   if (c.cache().ttl_seconds() != 0) {
     cache_options.ttl = absl::Seconds(c.cache().ttl_seconds());
   }

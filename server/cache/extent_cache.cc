@@ -240,7 +240,7 @@ struct KeyState : std::enable_shared_from_this<KeyState> {
 
 class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
  public:
-  explicit Impl(const Options& options) : options_(options) {}
+  explicit Impl(const Options& options) : options_(Clamped(options)) {}
 
   LookupResult Lookup(const CacheKey& key, uint64_t offset, uint64_t length,
                       size_t max_extents) const;
@@ -264,6 +264,10 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   std::vector<KeyState*> KeysOf(const std::string* export_name) const;
 
  private:
+  static Options Clamped(Options o) {
+    o.read_ahead_windows = std::min(o.read_ahead_windows, kMaxReadAheadWindows);
+    return o;
+  }
   // Where one Get() stands.
   struct Progress {
     LookupResult r;

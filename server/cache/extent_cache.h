@@ -167,6 +167,9 @@ struct CacheCounters {
   }
 };
 
+// Upper bound of Options::read_ahead_windows (fetches in flight per key).
+inline constexpr uint32_t kMaxReadAheadWindows = 64;
+
 class ExtentCache {
  public:
   struct Options {
@@ -175,7 +178,8 @@ class ExtentCache {
     // How much a miss asks the upstream for, from the gap start.
     uint64_t fetch_window_bytes = (4ull << 30) - (1ull << 20);
     // Read-ahead: how many windows a sequential scan keeps in flight ahead
-    // of itself (0 = none). See Get().
+    // of itself (0 = none; more than kMaxReadAheadWindows counts as that).
+    // See Get().
     uint32_t read_ahead_windows = 8;
     // Default TTL of cached intervals; InfiniteDuration() = never expire.
     absl::Duration ttl = absl::InfiniteDuration();

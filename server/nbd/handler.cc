@@ -75,12 +75,15 @@ std::string RequestHandler::BlockStatus(const Request& r,
   for (size_t i = 0; i < n_.contexts.size(); ++i) {
     const MetaContext& ctx = n_.contexts[i];
     const bool synthesize = ctx.name == kBaseAllocation && !upstream_has_base;
-    auto fetch = [&](uint64_t off, uint64_t len,
-                     absl::Time dl) -> absl::StatusOr<ExtentList> {
+    // Owns its captures: read-ahead and detached fetches outlive the call.
+    AsyncFetcher fetch = [synthesize, size = n_.info.size,
+                          upstream = e.upstream, context = ctx.name](
+                             uint64_t off, uint64_t len, FetchDone done) {
       if (synthesize) {  // No allocation info upstream: "data" is safe.
-        return ExtentList{{off, std::min(len, n_.info.size - off), 0}};
+        std::move(done)(ExtentList{{off, std::min(len, size - off), 0}});
+        return;
       }
-      return e.upstream->BlockStatus(ctx.name, off, len, dl);
+      upstream->AsyncBlockStatus(context, off, len, std::move(done));
     };
     absl::StatusOr<LookupResult> got = cache_->Get(
         CacheKey{e.name, ctx.name}, n_.info.size, r.offset, r.length,

@@ -123,11 +123,6 @@ class ExtentService {
       const std::string& name) const;
 
  private:
-  struct ExportCounters {
-    std::atomic<uint64_t> upstream_calls{0};
-    std::atomic<uint64_t> upstream_errors{0};
-  };
-
   // Collects extents of [offset, end) up to max_extents, from the cache
   // (mode USE) or the upstream (mode BYPASS). Stops early at the deadline
   // or an error once at least one extent is known.
@@ -138,6 +133,8 @@ class ExtentService {
   // query's end and to `want` extents (0 = all).
   absl::StatusOr<LookupResult> BypassStep(const Query& query, uint64_t pos,
                                           size_t want, absl::Time deadline);
+  // The cache's fetcher for the query's export and context.
+  AsyncFetcher MakeFetcher(const Query& query) const;
   absl::StatusOr<ExtentList> FetchFromUpstream(const Query& query,
                                                uint64_t offset, uint64_t length,
                                                absl::Time deadline);
@@ -153,7 +150,6 @@ class ExtentService {
   const ExportRegistry* const registry_;
   ExtentCache* const cache_;
   const Options options_;
-  absl::flat_hash_map<std::string, std::unique_ptr<ExportCounters>> counters_;
 };
 
 // Fills a v1::Extent from a cached one for `context`.
