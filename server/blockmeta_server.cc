@@ -75,25 +75,30 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
 void ApplyDefaults(v1::ServerConfig* c) {
   if (c->shutdown_grace_seconds() == 0) c->set_shutdown_grace_seconds(20);
   if (c->worker_threads() == 0) c->set_worker_threads(8);
+  // The component defaults have one home: their Options structs.
+  const ExtentCache::Options cache_defaults;
   v1::CacheConfig* cache = c->mutable_cache();
   if (cache->memory_limit_bytes() == 0) {
-    cache->set_memory_limit_bytes(256ull << 20);
+    cache->set_memory_limit_bytes(cache_defaults.memory_limit_bytes);
   }
   if (cache->fetch_window_bytes() == 0) {
-    cache->set_fetch_window_bytes((4ull << 30) - (1ull << 20));
+    cache->set_fetch_window_bytes(cache_defaults.fetch_window_bytes);
   }
   v1::GrpcConfig* g = c->mutable_grpc();
   if (g->max_inflight_calls() == 0) g->set_max_inflight_calls(256);
   if (g->max_message_bytes() == 0) g->set_max_message_bytes(16u << 20);
   if (g->keepalive_time_ms() == 0) g->set_keepalive_time_ms(60000);
   if (g->keepalive_timeout_ms() == 0) g->set_keepalive_timeout_ms(20000);
-  if (g->default_deadline_ms() == 0) g->set_default_deadline_ms(30000);
+  if (g->default_deadline_ms() == 0) {
+    g->set_default_deadline_ms(
+        absl::ToInt64Milliseconds(CallContext().default_deadline));
+  }
   v1::NbdShimConfig* n = c->mutable_nbd();
   if (n->handshake_timeout_ms() == 0) n->set_handshake_timeout_ms(10000);
   if (n->max_connections() == 0) n->set_max_connections(100);
   if (n->max_payload_bytes() == 0) n->set_max_payload_bytes(32u << 20);
   if (c->csi().default_max_results() == 0) {
-    c->mutable_csi()->set_default_max_results(1024);
+    c->mutable_csi()->set_default_max_results(CsiOptions().default_max_results);
   }
 }
 
@@ -185,7 +190,8 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   s->csi_service_ =
       std::make_unique<CsiSnapshotMetadataService>(ctx, s->csi_.get());
   if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
-    s->nbd_ = std::make_unique<NbdServer>(s->registry_.get(), cache, c.nbd());
+    s->nbd_ = std::make_unique<NbdServer>(
+        s->registry_.get(), cache, WithDefaultTlsFiles(c.nbd(), c.tls()));
   }
   return s;
 }
