@@ -6,6 +6,7 @@
 
 #include "server/service/batch_stream.h"
 #include "server/service/grpc_status.h"
+#include "server/service/multi_context.h"
 
 namespace blockmeta {
 namespace {
@@ -57,6 +58,78 @@ class MapSource {
   ExtentService::Cursor cursor_;
 };
 
+// The MapExtents stream over several contexts: one message per merged batch.
+class MultiMapSource {
+ public:
+  using Response = v1::MapExtentsResponse;
+
+  MultiMapSource(ExtentService* service, MultiCursor cursor)
+      : service_(service), cursor_(std::move(cursor)) {}
+
+  const std::string& export_name() const { return cursor_.export_name(); }
+
+  absl::StatusOr<StreamStep> Fill(Response* out, absl::Time deadline) {
+    absl::StatusOr<MergedBatch> batch =
+        NextMerged(service_, &cursor_, deadline);
+    if (!batch.ok()) return batch.status();
+    out->mutable_extents()->Reserve(static_cast<int>(batch->extents.size()));
+    for (const MergedExtent& e : batch->extents) {
+      MergedToProto(e, cursor_.contexts, out->add_extents());
+    }
+    out->set_next_offset(batch->next_offset);
+    out->set_export_size(cursor_.export_size);
+    out->set_context(cursor_.contexts.front());
+    for (const std::string& c : cursor_.contexts) out->add_contexts(c);
+    return StreamStep{batch->extents.empty(), batch->done};
+  }
+
+ private:
+  ExtentService* service_;
+  MultiCursor cursor_;
+};
+
+// GetExtents over several contexts: always on the worker pool (each
+// context's cache is consulted there; a hit costs one hop).
+grpc::ServerUnaryReactor* GetMultiExtents(const CallContext& ctx,
+                                          grpc::CallbackServerContext* context,
+                                          const v1::GetExtentsRequest& request,
+                                          v1::GetExtentsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  Admission::Ticket ticket = ctx.admission->TryAcquire();
+  if (!ticket) {
+    reactor->Finish(OverloadedStatus(*ctx.admission));
+    return reactor;
+  }
+  absl::StatusOr<MultiCursor> cursor =
+      PrepareMultiExtents(*ctx.service, request);
+  if (!cursor.ok()) {
+    reactor->Finish(ToGrpcStatus(cursor.status()));
+    return reactor;
+  }
+  absl::Time deadline = CallDeadline(context, ctx.default_deadline);
+  WorkerPool* pool = ctx.pools->For(cursor->export_name());
+  auto shared = std::make_shared<MultiCursor>(*std::move(cursor));
+  ExtentService* service = ctx.service;
+  pool->Schedule([service, context, reactor, response, shared, deadline,
+                  ticket = std::move(ticket)]() mutable {
+    if (context->IsCancelled()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                                   "call cancelled before it was served"));
+      return;
+    }
+    absl::StatusOr<v1::GetExtentsResponse> r =
+        AnswerMulti(service, shared.get(), deadline);
+    ticket.Release();
+    if (!r.ok()) {
+      reactor->Finish(ToGrpcStatus(r.status()));
+      return;
+    }
+    *response = *std::move(r);
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
 }  // namespace
 
 grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
@@ -84,6 +157,9 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExportInfo(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     grpc::CallbackServerContext* context, const v1::GetExtentsRequest* request,
     v1::GetExtentsResponse* response) {
+  if (request->contexts_size() > 0) {
+    return GetMultiExtents(ctx_, context, *request, response);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   Admission::Ticket ticket = ctx_.admission->TryAcquire();
   if (!ticket) {
@@ -129,6 +205,15 @@ grpc::ServerWriteReactor<v1::MapExtentsResponse>*
 BlockMetaGrpcService::MapExtents(grpc::CallbackServerContext* context,
                                  const v1::MapExtentsRequest* request) {
   ExtentService* service = ctx_.service;
+  if (request->contexts_size() > 0) {
+    return BatchStreamReactor<MultiMapSource>::Start(
+        ctx_, context, [service, request]() -> absl::StatusOr<MultiMapSource> {
+          absl::StatusOr<MultiCursor> cursor =
+              PrepareMultiMap(*service, *request);
+          if (!cursor.ok()) return cursor.status();
+          return MultiMapSource(service, *std::move(cursor));
+        });
+  }
   return BatchStreamReactor<MapSource>::Start(
       ctx_, context, [service, request]() -> absl::StatusOr<MapSource> {
         absl::StatusOr<ExtentService::Cursor> cursor =

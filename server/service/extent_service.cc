@@ -429,6 +429,7 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
   if (!r.ok()) return r.status();
   batch.extents = std::move(r->extents);
   batch.next_offset = r->next_offset;
+  batch.outcome = r->outcome;
   q.offset = r->next_offset;
   batch.done = q.offset >= q.end;
   return batch;

@@ -5,7 +5,8 @@
 // ExtentCache (or, for CACHE_MODE_BYPASS, directly on the Upstream), and
 // builds reply messages. It knows nothing of gRPC: every method returns
 // absl::Status(Or); the gRPC layers (block_meta_grpc.cc, csi_grpc.cc)
-// convert to grpc::Status with ToGrpcStatus (grpc_status.h).
+// convert to grpc::Status with ToGrpcStatus (grpc_status.h). Multi-context
+// queries are built on the one-context streams here by multi_context.h.
 //
 // Two kinds of methods:
 // * Cheap ones that never wait for an upstream (ListExports, GetExportInfo,
@@ -75,7 +76,8 @@ class ExtentService {
   struct Batch {
     ExtentList extents;  // contiguous from the cursor's previous offset
     uint64_t next_offset = 0;
-    bool done = false;  // the range is complete
+    bool done = false;                // the range is complete
+    Outcome outcome = Outcome::kHit;  // where the extents came from
   };
 
   ExtentService(const ExportRegistry* registry, ExtentCache* cache,
