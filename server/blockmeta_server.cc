@@ -15,6 +15,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/log.h"
+#include "server/common/tls_grpc.h"
 #include "server/common/worker_pools.h"
 #include "server/nbd/nbd_server.h"
 #include "server/service/admission.h"
@@ -30,17 +31,6 @@ namespace {
 
 namespace v1 = ::blockmeta::v1;
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot read \"", path, "\""));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
     const v1::TlsConfig& tls) {
   if (tls.cert_file().empty() && tls.key_file().empty()) {
@@ -54,20 +44,9 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
     return absl::InvalidArgumentError(
         "TLS needs both tls.cert_file and tls.key_file");
   }
-  absl::StatusOr<std::string> cert = ReadFile(tls.cert_file());
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadFile(tls.key_file());
-  if (!key.ok()) return key.status();
-  grpc::SslServerCredentialsOptions options;
-  options.pem_key_cert_pairs.push_back({*key, *cert});
-  if (!tls.client_ca_file().empty()) {
-    absl::StatusOr<std::string> ca = ReadFile(tls.client_ca_file());
-    if (!ca.ok()) return ca.status();
-    options.pem_root_certs = *ca;
-    options.client_certificate_request =
-        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
-  }
-  return grpc::SslServerCredentials(options);
+  // Reloaded when the files change (certificate rotation, no restart).
+  return ReloadingServerCredentials(
+      {tls.cert_file(), tls.key_file(), tls.client_ca_file()});
 }
 
 }  // namespace
