@@ -77,7 +77,7 @@ void ApplyDefaults(v1::ServerConfig* c) {
   if (n->max_connections() == 0) n->set_max_connections(100);
   if (n->max_payload_bytes() == 0) n->set_max_payload_bytes(32u << 20);
   if (c->csi().default_max_results() == 0) {
-    c->mutable_csi()->set_default_max_results(CsiOptions().default_max_results);
+    c->mutable_csi()->set_default_max_results(CsiServiceOptions().default_max_results);
   }
 }
 
