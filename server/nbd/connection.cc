@@ -43,6 +43,7 @@ void Connection::Serve() {
     return;
   }
   stream_.SetReadDeadline(absl::InfiniteFuture());
+  entered_.store(n->export_entry);
   LogDebug("nbd_session_start",
            {{"export", n->export_entry->name},
             {"structured", n->structured_replies},

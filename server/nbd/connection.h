@@ -19,6 +19,7 @@
 #ifndef BLOCKMETA_SERVER_NBD_CONNECTION_H_
 #define BLOCKMETA_SERVER_NBD_CONNECTION_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -60,6 +61,9 @@ class Connection {
   // Ends the session soon: shuts the socket down so blocked reads and
   // writes return. Idempotent.
   void Stop();
+  // The export the client entered; nullptr while negotiating (or if the
+  // handshake failed). Points into `exports`.
+  const ShimExport* entered() const { return entered_.load(); }
 
  private:
   struct Job {
@@ -84,6 +88,8 @@ class Connection {
   size_t inflight_ ABSL_GUARDED_BY(mu_) = 0;  // queued + running
   uint64_t inflight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool reader_done_ ABSL_GUARDED_BY(mu_) = false;
+
+  std::atomic<const ShimExport*> entered_{nullptr};
 
   sync::Mutex write_mu_;  // serializes replies on the socket
   bool broken_ ABSL_GUARDED_BY(write_mu_) = false;

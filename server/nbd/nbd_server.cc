@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/common/log.h"
 #include "server/upstream/export_registry.h"
 
@@ -46,7 +47,7 @@ absl::Status Errno(const std::string& what) {
 std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     const ExportRegistry& registry) {
   std::vector<nbd::ShimExport> out;
-  for (ExportEntry* e : registry.All()) {
+  for (const ExportRef& e : registry.All()) {
     nbd::ShimExport x;
     x.name = e->config.name();
     x.description = e->config.description();
@@ -66,15 +67,67 @@ NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
 
 NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
                      blockmeta::v1::NbdShimConfig config)
-    : exports_(std::move(exports)),
-      cache_(cache),
+    : cache_(cache),
       options_(OptionsFromConfig(config)),
       max_connections_(
           config.max_connections() == 0 ? 100 : config.max_connections()) {
-  std::sort(exports_.begin(), exports_.end(),
+  SetExports(std::move(exports));
+}
+
+void NbdServer::SetExports(std::vector<nbd::ShimExport> exports) {
+  std::sort(exports.begin(), exports.end(),
             [](const nbd::ShimExport& a, const nbd::ShimExport& b) {
               return a.name < b.name;
             });
+  auto list = std::make_shared<const ExportList>(std::move(exports));
+  sync::MutexLock lock(&mu_);
+  exports_ = std::move(list);
+}
+
+size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
+  std::vector<Slot*> closing;
+  {
+    sync::MutexLock lock(&mu_);
+    for (auto& slot : slots_) {
+      if (slot->done.load()) continue;
+      const nbd::ShimExport* in = slot->connection->entered();
+      bool hit = false;
+      if (in != nullptr) {
+        hit = in->name == name;
+      } else {
+        for (const nbd::ShimExport& e : *slot->exports) {
+          if (e.name == name) hit = true;
+        }
+      }
+      if (hit) {
+        slot->connection->Stop();
+        closing.push_back(slot.get());
+      }
+    }
+  }
+  // The acceptor may reap (free) a slot once it is done: look slots up
+  // under the lock, never through a stale pointer.
+  const absl::Time deadline = absl::Now() + wait;
+  while (absl::Now() < deadline) {
+    size_t running = 0;
+    {
+      sync::MutexLock lock(&mu_);
+      for (auto& slot : slots_) {
+        if (!slot->done.load() && std::find(closing.begin(), closing.end(),
+                                            slot.get()) != closing.end()) {
+          ++running;
+        }
+      }
+    }
+    if (running == 0) break;
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  if (!closing.empty()) {
+    LogInfo("nbd_export_sessions_closed",
+            {{"export", name},
+             {"sessions", static_cast<unsigned long>(closing.size())}});
+  }
+  return closing.size();
 }
 
 NbdServer::~NbdServer() { Shutdown(); }
@@ -203,10 +256,11 @@ void NbdServer::OnAccept(int fd) {
   }
   active_.fetch_add(1);
   auto slot = std::make_unique<Slot>();
-  slot->connection =
-      std::make_unique<nbd::Connection>(fd, &exports_, cache_, options_);
   Slot* raw = slot.get();
   sync::MutexLock lock(&mu_);
+  slot->exports = exports_;
+  slot->connection = std::make_unique<nbd::Connection>(fd, slot->exports.get(),
+                                                       cache_, options_);
   slots_.push_back(std::move(slot));
   raw->thread = std::thread([this, raw] {
     raw->connection->Serve();

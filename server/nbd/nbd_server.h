@@ -11,8 +11,13 @@
 //
 // Lifetime: Start() once, Shutdown() (or the destructor) once; Shutdown
 // stops accepting, ends every session (in-flight requests finish, bounded
-// by the upstream timeout) and joins every thread. The registry / exports
-// and the cache must outlive the server.
+// by the upstream timeout) and joins every thread. The cache must outlive
+// the server; each export's upstream must outlive the sessions that entered
+// it and the handshakes that may still enter it (CloseExport ends those).
+//
+// Exports at run time: SetExports() replaces the list new connections
+// negotiate against (a connection keeps the list it was accepted with);
+// CloseExport() ends the sessions of a removed export and waits for them.
 // Thread-safety: all methods are thread-safe.
 #ifndef BLOCKMETA_SERVER_NBD_NBD_SERVER_H_
 #define BLOCKMETA_SERVER_NBD_NBD_SERVER_H_
@@ -28,6 +33,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
@@ -62,11 +68,22 @@ class NbdServer {
                             const std::string& unix_path);
   void Shutdown();
 
+  // The exports new connections see (sorted here).
+  void SetExports(std::vector<nbd::ShimExport> exports)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends every session that entered `name`, and every connection still
+  // negotiating with a list that offers it, then waits (up to `wait`) for
+  // them to finish. Returns how many were closed.
+  size_t CloseExport(const std::string& name, absl::Duration wait)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
   size_t ActiveConnections() const { return active_.load(); }
   uint64_t RejectedConnections() const { return rejected_.load(); }
 
  private:
+  using ExportList = std::vector<nbd::ShimExport>;
   struct Slot {
+    std::shared_ptr<const ExportList> exports;  // what it negotiates against
     std::unique_ptr<nbd::Connection> connection;
     std::thread thread;
     std::atomic<bool> done{false};
@@ -76,7 +93,6 @@ class NbdServer {
   void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction.
-  std::vector<nbd::ShimExport> exports_;
   ExtentCache* const cache_;
   nbd::ConnectionOptions options_;
   size_t max_connections_;
@@ -92,6 +108,7 @@ class NbdServer {
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::list<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const ExportList> exports_ ABSL_GUARDED_BY(mu_);
 
   std::atomic<size_t> active_{0};
   std::atomic<uint64_t> rejected_{0};

@@ -11,6 +11,16 @@ namespace {
 
 namespace v1 = ::blockmeta::v1;
 
+// Finishes a cheap call inline without an admission ticket: listing and
+// stats must answer even when every export is busy.
+template <typename Fn>
+grpc::ServerUnaryReactor* FinishCheap(grpc::CallbackServerContext* context,
+                                      Fn&& fn) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(fn()));
+  return reactor;
+}
+
 // Finishes a unary call whose answer is computed cheaply, inline.
 template <typename Fn>
 grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context,
@@ -33,7 +43,7 @@ class MapReactor final
              const v1::MapExtentsRequest& request)
       : ctx_(ctx),
         deadline_(CallDeadline(context, ctx.default_deadline)),
-        ticket_(ctx.admission->TryAcquire()) {
+        ticket_(ctx.admission->TryAcquire(request.export_name())) {
     if (!ticket_) {
       Finish(OverloadedStatus(*ctx.admission));
       return;
@@ -67,7 +77,7 @@ class MapReactor final
 
  private:
   void ProduceNext() {
-    ctx_.pools->For(cursor_.query.key.export_name)->Schedule([this] {
+    ctx_.pools->Schedule(cursor_.query.key.export_name, [this] {
       if (cancelled_.load()) {
         Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled"));
         return;
@@ -116,7 +126,7 @@ class MapReactor final
 grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
     grpc::CallbackServerContext* context, const v1::ListExportsRequest*,
     v1::ListExportsResponse* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::ListExportsResponse> r = ctx_.service->ListExports();
     if (!r.ok()) return r.status();
     *response = *std::move(r);
@@ -127,7 +137,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExportInfo(
     grpc::CallbackServerContext* context,
     const v1::GetExportInfoRequest* request, v1::ExportInfo* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::ExportInfo> r = ctx_.service->GetExportInfo(*request);
     if (!r.ok()) return r.status();
     *response = *std::move(r);
@@ -139,7 +149,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     grpc::CallbackServerContext* context, const v1::GetExtentsRequest* request,
     v1::GetExtentsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Admission::Ticket ticket = ctx_.admission->TryAcquire();
+  Admission::Ticket ticket = ctx_.admission->TryAcquire(request->export_name());
   if (!ticket) {
     reactor->Finish(OverloadedStatus(*ctx_.admission));
     return reactor;
@@ -158,24 +168,25 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     return reactor;
   }
   absl::Time deadline = CallDeadline(context, ctx_.default_deadline);
-  WorkerPool* pool = ctx_.pools->For(query->key.export_name);
-  pool->Schedule([this, context, reactor, response, query = *std::move(query),
-                  deadline, ticket = std::move(ticket)]() mutable {
-    if (context->IsCancelled()) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                                   "call cancelled before it was served"));
-      return;
-    }
-    absl::StatusOr<v1::GetExtentsResponse> r =
-        ctx_.service->Answer(query, deadline);
-    ticket.Release();
-    if (!r.ok()) {
-      reactor->Finish(ToGrpcStatus(r.status()));
-      return;
-    }
-    *response = *std::move(r);
-    reactor->Finish(grpc::Status::OK);
-  });
+  const std::string export_name = query->key.export_name;
+  ctx_.pools->Schedule(
+      export_name, [this, context, reactor, response, query = *std::move(query),
+                    deadline, ticket = std::move(ticket)]() mutable {
+        if (context->IsCancelled()) {
+          reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                                       "call cancelled before it was served"));
+          return;
+        }
+        absl::StatusOr<v1::GetExtentsResponse> r =
+            ctx_.service->Answer(query, deadline);
+        ticket.Release();
+        if (!r.ok()) {
+          reactor->Finish(ToGrpcStatus(r.status()));
+          return;
+        }
+        *response = *std::move(r);
+        reactor->Finish(grpc::Status::OK);
+      });
   return reactor;
 }
 
@@ -201,7 +212,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::InvalidateCache(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetStats(
     grpc::CallbackServerContext* context, const v1::GetStatsRequest* request,
     v1::GetStatsResponse* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::GetStatsResponse> r = ctx_.service->GetStats(*request);
     if (!r.ok()) return r.status();
     *response = *std::move(r);

@@ -73,8 +73,7 @@ class CsiReactor final : public grpc::ServerWriteReactor<Response> {
       return absl::InvalidArgumentError(absl::StrCat(
           "max_results must not be negative (got ", p.max_results, ")"));
     }
-    absl::StatusOr<ExportEntry*> entry =
-        ctx_.service->FindExport(p.export_name);
+    absl::StatusOr<ExportRef> entry = ctx_.service->FindExport(p.export_name);
     if (!entry.ok()) {
       return absl::NotFoundError(absl::StrCat(
           "no snapshot \"", p.export_name, "\": ", entry.status().message()));
@@ -105,7 +104,7 @@ class CsiReactor final : public grpc::ServerWriteReactor<Response> {
   // Fills one message (on the pool): pulls batches until max_results
   // ranges are ready or the volume ends.
   void ProduceNext() {
-    ctx_.pools->For(cursor_.query.key.export_name)->Schedule([this] {
+    ctx_.pools->Schedule(cursor_.query.key.export_name, [this] {
       if (cancelled_.load()) {
         this->Finish(
             grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled"));

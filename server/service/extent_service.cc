@@ -78,21 +78,23 @@ void ToProto(const Extent& e, const std::string& context, v1::Extent* out) {
 
 ExtentService::ExtentService(const ExportRegistry* registry, ExtentCache* cache,
                              Options options)
-    : registry_(registry), cache_(cache), options_(std::move(options)) {
-  for (ExportEntry* e : registry_->All()) {
-    counters_.emplace(e->config.name(), std::make_unique<ExportCounters>());
-  }
-}
+    : registry_(registry), cache_(cache), options_(std::move(options)) {}
 
-absl::StatusOr<ExportEntry*> ExtentService::FindExport(
+absl::StatusOr<ExportRef> ExtentService::FindExport(
     const std::string& name) const {
   if (name.empty()) {
     return absl::InvalidArgumentError("export_name is required");
   }
-  ExportEntry* entry = registry_->Find(name);
+  ExportRef entry = registry_->Find(name);
   if (entry == nullptr) {
     std::vector<std::string> names;
-    for (ExportEntry* e : registry_->All()) names.push_back(e->config.name());
+    for (const ExportRef& e : registry_->All()) {
+      if (names.size() == 20) {  // bounded: there may be thousands
+        names.push_back("...");
+        break;
+      }
+      names.push_back(e->config.name());
+    }
     return absl::NotFoundError(
         absl::StrCat("no export named \"", name, "\"; exports: ",
                      names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
@@ -100,17 +102,17 @@ absl::StatusOr<ExportEntry*> ExtentService::FindExport(
   return entry;
 }
 
-absl::StatusOr<std::vector<ExportEntry*>> ExtentService::ExportsNamed(
+absl::StatusOr<std::vector<ExportRef>> ExtentService::ExportsNamed(
     const std::string& name) const {
   if (name.empty()) return registry_->All();
-  absl::StatusOr<ExportEntry*> e = FindExport(name);
+  absl::StatusOr<ExportRef> e = FindExport(name);
   if (!e.ok()) return e.status();
-  return std::vector<ExportEntry*>{*e};
+  return std::vector<ExportRef>{*e};
 }
 
 absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
   v1::ListExportsResponse response;
-  for (ExportEntry* e : registry_->All()) {
+  for (const ExportRef& e : registry_->All()) {
     v1::ExportSummary* s = response.add_exports();
     s->set_name(e->config.name());
     s->set_description(e->config.description());
@@ -124,7 +126,7 @@ absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
 
 absl::StatusOr<v1::ExportInfo> ExtentService::GetExportInfo(
     const v1::GetExportInfoRequest& request) const {
-  absl::StatusOr<ExportEntry*> entry = FindExport(request.export_name());
+  absl::StatusOr<ExportRef> entry = FindExport(request.export_name());
   if (!entry.ok()) return entry.status();
   const ExportEntry& e = **entry;
   v1::ExportInfo out;
@@ -161,7 +163,7 @@ absl::StatusOr<ExtentService::Query> ExtentService::Validate(
     const std::string& export_name, const std::string& context_in,
     uint64_t offset, uint64_t length, bool length_zero_means_end,
     uint32_t max_extents, v1::CacheMode mode) const {
-  absl::StatusOr<ExportEntry*> entry = FindExport(export_name);
+  absl::StatusOr<ExportRef> entry = FindExport(export_name);
   if (!entry.ok()) return entry.status();
   if (!v1::CacheMode_IsValid(mode)) {
     return absl::InvalidArgumentError(
@@ -291,12 +293,10 @@ absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
   absl::Time start = absl::Now();
   absl::StatusOr<ExtentList> got = query.entry->upstream->BlockStatus(
       query.key.context, offset, length, deadline);
-  auto it = counters_.find(query.key.export_name);
-  if (it != counters_.end()) {
-    it->second->upstream_calls.fetch_add(1, std::memory_order_relaxed);
-    if (!got.ok()) {
-      it->second->upstream_errors.fetch_add(1, std::memory_order_relaxed);
-    }
+  ExportShared& counters = *query.entry->shared;
+  counters.upstream_calls.fetch_add(1, std::memory_order_relaxed);
+  if (!got.ok()) {
+    counters.upstream_errors.fetch_add(1, std::memory_order_relaxed);
   }
   if (options_.on_upstream_call) {
     options_.on_upstream_call(query.key.export_name, absl::Now() - start,
@@ -406,6 +406,11 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
     Cursor* cursor, absl::Time deadline) {
   Query& q = cursor->query;
   Batch batch;
+  if (q.entry->removed()) {
+    return absl::NotFoundError(
+        absl::StrCat("export \"", q.key.export_name,
+                     "\" was removed while this stream was in flight"));
+  }
   if (q.offset >= q.end) {
     batch.next_offset = q.end;
     batch.done = true;
@@ -438,7 +443,7 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
         absl::StrCat("offset ", request.offset(), " + length ",
                      request.length(), " overflows a 64-bit byte address"));
   }
-  absl::StatusOr<std::vector<ExportEntry*>> targets =
+  absl::StatusOr<std::vector<ExportRef>> targets =
       ExportsNamed(request.export_name());
   if (!targets.ok()) return targets.status();
   if (!request.context().empty()) {
@@ -449,7 +454,7 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
   bool whole = request.offset() == 0 && request.length() == 0;
   const std::vector<CacheKey> keys = cache_->Keys();
   ExtentCache::Dropped total;
-  for (ExportEntry* e : *targets) {
+  for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
     ExtentCache::Dropped d;
     if (!request.context().empty()) {
@@ -495,13 +500,13 @@ void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
 
 absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     const v1::GetStatsRequest& request) const {
-  absl::StatusOr<std::vector<ExportEntry*>> targets =
+  absl::StatusOr<std::vector<ExportRef>> targets =
       ExportsNamed(request.export_name());
   if (!targets.ok()) return targets.status();
   v1::GetStatsResponse response;
   response.set_memory_limit_bytes(cache_->options().memory_limit_bytes);
   std::vector<CacheKey> keys = cache_->Keys();
-  for (ExportEntry* e : *targets) {
+  for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
     v1::ExportStats* s = response.add_exports();
     s->set_export_name(name);
@@ -509,11 +514,8 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
       if (k.export_name != name) continue;
       FillCounters(cache_->Counters(k), &(*s->mutable_contexts())[k.context]);
     }
-    auto it = counters_.find(name);
-    if (it != counters_.end()) {
-      s->set_upstream_calls(it->second->upstream_calls.load());
-      s->set_upstream_errors(it->second->upstream_errors.load());
-    }
+    s->set_upstream_calls(e->shared->upstream_calls.load());
+    s->set_upstream_errors(e->shared->upstream_errors.load());
     s->set_reconnects(e->upstream->Generation());
   }
   if (request.export_name().empty()) {
