@@ -19,6 +19,7 @@
 #include "grpcpp/security/server_credentials.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/log.h"
+#include "server/common/tls_grpc.h"
 #include "server/common/worker_pools.h"
 #include "server/nbd/nbd_server.h"
 #include "server/service/admin_grpc.h"
@@ -36,17 +37,6 @@ namespace {
 
 namespace v1 = ::blockmeta::v1;
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot read \"", path, "\""));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
     const v1::TlsConfig& tls) {
   if (tls.cert_file().empty() && tls.key_file().empty()) {
@@ -60,20 +50,9 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
     return absl::InvalidArgumentError(
         "TLS needs both tls.cert_file and tls.key_file");
   }
-  absl::StatusOr<std::string> cert = ReadFile(tls.cert_file());
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadFile(tls.key_file());
-  if (!key.ok()) return key.status();
-  grpc::SslServerCredentialsOptions options;
-  options.pem_key_cert_pairs.push_back({*key, *cert});
-  if (!tls.client_ca_file().empty()) {
-    absl::StatusOr<std::string> ca = ReadFile(tls.client_ca_file());
-    if (!ca.ok()) return ca.status();
-    options.pem_root_certs = *ca;
-    options.client_certificate_request =
-        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
-  }
-  return grpc::SslServerCredentials(options);
+  // Reloaded when the files change (certificate rotation, no restart).
+  return ReloadingServerCredentials(
+      {tls.cert_file(), tls.key_file(), tls.client_ca_file()});
 }
 
 }  // namespace
@@ -85,12 +64,14 @@ void ApplyDefaults(v1::ServerConfig* c) {
     c->set_max_upstream_calls_per_export(
         std::max<uint32_t>(1, c->worker_threads() / 4));
   }
+  // The component defaults have one home: their Options structs.
+  const ExtentCache::Options cache_defaults;
   v1::CacheConfig* cache = c->mutable_cache();
   if (cache->memory_limit_bytes() == 0) {
-    cache->set_memory_limit_bytes(256ull << 20);
+    cache->set_memory_limit_bytes(cache_defaults.memory_limit_bytes);
   }
   if (cache->fetch_window_bytes() == 0) {
-    cache->set_fetch_window_bytes((4ull << 30) - (1ull << 20));
+    cache->set_fetch_window_bytes(cache_defaults.fetch_window_bytes);
   }
   v1::GrpcConfig* g = c->mutable_grpc();
   if (g->max_inflight_calls() == 0) g->set_max_inflight_calls(256);
@@ -101,13 +82,16 @@ void ApplyDefaults(v1::ServerConfig* c) {
   if (g->max_message_bytes() == 0) g->set_max_message_bytes(16u << 20);
   if (g->keepalive_time_ms() == 0) g->set_keepalive_time_ms(60000);
   if (g->keepalive_timeout_ms() == 0) g->set_keepalive_timeout_ms(20000);
-  if (g->default_deadline_ms() == 0) g->set_default_deadline_ms(30000);
+  if (g->default_deadline_ms() == 0) {
+    g->set_default_deadline_ms(
+        absl::ToInt64Milliseconds(CallContext().default_deadline));
+  }
   v1::NbdShimConfig* n = c->mutable_nbd();
   if (n->handshake_timeout_ms() == 0) n->set_handshake_timeout_ms(10000);
   if (n->max_connections() == 0) n->set_max_connections(100);
   if (n->max_payload_bytes() == 0) n->set_max_payload_bytes(32u << 20);
   if (c->csi().default_max_results() == 0) {
-    c->mutable_csi()->set_default_max_results(1024);
+    c->mutable_csi()->set_default_max_results(CsiServiceOptions().default_max_results);
   }
 }
 
@@ -127,15 +111,24 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
         "csi.fixed_block_size must be 0 or a power of two >= 512, not ",
         block));
   }
-  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty()) {
+  if (!config.csi().socket().empty()) {
+    absl::StatusOr<std::string> path = CsiSocketPath(config.csi().socket());
+    if (!path.ok()) return path.status();
+  }
+  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty() &&
+      config.csi().socket().empty()) {
     return absl::InvalidArgumentError(
-        "no gRPC listener: set grpc_listen and/or grpc_unix_socket");
+        "no gRPC listener: set grpc_listen, grpc_unix_socket and/or "
+        "csi.socket");
   }
   std::unique_ptr<BlockMetaServer> s(new BlockMetaServer(std::move(config)));
   const v1::ServerConfig& c = s->config_;
   ExtentCache::Options cache_options;
   cache_options.memory_limit_bytes = c.cache().memory_limit_bytes();
   cache_options.fetch_window_bytes = c.cache().fetch_window_bytes();
+  if (c.cache().has_read_ahead_windows()) {
+    cache_options.read_ahead_windows = c.cache().read_ahead_windows();
+  }
   if (c.cache().ttl_seconds() != 0) {
     cache_options.ttl = absl::Seconds(c.cache().ttl_seconds());
   }
@@ -162,17 +155,26 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   ctx.admission = s->admission_.get();
   ctx.default_deadline = absl::Milliseconds(c.grpc().default_deadline_ms());
   s->grpc_service_ = std::make_unique<BlockMetaGrpcService>(ctx);
-  CsiOptions csi;
+  CsiServiceOptions csi;
   csi.fixed_block_size = c.csi().fixed_block_size();
   csi.default_max_results = c.csi().default_max_results();
-  s->csi_service_ = std::make_unique<CsiSnapshotMetadataService>(ctx, csi);
+  if (!c.csi().driver_name().empty()) csi.driver_name = c.csi().driver_name();
+  if (!c.csi().driver_version().empty()) {
+    csi.driver_version = c.csi().driver_version();
+  }
+  s->csi_ =
+      std::make_unique<CsiService>(s->registry_.get(), s->service_.get(), csi);
+  s->csi_identity_ = std::make_unique<CsiIdentityService>(s->csi_.get());
+  s->csi_service_ =
+      std::make_unique<CsiSnapshotMetadataService>(ctx, s->csi_.get());
   s->admin_ = std::make_unique<AdminService>(s->registry_.get());
   s->admin_grpc_ = std::make_unique<AdminGrpcService>(
       s->admin_.get(), std::vector<std::string>(c.admin_identities().begin(),
                                                 c.admin_identities().end()));
   if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
     s->nbd_ = std::make_unique<NbdServer>(std::vector<nbd::ShimExport>{},
-                                          s->cache_.get(), c.nbd());
+                                          s->cache_.get(),
+                                          WithDefaultTlsFiles(c.nbd(), c.tls()));
   }
   s->registry_->SetHooks(s->MakeHooks());
   absl::StatusOr<ExportRegistry::ReloadResult> loaded =
@@ -299,7 +301,15 @@ absl::Status BlockMetaServer::Start() {
     builder.AddListeningPort(absl::StrCat("unix:", c.grpc_unix_socket()),
                              grpc::InsecureServerCredentials());
   }
+  if (!c.csi().socket().empty()) {
+    // The CSI driver socket (external-snapshot-metadata --csi-address).
+    std::string path = *CsiSocketPath(c.csi().socket());  // checked in Create
+    ::unlink(path.c_str());
+    builder.AddListeningPort(absl::StrCat("unix:", path),
+                             grpc::InsecureServerCredentials());
+  }
   builder.RegisterService(grpc_service_.get());
+  builder.RegisterService(csi_identity_.get());
   builder.RegisterService(csi_service_.get());
   builder.RegisterService(admin_grpc_.get());
   builder.SetMaxReceiveMessageSize(

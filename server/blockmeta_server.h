@@ -43,6 +43,8 @@ class Admission;
 class ExtentService;
 class Metrics;
 class BlockMetaGrpcService;
+class CsiIdentityService;
+class CsiService;
 class CsiSnapshotMetadataService;
 class NbdServer;
 
@@ -93,6 +95,8 @@ class BlockMetaServer {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ExtentService> service_;
   std::unique_ptr<BlockMetaGrpcService> grpc_service_;
+  std::unique_ptr<CsiService> csi_;
+  std::unique_ptr<CsiIdentityService> csi_identity_;
   std::unique_ptr<CsiSnapshotMetadataService> csi_service_;
   std::unique_ptr<AdminService> admin_;
   std::unique_ptr<AdminGrpcService> admin_grpc_;

@@ -2,7 +2,9 @@
 #include "server/common/worker_pool.h"
 
 #include <atomic>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
@@ -21,6 +23,33 @@ TEST(WorkerPoolTest, RunsEveryTaskBeforeDestruction) {
     for (int i = 0; i < 1000; ++i) pool.Schedule([&ran] { ran.fetch_add(1); });
   }
   EXPECT_EQ(ran.load(), 1000);
+}
+
+// Schedule accepts until the destructor begins, then refuses: a refused
+// task never runs, and every accepted one does.
+TEST(WorkerPoolTest, RefusesWorkOnceDestructionBegins) {
+  auto pool = std::make_unique<WorkerPool>(1);
+  WorkerPool* p = pool.get();
+  absl::Notification started;
+  std::atomic<int> accepted{0}, ran{0};
+  std::atomic<bool> refused_ran{false};
+  bool refused = false;
+  p->Schedule([&] {
+    started.Notify();
+    // Accepts until ~WorkerPool sets its stop flag (the destroyer thread
+    // below); each accepted task must still run.
+    while (p->Schedule([&ran] { ran.fetch_add(1); })) {
+      accepted.fetch_add(1);
+      std::this_thread::yield();
+    }
+    refused = !p->Schedule([&refused_ran] { refused_ran = true; });
+  });
+  started.WaitForNotification();
+  std::thread destroyer([&pool] { pool.reset(); });
+  destroyer.join();
+  EXPECT_TRUE(refused);
+  EXPECT_FALSE(refused_ran.load());
+  EXPECT_EQ(ran.load(), accepted.load());
 }
 
 TEST(WorkerPoolTest, BlockedTaskDoesNotStallOthers) {

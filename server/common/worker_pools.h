@@ -24,6 +24,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -44,6 +45,25 @@ class WorkerPools {
 
   void Schedule(const std::string& export_name,
                 absl::AnyInvocable<void() &&> task) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // A handle that schedules into one export's lane, so callers can write
+  // pools->For(name)->Schedule(task). Cheap to copy; holds no lane.
+  class ExportLane {
+   public:
+    ExportLane(WorkerPools* pools, std::string name)
+        : pools_(pools), name_(std::move(name)) {}
+    void Schedule(absl::AnyInvocable<void() &&> task) {
+      pools_->Schedule(name_, std::move(task));
+    }
+    ExportLane* operator->() { return this; }
+
+   private:
+    WorkerPools* pools_;
+    std::string name_;
+  };
+  ExportLane For(const std::string& export_name) {
+    return ExportLane(this, export_name);
+  }
 
   size_t threads() const { return threads_.size(); }
   size_t per_export_cap() const { return cap_; }

@@ -274,17 +274,14 @@ std::optional<v1::GetExtentsResponse> ExtentService::TryAnswerFromCache(
     const Query& query) {
   if (query.cache_mode != v1::CACHE_MODE_USE) return std::nullopt;
   LookupResult r = cache_->Lookup(query.key, query.offset,
-                                  query.end - query.offset, query.max_extents,
-                                  /*count=*/false);
+                                  query.end - query.offset, query.max_extents);
   bool complete =
       r.next_offset >= query.end ||
       (query.max_extents != 0 && r.extents.size() >= query.max_extents);
   if (r.extents.empty() || !complete) return std::nullopt;
   // Count the hit now that we know it is one (the probe above was silent).
-  r = cache_->Lookup(query.key, query.offset, query.end - query.offset,
-                     query.max_extents, /*count=*/true);
-  if (r.extents.empty()) return std::nullopt;  // invalidated in between
   r.outcome = Outcome::kHit;
+  cache_->Record(query.key, query.offset, r);
   return MakeResponse(query, r);
 }
 
@@ -293,16 +290,31 @@ absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
   absl::Time start = absl::Now();
   absl::StatusOr<ExtentList> got = query.entry->upstream->BlockStatus(
       query.key.context, offset, length, deadline);
-  ExportShared& counters = *query.entry->shared;
-  counters.upstream_calls.fetch_add(1, std::memory_order_relaxed);
-  if (!got.ok()) {
-    counters.upstream_errors.fetch_add(1, std::memory_order_relaxed);
-  }
+  // The cache counts every upstream call, its own and this bypassing one.
+  cache_->RecordUpstreamCall(query.key, got.status());
   if (options_.on_upstream_call) {
     options_.on_upstream_call(query.key.export_name, absl::Now() - start,
                               got.status());
   }
   return got;
+}
+
+AsyncFetcher ExtentService::MakeFetcher(const Query& query) const {
+  // Owns what it captures: read-ahead and detached fetches call it after
+  // the query is gone. The upstream lives as long as the registry.
+  return [upstream = query.entry->upstream.get(), context = query.key.context,
+          name = query.key.export_name, observer = options_.on_upstream_call](
+             uint64_t offset, uint64_t length, FetchDone done) {
+    const absl::Time start = absl::Now();
+    upstream->AsyncBlockStatus(context, offset, length,
+                               [done = std::move(done), observer, name,
+                                start](absl::StatusOr<ExtentList> got) mutable {
+                                 if (observer)
+                                   observer(name, absl::Now() - start,
+                                            got.status());
+                                 std::move(done)(std::move(got));
+                               });
+  };
 }
 
 absl::StatusOr<LookupResult> ExtentService::BypassStep(const Query& query,
@@ -334,6 +346,7 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
   out.next_offset = offset;
   bool used_cache = false, used_upstream = false;
   uint64_t pos = offset;
+  AsyncFetcher fetch;  // made on the first cache step
   while (pos < query.end &&
          (max_extents == 0 || out.extents.size() < max_extents)) {
     if (absl::Now() >= deadline && !out.extents.empty()) break;
@@ -342,10 +355,7 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
     if (query.cache_mode == v1::CACHE_MODE_BYPASS) {
       step = BypassStep(query, pos, want, deadline);
     } else {
-      auto fetch = [this, &query](uint64_t off, uint64_t len,
-                                  absl::Time dl) -> absl::StatusOr<ExtentList> {
-        return FetchFromUpstream(query, off, len, dl);
-      };
+      if (!fetch) fetch = MakeFetcher(query);
       step = cache_->Get(query.key, query.export_size, pos, query.end - pos,
                          want, fetch, deadline);
     }
@@ -430,6 +440,7 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
   if (!r.ok()) return r.status();
   batch.extents = std::move(r->extents);
   batch.next_offset = r->next_offset;
+  batch.outcome = r->outcome;
   q.offset = r->next_offset;
   batch.done = q.offset >= q.end;
   return batch;
@@ -492,6 +503,10 @@ void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
   out->set_evictions(c.evictions);
   out->set_invalidations(c.invalidations);
   out->set_stale_fills_dropped(c.stale_fills_dropped);
+  out->set_read_ahead_issued(c.read_ahead_issued);
+  out->set_read_ahead_hits(c.read_ahead_hits);
+  out->set_read_ahead_wasted(c.read_ahead_wasted);
+  out->set_detached_waits(c.detached_waits);
   out->set_entries(c.entries);
   out->set_memory_bytes(c.memory_bytes);
 }
@@ -514,8 +529,14 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
       if (k.export_name != name) continue;
       FillCounters(cache_->Counters(k), &(*s->mutable_contexts())[k.context]);
     }
-    s->set_upstream_calls(e->shared->upstream_calls.load());
-    s->set_upstream_errors(e->shared->upstream_errors.load());
+    // Every upstream call is counted once, by the cache, per key: the
+    // per-export figures are the sum over the export's keys.
+    CacheCounters sum;
+    for (const CacheKey& k : keys) {
+      if (k.export_name == name) sum += cache_->Counters(k);
+    }
+    s->set_upstream_calls(sum.upstream_calls);
+    s->set_upstream_errors(sum.upstream_errors);
     s->set_reconnects(e->upstream->Generation());
   }
   if (request.export_name().empty()) {

@@ -4,7 +4,9 @@
 // ExtentService validates requests, turns them into queries on the shared
 // ExtentCache (or, for CACHE_MODE_BYPASS, directly on the Upstream), and
 // builds reply messages. It knows nothing of gRPC: every method returns
-// absl::Status(Or); server/service/grpc_service.cc converts to grpc::Status.
+// absl::Status(Or); the gRPC layers (block_meta_grpc.cc, csi_grpc.cc)
+// convert to grpc::Status with ToGrpcStatus (grpc_status.h). Multi-context
+// queries are built on the one-context streams here by multi_context.h.
 //
 // Two kinds of methods:
 // * Cheap ones that never wait for an upstream (ListExports, GetExportInfo,
@@ -77,7 +79,8 @@ class ExtentService {
   struct Batch {
     ExtentList extents;  // contiguous from the cursor's previous offset
     uint64_t next_offset = 0;
-    bool done = false;  // the range is complete
+    bool done = false;                // the range is complete
+    Outcome outcome = Outcome::kHit;  // where the extents came from
   };
 
   ExtentService(const ExportRegistry* registry, ExtentCache* cache,
@@ -135,6 +138,8 @@ class ExtentService {
   // query's end and to `want` extents (0 = all).
   absl::StatusOr<LookupResult> BypassStep(const Query& query, uint64_t pos,
                                           size_t want, absl::Time deadline);
+  // The cache's fetcher for the query's export and context.
+  AsyncFetcher MakeFetcher(const Query& query) const;
   absl::StatusOr<ExtentList> FetchFromUpstream(const Query& query,
                                                uint64_t offset, uint64_t length,
                                                absl::Time deadline);

@@ -93,6 +93,10 @@ pid_t SpawnedServerPidForTesting(Upstream* upstream);
 // Number of handles currently up.
 int LiveConnectionsForTesting(Upstream* upstream);
 
+// Threads the shared upstream engine runs for the whole process (drivers
+// plus timer), however many upstreams exist.
+int UpstreamEngineThreads();
+
 }  // namespace blockmeta
 
 #endif  // BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_H_
