@@ -18,6 +18,7 @@
 #include "absl/time/clock.h"
 #include "client/bench.h"
 #include "client/blockmeta_client.h"
+#include "client/export_commands.h"
 #include "client/extent_format.h"
 #include "client/units.h"
 #include "google/protobuf/util/json_util.h"
@@ -270,6 +271,7 @@ class Runner {
   int Stats();
   int Health();
   int Bench();
+  int Export();
   int Help();
 
  private:
@@ -498,6 +500,31 @@ const std::vector<CommandSpec>& Commands() {
         {"service", "NAME", "health: service to check (default \"\")"},
         {"output", "FORMAT", "human (default) or json"}},
        &Runner::Bench},
+      {"export",
+       "add|remove|list [NAME]",
+       "add or remove an export of a running server (Admin API)",
+       "Admin calls are served only over the server's gRPC Unix socket "
+       "(--server=unix:PATH) or to an mTLS identity in admin_identities. "
+       "add waits until the upstream is READY; adding the same config again "
+       "is OK, another config for the name is ALREADY_EXISTS. remove ends "
+       "the export's streams and NBD sessions and frees its cache.",
+       1,
+       2,
+       {{"uri", "URI", "add: an NBD URI upstream"},
+        {"image", "PATH", "add: a raw/qcow2 image served by qemu-nbd"},
+        {"format", "FMT", "add --image: raw or qcow2 (default: by name)"},
+        {"bitmap", "B[,B...]", "add --image: qcow2 dirty bitmaps to export"},
+        {"image-read-only", "", "add --image: qemu-nbd --read-only"},
+        {"command", "ARGV",
+         "add: an NBD server command, e.g. \"nbdkit "
+         "memory 1G\""},
+        {"description", "TEXT", "add: description"},
+        {"read-only", "", "add: refuse writes through the NBD shim"},
+        {"connections", "N", "add: upstream connections"},
+        {"upstream-timeout-ms", "N", "add: timeout of one upstream call"},
+        {"cache-ttl-seconds", "N", "add: cache TTL override"},
+        kOutputBasic},
+       &Runner::Export},
       {"help",
        "[COMMAND]",
        "show help for blockmeta or a command",
@@ -509,6 +536,55 @@ const std::vector<CommandSpec>& Commands() {
        /*connects=*/false},
   };
   return *commands;
+}
+
+int Runner::Export() {
+  bool json;
+  if (auto e = BasicOutput(&json)) return Usage(*e);
+  const std::string& verb = p_.positional[0];
+  if (verb == "list") {
+    if (p_.positional.size() != 1) return Usage("export list takes no NAME");
+    absl::StatusOr<v1::AdminListExportsResponse> r =
+        client_->AdminListExports();
+    if (!r.ok()) return Fail("ListExports", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      for (const v1::AdminExport& e : r->exports()) PrintAdminExport(out_, e);
+    }
+    return kExitOk;
+  }
+  if (p_.positional.size() != 2) {
+    return Usage(absl::StrCat("export ", verb, " needs NAME"));
+  }
+  const std::string& name = p_.positional[1];
+  if (verb == "add") {
+    v1::AddExportRequest req;
+    if (auto e = ExportConfigFromFlags(name, p_.flags, req.mutable_config())) {
+      return Usage(*e);
+    }
+    absl::StatusOr<v1::AddExportResponse> r = client_->AddExport(req);
+    if (!r.ok()) return Fail("AddExport", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      out_ << (r->created() ? "added " : "already present ");
+      PrintAdminExport(out_, r->export_info());
+    }
+    return kExitOk;
+  }
+  if (verb == "remove") {
+    absl::StatusOr<v1::RemoveExportResponse> r = client_->RemoveExport(name);
+    if (!r.ok()) return Fail("RemoveExport", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      out_ << "removed " << name << " generation=" << r->generation() << "\n";
+    }
+    return kExitOk;
+  }
+  return Usage(absl::StrCat("unknown export action \"", verb,
+                            "\" (expected add, remove or list)"));
 }
 
 std::optional<std::string> Runner::SetUpClient() {

@@ -376,6 +376,10 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
       ABSL_GUARDED_BY(keys_mu_);
   absl::flat_hash_map<std::string, absl::Duration> export_ttl_
       ABSL_GUARDED_BY(keys_mu_);
+  // Keys of removed exports (ExtentCache::RemoveExport): out of keys_, maps
+  // emptied, kept because KeyState pointers must stay valid.
+  std::vector<std::shared_ptr<KeyState>> retired_ ABSL_GUARDED_BY(keys_mu_);
+  friend class ExtentCache;  // RemoveExport, at the end of this file
 };
 
 KeyState* ExtentCache::Impl::Find(const CacheKey& key) const {
@@ -1311,6 +1315,25 @@ std::vector<CacheKey> ExtentCache::Keys() const {
            std::tie(b.export_name, b.context);
   });
   return out;
+}
+
+ExtentCache::Dropped ExtentCache::RemoveExport(const std::string& export_name) {
+  // Poisons in-flight fetches and frees the intervals first, then takes the
+  // keys out so Keys() and Counters() forget them. The KeyState records
+  // themselves move to retired_: lock-free readers (Counters, eviction) may
+  // still hold pointers to them.
+  Dropped d = InvalidateExport(export_name);
+  sync::MutexLock l(&impl_->keys_mu_);
+  impl_->export_ttl_.erase(export_name);
+  for (auto it = impl_->keys_.begin(); it != impl_->keys_.end();) {
+    if (it->first.export_name == export_name) {
+      impl_->retired_.push_back(std::move(it->second));
+      impl_->keys_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  return d;
 }
 
 }  // namespace blockmeta

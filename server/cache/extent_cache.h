@@ -278,6 +278,15 @@ class ExtentCache {
 
   const Options& options() const { return options_; }
 
+  // Forgets an export that was removed: its intervals (memory comes back at
+  // once), its TTL override, and its keys with their counters (Keys() and
+  // Counters() no longer include them; a key made again later starts at
+  // zero). Call only when no call of that export is in flight: a fetch
+  // still running is poisoned, but a later Get would create a new key.
+  // Each removed key leaves a small record (~300 bytes) that is never
+  // freed, since lock-free readers may hold pointers to it.
+  Dropped RemoveExport(const std::string& export_name);
+
  private:
   class Impl;
   const Options options_;

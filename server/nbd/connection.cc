@@ -82,6 +82,7 @@ void Connection::Serve() {
   stream_.SetReadDeadline(absl::InfiniteFuture());
   stream_.SetWriteDeadline(absl::InfiniteFuture());
   negotiated_.emplace(*std::move(n));
+  entered_.store(negotiated_->export_entry);
   handler_.emplace(*negotiated_, cache_);
   phase_.store(Phase::kTransmission);
   const std::string& name = negotiated_->export_entry->name;

@@ -99,6 +99,9 @@ class Connection {
   // Ends the session soon: shuts the socket down so blocked reads and
   // writes return. Idempotent.
   void Stop();
+  // The export the client entered; nullptr while negotiating (or if the
+  // handshake failed). Points into `exports`.
+  const ShimExport* entered() const { return entered_.load(); }
 
   Phase phase() const { return phase_.load(); }
   absl::Time started() const { return started_; }
@@ -151,6 +154,8 @@ class Connection {
   absl::Time last_activity_ ABSL_GUARDED_BY(mu_);
   bool broken_ ABSL_GUARDED_BY(mu_) = false;  // socket failed: drop replies
   bool loop_wants_wake_ ABSL_GUARDED_BY(mu_) = false;
+
+  std::atomic<const ShimExport*> entered_{nullptr};
 };
 
 }  // namespace nbd

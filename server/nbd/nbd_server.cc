@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/common/log.h"
 #include "server/upstream/export_registry.h"
 
@@ -87,7 +88,7 @@ blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
 std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     const ExportRegistry& registry) {
   std::vector<nbd::ShimExport> out;
-  for (ExportEntry* e : registry.All()) {
+  for (const ExportRef& e : registry.All()) {
     nbd::ShimExport x;
     x.name = e->config.name();
     x.description = e->config.description();
@@ -107,8 +108,7 @@ NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
 
 NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
                      blockmeta::v1::NbdShimConfig config)
-    : exports_(std::move(exports)),
-      cache_(cache),
+    : cache_(cache),
       options_(OptionsFromConfig(config)),
       tls_config_(config.tls()),
       max_connections_(
@@ -116,12 +116,68 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
       pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
       budget_(config.max_inflight_bytes() == 0 ? (1ull << 30)
                                                : config.max_inflight_bytes()) {
-  const uint64_t granularity = InvalidateGranularity(config);
-  for (nbd::ShimExport& e : exports_) e.invalidate_granularity = granularity;
-  std::sort(exports_.begin(), exports_.end(),
+  invalidate_granularity_ = InvalidateGranularity(config);
+  SetExports(std::move(exports));
+}
+
+void NbdServer::SetExports(std::vector<nbd::ShimExport> exports) {
+  for (nbd::ShimExport& e : exports) {
+    e.invalidate_granularity = invalidate_granularity_;
+  }
+  std::sort(exports.begin(), exports.end(),
             [](const nbd::ShimExport& a, const nbd::ShimExport& b) {
               return a.name < b.name;
             });
+  auto list = std::make_shared<const ExportList>(std::move(exports));
+  sync::MutexLock lock(&mu_);
+  exports_ = std::move(list);
+}
+
+size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
+  std::vector<Slot*> closing;
+  {
+    sync::MutexLock lock(&mu_);
+    for (auto& slot : slots_) {
+      if (slot->done.load()) continue;
+      const nbd::ShimExport* in = slot->connection->entered();
+      bool hit = false;
+      if (in != nullptr) {
+        hit = in->name == name;
+      } else {
+        for (const nbd::ShimExport& e : *slot->exports) {
+          if (e.name == name) hit = true;
+        }
+      }
+      if (hit) {
+        slot->connection->Stop();
+        closing.push_back(slot.get());
+      }
+    }
+  }
+  // The acceptor may reap (free) a slot once it is done: look slots up
+  // under the lock, never through a stale pointer.
+  const absl::Time deadline = absl::Now() + wait;
+  while (absl::Now() < deadline) {
+    size_t running = 0;
+    {
+      sync::MutexLock lock(&mu_);
+      for (auto& slot : slots_) {
+        if (!slot->done.load() &&
+            std::find(closing.begin(), closing.end(), slot.get()) !=
+                closing.end()) {
+          ++running;
+        }
+      }
+    }
+    if (running == 0) break;
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  if (!closing.empty()) {
+    LogInfo("nbd_export_sessions_closed",
+            {{"export", name},
+             {"sessions", static_cast<unsigned long>(closing.size())}});
+  }
+  return closing.size();
 }
 
 NbdServer::~NbdServer() { Shutdown(); }
@@ -284,8 +340,9 @@ void NbdServer::OnAccept(int fd) {
   }
   active_.fetch_add(1);
   auto slot = std::make_unique<Slot>();
+  slot->exports = exports_;
   slot->connection = std::make_unique<nbd::Connection>(
-      fd, &exports_, cache_, &pool_, &budget_, options_);
+      fd, slot->exports.get(), cache_, &pool_, &budget_, options_);
   Slot* raw = slot.get();
   slots_.push_back(std::move(slot));
   raw->thread = std::thread([this, raw] {

@@ -33,6 +33,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
@@ -75,6 +76,15 @@ class NbdServer {
                             const std::string& unix_path);
   void Shutdown();
 
+  // Exports at run time: the list new connections negotiate against (a
+  // connection keeps the list it was accepted with; sorted here).
+  void SetExports(std::vector<nbd::ShimExport> exports) ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends every session that entered `name`, and every connection still
+  // negotiating with a list that offers it, then waits (up to `wait`) for
+  // them to finish, so the export's upstream may go. Returns how many.
+  size_t CloseExport(const std::string& name, absl::Duration wait)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
   size_t ActiveConnections() const { return active_.load(); }
   uint64_t RejectedConnections() const { return rejected_.load(); }
   // Bytes of requests being handled and replies not yet sent, all
@@ -84,7 +94,9 @@ class NbdServer {
   uint64_t EvictedConnections() const { return evicted_.load(); }
 
  private:
+  using ExportList = std::vector<nbd::ShimExport>;
   struct Slot {
+    std::shared_ptr<const ExportList> exports;  // what it negotiates against
     std::unique_ptr<nbd::Connection> connection;
     std::thread thread;
     std::atomic<bool> done{false};
@@ -95,8 +107,8 @@ class NbdServer {
   void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction (options_.tls: after Start()).
-  std::vector<nbd::ShimExport> exports_;
   ExtentCache* const cache_;
+  uint64_t invalidate_granularity_ = 0;
   nbd::ConnectionOptions options_;
   const blockmeta::v1::NbdTlsConfig tls_config_;
   std::unique_ptr<TlsCredentials> tls_;
@@ -115,6 +127,7 @@ class NbdServer {
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::list<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const ExportList> exports_ ABSL_GUARDED_BY(mu_);
 
   std::atomic<size_t> active_{0};
   std::atomic<uint64_t> rejected_{0};

@@ -13,6 +13,16 @@ namespace {
 
 namespace v1 = ::blockmeta::v1;
 
+// Finishes a cheap call inline without an admission ticket: listing and
+// stats must answer even when every export is busy.
+template <typename Fn>
+grpc::ServerUnaryReactor* FinishCheap(grpc::CallbackServerContext* context,
+                                      Fn&& fn) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(fn()));
+  return reactor;
+}
+
 // Finishes a unary call whose answer is computed cheaply, inline.
 template <typename Fn>
 grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context,
@@ -95,7 +105,7 @@ grpc::ServerUnaryReactor* GetMultiExtents(const CallContext& ctx,
                                           const v1::GetExtentsRequest& request,
                                           v1::GetExtentsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Admission::Ticket ticket = ctx.admission->TryAcquire();
+  Admission::Ticket ticket = ctx.admission->TryAcquire(request.export_name());
   if (!ticket) {
     reactor->Finish(OverloadedStatus(*ctx.admission));
     return reactor;
@@ -107,7 +117,7 @@ grpc::ServerUnaryReactor* GetMultiExtents(const CallContext& ctx,
     return reactor;
   }
   absl::Time deadline = CallDeadline(context, ctx.default_deadline);
-  WorkerPool* pool = ctx.pools->For(cursor->export_name());
+  auto pool = ctx.pools->For(cursor->export_name());
   auto shared = std::make_shared<MultiCursor>(*std::move(cursor));
   ExtentService* service = ctx.service;
   pool->Schedule([service, context, reactor, response, shared, deadline,
@@ -135,7 +145,7 @@ grpc::ServerUnaryReactor* GetMultiExtents(const CallContext& ctx,
 grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
     grpc::CallbackServerContext* context, const v1::ListExportsRequest*,
     v1::ListExportsResponse* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::ListExportsResponse> r = ctx_.service->ListExports();
     if (!r.ok()) return r.status();
     *response = *std::move(r);
@@ -146,7 +156,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExportInfo(
     grpc::CallbackServerContext* context,
     const v1::GetExportInfoRequest* request, v1::ExportInfo* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::ExportInfo> r = ctx_.service->GetExportInfo(*request);
     if (!r.ok()) return r.status();
     *response = *std::move(r);
@@ -161,7 +171,8 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     return GetMultiExtents(ctx_, context, *request, response);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Admission::Ticket ticket = ctx_.admission->TryAcquire();
+  Admission::Ticket ticket =
+      ctx_.admission->TryAcquire(request->export_name());
   if (!ticket) {
     reactor->Finish(OverloadedStatus(*ctx_.admission));
     return reactor;
@@ -180,7 +191,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     return reactor;
   }
   absl::Time deadline = CallDeadline(context, ctx_.default_deadline);
-  WorkerPool* pool = ctx_.pools->For(query->key.export_name);
+  auto pool = ctx_.pools->For(query->key.export_name);
   pool->Schedule([this, context, reactor, response, query = *std::move(query),
                   deadline, ticket = std::move(ticket)]() mutable {
     if (context->IsCancelled()) {
@@ -239,7 +250,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::InvalidateCache(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetStats(
     grpc::CallbackServerContext* context, const v1::GetStatsRequest* request,
     v1::GetStatsResponse* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::GetStatsResponse> r = ctx_.service->GetStats(*request);
     if (!r.ok()) return r.status();
     *response = *std::move(r);

@@ -58,7 +58,7 @@ csi::v1::GetPluginCapabilitiesResponse CsiService::GetPluginCapabilities()
 
 csi::v1::ProbeResponse CsiService::Probe() const {
   bool ready = true;
-  for (ExportEntry* e : registry_->All()) {
+  for (const ExportRef& e : registry_->All()) {
     ready = ready && e->upstream->Ready();
   }
   csi::v1::ProbeResponse r;
@@ -66,14 +66,14 @@ csi::v1::ProbeResponse CsiService::Probe() const {
   return r;
 }
 
-absl::StatusOr<ExportEntry*> CsiService::ResolveSnapshot(
+absl::StatusOr<ExportRef> CsiService::ResolveSnapshot(
     const std::string& id, const char* field) const {
   if (id.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, " is required: it names the snapshot"));
   }
-  ExportEntry* by_name = nullptr;
-  for (ExportEntry* e : registry_->All()) {
+  ExportRef by_name;
+  for (const ExportRef& e : registry_->All()) {
     if (e->config.csi().snapshot_id() == id) return e;
     if (e->config.name() == id) by_name = e;
   }
@@ -129,7 +129,7 @@ absl::StatusOr<CsiStream> CsiService::Open(
 
 absl::StatusOr<CsiStream> CsiService::PrepareAllocated(
     const csi::v1::GetMetadataAllocatedRequest& request) const {
-  absl::StatusOr<ExportEntry*> entry =
+  absl::StatusOr<ExportRef> entry =
       ResolveSnapshot(request.snapshot_id(), "snapshot_id");
   if (!entry.ok()) return entry.status();
   return Open(**entry, std::string(kBaseAllocation),
@@ -144,7 +144,7 @@ absl::StatusOr<CsiStream> CsiService::PrepareDelta(
         "base_snapshot_id is required: it names the snapshot (change "
         "tracking checkpoint) the delta starts from");
   }
-  absl::StatusOr<ExportEntry*> entry =
+  absl::StatusOr<ExportRef> entry =
       ResolveSnapshot(request.target_snapshot_id(), "target_snapshot_id");
   if (!entry.ok()) return entry.status();
   return Open(

@@ -80,15 +80,21 @@ ExtentService::ExtentService(const ExportRegistry* registry, ExtentCache* cache,
                              Options options)
     : registry_(registry), cache_(cache), options_(std::move(options)) {}
 
-absl::StatusOr<ExportEntry*> ExtentService::FindExport(
+absl::StatusOr<ExportRef> ExtentService::FindExport(
     const std::string& name) const {
   if (name.empty()) {
     return absl::InvalidArgumentError("export_name is required");
   }
-  ExportEntry* entry = registry_->Find(name);
+  ExportRef entry = registry_->Find(name);
   if (entry == nullptr) {
     std::vector<std::string> names;
-    for (ExportEntry* e : registry_->All()) names.push_back(e->config.name());
+    for (const ExportRef& e : registry_->All()) {
+      if (names.size() == 20) {  // bounded: there may be thousands
+        names.push_back("...");
+        break;
+      }
+      names.push_back(e->config.name());
+    }
     return absl::NotFoundError(
         absl::StrCat("no export named \"", name, "\"; exports: ",
                      names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
@@ -96,17 +102,17 @@ absl::StatusOr<ExportEntry*> ExtentService::FindExport(
   return entry;
 }
 
-absl::StatusOr<std::vector<ExportEntry*>> ExtentService::ExportsNamed(
+absl::StatusOr<std::vector<ExportRef>> ExtentService::ExportsNamed(
     const std::string& name) const {
   if (name.empty()) return registry_->All();
-  absl::StatusOr<ExportEntry*> e = FindExport(name);
+  absl::StatusOr<ExportRef> e = FindExport(name);
   if (!e.ok()) return e.status();
-  return std::vector<ExportEntry*>{*e};
+  return std::vector<ExportRef>{*e};
 }
 
 absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
   v1::ListExportsResponse response;
-  for (ExportEntry* e : registry_->All()) {
+  for (const ExportRef& e : registry_->All()) {
     v1::ExportSummary* s = response.add_exports();
     s->set_name(e->config.name());
     s->set_description(e->config.description());
@@ -120,7 +126,7 @@ absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
 
 absl::StatusOr<v1::ExportInfo> ExtentService::GetExportInfo(
     const v1::GetExportInfoRequest& request) const {
-  absl::StatusOr<ExportEntry*> entry = FindExport(request.export_name());
+  absl::StatusOr<ExportRef> entry = FindExport(request.export_name());
   if (!entry.ok()) return entry.status();
   const ExportEntry& e = **entry;
   v1::ExportInfo out;
@@ -157,7 +163,7 @@ absl::StatusOr<ExtentService::Query> ExtentService::Validate(
     const std::string& export_name, const std::string& context_in,
     uint64_t offset, uint64_t length, bool length_zero_means_end,
     uint32_t max_extents, v1::CacheMode mode) const {
-  absl::StatusOr<ExportEntry*> entry = FindExport(export_name);
+  absl::StatusOr<ExportRef> entry = FindExport(export_name);
   if (!entry.ok()) return entry.status();
   if (!v1::CacheMode_IsValid(mode)) {
     return absl::InvalidArgumentError(
@@ -410,6 +416,11 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
     Cursor* cursor, absl::Time deadline) {
   Query& q = cursor->query;
   Batch batch;
+  if (q.entry->removed()) {
+    return absl::NotFoundError(
+        absl::StrCat("export \"", q.key.export_name,
+                     "\" was removed while this stream was in flight"));
+  }
   if (q.offset >= q.end) {
     batch.next_offset = q.end;
     batch.done = true;
@@ -443,7 +454,7 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
         absl::StrCat("offset ", request.offset(), " + length ",
                      request.length(), " overflows a 64-bit byte address"));
   }
-  absl::StatusOr<std::vector<ExportEntry*>> targets =
+  absl::StatusOr<std::vector<ExportRef>> targets =
       ExportsNamed(request.export_name());
   if (!targets.ok()) return targets.status();
   if (!request.context().empty()) {
@@ -454,7 +465,7 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
   bool whole = request.offset() == 0 && request.length() == 0;
   const std::vector<CacheKey> keys = cache_->Keys();
   ExtentCache::Dropped total;
-  for (ExportEntry* e : *targets) {
+  for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
     ExtentCache::Dropped d;
     if (!request.context().empty()) {
@@ -504,13 +515,13 @@ void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
 
 absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     const v1::GetStatsRequest& request) const {
-  absl::StatusOr<std::vector<ExportEntry*>> targets =
+  absl::StatusOr<std::vector<ExportRef>> targets =
       ExportsNamed(request.export_name());
   if (!targets.ok()) return targets.status();
   v1::GetStatsResponse response;
   response.set_memory_limit_bytes(cache_->options().memory_limit_bytes);
   std::vector<CacheKey> keys = cache_->Keys();
-  for (ExportEntry* e : *targets) {
+  for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
     v1::ExportStats* s = response.add_exports();
     s->set_export_name(name);

@@ -19,8 +19,11 @@
 // zero or clean range that the upstream did not report; replies are
 // contiguous from the requested offset and never extend past the request.
 //
-// Thread-safety: all methods are thread-safe. The export set is constant
-// after construction; counters are atomics.
+// Thread-safety: all methods are thread-safe. Exports are looked up in the
+// registry per call (they come and go at run time); a Query holds a
+// reference to the entry it found, so the entry outlives the call, and a
+// stream whose export was removed ends at its next batch with NOT_FOUND.
+// Counters are atomics in the entry (they die with its generation).
 #ifndef BLOCKMETA_SERVER_SERVICE_EXTENT_SERVICE_H_
 #define BLOCKMETA_SERVER_SERVICE_EXTENT_SERVICE_H_
 
@@ -54,10 +57,10 @@ class ExtentService {
     UpstreamCallObserver on_upstream_call;  // optional
   };
 
-  // A validated extents query. Holds no locks and no references that could
-  // dangle: the registry outlives the service.
+  // A validated extents query. Holds no locks; holds the export's entry
+  // (a reference), so it stays valid if the export is removed meanwhile.
   struct Query {
-    ExportEntry* entry = nullptr;
+    ExportRef entry;
     CacheKey key;
     uint64_t export_size = 0;
     uint64_t offset = 0;
@@ -119,9 +122,9 @@ class ExtentService {
       const blockmeta::v1::GetStatsRequest& request) const;
 
   // Looks up an export; NOT_FOUND (with the known names) when unknown.
-  absl::StatusOr<ExportEntry*> FindExport(const std::string& name) const;
+  absl::StatusOr<ExportRef> FindExport(const std::string& name) const;
   // Every export for "", else the one named (NOT_FOUND when unknown).
-  absl::StatusOr<std::vector<ExportEntry*>> ExportsNamed(
+  absl::StatusOr<std::vector<ExportRef>> ExportsNamed(
       const std::string& name) const;
 
  private:
