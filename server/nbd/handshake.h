@@ -16,7 +16,7 @@
 // but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD, and EXPORT_NAME a
 // hang-up (doc/proto.md "forced TLS").
 //
-// Invariants (the bad-input classes of ../shared/reference.md):
+// Invariants (the bad-input classes of docs/security.md):
 // * Option payloads above HandshakeOptions::max_option_length are never
 //   read or allocated (CVE-2017-15119): the client gets NBD_REP_ERR_TOO_BIG
 //   and a hard disconnect.

@@ -1,5 +1,5 @@
 // server/nbd/handshake_test.cc — option haggling over crafted byte streams,
-// including every handshake bad-input class of ../shared/reference.md.
+// including every handshake bad-input class of docs/security.md.
 #include "server/nbd/handshake.h"
 
 #include <sys/socket.h>

@@ -1,5 +1,5 @@
 // server/nbd/request_test.cc — request parsing and validation: every
-// transmission bad-input class of ../shared/reference.md.
+// transmission bad-input class of docs/security.md.
 #include "server/nbd/request.h"
 
 #include "gtest/gtest.h"
