@@ -1,6 +1,6 @@
 #!/bin/bash
 # bench/shim_map_bench.sh — the motivating measurement of the NBD shim
-# (issue 6). A slow-extents upstream (nbdkit sparse-random, made writable by the cow filter, with the delay
+# A slow-extents upstream (nbdkit sparse-random, made writable by the cow filter, with the delay
 # filter's delay-extents; the log filter counts the extents calls that reach
 # it) is mapped with `qemu-img map --output=json`:
 #   (a) directly,

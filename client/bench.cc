@@ -111,6 +111,32 @@ absl::Duration Percentile(const std::vector<int64_t>& sorted, double p) {
 
 double Micros(absl::Duration d) { return absl::ToDoubleMicroseconds(d); }
 
+// The one JSON writer of the bench output: an object's fields in the order
+// added, printed `{"key": value, "key": value}`. Values are numbers, quoted
+// strings (JsonQuote) or already-built JSON.
+class JsonObject {
+ public:
+  JsonObject& Raw(absl::string_view key, absl::string_view json) {
+    absl::StrAppend(&body_, body_.empty() ? "" : ", ", JsonQuote(key), ": ",
+                    json);
+    return *this;
+  }
+  JsonObject& String(absl::string_view key, absl::string_view value) {
+    return Raw(key, JsonQuote(value));
+  }
+  JsonObject& Int(absl::string_view key, int64_t value) {
+    return Raw(key, absl::StrCat(value));
+  }
+  // `value` with `decimals` digits after the point.
+  JsonObject& Fixed(absl::string_view key, double value, int decimals) {
+    return Raw(key, absl::StrFormat("%.*f", decimals, value));
+  }
+  std::string Build() const { return absl::StrCat("{", body_, "}"); }
+
+ private:
+  std::string body_;
+};
+
 }  // namespace
 
 absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
@@ -283,22 +309,143 @@ std::string FormatBenchResult(const BenchResult& r) {
 }
 
 std::string BenchResultJson(const BenchResult& r) {
-  auto map_json = [](const std::map<std::string, int64_t>& m) {
-    std::vector<std::string> parts;
-    for (const auto& [k, v] : m) {
-      parts.push_back(absl::StrCat(JsonQuote(k), ": ", v));
-    }
-    return absl::StrCat("{", absl::StrJoin(parts, ", "), "}");
+  auto counts = [](const std::map<std::string, int64_t>& m) {
+    JsonObject o;
+    for (const auto& [k, v] : m) o.Int(k, v);
+    return o.Build();
   };
+  JsonObject latency;
+  latency.Fixed("mean", Micros(r.mean), 1)
+      .Fixed("p50", Micros(r.p50), 1)
+      .Fixed("p90", Micros(r.p90), 1)
+      .Fixed("p99", Micros(r.p99), 1)
+      .Fixed("p999", Micros(r.p999), 1)
+      .Fixed("max", Micros(r.max), 1);
+  return JsonObject()
+      .String("rpc", r.rpc)
+      .Int("concurrency", r.concurrency)
+      .Fixed("seconds", absl::ToDoubleSeconds(r.measured), 3)
+      .Int("calls", r.calls)
+      .Int("ok", r.ok)
+      .Fixed("qps", r.qps, 1)
+      .Raw("latency_us", latency.Build())
+      .Raw("errors", counts(r.errors))
+      .Raw("cache_outcomes", counts(r.cache_outcomes))
+      .Build();
+}
+
+double Median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+}
+
+absl::StatusOr<BenchReport> RunBenchPlan(
+    const BenchPlan& plan, BlockMetaClient* client,
+    const std::function<void(const BenchResult&)>& on_run, std::ostream* log,
+    std::string* failed_step) {
+  const BenchOptions& o = plan.load;
+  const bool health_only = plan.mode == BenchMode::kHealth;
+  auto fail = [&](absl::string_view step, absl::Status s) {
+    *failed_step = std::string(step);
+    return s;
+  };
+  // One call first, so an unreachable server or a bad export fails fast
+  // with the right status instead of a run of errors.
+  if (plan.mode != BenchMode::kExtents) {
+    absl::StatusOr<ServingStatus> h = client->Health(o.health_service);
+    if (!h.ok()) return fail("health check", h.status());
+  }
+  if (!health_only && !plan.warm) {
+    absl::StatusOr<v1::ExportInfo> info = client->GetExportInfo(o.export_name);
+    if (!info.ok()) return fail("GetExportInfo", info.status());
+  }
+  if (!health_only && plan.warm) {
+    v1::MapExtentsRequest req;
+    req.set_export_name(o.export_name);
+    req.set_context(o.context);
+    req.set_offset(o.offset);
+    req.set_length(o.pattern == BenchPattern::kRandom ? o.range : o.length);
+    req.set_coalesce(true);
+    std::unique_ptr<ExtentIterator> it = client->MapExtents(req);
+    v1::Extent e;
+    int64_t n = 0;
+    while (true) {
+      absl::StatusOr<bool> more = it->Next(&e);
+      if (!more.ok()) {
+        return fail("warming the cache (MapExtents)", more.status());
+      }
+      if (!*more) break;
+      ++n;
+    }
+    *log << "warmed the cache: " << n << " extents\n";
+  }
+
+  BenchReport report;
+  report.mode = plan.mode;
+  auto run = [&](BenchRpc kind) -> absl::StatusOr<const BenchResult*> {
+    BenchOptions ko = o;
+    ko.rpc = kind;
+    absl::StatusOr<BenchResult> r = RunBench(ko);
+    if (!r.ok()) return fail("bench", r.status());
+    report.all_ok = report.all_ok && r->ok == r->calls;
+    report.runs.push_back(*std::move(r));
+    on_run(report.runs.back());
+    return &report.runs.back();
+  };
+  if (plan.mode != BenchMode::kCompare) {
+    absl::StatusOr<const BenchResult*> r =
+        run(health_only ? BenchRpc::kHealth : BenchRpc::kExtents);
+    if (!r.ok()) return r.status();
+    return report;
+  }
+  double health_qps = 0, extents_qps = 0;
+  for (int i = 0; i < plan.rounds; ++i) {
+    absl::StatusOr<const BenchResult*> h = run(BenchRpc::kHealth);
+    if (!h.ok()) return h.status();
+    double h_qps = (*h)->qps;
+    absl::StatusOr<const BenchResult*> x = run(BenchRpc::kExtents);
+    if (!x.ok()) return x.status();
+    health_qps += h_qps;
+    extents_qps += (*x)->qps;
+    if (h_qps > 0) report.round_ratios.push_back((*x)->qps / h_qps);
+  }
+  report.rounds = plan.rounds;
+  report.baseline_qps = health_qps / plan.rounds;
+  report.extents_qps = extents_qps / plan.rounds;
+  report.ratio = health_qps > 0 ? extents_qps / health_qps : 0;
+  report.median_round_ratio = Median(report.round_ratios);
+  return report;
+}
+
+std::string FormatBenchSummary(const BenchReport& r) {
+  if (r.mode != BenchMode::kCompare) return "";
   return absl::StrFormat(
-      "{\"rpc\": %s, \"concurrency\": %d, \"seconds\": %.3f, \"calls\": %d, "
-      "\"ok\": %d, \"qps\": %.1f, \"latency_us\": {\"mean\": %.1f, \"p50\": "
-      "%.1f, \"p90\": %.1f, \"p99\": %.1f, \"p999\": %.1f, \"max\": %.1f}, "
-      "\"errors\": %s, \"cache_outcomes\": %s}",
-      JsonQuote(r.rpc), r.concurrency, absl::ToDoubleSeconds(r.measured),
-      r.calls, r.ok, r.qps, Micros(r.mean), Micros(r.p50), Micros(r.p90),
-      Micros(r.p99), Micros(r.p999), Micros(r.max), map_json(r.errors),
-      map_json(r.cache_outcomes));
+      "compare: %d round%s; mean QPS health %.0f, GetExtents %.0f; "
+      "GetExtents/health = %.3f (%.1f%%), median round %.3f; per round: %s\n",
+      r.rounds, r.rounds == 1 ? "" : "s", r.baseline_qps, r.extents_qps,
+      r.ratio, r.ratio * 100, r.median_round_ratio,
+      absl::StrJoin(r.round_ratios, " ", [](std::string* o, double v) {
+        absl::StrAppend(o, absl::StrFormat("%.3f", v));
+      }));
+}
+
+std::string BenchReportJson(const BenchReport& r) {
+  std::vector<std::string> runs;
+  for (const BenchResult& run : r.runs) runs.push_back(BenchResultJson(run));
+  if (r.mode != BenchMode::kCompare) {
+    return absl::StrCat(runs.empty() ? "{}" : runs[0], "\n");
+  }
+  return absl::StrCat(
+      JsonObject()
+          .Raw("runs", absl::StrCat("[", absl::StrJoin(runs, ",\n"), "]"))
+          .Fixed("baseline_qps", r.baseline_qps, 1)
+          .Fixed("extents_qps", r.extents_qps, 1)
+          .Fixed("ratio", r.ratio, 4)
+          .Fixed("median_round_ratio", r.median_round_ratio, 4)
+          .Build(),
+      "\n");
 }
 
 }  // namespace blockmeta::client

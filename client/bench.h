@@ -9,20 +9,29 @@
 // measured per call, from issue to completion, only for calls issued after
 // the warm-up; QPS counts calls completed in the measured window.
 //
+// RunBenchPlan is the whole `blockmeta bench` session around it: one probe
+// call so a bad server or export fails fast, the cache warm-up, then one run
+// or --rpc=compare's rounds (baseline and GetExtents alternated) and their
+// median. The CLI only parses flags and prints.
+//
 // Cost: one ClientContext allocation per call plus 8 bytes of latency
 // sample; a 10 s run at 50K QPS keeps ~4 MB of samples.
-// Thread-safety: RunBench may be called from any thread; it blocks for
-// warmup + duration.
+// Thread-safety: RunBench and RunBenchPlan may be called from any thread;
+// they block for warmup + duration (per run).
 #ifndef BLOCKMETA_CLIENT_BENCH_H_
 #define BLOCKMETA_CLIENT_BENCH_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <ostream>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "blockmeta/v1/blockmeta.pb.h"
+#include "client/blockmeta_client.h"
 #include "client/client_options.h"
 
 namespace blockmeta::client {
@@ -81,6 +90,61 @@ std::string FormatBenchResult(const BenchResult& result);
 // "latency_us": {"mean", "p50", "p90", "p99", "p999", "max"}, "errors": {},
 // "cache_outcomes": {}}.
 std::string BenchResultJson(const BenchResult& result);
+
+// --- a `blockmeta bench` session --------------------------------------------
+
+// kCompare alternates kHealth (the baseline) and kExtents runs.
+enum class BenchMode { kExtents, kHealth, kCompare };
+
+struct BenchPlan {
+  BenchOptions load;  // load.rpc is set per run from `mode`.
+  BenchMode mode = BenchMode::kExtents;
+  int rounds = 3;  // kCompare: baseline/GetExtents pairs (>= 1).
+  // Map the measured range once first so GetExtents calls hit the cache
+  // (kExtents and kCompare only).
+  bool warm = true;
+};
+
+struct BenchReport {
+  BenchMode mode = BenchMode::kExtents;
+  std::vector<BenchResult> runs;  // In the order they ran.
+  bool all_ok = true;             // Every measured call succeeded.
+  // kCompare only: mean QPS per phase over the rounds, the ratio of the
+  // means, each round's ratio and their median (robust to a noisy neighbour
+  // slowing one phase).
+  int rounds = 0;
+  double baseline_qps = 0;
+  double extents_qps = 0;
+  double ratio = 0;
+  std::vector<double> round_ratios;
+  double median_round_ratio = 0;
+};
+
+// Runs `plan` on `client` (a connection to plan.load.client's server):
+//   1. one probe call, so an unreachable server or unknown export fails
+//      fast with its status: Health (kHealth, kCompare), GetExportInfo
+//      (kExtents/kCompare without warm-up);
+//   2. with `warm`, one MapExtents over the range (a line on `log`);
+//   3. the runs; `on_run` sees each as soon as it ends.
+// On error returns the status and sets *failed_step to what failed
+// ("health check", "GetExportInfo", "warming the cache (MapExtents)",
+// "bench"). Call errors during runs are counted (all_ok), not returned.
+absl::StatusOr<BenchReport> RunBenchPlan(
+    const BenchPlan& plan, BlockMetaClient* client,
+    const std::function<void(const BenchResult&)>& on_run, std::ostream* log,
+    std::string* failed_step);
+
+// The median of `values` (mean of the middle two for an even count; 0 for
+// none).
+double Median(std::vector<double> values);
+
+// kCompare: the one-line summary (ratio, median, per-round ratios); "" for
+// a single run, whose FormatBenchResult says it all.
+std::string FormatBenchSummary(const BenchReport& report);
+// A single run: BenchResultJson of it. kCompare: {"runs": [...],
+// "baseline_qps", "extents_qps", "ratio", "median_round_ratio"}.
+// Ends with a newline.
+std::string BenchReportJson(const BenchReport& report);
 
 }  // namespace blockmeta::client
 

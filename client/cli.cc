@@ -1,11 +1,11 @@
-// client/cli.cc — see cli.h. A small subcommand dispatcher with per-command
-// flag tables (so every subcommand has its own --help), then one function
-// per subcommand.
+// client/cli.cc — see cli.h. One command table (Commands()) holds each
+// subcommand's synopsis, flags (so every subcommand has its own --help) and
+// the Runner method that runs it; adding a command is one table entry plus
+// its method. The bench logic lives in bench.cc; this file parses and
+// prints.
 #include "client/cli.h"
 
 #include <algorithm>
-#include <chrono>
-#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -15,9 +15,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/bench.h"
 #include "client/blockmeta_client.h"
+#include "client/export_commands.h"
 #include "client/extent_format.h"
 #include "client/units.h"
 #include "google/protobuf/util/json_util.h"
@@ -26,6 +28,24 @@ namespace blockmeta::client {
 namespace {
 
 constexpr char kProg[] = "blockmeta";
+// map's context when --context is not given.
+constexpr char kDefaultContext[] = "base:allocation";
+
+// The help text of a default, from the struct that holds it (so each
+// default has one home): "(default 16)", "(default 10s)", "(default 1M)".
+std::string Default(int64_t v) { return absl::StrCat("(default ", v, ")"); }
+std::string Default(absl::Duration d) {
+  return absl::StrCat("(default ", absl::FormatDuration(d), ")");
+}
+std::string DefaultSize(uint64_t bytes) {
+  const char* suffix = "";
+  for (const char* s : {"k", "M", "G"}) {
+    if (bytes == 0 || bytes % 1024 != 0) break;
+    bytes /= 1024;
+    suffix = s;
+  }
+  return absl::StrCat("(default ", bytes, suffix, ")");
+}
 
 // --- flag tables -------------------------------------------------------------
 
@@ -35,6 +55,8 @@ struct FlagSpec {
   std::string help;
 };
 
+class Runner;
+
 struct CommandSpec {
   std::string name;
   std::string args;  // Positional synopsis, e.g. "EXPORT".
@@ -43,13 +65,21 @@ struct CommandSpec {
   int min_positional = 0;
   int max_positional = 0;
   std::vector<FlagSpec> flags;
+  // Runs the command once its arguments are counted and the client is set
+  // up (or, when !connects, straight after parsing).
+  int (Runner::*run)() = nullptr;
+  bool connects = true;
 };
+
+// The command table, in help order (defined after Runner).
+const std::vector<CommandSpec>& Commands();
 
 const std::vector<FlagSpec>& GlobalFlags() {
   static const auto* flags = new std::vector<FlagSpec>{
       {"server", "ADDR",
-       "server address, host:port or unix:PATH (default $BLOCKMETA_SERVER, "
-       "else localhost:50051)"},
+       absl::StrCat("server address, host:port or unix:PATH (default "
+                    "$BLOCKMETA_SERVER, else ",
+                    ClientOptions().target, ")")},
       {"tls", "", "connect with TLS (implied by the --tls-* flags)"},
       {"tls-ca", "FILE", "PEM CA bundle that signs the server certificate"},
       {"tls-cert", "FILE", "PEM client certificate, for mutual TLS"},
@@ -57,8 +87,10 @@ const std::vector<FlagSpec>& GlobalFlags() {
       {"tls-server-name", "NAME",
        "name to verify in the server certificate (default: the host)"},
       {"timeout", "DURATION",
-       "deadline of each call, and the longest wait for one batch of a map "
-       "(default 30s; e.g. 5s, 500ms)"},
+       absl::StrCat("deadline of each call, and the longest wait for one "
+                    "batch of a map (default ",
+                    absl::FormatDuration(ClientOptions().deadline),
+                    "; e.g. 5s, 500ms)")},
       {"help", "", "show help"},
   };
   return *flags;
@@ -79,119 +111,6 @@ const FlagSpec kBatch{"batch-size", "N",
 const FlagSpec kProgress{"progress", "WHEN",
                          "progress bar on stderr: auto (default: when stderr "
                          "is a terminal), always or never"};
-
-const std::vector<CommandSpec>& Commands() {
-  static const auto* commands = new std::vector<CommandSpec>{
-      {"list",
-       "",
-       "list the exports the server fronts",
-       "",
-       0,
-       0,
-       {kOutputBasic}},
-      {"info",
-       "EXPORT",
-       "size, block sizes, capabilities and contexts of an export",
-       "",
-       1,
-       1,
-       {kOutputBasic}},
-      {"map",
-       "EXPORT",
-       "map the extents (data, hole, zero) of an export",
-       "Formats: human (aligned columns), json (see docs/client.md), "
-       "qemu-json (byte-identical to `qemu-img map --output=json`), nbdinfo "
-       "(identical to `nbdinfo --map`), csv.",
-       1,
-       1,
-       {{"context", "NAME",
-         "metadata context (default base:allocation), e.g. "
-         "qemu:dirty-bitmap:NAME"},
-        kOffset,
-        kLength,
-        kTotals,
-        kOutputMap,
-        kCache,
-        kBatch,
-        kProgress}},
-      {"changed",
-       "EXPORT",
-       "map the blocks changed since a dirty bitmap (checkpoint) was made",
-       "Maps the context qemu:dirty-bitmap:NAME. The human format lists only "
-       "the dirty ranges; nbdinfo is identical to `nbdinfo "
-       "--map=qemu:dirty-bitmap:NAME`.",
-       1,
-       1,
-       {{"bitmap", "NAME", "the dirty bitmap (required)"},
-        kOffset,
-        kLength,
-        kTotals,
-        {"output", "FORMAT", "human (default), json, nbdinfo or csv"},
-        kCache,
-        kBatch,
-        kProgress}},
-      {"invalidate",
-       "[EXPORT]",
-       "drop cached extents (of one export, or of all)",
-       "Use it after writing to a disk through a path blockmeta cannot see.",
-       0,
-       1,
-       {{"context", "NAME", "only this context (default: all)"},
-        kOffset,
-        {"length", "SIZE", "length of the range (default: to the end)"},
-        kOutputBasic}},
-      {"stats",
-       "[EXPORT]",
-       "cache and upstream counters",
-       "",
-       0,
-       1,
-       {kOutputBasic}},
-      {"health",
-       "[SERVICE]",
-       "grpc.health.v1 check of the server (or of SERVICE)",
-       "Prints SERVING or NOT_SERVING; exits 5 when not serving.",
-       0,
-       1,
-       {}},
-      {"bench",
-       "",
-       "load generator: GetExtents or health calls at a concurrency",
-       "--rpc=compare alternates an empty-RPC baseline (health Check) with "
-       "GetExtents on the same server and prints the QPS ratio. Before "
-       "measuring GetExtents it maps the range once so calls hit the cache "
-       "(--no-warm skips that).",
-       0,
-       0,
-       {{"rpc", "KIND", "extents (default), health or compare"},
-        {"export", "NAME", "export for GetExtents"},
-        {"context", "NAME", "metadata context (default base:allocation)"},
-        {"concurrency", "N", "calls in flight (default 16)"},
-        {"threads", "N", "client threads (default 1)"},
-        {"channels", "N", "TCP connections (default 1)"},
-        {"duration", "DURATION", "measured time per run (default 10s)"},
-        {"warmup", "DURATION", "unmeasured time before it (default 1s)"},
-        {"rounds", "N", "compare: baseline/extents pairs (default 3)"},
-        {"pattern", "KIND", "fixed (default) or random offsets"},
-        {"offset", "SIZE", "request offset, or start of the random range"},
-        {"length", "SIZE", "request length (default 1M)"},
-        {"range", "SIZE", "random: size of the range (default: to the end)"},
-        {"align", "SIZE", "random: offset alignment (default 4k)"},
-        {"max-extents", "N", "GetExtents max_extents (default: server's)"},
-        kCache,
-        {"no-warm", "", "do not map the range before measuring"},
-        {"service", "NAME", "health: service to check (default \"\")"},
-        {"output", "FORMAT", "human (default) or json"}}},
-      {"help",
-       "[COMMAND]",
-       "show help for blockmeta or a command",
-       "",
-       0,
-       1,
-       {}},
-  };
-  return *commands;
-}
 
 const CommandSpec* FindCommand(absl::string_view name) {
   for (const CommandSpec& c : Commands()) {
@@ -341,7 +260,20 @@ class Runner {
   Runner(const CliEnvironment& env, Parsed parsed)
       : env_(env), out_(*env.out), err_(*env.err), p_(std::move(parsed)) {}
 
+  // Dispatches p_.command through its table entry.
   int Run();
+
+  // The commands, named by Commands(). Each returns the exit code.
+  int List();
+  int Info();
+  int Map() { return MapRange(/*changed=*/false); }
+  int Changed() { return MapRange(/*changed=*/true); }
+  int Invalidate();
+  int Stats();
+  int Health();
+  int Bench();
+  int Export();
+  int Help();
 
  private:
   bool Has(const std::string& name) const { return p_.flags.count(name) > 0; }
@@ -423,14 +355,8 @@ class Runner {
     return std::nullopt;
   }
   std::optional<std::string> SetUpClient();
-
-  int List();
-  int Info();
-  int Map(bool changed);
-  int Invalidate();
-  int Stats();
-  int Health();
-  int Bench();
+  // map and changed: `changed` maps qemu:dirty-bitmap:--bitmap.
+  int MapRange(bool changed);
 
   std::string ProtoJson(const google::protobuf::Message& m) {
     google::protobuf::util::JsonPrintOptions o;
@@ -450,9 +376,225 @@ class Runner {
   std::unique_ptr<BlockMetaClient> client_;
 };
 
+// --- the command table -------------------------------------------------------
+
+const std::vector<CommandSpec>& Commands() {
+  static const auto* commands = new std::vector<CommandSpec>{
+      {"list",
+       "",
+       "list the exports the server fronts",
+       "",
+       0,
+       0,
+       {kOutputBasic},
+       &Runner::List},
+      {"info",
+       "EXPORT",
+       "size, block sizes, capabilities and contexts of an export",
+       "",
+       1,
+       1,
+       {kOutputBasic},
+       &Runner::Info},
+      {"map",
+       "EXPORT",
+       "map the extents (data, hole, zero) of an export",
+       "Formats: human (aligned columns), json (see docs/client.md), "
+       "qemu-json (byte-identical to `qemu-img map --output=json`), nbdinfo "
+       "(identical to `nbdinfo --map`), csv.",
+       1,
+       1,
+       {{"context", "NAME[,NAME...]",
+         absl::StrCat("metadata context (default ", kDefaultContext,
+                      "), e.g. qemu:dirty-bitmap:NAME; several, "
+                      "comma-separated, are shown side by side (human, json)")},
+        kOffset,
+        kLength,
+        kTotals,
+        kOutputMap,
+        kCache,
+        kBatch,
+        kProgress},
+       &Runner::Map},
+      {"changed",
+       "EXPORT",
+       "map the blocks changed since a dirty bitmap (checkpoint) was made",
+       "Maps the context qemu:dirty-bitmap:NAME. The human format lists only "
+       "the dirty ranges, with a ZERO column (the block reads as zeroes: "
+       "write zeroes, do not copy); json carries dirty and zero per extent, "
+       "like imageio's dirty extents (both ask base:allocation in the same "
+       "query); nbdinfo is identical to `nbdinfo "
+       "--map=qemu:dirty-bitmap:NAME`.",
+       1,
+       1,
+       {{"bitmap", "NAME", "the dirty bitmap (required)"},
+        kOffset,
+        kLength,
+        kTotals,
+        {"output", "FORMAT", "human (default), json, nbdinfo or csv"},
+        kCache,
+        kBatch,
+        kProgress},
+       &Runner::Changed},
+      {"invalidate",
+       "[EXPORT]",
+       "drop cached extents (of one export, or of all)",
+       "Use it after writing to a disk through a path blockmeta cannot see.",
+       0,
+       1,
+       {{"context", "NAME", "only this context (default: all)"},
+        kOffset,
+        {"length", "SIZE", "length of the range (default: to the end)"},
+        kOutputBasic},
+       &Runner::Invalidate},
+      {"stats",
+       "[EXPORT]",
+       "cache and upstream counters",
+       "",
+       0,
+       1,
+       {kOutputBasic},
+       &Runner::Stats},
+      {"health",
+       "[SERVICE]",
+       "grpc.health.v1 check of the server (or of SERVICE)",
+       "Prints SERVING or NOT_SERVING; exits 5 when not serving.",
+       0,
+       1,
+       {},
+       &Runner::Health},
+      {"bench",
+       "",
+       "load generator: GetExtents or health calls at a concurrency",
+       "--rpc=compare alternates an empty-RPC baseline (health Check) with "
+       "GetExtents on the same server and prints the QPS ratio. Before "
+       "measuring GetExtents it maps the range once so calls hit the cache "
+       "(--no-warm skips that).",
+       0,
+       0,
+       {{"rpc", "KIND", "extents (default), health or compare"},
+        {"export", "NAME", "export for GetExtents"},
+        {"context", "NAME",
+         absl::StrCat("metadata context (default ", kDefaultContext, ")")},
+        {"concurrency", "N",
+         absl::StrCat("calls in flight ", Default(BenchOptions().concurrency))},
+        {"threads", "N",
+         absl::StrCat("client threads ", Default(BenchOptions().threads))},
+        {"channels", "N",
+         absl::StrCat("TCP connections ", Default(BenchOptions().channels))},
+        {"duration", "DURATION",
+         absl::StrCat("measured time per run ",
+                      Default(BenchOptions().duration))},
+        {"warmup", "DURATION",
+         absl::StrCat("unmeasured time before it ",
+                      Default(BenchOptions().warmup))},
+        {"rounds", "N",
+         absl::StrCat("compare: baseline/extents pairs ",
+                      Default(BenchPlan().rounds))},
+        {"pattern", "KIND", "fixed (default) or random offsets"},
+        {"offset", "SIZE", "request offset, or start of the random range"},
+        {"length", "SIZE",
+         absl::StrCat("request length ", DefaultSize(BenchOptions().length))},
+        {"range", "SIZE", "random: size of the range (default: to the end)"},
+        {"align", "SIZE",
+         absl::StrCat("random: offset alignment ",
+                      DefaultSize(BenchOptions().align))},
+        {"max-extents", "N", "GetExtents max_extents (default: server's)"},
+        kCache,
+        {"no-warm", "", "do not map the range before measuring"},
+        {"service", "NAME", "health: service to check (default \"\")"},
+        {"output", "FORMAT", "human (default) or json"}},
+       &Runner::Bench},
+      {"export",
+       "add|remove|list [NAME]",
+       "add or remove an export of a running server (Admin API)",
+       "Admin calls are served only over the server's gRPC Unix socket "
+       "(--server=unix:PATH) or to an mTLS identity in admin_identities. "
+       "add waits until the upstream is READY; adding the same config again "
+       "is OK, another config for the name is ALREADY_EXISTS. remove ends "
+       "the export's streams and NBD sessions and frees its cache.",
+       1,
+       2,
+       {{"uri", "URI", "add: an NBD URI upstream"},
+        {"image", "PATH", "add: a raw/qcow2 image served by qemu-nbd"},
+        {"format", "FMT", "add --image: raw or qcow2 (default: by name)"},
+        {"bitmap", "B[,B...]", "add --image: qcow2 dirty bitmaps to export"},
+        {"image-read-only", "", "add --image: qemu-nbd --read-only"},
+        {"command", "ARGV",
+         "add: an NBD server command, e.g. \"nbdkit "
+         "memory 1G\""},
+        {"description", "TEXT", "add: description"},
+        {"read-only", "", "add: refuse writes through the NBD shim"},
+        {"connections", "N", "add: upstream connections"},
+        {"upstream-timeout-ms", "N", "add: timeout of one upstream call"},
+        {"cache-ttl-seconds", "N", "add: cache TTL override"},
+        kOutputBasic},
+       &Runner::Export},
+      {"help",
+       "[COMMAND]",
+       "show help for blockmeta or a command",
+       "",
+       0,
+       1,
+       {},
+       &Runner::Help,
+       /*connects=*/false},
+  };
+  return *commands;
+}
+
+int Runner::Export() {
+  bool json;
+  if (auto e = BasicOutput(&json)) return Usage(*e);
+  const std::string& verb = p_.positional[0];
+  if (verb == "list") {
+    if (p_.positional.size() != 1) return Usage("export list takes no NAME");
+    absl::StatusOr<v1::AdminListExportsResponse> r =
+        client_->AdminListExports();
+    if (!r.ok()) return Fail("ListExports", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      for (const v1::AdminExport& e : r->exports()) PrintAdminExport(out_, e);
+    }
+    return kExitOk;
+  }
+  if (p_.positional.size() != 2) {
+    return Usage(absl::StrCat("export ", verb, " needs NAME"));
+  }
+  const std::string& name = p_.positional[1];
+  if (verb == "add") {
+    v1::AddExportRequest req;
+    if (auto e = ExportConfigFromFlags(name, p_.flags, req.mutable_config())) {
+      return Usage(*e);
+    }
+    absl::StatusOr<v1::AddExportResponse> r = client_->AddExport(req);
+    if (!r.ok()) return Fail("AddExport", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      out_ << (r->created() ? "added " : "already present ");
+      PrintAdminExport(out_, r->export_info());
+    }
+    return kExitOk;
+  }
+  if (verb == "remove") {
+    absl::StatusOr<v1::RemoveExportResponse> r = client_->RemoveExport(name);
+    if (!r.ok()) return Fail("RemoveExport", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      out_ << "removed " << name << " generation=" << r->generation() << "\n";
+    }
+    return kExitOk;
+  }
+  return Usage(absl::StrCat("unknown export action \"", verb,
+                            "\" (expected add, remove or list)"));
+}
+
 std::optional<std::string> Runner::SetUpClient() {
   options_.target =
-      Get("server", env_.default_server.empty() ? std::string("localhost:50051")
+      Get("server", env_.default_server.empty() ? ClientOptions().target
                                                 : env_.default_server);
   options_.tls.enabled = Has("tls") || Has("tls-ca") || Has("tls-cert") ||
                          Has("tls-key") || Has("tls-server-name");
@@ -515,18 +657,7 @@ int Runner::Run() {
     PrintCommandHelp(out_, c);
     return kExitOk;
   }
-  if (c.name == "help") {
-    if (p_.positional.empty()) {
-      PrintMainHelp(out_);
-      return kExitOk;
-    }
-    const CommandSpec* target = FindCommand(p_.positional[0]);
-    if (target == nullptr) {
-      return Usage(absl::StrCat("unknown command \"", p_.positional[0], "\""));
-    }
-    PrintCommandHelp(out_, *target);
-    return kExitOk;
-  }
+  if (!c.connects) return (this->*c.run)();
   if (static_cast<int>(p_.positional.size()) < c.min_positional) {
     return Usage(absl::StrCat("missing argument ", c.args));
   }
@@ -538,15 +669,20 @@ int Runner::Run() {
     if (pos.empty()) return Usage("empty argument");
   }
   if (auto e = SetUpClient()) return Usage(*e);
-  if (c.name == "list") return List();
-  if (c.name == "info") return Info();
-  if (c.name == "map") return Map(/*changed=*/false);
-  if (c.name == "changed") return Map(/*changed=*/true);
-  if (c.name == "invalidate") return Invalidate();
-  if (c.name == "stats") return Stats();
-  if (c.name == "health") return Health();
-  if (c.name == "bench") return Bench();
-  return Usage("command not implemented");
+  return (this->*c.run)();
+}
+
+int Runner::Help() {
+  if (p_.positional.empty()) {
+    PrintMainHelp(out_);
+    return kExitOk;
+  }
+  const CommandSpec* target = FindCommand(p_.positional[0]);
+  if (target == nullptr) {
+    return Usage(absl::StrCat("unknown command \"", p_.positional[0], "\""));
+  }
+  PrintCommandHelp(out_, *target);
+  return kExitOk;
 }
 
 const char* StateName(v1::ExportState s) {
@@ -623,7 +759,7 @@ int Runner::Info() {
   return kExitOk;
 }
 
-int Runner::Map(bool changed) {
+int Runner::MapRange(bool changed) {
   v1::MapExtentsRequest req;
   req.set_export_name(p_.positional[0]);
   req.set_coalesce(true);
@@ -635,7 +771,16 @@ int Runner::Map(bool changed) {
     if (Has("context") && Get("context").empty()) {
       return Usage("--context needs a name");
     }
-    req.set_context(Get("context", "base:allocation"));
+    std::vector<std::string> contexts =
+        absl::StrSplit(Get("context", kDefaultContext), ',');
+    if (contexts.size() > 1) {
+      for (const std::string& c : contexts) {
+        if (c.empty()) return Usage("--context: an empty name in the list");
+        req.add_contexts(c);
+      }
+    } else {
+      req.set_context(contexts[0]);
+    }
   }
   uint64_t offset = 0, length = 0;
   if (auto e = SizeFlag("offset", &offset)) return Usage(*e);
@@ -663,6 +808,20 @@ int Runner::Map(bool changed) {
   wo.format = *fmt;
   wo.totals = Has("totals");
   wo.dirty_only = changed;
+  const bool side_by_side =
+      wo.format == OutputFormat::kHuman || wo.format == OutputFormat::kJson;
+  if (req.contexts_size() > 0 && (!side_by_side || wo.totals)) {
+    return Usage(
+        "several contexts side by side need --output=human or json (without "
+        "--totals)");
+  }
+  if (changed && side_by_side && !wo.totals) {
+    // The zero information in the same query: whether each changed block
+    // reads as zeroes (the bitmap first, so TYPE stays the bitmap's).
+    req.add_contexts(req.context());
+    req.add_contexts(std::string(kDefaultContext));
+    req.clear_context();
+  }
   if (wo.format == OutputFormat::kQemuJson &&
       req.context() != "base:allocation") {
     return Usage(
@@ -689,6 +848,8 @@ int Runner::Map(bool changed) {
       MapHeader h;
       h.export_name = req.export_name();
       h.context = it->context().empty() ? req.context() : it->context();
+      h.contexts.assign(req.contexts().begin(), req.contexts().end());
+      if (h.context.empty() && !h.contexts.empty()) h.context = h.contexts[0];
       h.offset = offset;
       h.end = it->range_end();
       h.export_size = it->export_size();
@@ -805,17 +966,24 @@ int Runner::Health() {
 }
 
 int Runner::Bench() {
-  BenchOptions o;
+  BenchPlan plan;
+  BenchOptions& o = plan.load;
   o.client = options_;
   std::string rpc = Get("rpc", "extents");
-  if (rpc != "extents" && rpc != "health" && rpc != "compare") {
+  if (rpc == "extents") {
+    plan.mode = BenchMode::kExtents;
+  } else if (rpc == "health") {
+    plan.mode = BenchMode::kHealth;
+  } else if (rpc == "compare") {
+    plan.mode = BenchMode::kCompare;
+  } else {
     return Usage(absl::StrCat("--rpc: invalid value \"", rpc,
                               "\" (expected extents, health or compare)"));
   }
   bool json;
   if (auto e = BasicOutput(&json)) return Usage(*e);
   o.export_name = Get("export");
-  if (rpc != "health" && o.export_name.empty()) {
+  if (plan.mode != BenchMode::kHealth && o.export_name.empty()) {
     return Usage(absl::StrCat("--rpc=", rpc, " needs --export=NAME"));
   }
   o.context = Get("context");
@@ -835,8 +1003,7 @@ int Runner::Bench() {
   if (auto e = DurationFlag("warmup", &o.warmup, /*allow_zero=*/true)) {
     return Usage(*e);
   }
-  int rounds = 3;
-  if (auto e = IntFlag("rounds", 1, 1000, &rounds)) return Usage(*e);
+  if (auto e = IntFlag("rounds", 1, 1000, &plan.rounds)) return Usage(*e);
   std::string pattern = Get("pattern", "fixed");
   if (pattern == "fixed") {
     o.pattern = BenchPattern::kFixed;
@@ -858,103 +1025,20 @@ int Runner::Bench() {
   }
   o.max_extents = static_cast<uint32_t>(max_extents);
   if (auto e = CacheFlag(&o.cache_mode)) return Usage(*e);
+  plan.warm = !Has("no-warm");
 
-  // One call first, so an unreachable server or a bad export fails fast
-  // with the right exit code instead of a run of errors.
-  if (rpc != "extents") {
-    absl::StatusOr<ServingStatus> h = client_->Health(o.health_service);
-    if (!h.ok()) return Fail("health check", h.status());
-  }
-  if (rpc != "health" && Has("no-warm")) {
-    absl::StatusOr<v1::ExportInfo> info = client_->GetExportInfo(o.export_name);
-    if (!info.ok()) return Fail("GetExportInfo", info.status());
-  }
-  // Map the range once so GetExtents calls hit the cache.
-  if (rpc != "health" && !Has("no-warm")) {
-    v1::MapExtentsRequest req;
-    req.set_export_name(o.export_name);
-    req.set_context(o.context);
-    req.set_offset(o.offset);
-    req.set_length(o.pattern == BenchPattern::kRandom ? o.range : o.length);
-    req.set_coalesce(true);
-    std::unique_ptr<ExtentIterator> it = client_->MapExtents(req);
-    v1::Extent e;
-    int64_t n = 0;
-    while (true) {
-      absl::StatusOr<bool> more = it->Next(&e);
-      if (!more.ok())
-        return Fail("warming the cache (MapExtents)", more.status());
-      if (!*more) break;
-      ++n;
-    }
-    err_ << "warmed the cache: " << n << " extents\n";
-  }
-
-  auto run = [&](BenchRpc kind) -> absl::StatusOr<BenchResult> {
-    BenchOptions ko = o;
-    ko.rpc = kind;
-    return RunBench(ko);
-  };
-  std::vector<std::string> json_runs;
-  auto report = [&](const BenchResult& r) {
-    if (json) {
-      json_runs.push_back(BenchResultJson(r));
-    } else {
-      out_ << FormatBenchResult(r);
-    }
-    out_.flush();
-  };
-  if (rpc != "compare") {
-    absl::StatusOr<BenchResult> r =
-        run(rpc == "health" ? BenchRpc::kHealth : BenchRpc::kExtents);
-    if (!r.ok()) return Fail("bench", r.status());
-    report(*r);
-    if (json) out_ << json_runs[0] << "\n";
-    return r->ok == r->calls ? kExitOk : kExitRpcError;
-  }
-  double health_qps = 0, extents_qps = 0;
-  bool all_ok = true;
-  std::vector<double> ratios;
-  for (int i = 0; i < rounds; ++i) {
-    absl::StatusOr<BenchResult> h = run(BenchRpc::kHealth);
-    if (!h.ok()) return Fail("bench", h.status());
-    report(*h);
-    absl::StatusOr<BenchResult> x = run(BenchRpc::kExtents);
-    if (!x.ok()) return Fail("bench", x.status());
-    report(*x);
-    health_qps += h->qps;
-    extents_qps += x->qps;
-    if (h->qps > 0) ratios.push_back(x->qps / h->qps);
-    all_ok = all_ok && h->ok == h->calls && x->ok == x->calls;
-  }
-  double ratio = health_qps > 0 ? extents_qps / health_qps : 0;
-  // The median round is robust to a noisy neighbour slowing one phase.
-  std::vector<double> sorted = ratios;
-  std::sort(sorted.begin(), sorted.end());
-  double median = 0;
-  if (!sorted.empty()) {
-    size_t n = sorted.size();
-    median =
-        n % 2 == 1 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
-  }
-  if (json) {
-    out_ << "{\"runs\": [" << absl::StrJoin(json_runs, ",\n") << "],\n"
-         << absl::StrFormat(
-                "\"baseline_qps\": %.1f, \"extents_qps\": %.1f, \"ratio\": "
-                "%.4f, \"median_round_ratio\": %.4f}\n",
-                health_qps / rounds, extents_qps / rounds, ratio, median);
-  } else {
-    out_ << absl::StrFormat(
-        "compare: %d round%s; mean QPS health %.0f, GetExtents %.0f; "
-        "GetExtents/health = %.3f (%.1f%%), median round %.3f; per round: "
-        "%s\n",
-        rounds, rounds == 1 ? "" : "s", health_qps / rounds,
-        extents_qps / rounds, ratio, ratio * 100, median,
-        absl::StrJoin(ratios, " ", [](std::string* o, double r) {
-          absl::StrAppend(o, absl::StrFormat("%.3f", r));
-        }));
-  }
-  return all_ok ? kExitOk : kExitRpcError;
+  std::string failed_step;
+  absl::StatusOr<BenchReport> r = RunBenchPlan(
+      plan, client_.get(),
+      [&](const BenchResult& run) {
+        if (json) return;  // One JSON document at the end.
+        out_ << FormatBenchResult(run);
+        out_.flush();
+      },
+      &err_, &failed_step);
+  if (!r.ok()) return Fail(failed_step, r.status());
+  out_ << (json ? BenchReportJson(*r) : FormatBenchSummary(*r));
+  return r->all_ok ? kExitOk : kExitRpcError;
 }
 
 }  // namespace

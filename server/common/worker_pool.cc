@@ -20,12 +20,14 @@ WorkerPool::~WorkerPool() {
   for (std::thread& t : threads_) t.join();
 }
 
-void WorkerPool::Schedule(absl::AnyInvocable<void() &&> task) {
+bool WorkerPool::Schedule(absl::AnyInvocable<void() &&> task) {
   {
     sync::MutexLock lock(&mu_);
+    if (stopping_) return false;  // `task` is destroyed unrun (after unlock)
     queue_.push_back(std::move(task));
   }
   work_.Signal();
+  return true;
 }
 
 size_t WorkerPool::QueueLength() const {

@@ -4,7 +4,9 @@
 //
 // Schedule() never blocks: tasks queue without bound, so callers must do
 // their own admission control (the gRPC layer caps in-flight calls).
-// The destructor stops accepting work, runs what is queued, and joins.
+// The destructor stops accepting work (from then on Schedule refuses: it
+// returns false and destroys the task unrun, even when called by a task
+// still running), runs every task already accepted, and joins.
 // Thread-safety: all methods are thread-safe.
 #ifndef BLOCKMETA_SERVER_COMMON_WORKER_POOL_H_
 #define BLOCKMETA_SERVER_COMMON_WORKER_POOL_H_
@@ -28,7 +30,9 @@ class WorkerPool {
   WorkerPool(const WorkerPool&) = delete;
   WorkerPool& operator=(const WorkerPool&) = delete;
 
-  void Schedule(absl::AnyInvocable<void() &&> task) ABSL_LOCKS_EXCLUDED(mu_);
+  // Queues `task` and returns true, or returns false once destruction has
+  // begun (the task is then destroyed without running).
+  bool Schedule(absl::AnyInvocable<void() &&> task) ABSL_LOCKS_EXCLUDED(mu_);
   // Tasks queued but not started.
   size_t QueueLength() const ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -1,6 +1,7 @@
 // server/nbd/test_client.h — helpers to craft NBD client byte streams and
 // decode server output, for the shim's unit tests and fuzzer seeds
-// (testonly). Pure functions over byte strings.
+// (testonly): pure functions over byte strings, plus RawClient, a raw NBD
+// client over a socket (blocking I/O, each read bounded by a timeout).
 #ifndef BLOCKMETA_SERVER_NBD_TEST_CLIENT_H_
 #define BLOCKMETA_SERVER_NBD_TEST_CLIENT_H_
 

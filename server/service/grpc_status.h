@@ -1,6 +1,10 @@
-// server/service/grpc_status.h — the one place absl::Status becomes
-// grpc::Status. Codes map one to one (both follow google.rpc.Code); the
-// message is kept verbatim.
+// server/service/grpc_status.h — the one conversion of an absl::Status from
+// the transport-free service (or the upstream) into a grpc::Status. Codes
+// map one to one (both follow google.rpc.Code); the message is kept
+// verbatim. The gRPC layers still build the few statuses that only they
+// can decide directly: CANCELLED when the client cancelled a call, and
+// RESOURCE_EXHAUSTED from admission control (OverloadedStatus in
+// call_context.h).
 #ifndef BLOCKMETA_SERVER_SERVICE_GRPC_STATUS_H_
 #define BLOCKMETA_SERVER_SERVICE_GRPC_STATUS_H_
 
@@ -15,12 +19,6 @@ inline grpc::Status ToGrpcStatus(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(s.code()),
                       std::string(s.message()));
-}
-
-inline absl::Status FromGrpcStatus(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                      s.error_message());
 }
 
 }  // namespace blockmeta
