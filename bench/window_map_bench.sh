@@ -47,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 wait_sock() {
-  for _ in $(seq 1 400); do [ -S "$1" ] && return 0; sleep 0.05; done
+  for _ in $(seq 1 4000); do [ -S "$1" ] && return 0; sleep 0.05; done
   echo "socket $1 did not appear" >&2; exit 1
 }
 now() { date +%s.%N; }

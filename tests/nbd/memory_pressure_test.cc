@@ -25,13 +25,13 @@ namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::NbdProcess;
 using ::blockmeta::testing::QemuImgMap;
 
-struct Run {
+struct MapRun {
   absl::Duration took;
   ExtentList map;
 };
 
 // A fresh (cold) server with the given bound; maps through its shim.
-Run MapThroughShim(const std::string& upstream_uri, uint64_t memory_limit,
+MapRun MapThroughShim(const std::string& upstream_uri, uint64_t memory_limit,
                    const std::string& tag) {
   const std::string sock =
       absl::StrCat("/tmp/bm-mp-", getpid(), "-", tag, ".sock");
@@ -54,7 +54,7 @@ Run MapThroughShim(const std::string& upstream_uri, uint64_t memory_limit,
          absl::Now() < give_up) {
     absl::SleepFor(absl::Milliseconds(50));
   }
-  Run r;
+  MapRun r;
   const absl::Time t0 = absl::Now();
   absl::StatusOr<ExtentList> m = QemuImgMap(uri, "raw");
   r.took = absl::Now() - t0;
@@ -74,9 +74,9 @@ TEST(MemoryPressureTest, ScanCompletesWithAOneMebibyteBound) {
   ASSERT_TRUE(direct.ok()) << direct.status();
   ASSERT_GT(direct->size(), 20000u) << "the answer must exceed the bound";
 
-  const Run roomy = MapThroughShim((*upstream)->uri(), 0, "default");
+  const MapRun roomy = MapThroughShim((*upstream)->uri(), 0, "default");
   ASSERT_EQ(roomy.map, *direct);
-  const Run tight = MapThroughShim((*upstream)->uri(), 1 << 20, "1mib");
+  const MapRun tight = MapThroughShim((*upstream)->uri(), 1 << 20, "1mib");
   ASSERT_EQ(tight.map, *direct);
   EXPECT_LE(tight.took, 2 * roomy.took + absl::Seconds(1))
       << "1 MiB bound: " << tight.took << ", default bound: " << roomy.took;
