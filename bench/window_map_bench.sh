@@ -81,19 +81,13 @@ start_server() {
   wait_sock "$W/$1.grpc"; wait_sock "$W/$1.nbd"
 }
 cli() { "$CLI" --server="unix:$W/$1.grpc" "${@:2}"; }
-stat_field() {  # NAME FIELD: a per-export GetStats counter summed over contexts
+stat_field() {  # NAME FIELD: the GetStats total of a cache counter
   cli "$1" stats --output=json disk 2>/dev/null | python3 -c '
 import json,sys
-d=json.load(sys.stdin); f=sys.argv[1]; t=0
-def walk(x):
-    global t
-    if isinstance(x,dict):
-        for k,v in x.items():
-            if k in (f, "".join(w.title() if i else w for i,w in enumerate(f.split("_")))) and isinstance(v,(int,str)) and str(v).isdigit(): t+=int(v)
-            else: walk(v)
-    elif isinstance(x,list):
-        for v in x: walk(v)
-walk(d); print(t)' "$2" 2>/dev/null || echo "?"
+d=json.load(sys.stdin); f=sys.argv[1]
+camel="".join(w.title() if i else w for i,w in enumerate(f.split("_")))
+t=d.get("total", {})
+print(t.get(f, t.get(camel, 0)))' "$2" 2>/dev/null || echo "?"
 }
 
 echo "# window_map_bench: $(nproc) cores, nbdkit $(nbdkit --version | cut -d' ' -f2), $(qemu-img --version | head -1)"
@@ -137,7 +131,7 @@ RA_ISSUED=$(stat_field s2 read_ahead_issued)
 # --- 3. cache-hit GetExtents vs health, same server -----------------------
 cli s2 bench --rpc=compare --export=disk --concurrency=32 --duration=1s \
   --warmup=300ms --rounds="$ROUNDS" --pattern=random --length=64k > "$W/bench.out" 2>&1 || true
-QPS_RATIO=$(grep -oiE 'ratio[^0-9]*[0-9.]+' "$W/bench.out" | tail -1 | grep -oE '[0-9.]+$' || echo "?")
+QPS_RATIO=$(grep -oE 'GetExtents/health = [0-9.]+' "$W/bench.out" | tail -1 | grep -oE '[0-9.]+$' || echo "?")
 stop_pid "$SRV_PID"; stop_pid "$UP_PID"
 
 r() { printf "%.3f" "$(echo "$1 / $2" | bc -l)"; }
