@@ -840,11 +840,10 @@ bool ExtentCache::Impl::AppendAnswer(const Fetch& f, bool own, uint64_t gap,
 // --- Read-ahead ---
 
 void ExtentCache::Impl::UpdateLiveLocked(KeyState& k) {
-  const ReadAheadRun& ra = k.ra;
-  k.ra_live.store(
-      ra.window > 0 && ra.fetcher != nullptr &&
-          (ra.inflight > 0 || !ra.unread.empty() || ra.frontier < ra.limit),
-      std::memory_order_relaxed);
+  const bool live = k.ra.window > 0 && k.ra.fetcher != nullptr &&
+                    (k.ra.inflight > 0 || !k.ra.unread.empty() ||
+                     k.ra.frontier < k.ra.limit);
+  k.ra_live.store(live, std::memory_order_relaxed);
 }
 
 void ExtentCache::Impl::EndRunLocked(KeyState& k) {

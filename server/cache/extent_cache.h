@@ -21,9 +21,12 @@
 //   cached); it may be shorter or longer than asked; it is clipped to the
 //   export size and merged, all of it (a longer answer is true too).
 //   Concurrent Get()s whose gap starts inside the window of an in-flight
-//   fetch of the same key wait for it (single-flight) and then re-read the
-//   cache; if that fetch failed or was dropped they fetch themselves (at
-//   most one wait per call).
+//   fetch of the same key wait for it (single-flight) and take its
+//   unpoisoned answer from the fetch record; if that fetch failed or held
+//   nothing for their gap they fetch themselves (at most one wait per call).
+// * With an AsyncFetcher, waits are detached: a caller's deadline ends its
+//   wait, never the fetch, whose answer is cached on completion. The same
+//   records schedule read-ahead for scans (Options::read_ahead_windows).
 // * Invalidate*() removes knowledge. A fetch that was in flight when an
 //   overlapping invalidation happened does NOT insert anything from the
 //   first invalidated byte on (per-fetch poison mark), so a stale hole can
@@ -35,7 +38,8 @@
 //   interval maps allocate). When a fill pushes the total over the limit,
 //   the least recently used intervals of all keys are evicted down to 7/8
 //   of the limit. Eviction only forgets; it never changes an answer.
-// * No lock is held while the Fetcher runs.
+// * No lock is held while the Fetcher runs. Completions may outlive the
+//   ExtentCache object: they keep its state alive until they have run.
 //
 // Cost: Lookup is one hash lookup + one btree descent under reader locks,
 // O(log n + extents returned); measured ~0.15 µs at 1k and ~0.35 µs at 1M

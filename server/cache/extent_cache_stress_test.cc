@@ -11,6 +11,7 @@
 // writes not yet acknowledged may or may not be visible, acknowledged ones
 // must be. When all threads have stopped, the cache must equal the truth.
 #include <atomic>
+#include <deque>
 #include <iostream>
 #include <random>
 #include <string>
@@ -205,6 +206,79 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
     }
   };
 
+  // Asynchronous readers: fetches are answered (as read at issue time, the
+  // upstream's read point) by a completer thread, callers often give up at
+  // short deadlines (detached waits), and read-ahead runs.
+  sync::Mutex q_mu;
+  absl::CondVar q_cv;
+  // Guarded by q_mu (locals cannot carry the annotation):
+  std::deque<std::pair<absl::StatusOr<ExtentList>, FetchDone>> queue;
+  bool q_stop = false;
+  std::mt19937_64 async_rng(5000);
+  auto async_fetch_for = [&](int k) -> AsyncFetcher {
+    return [&, k](uint64_t fo, uint64_t fl, FetchDone done) {
+      fetches.fetch_add(1);
+      sync::MutexLock l(&q_mu);
+      absl::StatusOr<ExtentList> answer;
+      if (async_rng() % 20 == 0) {
+        answer = absl::UnavailableError("injected");
+      } else {
+        const uint64_t len = async_rng() % 3 == 0
+                                 ? 1 + async_rng() % fl
+                                 : fl + async_rng() % (2 * kUnit);
+        answer = model.Read(k, fo, len, async_rng);
+      }
+      queue.emplace_back(std::move(answer), std::move(done));
+      q_cv.SignalAll();
+    };
+  };
+  auto completer = [&] {
+    for (;;) {
+      std::pair<absl::StatusOr<ExtentList>, FetchDone> item;
+      {
+        sync::MutexLock l(&q_mu);
+        while (queue.empty() && !q_stop) {
+          q_mu.WaitWithDeadline(&q_cv, absl::InfiniteFuture());
+        }
+        if (queue.empty()) return;
+        // Out of order, as NBD replies may come.
+        const size_t i = async_rng() % queue.size();
+        item = std::move(queue[i]);
+        queue.erase(queue.begin() + i);
+      }
+      std::move(item.second)(std::move(item.first));
+    }
+  };
+  auto async_reader = [&](int id) {
+    std::mt19937_64 rng(6000 + id);
+    for (int i = 0; i < reader_ops / 2 && !failed.load(); ++i) {
+      const int k = static_cast<int>(rng() % 3);
+      // Scans (sequential offsets) half the time, random otherwise.
+      const uint64_t off = rng() % kSize;
+      const uint64_t len = 1 + rng() % kSize;
+      const size_t max_extents = rng() % 4 == 0 ? 1 + rng() % 3 : 0;
+      const std::vector<uint64_t> acked = model.AckedSnapshot(k);
+      const absl::Duration wait =
+          rng() % 3 == 0 ? absl::Microseconds(rng() % 2000) : absl::Seconds(60);
+      absl::StatusOr<LookupResult> got =
+          cache.Get(*kKeys[k], kSize, off, len, max_extents, async_fetch_for(k),
+                    absl::Now() + wait);
+      if (!got.ok()) {
+        if (got.status().code() != absl::StatusCode::kUnavailable &&
+            got.status().code() != absl::StatusCode::kDeadlineExceeded) {
+          fail(absl::StrCat("unexpected error ", got.status().ToString()));
+        }
+        errors.fetch_add(1);
+        continue;
+      }
+      if (got->extents.empty()) fail("async Get returned no extents");
+      std::string bad = CheckShape(off, len, *got);
+      if (bad.empty()) bad = model.Check(k, acked, got->extents);
+      if (!bad.empty()) fail(absl::StrCat("async: ", bad));
+      checked.fetch_add(1);
+    }
+  };
+
   auto writer = [&](int id) {
     std::mt19937_64 rng(2000 + id);
     for (int i = 0; i < writer_ops && !failed.load(); ++i) {
@@ -253,11 +327,20 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
   };
 
   std::vector<std::thread> threads;
+  std::thread completer_thread(completer);
   for (int i = 0; i < 4; ++i) threads.emplace_back(reader, i);
+  for (int i = 0; i < 2; ++i) threads.emplace_back(async_reader, i);
   for (int i = 0; i < 2; ++i) threads.emplace_back(writer, i);
   threads.emplace_back(bitmap_clearer);
   threads.emplace_back(forgetter);
   for (auto& t : threads) t.join();
+  {
+    // Drain: detached fetches and read-ahead still in flight land now.
+    sync::MutexLock l(&q_mu);
+    q_stop = true;
+    q_cv.SignalAll();
+  }
+  completer_thread.join();
   ASSERT_FALSE(failed.load()) << failure;
 
   // Quiescent: every write is acknowledged, the cache equals the truth.
@@ -277,7 +360,9 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
             << " fetches, " << errors.load() << " injected errors, "
             << c.coalesced_waits << " coalesced waits, " << c.evictions
             << " evictions, " << c.stale_fills_dropped
-            << " stale fills dropped\n";
+            << " stale fills dropped, " << c.detached_waits
+            << " detached waits, " << c.read_ahead_issued
+            << " read-ahead fetches\n";
 }
 
 TEST(ExtentCacheStressTest, TinyMemoryAndSmallWindow) {
