@@ -27,6 +27,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -128,11 +129,34 @@ int Fail(absl::string_view event, const absl::Status& status) {
   return 2;
 }
 
+// --help and --helpshort list blockmetad's own flags (absl's default looks
+// for a file named after the binary, blockmetad.cc, and finds none);
+// --helpfull still lists every library's. --version says how the binary
+// was built: absl's default reports the build of the Debian absl library,
+// which says "Debug build" even in a --config=opt binary.
+void SetUpUsage() {
+  absl::FlagsUsageConfig usage;
+  auto ours = [](absl::string_view file) {
+    return absl::EndsWith(file, "server/main.cc");
+  };
+  usage.contains_help_flags = ours;
+  usage.contains_helpshort_flags = ours;
+  usage.version_string = [] {
+#ifdef NDEBUG
+    return std::string("blockmetad\nrelease build (optimized, NDEBUG)\n");
+#else
+    return std::string("blockmetad\ndebug build (NDEBUG not defined)\n");
+#endif
+  };
+  absl::SetFlagsUsageConfig(usage);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  SetUpUsage();
   absl::SetProgramUsageMessage(
-      "blockmetad: gRPC block-metadata service fronting NBD exports.\n"
+      "gRPC block-metadata service fronting NBD exports.\n"
       "  blockmetad --config=FILE\n"
       "  blockmetad --grpc_listen=HOST:PORT --export=NAME=NBD_URI ...");
   std::vector<std::string> export_flags = TakeExportFlags(&argc, argv);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -40,17 +41,24 @@ void AppendExtent(ExtentList* out, const Extent& e, bool coalesce) {
   out->push_back(e);
 }
 
+// At most the first 64 bytes of untrusted input, C-escaped, for messages.
+std::string QuotePrefix(const std::string& s) {
+  std::string out = absl::StrCat("\"", absl::CHexEscape(s.substr(0, 64)), "\"");
+  if (s.size() > 64) absl::StrAppend(&out, "...");
+  return out;
+}
+
 absl::Status ValidateContextName(const std::string& context) {
   if (context.size() > kMaxContextNameBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("metadata context name is ", context.size(),
-                     " bytes; the limit is ", kMaxContextNameBytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "metadata context name ", QuotePrefix(context), " is ", context.size(),
+        " bytes; the limit is ", kMaxContextNameBytes));
   }
   size_t colon = context.find(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == context.size()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("malformed metadata context \"", context,
-                     "\": expected NAMESPACE:LEAF such as base:allocation or "
+        absl::StrCat("malformed metadata context ", QuotePrefix(context),
+                     ": expected NAMESPACE:LEAF such as base:allocation or "
                      "qemu:dirty-bitmap:NAME"));
   }
   for (unsigned char c : context) {
@@ -85,6 +93,11 @@ absl::StatusOr<ExportRef> ExtentService::FindExport(
   if (name.empty()) {
     return absl::InvalidArgumentError("export_name is required");
   }
+  if (name.size() > kMaxExportNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("export_name ", QuotePrefix(name), " is ", name.size(),
+                     " bytes; the limit is ", kMaxExportNameBytes));
+  }
   ExportRef entry = registry_->Find(name);
   if (entry == nullptr) {
     std::vector<std::string> names;
@@ -95,9 +108,9 @@ absl::StatusOr<ExportRef> ExtentService::FindExport(
       }
       names.push_back(e->config.name());
     }
-    return absl::NotFoundError(
-        absl::StrCat("no export named \"", name, "\"; exports: ",
-                     names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
+    return absl::NotFoundError(absl::StrCat(
+        "no export named ", QuotePrefix(name),
+        "; exports: ", names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
   }
   return entry;
 }

@@ -183,13 +183,17 @@ void NbdEngine::Unwatch(NbdDriven* x) {
   uint64_t id;
   {
     sync::MutexLock lock(&x->arm_mu_);
-    if (x->fd_ < 0) return;
+    if (x->driver_ < 0) return;  // never watched
     di = x->driver_;
     id = x->id_;
-    epoll_ctl(drivers_[di]->epoll_fd, EPOLL_CTL_DEL, x->fd_, nullptr);
-    close(x->fd_);
-    x->fd_ = -1;
+    if (x->fd_ >= 0) {
+      epoll_ctl(drivers_[di]->epoll_fd, EPOLL_CTL_DEL, x->fd_, nullptr);
+      close(x->fd_);
+      x->fd_ = -1;
+    }
   }
+  // Even when already unwatched (by its own callback, say), wait until no
+  // driver is inside a callback for it.
   Driver* d = drivers_[di].get();
   // `keep` must not be the last reference while d->mu is held (the owner's
   // destructor runs then); it is dropped after the lock.
@@ -222,12 +226,14 @@ void NbdEngine::CallBusy(Driver* d, uint64_t id, Fn fn) {
   tls_current = x.get();
   fn(x.get());
   tls_current = nullptr;
+  // `x` may be the last reference: its destructor runs here, unlocked, and
+  // before busy is cleared, so that Unwatch() also waits for it.
+  x.reset();
   {
     sync::MutexLock lock(&d->mu);
     d->busy = nullptr;
     d->cv.SignalAll();
   }
-  // `x` may be the last reference: its destructor runs here, unlocked.
 }
 
 void NbdEngine::DriverLoop(Driver* d) {

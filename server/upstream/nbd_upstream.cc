@@ -194,7 +194,8 @@ struct Counters {
 // --- Conn: one libnbd handle -------------------------------------------------
 class Conn : public NbdDriven {
  public:
-  Conn(Core* core, nbd_handle* h, absl::Time handshake_deadline);
+  Conn(std::shared_ptr<Core> core, nbd_handle* h,
+       absl::Time handshake_deadline);
   ~Conn() override;
 
   nbd_handle* handle() const override { return h_; }
@@ -226,7 +227,9 @@ class Conn : public NbdDriven {
   void Close(CloseReason why, bool lost);
   absl::Status LostStatus(absl::string_view notify_error) const;
 
-  Core* const core_;
+  // Shared: a Conn being closed on a driver thread may outlive the
+  // NbdUpstream facade by a callback's length.
+  const std::shared_ptr<Core> core_;
   nbd_handle* const h_;
   const absl::Time handshake_deadline_;
   std::atomic<bool> saw_shutdown_{false};  // a reply said ESHUTDOWN
@@ -381,8 +384,9 @@ class Core : public std::enable_shared_from_this<Core> {
 // --- Conn implementation
 // ------------------------------------------------------
 
-Conn::Conn(Core* core, nbd_handle* h, absl::Time handshake_deadline)
-    : core_(core),
+Conn::Conn(std::shared_ptr<Core> core, nbd_handle* h,
+           absl::Time handshake_deadline)
+    : core_(std::move(core)),
       h_(h),
       handshake_deadline_(handshake_deadline),
       handshake_(h) {}
@@ -916,7 +920,8 @@ void Core::Attempt() {
     std::shared_ptr<Conn> conn;  // on failure, closed after the lock
     sync::MutexLock lock(&mu_);
     if (s.ok()) {
-      conn = std::make_shared<Conn>(this, *h, absl::Now() + timeout_);
+      conn = std::make_shared<Conn>(shared_from_this(), *h,
+                                    absl::Now() + timeout_);
       if (stopped_) return;
       // Watched under mu_ so that Shutdown() cannot miss it; its first
       // callback waits for mu_ and finds it in others_.

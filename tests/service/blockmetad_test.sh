@@ -33,6 +33,14 @@ grep -q "NAME=NBD_URI" "$tmp/bad.out" || fail "unclear error: $(cat "$tmp/bad.ou
 if "$server_bin" --log_format=xml >"$tmp/bad2.out" 2>&1; then fail "--log_format=xml accepted"; fi
 if "$server_bin" --config=/nonexistent.textproto >"$tmp/bad3.out" 2>&1; then fail "missing config accepted"; fi
 grep -q "nonexistent" "$tmp/bad3.out" || fail "config error does not name the file: $(cat "$tmp/bad3.out")"
+# --help lists blockmetad's own flags; --version names the build mode
+# (never absl's "Debug build" of the system library in a release binary).
+"$server_bin" --help >"$tmp/help.out" 2>&1 || true
+grep -q -- "--grpc_listen" "$tmp/help.out" || fail "--help lists no flags: $(cat "$tmp/help.out")"
+grep -q "No flags matched" "$tmp/help.out" && fail "--help: No flags matched"
+"$server_bin" --version >"$tmp/version.out" 2>&1 || true
+grep -q -E "^(release|debug) build" "$tmp/version.out" || fail "--version: $(cat "$tmp/version.out")"
+grep -q "Debug build" "$tmp/version.out" && fail "--version: absl's library build line"
 
 # 2. Start it on a free port.
 "$server_bin" --grpc_listen=127.0.0.1:0 --export=disk="$uri" \
