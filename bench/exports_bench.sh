@@ -18,6 +18,9 @@
 # the fastbuild ones in bazel-bin.
 set -euo pipefail
 N="${N:-1000}"
+# Upstream connections per export. 1 keeps nbdkit (one thread per client
+# connection) within the machine's thread limit at 1,000 exports.
+CONNECTIONS="${CONNECTIONS:-1}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OPT="$(cd "$ROOT" && bazel info --config=opt bazel-bin 2>/dev/null || true)"
 FAST="$(cd "$ROOT" && bazel info bazel-bin 2>/dev/null || true)"
@@ -59,12 +62,13 @@ pct() {  # P FILE (sorted numbers)
     i=int(NR*p/100); if (i<1) i=1; if (i>NR) i=NR; print a[i]}' "$2"
 }
 
-echo "exports_bench: N=$N server=$BM_SERVER"
+echo "exports_bench: N=$N connections=$CONNECTIONS server=$BM_SERVER"
 echo "idle:    threads=$(threads) rss_mib=$(rss_mib)"
 echo "         $(breakdown)"
 start=$(date +%s.%N)
 for i in $(seq 1 "$N"); do
-  bm export add "e$i" --uri="nbd+unix:///e$i?socket=$W/up.sock" >/dev/null
+  bm export add "e$i" --uri="nbd+unix:///e$i?socket=$W/up.sock" \
+    --connections="$CONNECTIONS" >/dev/null
 done
 end=$(date +%s.%N)
 sleep 1
@@ -77,7 +81,7 @@ for _ in $(seq 1 50); do bm list >/dev/null; done
 grep '"method":"/blockmeta.v1.BlockMeta/ListExports"' "$W/server.log" |
   sed -n 's/.*"latency_us":\([0-9]*\).*/\1/p' | sort -n >"$W/list_us"
 echo "ListExports ($N exports) us: p50=$(pct 50 "$W/list_us") max=$(tail -1 "$W/list_us") count=$(wc -l <"$W/list_us")"
-bm list | head -2
+bm list >"$W/list.txt"; head -2 "$W/list.txt"
 for i in $(seq 1 "$N"); do bm export remove "e$i" >/dev/null; done
 sleep 1
 echo "removed: threads=$(threads) rss_mib=$(rss_mib)"

@@ -81,6 +81,12 @@ TEST(WorkerPoolsTest, ASaturatedExportDoesNotDelayAnother) {
   }
   pools.Schedule("fast", [&] { fast_ran.Notify(); });
   EXPECT_TRUE(fast_ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  // Both slow threads get going (they were picked before or after "fast");
+  // no third one ever does while they block.
+  for (int i = 0; i < 2000 && slow_started.load() < 2; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  absl::SleepFor(absl::Milliseconds(50));
   EXPECT_EQ(pools.Running("slow"), 2u);
   EXPECT_EQ(slow_started.load(), 2);
   EXPECT_EQ(pools.Queued("slow"), 48u);
@@ -117,11 +123,12 @@ TEST(WorkerPoolsTest, CapIsNeverExceededAndEveryTaskRuns) {
 }
 
 TEST(WorkerPoolsTest, ExportsAreServedInTurn) {
-  // One thread: the order of execution shows the round-robin.
-  WorkerPools pools(1, 1);
+  // One thread: the order of execution shows the round-robin. The pool is
+  // declared last so it is destroyed (and drained) first.
   absl::Notification gate;
   std::vector<std::string> order;
   sync::Mutex mu;
+  WorkerPools pools(1, 1);
   pools.Schedule("a", [&] { gate.WaitForNotification(); });
   for (int i = 0; i < 3; ++i) {
     pools.Schedule("a", [&] {
@@ -134,9 +141,13 @@ TEST(WorkerPoolsTest, ExportsAreServedInTurn) {
     order.push_back("b");
   });
   gate.Notify();
-  absl::Notification done;
-  pools.Schedule("c", [&] { done.Notify(); });
-  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  for (int i = 0; i < 2000; ++i) {
+    {
+      sync::MutexLock l(&mu);
+      if (order.size() == 4) break;
+    }
+    absl::SleepFor(absl::Milliseconds(5));
+  }
   sync::MutexLock l(&mu);
   // b does not wait behind a's queued tasks (a was at its cap of 1).
   ASSERT_EQ(order.size(), 4u);

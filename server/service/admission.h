@@ -62,6 +62,7 @@ class Admission {
     }
 
    private:
+    friend class Admission;
     Admission* owner_ = nullptr;
     std::string export_name_;  // "" = global only
   };
@@ -88,6 +89,26 @@ class Admission {
       ++n;
     }
     return Ticket(this, export_name);
+  }
+
+  // For calls that learn their export only after admission (streams): adds
+  // the per-export count to a held global-only ticket. False, leaving the
+  // ticket as it was, when that export is at its limit.
+  bool TryAttachExport(Ticket* ticket, const std::string& export_name)
+      ABSL_LOCKS_EXCLUDED(mu_) {
+    if (!*ticket || !ticket->export_name_.empty() || export_name.empty()) {
+      return static_cast<bool>(*ticket);
+    }
+    sync::MutexLock lock(&mu_);
+    uint32_t& n = per_export_[export_name];
+    if (n >= per_export_limit_) {
+      if (n == 0) per_export_.erase(export_name);
+      refused_export_.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    ++n;
+    ticket->export_name_ = export_name;
+    return true;
   }
 
   uint32_t in_flight() const { return in_flight_.load(); }

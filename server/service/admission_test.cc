@@ -68,6 +68,20 @@ TEST(AdmissionTest, GlobalLimitStillHolds) {
   EXPECT_EQ(a.in_flight("x"), 0u);
 }
 
+TEST(AdmissionTest, AStreamAttachesItsExportAfterAdmission) {
+  Admission a(10, 1);
+  Admission::Ticket first = a.TryAcquire();
+  ASSERT_TRUE(a.TryAttachExport(&first, "e"));
+  EXPECT_EQ(a.in_flight("e"), 1u);
+  Admission::Ticket second = a.TryAcquire();
+  EXPECT_FALSE(a.TryAttachExport(&second, "e"));  // e is at its limit
+  EXPECT_EQ(a.in_flight(), 2u);
+  second.Release();
+  first.Release();
+  EXPECT_EQ(a.in_flight("e"), 0u);
+  EXPECT_EQ(a.in_flight(), 0u);
+}
+
 TEST(AdmissionTest, DefaultPerExportLimitIsHalf) {
   EXPECT_EQ(Admission(256).per_export_limit(), 128u);
   EXPECT_EQ(Admission(1).per_export_limit(), 1u);

@@ -64,6 +64,11 @@ class BatchStreamReactor final
       r->Finish(ToGrpcStatus(source.status()));
       return r;
     }
+    // Now that the export is known, count the stream against its cap too.
+    if (!ctx.admission->TryAttachExport(&r->ticket_, source->export_name())) {
+      r->Finish(OverloadedStatus(*ctx.admission));
+      return r;
+    }
     r->source_.emplace(*std::move(source));
     r->ProduceNext();
     return r;

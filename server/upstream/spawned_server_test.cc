@@ -6,8 +6,13 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <fstream>
+#include <memory>
+#include <thread>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/nbd_process.h"
 
@@ -110,6 +115,55 @@ TEST(SpawnedServerTest, DirectoryRemoved) {
   }
   struct stat st;
   EXPECT_NE(stat(sock.c_str(), &st), 0);
+}
+
+// A child forked from a thread that then exits must keep running: the
+// parent-death signal follows the forking thread, so forks happen on the
+// process-long spawner thread.
+TEST(SpawnedServerTest, SurvivesTheThreadThatStartedIt) {
+  std::unique_ptr<SpawnedServer> server;
+  std::thread([&] {
+    auto s = SpawnedServer::Create({"nbdkit", "-f", "memory", "1M"});
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE((*s)->Start().ok());
+    server = *std::move(s);
+  }).join();
+  ASSERT_NE(server, nullptr);
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_TRUE(server->Running()) << server->ExitDescription();
+}
+
+TEST(SpawnedServerTest, StaleDirectoriesOfDeadOwnersAreRemoved) {
+  char tmpl[] = "/tmp/bm-stale-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string base = tmpl;
+  setenv("TMPDIR", base.c_str(), 1);
+  // A directory whose owner is gone (no such pid, or another start time).
+  const std::string stale = base + "/blockmeta-dead01";
+  ASSERT_EQ(mkdir(stale.c_str(), 0700), 0);
+  { std::ofstream(stale + "/owner") << "999999999 12345\n"; }
+  { std::ofstream(stale + "/server.log") << "old\n"; }
+  // Ours, alive.
+  auto mine = SpawnedServer::Create({"nbdkit", "memory", "1M"});
+  ASSERT_TRUE(mine.ok());
+  // Not ours at all (no owner file): left alone.
+  const std::string foreign = base + "/blockmeta-foreign";
+  ASSERT_EQ(mkdir(foreign.c_str(), 0700), 0);
+
+  EXPECT_EQ(CleanStaleSpawnDirs(), 1);
+  struct stat st;
+  EXPECT_NE(stat(stale.c_str(), &st), 0);
+  EXPECT_EQ(stat((*mine)
+                     ->socket_path()
+                     .substr(0, (*mine)->socket_path().rfind('/'))
+                     .c_str(),
+                 &st),
+            0);
+  EXPECT_EQ(stat(foreign.c_str(), &st), 0);
+  mine->reset();
+  rmdir(foreign.c_str());
+  unsetenv("TMPDIR");
+  EXPECT_EQ(rmdir(base.c_str()), 0);
 }
 
 }  // namespace
