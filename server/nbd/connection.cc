@@ -162,23 +162,24 @@ void Connection::FlushLocked() {
 }
 
 void Connection::QueueReply(std::string reply, uint64_t charged, bool handled) {
-  bool wake = false;
-  {
-    sync::MutexLock lock(&mu_);
-    if (handled) --running_;
-    if (broken_) {
-      ReleaseLocked(charged);
-    } else {
-      if (out_.empty()) front_since_ = absl::Now();
-      out_.push_back(Pending{std::move(reply), 0, charged});
-      FlushLocked();
-    }
-    // The loop must learn about pending output (to poll POLLOUT) or freed
-    // budget (to read again); otherwise it sleeps in poll(POLLIN) as is.
-    wake = loop_wants_wake_ || !out_.empty();
-    if (handled) changed_.SignalAll();
+  // Everything happens under mu_, the wake-up too: once a handed-off
+  // request's running_ count drops and the lock is released, Serve() may
+  // return and the connection be destroyed.
+  sync::MutexLock lock(&mu_);
+  if (broken_) {
+    ReleaseLocked(charged);
+  } else {
+    if (out_.empty()) front_since_ = absl::Now();
+    out_.push_back(Pending{std::move(reply), 0, charged});
+    FlushLocked();
   }
-  if (wake) Wake();
+  // The loop must learn about pending output (to poll POLLOUT) or freed
+  // budget (to read again); otherwise it sleeps in poll(POLLIN) as is.
+  if (loop_wants_wake_ || !out_.empty()) Wake();
+  if (handled) {
+    --running_;
+    changed_.SignalAll();
+  }
 }
 
 bool Connection::ReadRequest() {
