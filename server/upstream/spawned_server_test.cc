@@ -85,6 +85,7 @@ TEST(SpawnedServerTest, MissingProgram) {
 TEST(SpawnedServerTest, StopKillsAServerIgnoringSigterm) {
   // The child says when its trap is installed by creating `ready`.
   const std::string ready =
+      // NOLINTNEXTLINE(concurrency-mt-unsafe): no other thread runs yet.
       absl::StrCat(std::getenv("TEST_TMPDIR"), "/trap-installed");
   auto s = SpawnedServer::Create(
       {"sh", "-c", absl::StrCat("trap '' TERM; : > '", ready, "'; sleep 30")});
