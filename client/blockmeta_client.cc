@@ -10,6 +10,7 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "blockmeta/v1/admin.grpc.pb.h"
 #include "blockmeta/v1/blockmeta.grpc.pb.h"
 #include "client/channel.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -278,7 +279,23 @@ class GrpcBlockMetaClient final : public BlockMetaClient {
         channel_(channel),
         stub_(std::shared_ptr<v1::BlockMeta::Stub>(
             v1::BlockMeta::NewStub(channel))),
-        health_(grpc::health::v1::Health::NewStub(channel)) {}
+        health_(grpc::health::v1::Health::NewStub(channel)),
+        admin_(v1::Admin::NewStub(channel)) {}
+
+  absl::StatusOr<v1::AddExportResponse> AddExport(
+      const v1::AddExportRequest& request) override {
+    return AdminUnary(&v1::Admin::Stub::AddExport, request);
+  }
+  absl::StatusOr<v1::RemoveExportResponse> RemoveExport(
+      absl::string_view name) override {
+    v1::RemoveExportRequest req;
+    req.set_name(std::string(name));
+    return AdminUnary(&v1::Admin::Stub::RemoveExport, req);
+  }
+  absl::StatusOr<v1::AdminListExportsResponse> AdminListExports() override {
+    return AdminUnary(&v1::Admin::Stub::ListExports,
+                      v1::AdminListExportsRequest());
+  }
 
   absl::StatusOr<v1::ListExportsResponse> ListExports() override {
     return Unary(&v1::BlockMeta::Stub::ListExports, v1::ListExportsRequest());
@@ -344,9 +361,22 @@ class GrpcBlockMetaClient final : public BlockMetaClient {
     return resp;
   }
 
+  template <typename Req, typename Resp>
+  absl::StatusOr<Resp> AdminUnary(grpc::Status (v1::Admin::Stub::*method)(
+                                      grpc::ClientContext*, const Req&, Resp*),
+                                  const Req& request) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(DeadlineFromNow(options().deadline));
+    Resp resp;
+    grpc::Status s = ((*admin_).*method)(&ctx, request, &resp);
+    if (!s.ok()) return FromGrpcStatus(s);
+    return resp;
+  }
+
   const std::shared_ptr<grpc::Channel> channel_;
   const std::shared_ptr<v1::BlockMeta::Stub> stub_;
   const std::unique_ptr<HealthStub> health_;
+  const std::unique_ptr<v1::Admin::Stub> admin_;
 };
 
 }  // namespace
@@ -381,6 +411,21 @@ absl::StatusOr<std::unique_ptr<BlockMetaClient>> BlockMetaClient::Connect(
   if (!channel.ok()) return channel.status();
   return std::unique_ptr<BlockMetaClient>(
       new GrpcBlockMetaClient(options, *std::move(channel)));
+}
+
+absl::StatusOr<v1::AddExportResponse> BlockMetaClient::AddExport(
+    const v1::AddExportRequest&) {
+  return absl::UnimplementedError("AddExport");
+}
+
+absl::StatusOr<v1::RemoveExportResponse> BlockMetaClient::RemoveExport(
+    absl::string_view) {
+  return absl::UnimplementedError("RemoveExport");
+}
+
+absl::StatusOr<v1::AdminListExportsResponse>
+BlockMetaClient::AdminListExports() {
+  return absl::UnimplementedError("ListExports");
 }
 
 }  // namespace blockmeta::client

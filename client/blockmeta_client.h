@@ -37,6 +37,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "blockmeta/v1/admin.pb.h"
 #include "blockmeta/v1/blockmeta.pb.h"
 #include "client/client_options.h"
 
@@ -118,6 +119,15 @@ class BlockMetaClient {
   // (including invalid requests) surface from Next().
   virtual std::unique_ptr<ExtentIterator> MapExtents(
       const v1::MapExtentsRequest& request) = 0;
+
+  // blockmeta.v1.Admin (served only over the gRPC Unix socket or to an
+  // mTLS admin identity: PERMISSION_DENIED otherwise). The defaults answer
+  // UNIMPLEMENTED (for fakes).
+  virtual absl::StatusOr<v1::AddExportResponse> AddExport(
+      const v1::AddExportRequest& request);
+  virtual absl::StatusOr<v1::RemoveExportResponse> RemoveExport(
+      absl::string_view name);
+  virtual absl::StatusOr<v1::AdminListExportsResponse> AdminListExports();
 
   const ClientOptions& options() const { return options_; }
 

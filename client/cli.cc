@@ -15,9 +15,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/bench.h"
 #include "client/blockmeta_client.h"
+#include "client/export_commands.h"
 #include "client/extent_format.h"
 #include "client/units.h"
 #include "google/protobuf/util/json_util.h"
@@ -270,6 +272,7 @@ class Runner {
   int Stats();
   int Health();
   int Bench();
+  int Export();
   int Help();
 
  private:
@@ -401,9 +404,10 @@ const std::vector<CommandSpec>& Commands() {
        "(identical to `nbdinfo --map`), csv.",
        1,
        1,
-       {{"context", "NAME",
+       {{"context", "NAME[,NAME...]",
          absl::StrCat("metadata context (default ", kDefaultContext,
-                      "), e.g. qemu:dirty-bitmap:NAME")},
+                      "), e.g. qemu:dirty-bitmap:NAME; several, "
+                      "comma-separated, are shown side by side (human, json)")},
         kOffset,
         kLength,
         kTotals,
@@ -416,7 +420,10 @@ const std::vector<CommandSpec>& Commands() {
        "EXPORT",
        "map the blocks changed since a dirty bitmap (checkpoint) was made",
        "Maps the context qemu:dirty-bitmap:NAME. The human format lists only "
-       "the dirty ranges; nbdinfo is identical to `nbdinfo "
+       "the dirty ranges, with a ZERO column (the block reads as zeroes: "
+       "write zeroes, do not copy); json carries dirty and zero per extent, "
+       "like imageio's dirty extents (both ask base:allocation in the same "
+       "query); nbdinfo is identical to `nbdinfo "
        "--map=qemu:dirty-bitmap:NAME`.",
        1,
        1,
@@ -498,6 +505,31 @@ const std::vector<CommandSpec>& Commands() {
         {"service", "NAME", "health: service to check (default \"\")"},
         {"output", "FORMAT", "human (default) or json"}},
        &Runner::Bench},
+      {"export",
+       "add|remove|list [NAME]",
+       "add or remove an export of a running server (Admin API)",
+       "Admin calls are served only over the server's gRPC Unix socket "
+       "(--server=unix:PATH) or to an mTLS identity in admin_identities. "
+       "add waits until the upstream is READY; adding the same config again "
+       "is OK, another config for the name is ALREADY_EXISTS. remove ends "
+       "the export's streams and NBD sessions and frees its cache.",
+       1,
+       2,
+       {{"uri", "URI", "add: an NBD URI upstream"},
+        {"image", "PATH", "add: a raw/qcow2 image served by qemu-nbd"},
+        {"format", "FMT", "add --image: raw or qcow2 (default: by name)"},
+        {"bitmap", "B[,B...]", "add --image: qcow2 dirty bitmaps to export"},
+        {"image-read-only", "", "add --image: qemu-nbd --read-only"},
+        {"command", "ARGV",
+         "add: an NBD server command, e.g. \"nbdkit "
+         "memory 1G\""},
+        {"description", "TEXT", "add: description"},
+        {"read-only", "", "add: refuse writes through the NBD shim"},
+        {"connections", "N", "add: upstream connections"},
+        {"upstream-timeout-ms", "N", "add: timeout of one upstream call"},
+        {"cache-ttl-seconds", "N", "add: cache TTL override"},
+        kOutputBasic},
+       &Runner::Export},
       {"help",
        "[COMMAND]",
        "show help for blockmeta or a command",
@@ -509,6 +541,55 @@ const std::vector<CommandSpec>& Commands() {
        /*connects=*/false},
   };
   return *commands;
+}
+
+int Runner::Export() {
+  bool json;
+  if (auto e = BasicOutput(&json)) return Usage(*e);
+  const std::string& verb = p_.positional[0];
+  if (verb == "list") {
+    if (p_.positional.size() != 1) return Usage("export list takes no NAME");
+    absl::StatusOr<v1::AdminListExportsResponse> r =
+        client_->AdminListExports();
+    if (!r.ok()) return Fail("ListExports", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      for (const v1::AdminExport& e : r->exports()) PrintAdminExport(out_, e);
+    }
+    return kExitOk;
+  }
+  if (p_.positional.size() != 2) {
+    return Usage(absl::StrCat("export ", verb, " needs NAME"));
+  }
+  const std::string& name = p_.positional[1];
+  if (verb == "add") {
+    v1::AddExportRequest req;
+    if (auto e = ExportConfigFromFlags(name, p_.flags, req.mutable_config())) {
+      return Usage(*e);
+    }
+    absl::StatusOr<v1::AddExportResponse> r = client_->AddExport(req);
+    if (!r.ok()) return Fail("AddExport", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      out_ << (r->created() ? "added " : "already present ");
+      PrintAdminExport(out_, r->export_info());
+    }
+    return kExitOk;
+  }
+  if (verb == "remove") {
+    absl::StatusOr<v1::RemoveExportResponse> r = client_->RemoveExport(name);
+    if (!r.ok()) return Fail("RemoveExport", r.status());
+    if (json) {
+      out_ << ProtoJson(*r);
+    } else {
+      out_ << "removed " << name << " generation=" << r->generation() << "\n";
+    }
+    return kExitOk;
+  }
+  return Usage(absl::StrCat("unknown export action \"", verb,
+                            "\" (expected add, remove or list)"));
 }
 
 std::optional<std::string> Runner::SetUpClient() {
@@ -690,7 +771,16 @@ int Runner::MapRange(bool changed) {
     if (Has("context") && Get("context").empty()) {
       return Usage("--context needs a name");
     }
-    req.set_context(Get("context", kDefaultContext));
+    std::vector<std::string> contexts =
+        absl::StrSplit(Get("context", kDefaultContext), ',');
+    if (contexts.size() > 1) {
+      for (const std::string& c : contexts) {
+        if (c.empty()) return Usage("--context: an empty name in the list");
+        req.add_contexts(c);
+      }
+    } else {
+      req.set_context(contexts[0]);
+    }
   }
   uint64_t offset = 0, length = 0;
   if (auto e = SizeFlag("offset", &offset)) return Usage(*e);
@@ -718,6 +808,20 @@ int Runner::MapRange(bool changed) {
   wo.format = *fmt;
   wo.totals = Has("totals");
   wo.dirty_only = changed;
+  const bool side_by_side =
+      wo.format == OutputFormat::kHuman || wo.format == OutputFormat::kJson;
+  if (req.contexts_size() > 0 && (!side_by_side || wo.totals)) {
+    return Usage(
+        "several contexts side by side need --output=human or json (without "
+        "--totals)");
+  }
+  if (changed && side_by_side && !wo.totals) {
+    // The zero information in the same query: whether each changed block
+    // reads as zeroes (the bitmap first, so TYPE stays the bitmap's).
+    req.add_contexts(req.context());
+    req.add_contexts(std::string(kDefaultContext));
+    req.clear_context();
+  }
   if (wo.format == OutputFormat::kQemuJson &&
       req.context() != "base:allocation") {
     return Usage(
@@ -744,6 +848,8 @@ int Runner::MapRange(bool changed) {
       MapHeader h;
       h.export_name = req.export_name();
       h.context = it->context().empty() ? req.context() : it->context();
+      h.contexts.assign(req.contexts().begin(), req.contexts().end());
+      if (h.context.empty() && !h.contexts.empty()) h.context = h.contexts[0];
       h.offset = offset;
       h.end = it->range_end();
       h.export_size = it->export_size();

@@ -24,6 +24,7 @@ namespace {
 using ::blockmeta::testing::RunOptions;
 using ::blockmeta::testing::RunProgram;
 using ::blockmeta::testing::RunResult;
+using ::testing::EndsWith;
 using testing::FakeServer;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
@@ -366,15 +367,41 @@ TEST(CliFake, MapProgressBarOnlyOnATerminal) {
 
 TEST(CliFake, Changed) {
   FakeServer s;
+  // The fake's bitmap is dirty in odd MiBs; base:allocation alternates data
+  // and hole,zero every 64 KiB, so each dirty MiB is 16 rows.
   RunResult r = At(s, {"changed", "disk", "--bitmap=b1", "--length=4M"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.out,
-            "export disk, context qemu:dirty-bitmap:b1, range 0-4194304 (4.0 "
-            "MiB)\n"
-            "  START      END      LENGTH  TYPE\n"
-            "1048576  2097152     1.0 MiB  dirty\n"
-            "3145728  4194304     1.0 MiB  dirty\n"
-            "2 dirty ranges, 2.0 MiB of 4.0 MiB (50.0%) changed\n");
+  EXPECT_THAT(r.out,
+              StartsWith("export disk, context qemu:dirty-bitmap:b1, range "
+                         "0-4194304 (4.0 MiB)\n"
+                         "  START      END      LENGTH  TYPE   ZERO\n"
+                         "1048576  1114112    64.0 KiB  dirty  data\n"
+                         "1114112  1179648    64.0 KiB  dirty  zero\n"));
+  // The clean MiB between is not listed; the next dirty range starts anew.
+  EXPECT_THAT(r.out, HasSubstr("\n2031616  2097152    64.0 KiB  dirty  zero\n"
+                               "3145728  3211264    64.0 KiB  dirty  data\n"));
+  EXPECT_THAT(r.out, EndsWith("4128768  4194304    64.0 KiB  dirty  zero\n"
+                              "2 dirty ranges, 2.0 MiB of 4.0 MiB (50.0%) "
+                              "changed, 1.0 MiB of it reads as zeroes\n"));
+  // imageio-like JSON: dirty and zero per extent, merged when both agree.
+  r = At(s,
+         {"changed", "disk", "--bitmap=b1", "--length=1152K", "--output=json"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("\"contexts\": [\"qemu:dirty-bitmap:b1\", "
+                               "\"base:allocation\"]"));
+  EXPECT_THAT(r.out,
+              HasSubstr("{\"offset\": 1048576, \"length\": 65536, \"type\": "
+                        "1, \"description\": \"dirty\", \"hole\": false, "
+                        "\"zero\": false, \"dirty\": true, \"contexts\": "
+                        "[{\"type\": 1, \"description\": \"dirty\"}, "
+                        "{\"type\": 0, \"description\": \"data\"}]}"));
+  EXPECT_THAT(r.out, HasSubstr("{\"offset\": 1114112, \"length\": 65536, "
+                               "\"type\": 1, \"description\": \"dirty\", "
+                               "\"hole\": true, \"zero\": true, \"dirty\": "
+                               "true, \"contexts\": [{\"type\": 1, "
+                               "\"description\": \"dirty\"}, {\"type\": 3, "
+                               "\"description\": \"hole,zero\"}]}"));
+  // nbdinfo stays identical to `nbdinfo --map=qemu:dirty-bitmap:b1`.
   r = At(s, {"changed", "disk", "--bitmap", "b1", "--length=2M",
              "--output=nbdinfo"});
   EXPECT_EQ(r.out,
@@ -384,6 +411,30 @@ TEST(CliFake, Changed) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("FAILED_PRECONDITION: context "
                                "\"qemu:dirty-bitmap:nope\" not offered"));
+}
+
+TEST(CliFake, MapShowsSeveralContextsSideBySide) {
+  FakeServer s;
+  RunResult r =
+      At(s, {"map", "disk", "--context=base:allocation,qemu:dirty-bitmap:b1",
+             "--offset=960K", "--length=192K"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "export disk, contexts base:allocation + qemu:dirty-bitmap:b1, "
+            "range 983040-1179648 (192.0 KiB)\n"
+            "  START      END      LENGTH  base:allocation  "
+            "qemu:dirty-bitmap:b1\n"
+            " 983040  1048576    64.0 KiB  hole,zero        clean\n"
+            "1048576  1114112    64.0 KiB  data             dirty\n"
+            "1114112  1179648    64.0 KiB  hole,zero        dirty\n"
+            "total 192.0 KiB: data 64.0 KiB (33.3%), hole,zero 128.0 KiB "
+            "(66.7%)\n");
+  r = At(s, {"map", "disk", "--context=base:allocation,qemu:dirty-bitmap:b1",
+             "--output=nbdinfo"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--output=human or json"));
+  r = At(s, {"map", "disk", "--context=base:allocation,"});
+  EXPECT_EQ(r.exit_code, 2);
 }
 
 TEST(CliFake, InvalidateStatsHealth) {

@@ -5,6 +5,7 @@
 #include <optional>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -14,6 +15,7 @@
 namespace blockmeta::client {
 namespace {
 
+namespace v1 = ::blockmeta::v1;
 using blockmeta::v1::Extent;
 
 constexpr absl::string_view kBaseAllocation = "base:allocation";
@@ -26,12 +28,26 @@ bool IsDirtyBitmap(absl::string_view context) {
   return absl::StartsWith(context, kDirtyPrefix);
 }
 
-// A run of adjacent extents with equal type.
+// A run of adjacent extents with equal type (and, with several contexts,
+// equal types in every context).
 struct Run {
   uint64_t offset = 0;
   uint64_t length = 0;
   uint32_t type = 0;
+  std::vector<uint32_t> types;  // per MapHeader::contexts; else empty
 };
+
+// The type of one context of a multi-context extent, as ExtentType.
+uint32_t ContextType(absl::string_view context, const v1::ContextFlags& f) {
+  uint32_t t = f.nbd_flags();
+  if (IsBase(context)) {
+    if (f.hole()) t |= 1;
+    if (f.zero()) t |= 2;
+  } else if (IsDirtyBitmap(context) && f.dirty()) {
+    t |= 1;
+  }
+  return t;
+}
 
 // Merges adjacent extents of equal type and hands each finished run to
 // Emit(). Subclasses print.
@@ -45,13 +61,20 @@ class MergingWriter : public ExtentWriter {
   }
   void Add(const Extent& e) override {
     uint32_t type = ExtentType(header_.context, e);
-    if (run_.has_value() && run_->type == type &&
+    std::vector<uint32_t> types;
+    for (size_t i = 0; i < header_.contexts.size(); ++i) {
+      types.push_back(i < static_cast<size_t>(e.contexts_size())
+                          ? ContextType(header_.contexts[i], e.contexts(i))
+                          : 0);
+    }
+    if (!types.empty()) type = types[0];
+    if (run_.has_value() && run_->type == type && run_->types == types &&
         run_->offset + run_->length == e.offset()) {
       run_->length += e.length();
       return;
     }
     if (run_.has_value()) Emit(*run_);
-    run_ = Run{e.offset(), e.length(), type};
+    run_ = Run{e.offset(), e.length(), type, std::move(types)};
   }
   void End() override {
     if (run_.has_value()) Emit(*run_);
@@ -196,20 +219,51 @@ class JsonWriter final : public MergingWriter {
 
  private:
   void Header() override {
-    out_ << "{" << JsonHeaderFields(header_) << ", \"extents\": [";
+    out_ << "{" << JsonHeaderFields(header_);
+    if (!header_.contexts.empty()) {
+      std::vector<std::string> names;
+      for (const std::string& c : header_.contexts)
+        names.push_back(JsonQuote(c));
+      out_ << ", \"contexts\": [" << absl::StrJoin(names, ", ") << "]";
+    }
+    out_ << ", \"extents\": [";
   }
   void Emit(const Run& r) override {
     bool hole, zero, dirty;
     TypeFlags(header_.context, r.type, &hole, &zero, &dirty);
+    std::string per_context;
+    if (!r.types.empty()) {
+      // hole/zero from base:allocation, dirty from the first bitmap.
+      bool dirty_seen = false;
+      hole = zero = dirty = false;
+      std::vector<std::string> items;
+      for (size_t i = 0; i < r.types.size(); ++i) {
+        const std::string& c = header_.contexts[i];
+        bool h, z, d;
+        TypeFlags(c, r.types[i], &h, &z, &d);
+        if (IsBase(c)) {
+          hole = h;
+          zero = z;
+        } else if (IsDirtyBitmap(c) && !dirty_seen) {
+          dirty = d;
+          dirty_seen = true;
+        }
+        items.push_back(
+            absl::StrFormat("{\"type\": %u, \"description\": %s}", r.types[i],
+                            JsonQuote(TypeDescription(c, r.types[i]))));
+      }
+      per_context =
+          absl::StrCat(", \"contexts\": [", absl::StrJoin(items, ", "), "]");
+    }
     out_ << (first_ ? "\n" : ",\n")
          << absl::StrFormat(
                 "{\"offset\": %u, \"length\": %u, \"type\": %u, "
                 "\"description\": %s, \"hole\": %s, \"zero\": %s, "
-                "\"dirty\": %s}",
+                "\"dirty\": %s%s}",
                 r.offset, r.length, r.type,
                 JsonQuote(TypeDescription(header_.context, r.type)),
                 hole ? "true" : "false", zero ? "true" : "false",
-                dirty ? "true" : "false");
+                dirty ? "true" : "false", per_context);
     first_ = false;
   }
   void Footer() override { out_ << (first_ ? "]}\n" : "\n]}\n"); }
@@ -258,36 +312,84 @@ class HumanWriter final : public MergingWriter {
       : MergingWriter(out), dirty_only_(dirty_only) {}
 
  private:
+  // `changed` with zero information: contexts are {bitmap, base}.
+  bool ChangedWithZero() const {
+    return dirty_only_ && header_.contexts.size() == 2 &&
+           IsBase(header_.contexts[1]);
+  }
+  std::string Describe(absl::string_view context, uint32_t type) const {
+    std::string d = TypeDescription(context, type);
+    return d.empty() ? absl::StrCat("type ", type) : d;
+  }
   void Header() override {
     width_ = std::max<int>(5, absl::StrCat(header_.end).size());
-    out_ << "export " << header_.export_name << ", context " << header_.context
-         << ", range " << header_.offset << "-" << header_.end << " ("
+    std::string ctx = header_.context;
+    if (!header_.contexts.empty() && !ChangedWithZero()) {
+      ctx = absl::StrJoin(header_.contexts, " + ");
+    }
+    out_ << "export " << header_.export_name << ", context"
+         << (header_.contexts.size() > 1 && !ChangedWithZero() ? "s " : " ")
+         << ctx << ", range " << header_.offset << "-" << header_.end << " ("
          << FormatSize(header_.end - header_.offset) << ")\n";
+    std::string cols = "TYPE";
+    if (ChangedWithZero()) {
+      cols = absl::StrFormat("%-5s  %s", "TYPE", "ZERO");
+    } else if (!header_.contexts.empty()) {
+      std::vector<std::string> names;
+      for (size_t i = 0; i < header_.contexts.size(); ++i) {
+        names.push_back(
+            absl::StrFormat("%-*s", ColumnWidth(i), header_.contexts[i]));
+      }
+      cols = std::string(
+          absl::StripTrailingAsciiWhitespace(absl::StrJoin(names, "  ")));
+    }
     out_ << absl::StrFormat("%*s  %*s  %10s  %s\n", width_, "START", width_,
-                            "END", "LENGTH", "TYPE");
+                            "END", "LENGTH", cols);
+  }
+  int ColumnWidth(size_t i) const {
+    return std::max<int>(9, header_.contexts[i].size());  // "hole,zero"
   }
   void Emit(const Run& r) override {
     bytes_[r.type] += r.length;
     ++runs_[r.type];
+    if (ChangedWithZero() && (r.type & 1) != 0 && (r.types[1] & 2) != 0) {
+      dirty_zero_ += r.length;
+    }
+    if ((r.type & 1) != 0) {
+      // Rows split only by the ZERO column are still one changed range.
+      if (r.offset != last_dirty_end_ || dirty_ranges_ == 0) ++dirty_ranges_;
+      last_dirty_end_ = r.offset + r.length;
+    }
     if (dirty_only_ && (r.type & 1) == 0) return;
-    std::string d = TypeDescription(header_.context, r.type);
-    if (d.empty()) d = absl::StrCat("type ", r.type);
+    std::string d = Describe(header_.context, r.type);
+    if (ChangedWithZero()) {
+      d = absl::StrFormat("%-5s  %s", d, (r.types[1] & 2) ? "zero" : "data");
+    } else if (!r.types.empty()) {
+      std::vector<std::string> cells;
+      for (size_t i = 0; i < r.types.size(); ++i) {
+        cells.push_back(absl::StrFormat(
+            "%-*s", ColumnWidth(i), Describe(header_.contexts[i], r.types[i])));
+      }
+      d = std::string(
+          absl::StripTrailingAsciiWhitespace(absl::StrJoin(cells, "  ")));
+    }
     out_ << absl::StrFormat("%*u  %*u  %10s  %s\n", width_, r.offset, width_,
                             r.offset + r.length, FormatSize(r.length), d);
   }
   void Footer() override {
     uint64_t total = header_.end - header_.offset;
     if (dirty_only_) {
-      uint64_t dirty = 0, ranges = 0;
+      uint64_t dirty = 0, ranges = dirty_ranges_;
       for (const auto& [type, bytes] : bytes_) {
-        if (type & 1) {
-          dirty += bytes;
-          ranges += runs_[type];
-        }
+        if (type & 1) dirty += bytes;
       }
       out_ << ranges << " dirty range" << (ranges == 1 ? "" : "s") << ", "
            << FormatSize(dirty) << " of " << FormatSize(total) << " ("
-           << Percent(dirty, total) << ") changed\n";
+           << Percent(dirty, total) << ") changed";
+      if (ChangedWithZero()) {
+        out_ << ", " << FormatSize(dirty_zero_) << " of it reads as zeroes";
+      }
+      out_ << "\n";
       return;
     }
     std::vector<std::string> parts;
@@ -302,6 +404,9 @@ class HumanWriter final : public MergingWriter {
   }
 
   const bool dirty_only_;
+  uint64_t dirty_zero_ = 0;
+  uint64_t dirty_ranges_ = 0;
+  uint64_t last_dirty_end_ = 0;
   int width_ = 5;
   std::map<uint32_t, uint64_t> bytes_;
   std::map<uint32_t, uint64_t> runs_;

@@ -5,13 +5,21 @@
 //   json       one JSON object: {"export", "context", "offset", "end",
 //              "export_size", "extents": [{"offset", "length", "type",
 //              "description", "hole", "zero", "dirty"}]}; adjacent extents
-//              of equal type merged;
+//              of equal type merged. With several contexts (MapHeader::
+//              contexts) also "contexts": [names] in the header and, per
+//              extent, "contexts": [{"type", "description"}]; hole/zero
+//              come from base:allocation, dirty from the first bitmap
+//              (imageio's dirty extents with "zero");
 //   qemu-json  byte-identical to `qemu-img map --output=json` (qemu 7.2)
 //              over the same NBD export (base:allocation only);
 //   nbdinfo    identical to `nbdinfo --map[=CONTEXT]` (libnbd 1.14);
 //   csv        "offset,length,type,description" rows, merged as json.
 //
 // and, with totals, the bytes per type (like `nbdinfo --map --totals`).
+//
+// With several contexts, the human format shows one column per context
+// (for `changed`: the bitmap's TYPE and a ZERO column), and runs merge only
+// when every context's type is equal.
 //
 // A writer is fed extents in increasing, contiguous order (as
 // ExtentIterator yields them) and keeps O(1) state, so mapping a huge disk
@@ -24,6 +32,7 @@
 #include <memory>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -49,6 +58,10 @@ std::string TypeDescription(absl::string_view context, uint32_t type);
 struct MapHeader {
   std::string export_name;
   std::string context;  // Never empty ("base:allocation" filled in).
+  // Several contexts side by side (a multi-context MapExtents; context is
+  // then contexts[0]): each extent carries Extent.contexts in this order.
+  // Only the human and json formats show them; empty for one context.
+  std::vector<std::string> contexts;
   uint64_t offset = 0;  // Range mapped: [offset, end).
   uint64_t end = 0;
   uint64_t export_size = 0;

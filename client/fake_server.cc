@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -34,6 +35,38 @@ v1::Extent ExtentAt(const std::string& context, uint64_t offset, uint64_t end) {
     e.set_nbd_flags(hole ? 3 : 0);
   }
   return e;
+}
+
+// A multi-context extent at `offset`: split where any context changes,
+// with every context's flags (as the real server merges them).
+v1::Extent MergedAt(const std::vector<std::string>& contexts, uint64_t offset,
+                    uint64_t end) {
+  v1::Extent out;
+  out.set_offset(offset);
+  uint64_t stop = end;
+  std::vector<v1::Extent> each;
+  for (const std::string& c : contexts) {
+    each.push_back(ExtentAt(c, offset, end));
+    stop = std::min(stop, offset + each.back().length());
+  }
+  out.set_length(stop - offset);
+  bool dirty_set = false;
+  for (size_t i = 0; i < each.size(); ++i) {
+    v1::ContextFlags* f = out.add_contexts();
+    f->set_nbd_flags(each[i].nbd_flags());
+    f->set_hole(each[i].hole());
+    f->set_zero(each[i].zero());
+    f->set_dirty(each[i].dirty());
+    if (absl::StartsWith(contexts[i], "qemu:dirty-bitmap:")) {
+      if (!dirty_set) out.set_dirty(each[i].dirty());
+      dirty_set = true;
+    } else {
+      out.set_hole(each[i].hole());
+      out.set_zero(each[i].zero());
+    }
+  }
+  out.set_nbd_flags(each.front().nbd_flags());
+  return out;
 }
 
 grpc::Status CheckRange(const std::string& name, const std::string& context,
@@ -129,9 +162,18 @@ grpc::Status FakeBlockMeta::MapExtents(
     grpc::ServerWriter<v1::MapExtentsResponse>* writer) {
   ++map_calls;
   std::string ctx;
+  std::vector<std::string> contexts;  // a multi-context request
+  for (const std::string& c : req->contexts()) {
+    grpc::Status s = CheckRange(req->export_name(), c, req->offset(), &ctx);
+    if (!s.ok()) return s;
+    contexts.push_back(ctx);
+  }
   grpc::Status s =
-      CheckRange(req->export_name(), req->context(), req->offset(), &ctx);
+      contexts.empty()
+          ? CheckRange(req->export_name(), req->context(), req->offset(), &ctx)
+          : grpc::Status::OK;
   if (!s.ok()) return s;
+  if (!contexts.empty()) ctx = contexts[0];
   uint64_t end = req->length() == 0
                      ? kDiskSize
                      : std::min(kDiskSize, req->offset() + req->length());
@@ -168,7 +210,8 @@ grpc::Status FakeBlockMeta::MapExtents(
     }
     v1::MapExtentsResponse resp;
     while (at < end && static_cast<uint32_t>(resp.extents_size()) < batch) {
-      *resp.add_extents() = ExtentAt(ctx, at, end);
+      *resp.add_extents() = contexts.empty() ? ExtentAt(ctx, at, end)
+                                             : MergedAt(contexts, at, end);
       at += resp.extents(resp.extents_size() - 1).length();
     }
     if (send_gap && batches == 1) {
@@ -177,6 +220,7 @@ grpc::Status FakeBlockMeta::MapExtents(
     resp.set_next_offset(at);
     resp.set_export_size(kDiskSize);
     resp.set_context(ctx);
+    for (const std::string& c : contexts) resp.add_contexts(c);
     if (!writer->Write(resp)) {
       return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
     }

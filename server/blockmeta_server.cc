@@ -3,20 +3,27 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/log.h"
+#include "server/common/tls_grpc.h"
 #include "server/common/worker_pools.h"
 #include "server/nbd/nbd_server.h"
+#include "server/service/admin_grpc.h"
+#include "server/service/admin_service.h"
 #include "server/service/admission.h"
 #include "server/service/block_meta_grpc.h"
 #include "server/service/csi_grpc.h"
@@ -29,17 +36,6 @@ namespace blockmeta {
 namespace {
 
 namespace v1 = ::blockmeta::v1;
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot read \"", path, "\""));
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
     const v1::TlsConfig& tls) {
@@ -54,27 +50,20 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
     return absl::InvalidArgumentError(
         "TLS needs both tls.cert_file and tls.key_file");
   }
-  absl::StatusOr<std::string> cert = ReadFile(tls.cert_file());
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadFile(tls.key_file());
-  if (!key.ok()) return key.status();
-  grpc::SslServerCredentialsOptions options;
-  options.pem_key_cert_pairs.push_back({*key, *cert});
-  if (!tls.client_ca_file().empty()) {
-    absl::StatusOr<std::string> ca = ReadFile(tls.client_ca_file());
-    if (!ca.ok()) return ca.status();
-    options.pem_root_certs = *ca;
-    options.client_certificate_request =
-        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
-  }
-  return grpc::SslServerCredentials(options);
+  // Reloaded when the files change (certificate rotation, no restart).
+  return ReloadingServerCredentials(
+      {tls.cert_file(), tls.key_file(), tls.client_ca_file()});
 }
 
 }  // namespace
 
 void ApplyDefaults(v1::ServerConfig* c) {
   if (c->shutdown_grace_seconds() == 0) c->set_shutdown_grace_seconds(20);
-  if (c->worker_threads() == 0) c->set_worker_threads(8);
+  if (c->worker_threads() == 0) c->set_worker_threads(16);
+  if (c->max_upstream_calls_per_export() == 0) {
+    c->set_max_upstream_calls_per_export(
+        std::max<uint32_t>(1, c->worker_threads() / 4));
+  }
   // The component defaults have one home: their Options structs.
   const ExtentCache::Options cache_defaults;
   v1::CacheConfig* cache = c->mutable_cache();
@@ -86,6 +75,10 @@ void ApplyDefaults(v1::ServerConfig* c) {
   }
   v1::GrpcConfig* g = c->mutable_grpc();
   if (g->max_inflight_calls() == 0) g->set_max_inflight_calls(256);
+  if (g->max_inflight_calls_per_export() == 0) {
+    g->set_max_inflight_calls_per_export(
+        std::max<uint32_t>(1, g->max_inflight_calls() / 2));
+  }
   if (g->max_message_bytes() == 0) g->set_max_message_bytes(16u << 20);
   if (g->keepalive_time_ms() == 0) g->set_keepalive_time_ms(60000);
   if (g->keepalive_timeout_ms() == 0) g->set_keepalive_timeout_ms(20000);
@@ -98,7 +91,7 @@ void ApplyDefaults(v1::ServerConfig* c) {
   if (n->max_connections() == 0) n->set_max_connections(100);
   if (n->max_payload_bytes() == 0) n->set_max_payload_bytes(32u << 20);
   if (c->csi().default_max_results() == 0) {
-    c->mutable_csi()->set_default_max_results(CsiOptions().default_max_results);
+    c->mutable_csi()->set_default_max_results(CsiServiceOptions().default_max_results);
   }
 }
 
@@ -118,29 +111,90 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
         "csi.fixed_block_size must be 0 or a power of two >= 512, not ",
         block));
   }
-  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty()) {
+  if (!config.csi().socket().empty()) {
+    absl::StatusOr<std::string> path = CsiSocketPath(config.csi().socket());
+    if (!path.ok()) return path.status();
+  }
+  if (config.grpc_listen().empty() && config.grpc_unix_socket().empty() &&
+      config.csi().socket().empty()) {
     return absl::InvalidArgumentError(
-        "no gRPC listener: set grpc_listen and/or grpc_unix_socket");
+        "no gRPC listener: set grpc_listen, grpc_unix_socket and/or "
+        "csi.socket");
   }
   std::unique_ptr<BlockMetaServer> s(new BlockMetaServer(std::move(config)));
   const v1::ServerConfig& c = s->config_;
   ExtentCache::Options cache_options;
   cache_options.memory_limit_bytes = c.cache().memory_limit_bytes();
   cache_options.fetch_window_bytes = c.cache().fetch_window_bytes();
+  if (c.cache().has_read_ahead_windows()) {
+    cache_options.read_ahead_windows = c.cache().read_ahead_windows();
+  }
   if (c.cache().ttl_seconds() != 0) {
     cache_options.ttl = absl::Seconds(c.cache().ttl_seconds());
   }
   s->cache_ = std::make_unique<ExtentCache>(cache_options);
-  ExtentCache* cache = s->cache_.get();
-  absl::StatusOr<std::unique_ptr<ExportRegistry>> registry =
-      ExportRegistry::Create(c);
-  if (!registry.ok()) return registry.status();
-  s->registry_ = *std::move(registry);
-  for (ExportEntry* e : s->registry_->All()) {
-    if (e->config.cache_ttl_seconds() != 0) {
-      cache->SetExportTtl(e->config.name(),
-                          absl::Seconds(e->config.cache_ttl_seconds()));
-    }
+  if (absl::Status v = ValidateExports(c); !v.ok()) return v;
+  s->registry_ = std::make_unique<ExportRegistry>();
+  s->pools_ = std::make_unique<WorkerPools>(c.worker_threads(),
+                                            c.max_upstream_calls_per_export());
+  s->admission_ = std::make_unique<Admission>(
+      c.grpc().max_inflight_calls(), c.grpc().max_inflight_calls_per_export());
+  s->metrics_ = std::make_unique<Metrics>(s->cache_.get());
+  ExtentService::Options service_options;
+  Metrics* metrics = s->metrics_.get();
+  service_options.on_upstream_call = [metrics](const std::string& export_name,
+                                               absl::Duration latency,
+                                               const absl::Status& status) {
+    metrics->RecordUpstreamCall(export_name, latency, status);
+  };
+  s->service_ = std::make_unique<ExtentService>(
+      s->registry_.get(), s->cache_.get(), std::move(service_options));
+  CallContext ctx;
+  ctx.service = s->service_.get();
+  ctx.pools = s->pools_.get();
+  ctx.admission = s->admission_.get();
+  ctx.default_deadline = absl::Milliseconds(c.grpc().default_deadline_ms());
+  s->grpc_service_ = std::make_unique<BlockMetaGrpcService>(ctx);
+  CsiServiceOptions csi;
+  csi.fixed_block_size = c.csi().fixed_block_size();
+  csi.default_max_results = c.csi().default_max_results();
+  if (!c.csi().driver_name().empty()) csi.driver_name = c.csi().driver_name();
+  if (!c.csi().driver_version().empty()) {
+    csi.driver_version = c.csi().driver_version();
+  }
+  s->csi_ =
+      std::make_unique<CsiService>(s->registry_.get(), s->service_.get(), csi);
+  s->csi_identity_ = std::make_unique<CsiIdentityService>(s->csi_.get());
+  s->csi_service_ =
+      std::make_unique<CsiSnapshotMetadataService>(ctx, s->csi_.get());
+  s->admin_ = std::make_unique<AdminService>(s->registry_.get());
+  s->admin_grpc_ = std::make_unique<AdminGrpcService>(
+      s->admin_.get(), std::vector<std::string>(c.admin_identities().begin(),
+                                                c.admin_identities().end()));
+  if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
+    s->nbd_ = std::make_unique<NbdServer>(std::vector<nbd::ShimExport>{},
+                                          s->cache_.get(),
+                                          WithDefaultTlsFiles(c.nbd(), c.tls()));
+  }
+  s->registry_->SetHooks(s->MakeHooks());
+  absl::StatusOr<ExportRegistry::ReloadResult> loaded =
+      s->registry_->ApplyFile(c, absl::Now() + absl::Seconds(30));
+  if (!loaded.ok()) return loaded.status();
+  return s;
+}
+
+ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
+  ExportRegistry::Hooks hooks;
+  ExtentCache* cache = cache_.get();
+  const absl::Duration default_ttl = cache->options().ttl;
+  auto apply_ttl = [cache, default_ttl](const ExportRef& e) {
+    cache->SetExportTtl(e->config.name(),
+                        e->config.cache_ttl_seconds() != 0
+                            ? absl::Seconds(e->config.cache_ttl_seconds())
+                            : default_ttl);
+  };
+  hooks.added = [this, cache, apply_ttl](const ExportRef& e) {
+    apply_ttl(e);
     std::string name = e->config.name();
     e->upstream->SetOnGenerationChange([cache, name] {
       // A reconnected upstream may serve a different image: forget it all.
@@ -150,38 +204,81 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
                    {{"export", name}, {"extents_dropped", d.extents}});
       }
     });
-  }
-  std::vector<std::string> names;
-  for (ExportEntry* e : s->registry_->All()) names.push_back(e->config.name());
-  s->pools_ = std::make_unique<WorkerPools>(names, c.worker_threads());
-  s->admission_ = std::make_unique<Admission>(c.grpc().max_inflight_calls());
-  s->metrics_ = std::make_unique<Metrics>(cache);
-  ExtentService::Options service_options;
-  Metrics* metrics = s->metrics_.get();
-  service_options.on_upstream_call = [metrics](const std::string& export_name,
-                                               absl::Duration latency,
-                                               const absl::Status& status) {
-    metrics->RecordUpstreamCall(export_name, latency, status);
+    RefreshShim();
+    LogInfo("export_added",
+            {{"export", name},
+             {"generation", e->generation},
+             {"origin", e->origin == ExportOrigin::kApi ? "api" : "file"}});
   };
-  s->service_ = std::make_unique<ExtentService>(s->registry_.get(), cache,
-                                                std::move(service_options));
-  CallContext ctx;
-  ctx.service = s->service_.get();
-  ctx.pools = s->pools_.get();
-  ctx.admission = s->admission_.get();
-  ctx.default_deadline = absl::Milliseconds(c.grpc().default_deadline_ms());
-  s->grpc_service_ = std::make_unique<BlockMetaGrpcService>(ctx);
-  CsiOptions csi;
-  csi.fixed_block_size = c.csi().fixed_block_size();
-  csi.default_max_results = c.csi().default_max_results();
-  s->csi_service_ = std::make_unique<CsiSnapshotMetadataService>(ctx, csi);
-  if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
-    s->nbd_ = std::make_unique<NbdServer>(s->registry_.get(), cache, c.nbd());
-  }
-  return s;
+  hooks.updated = [this, apply_ttl](const ExportRef& e) {
+    apply_ttl(e);
+    RefreshShim();
+    LogInfo("export_updated",
+            {{"export", e->config.name()}, {"generation", e->generation}});
+  };
+  hooks.removed = [this](const ExportRef& e) {
+    RefreshShim();
+    if (nbd_ != nullptr) {
+      nbd_->CloseExport(
+          e->config.name(),
+          absl::Milliseconds(e->config.upstream_timeout_ms() == 0
+                                 ? 30000
+                                 : e->config.upstream_timeout_ms()) +
+              absl::Seconds(1));
+    }
+    LogInfo("export_removed",
+            {{"export", e->config.name()}, {"generation", e->generation}});
+  };
+  hooks.drained = [cache](const std::string& name, uint64_t generation) {
+    ExtentCache::Dropped d = cache->RemoveExport(name);
+    LogInfo("export_drained", {{"export", name},
+                               {"generation", generation},
+                               {"extents_freed", d.extents}});
+  };
+  return hooks;
 }
 
-BlockMetaServer::~BlockMetaServer() { Shutdown(absl::ZeroDuration()); }
+void BlockMetaServer::RefreshShim() {
+  if (nbd_ != nullptr) nbd_->SetExports(ShimExportsFromRegistry(*registry_));
+}
+
+absl::Status BlockMetaServer::Reload(const v1::ServerConfig& file) {
+  absl::StatusOr<ExportRegistry::ReloadResult> r =
+      registry_->ApplyFile(file, absl::Now() + absl::Seconds(30));
+  if (!r.ok()) return r.status();
+  // Settings other than the exports are read once, at start-up.
+  v1::ServerConfig a = file, b = startup_file_;
+  a.clear_exports();
+  b.clear_exports();
+  ApplyDefaults(&a);
+  ApplyDefaults(&b);
+  if (!google::protobuf::util::MessageDifferencer::Equals(a, b)) {
+    LogWarning("config_reload_needs_restart",
+               {{"reason",
+                 "only exports are reloaded; other settings changed in the "
+                 "file apply at the next start"}});
+  }
+  LogInfo("config_reloaded",
+          {{"added", absl::StrJoin(r->added, ",")},
+           {"removed", absl::StrJoin(r->removed, ",")},
+           {"updated", absl::StrJoin(r->updated, ",")},
+           {"replaced", absl::StrJoin(r->replaced, ",")},
+           {"unchanged", static_cast<unsigned long>(r->unchanged)},
+           {"exports", static_cast<unsigned long>(registry_->size())}});
+  return absl::OkStatus();
+}
+
+void BlockMetaServer::SetStartupFile(v1::ServerConfig file) {
+  startup_file_ = std::move(file);
+}
+
+BlockMetaServer::~BlockMetaServer() {
+  Shutdown(absl::ZeroDuration());
+  // Exports go before the services and the cache their hooks use.
+  if (registry_ != nullptr)
+    registry_->RemoveAll(absl::Now() + absl::Seconds(30));
+  registry_.reset();
+}
 
 absl::Status BlockMetaServer::Start() {
   const v1::ServerConfig& c = config_;
@@ -204,8 +301,17 @@ absl::Status BlockMetaServer::Start() {
     builder.AddListeningPort(absl::StrCat("unix:", c.grpc_unix_socket()),
                              grpc::InsecureServerCredentials());
   }
+  if (!c.csi().socket().empty()) {
+    // The CSI driver socket (external-snapshot-metadata --csi-address).
+    std::string path = *CsiSocketPath(c.csi().socket());  // checked in Create
+    ::unlink(path.c_str());
+    builder.AddListeningPort(absl::StrCat("unix:", path),
+                             grpc::InsecureServerCredentials());
+  }
   builder.RegisterService(grpc_service_.get());
+  builder.RegisterService(csi_identity_.get());
   builder.RegisterService(csi_service_.get());
+  builder.RegisterService(admin_grpc_.get());
   builder.SetMaxReceiveMessageSize(
       static_cast<int>(c.grpc().max_message_bytes()));
   builder.SetMaxSendMessageSize(static_cast<int>(c.grpc().max_message_bytes()));
@@ -260,14 +366,23 @@ absl::Status BlockMetaServer::Start() {
 
 void BlockMetaServer::HealthLoop() {
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  absl::flat_hash_set<std::string> known;  // names given a status
   do {
     bool all_ready = true;
-    for (ExportEntry* e : registry_->All()) {
+    absl::flat_hash_set<std::string> now;
+    for (const ExportRef& e : registry_->All()) {
       bool ready = e->upstream->Ready();
       all_ready = all_ready && ready;
       health->SetServingStatus(ExportHealthServiceName(e->config.name()),
                                ready);
+      now.insert(e->config.name());
     }
+    for (const std::string& gone : known) {
+      if (!now.contains(gone)) {
+        health->SetServingStatus(ExportHealthServiceName(gone), false);
+      }
+    }
+    known = std::move(now);
     health->SetServingStatus("blockmeta.v1.BlockMeta", all_ready);
     health->SetServingStatus("", true);
   } while (

@@ -3,6 +3,11 @@
 // gRPC server (BlockMeta, CSI SnapshotMetadata, health, reflection, metrics
 // interceptor), the metrics endpoint and the NBD shim.
 //
+// Exports change at run time: Reload() applies a config file's export set
+// (SIGHUP), the Admin service adds and removes exports; the registry's hooks
+// keep the cache (TTL, reconnect invalidation, freeing a removed export),
+// the NBD shim's export list and its sessions in step.
+//
 // Lifecycle: Create() validates the config and builds everything; Start()
 // binds the listeners (nothing is served before); Shutdown(grace) marks
 // health NOT_SERVING, stops accepting, lets in-flight calls finish until the
@@ -22,6 +27,7 @@
 #include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/common/mutex.h"
+#include "server/upstream/export_registry.h"
 
 namespace grpc {
 class Server;
@@ -29,13 +35,16 @@ class Server;
 
 namespace blockmeta {
 
-class ExportRegistry;
 class ExtentCache;
+class AdminService;
+class AdminGrpcService;
 class WorkerPools;
 class Admission;
 class ExtentService;
 class Metrics;
 class BlockMetaGrpcService;
+class CsiIdentityService;
+class CsiService;
 class CsiSnapshotMetadataService;
 class NbdServer;
 
@@ -56,6 +65,14 @@ class BlockMetaServer {
   absl::Status Start();
   void Shutdown(absl::Duration grace);
 
+  // Applies the exports of a re-read config file (see
+  // ExportRegistry::ApplyFile); INVALID_ARGUMENT leaves everything as it
+  // was. Logs what changed, and a warning when non-export settings differ
+  // from SetStartupFile's (they need a restart).
+  absl::Status Reload(const blockmeta::v1::ServerConfig& file);
+  // The file as read at start-up (before flags), for Reload's comparison.
+  void SetStartupFile(blockmeta::v1::ServerConfig file);
+
   int grpc_port() const { return grpc_port_; }
   int nbd_port() const { return nbd_port_; }
   int metrics_port() const { return metrics_port_; }
@@ -63,10 +80,14 @@ class BlockMetaServer {
  private:
   explicit BlockMetaServer(blockmeta::v1::ServerConfig config);
   void HealthLoop();
+  ExportRegistry::Hooks MakeHooks();
+  // Gives the shim the registry's current export list.
+  void RefreshShim();
 
   const blockmeta::v1::ServerConfig config_;
-  // The cache outlives the registry: upstream threads call back into it
-  // (generation changes) until the registry is destroyed.
+  // The cache, the shim and the services outlive the registry (the
+  // destructor resets it first): upstream threads and the registry's hooks
+  // call into them until it is gone.
   std::unique_ptr<ExtentCache> cache_;
   std::unique_ptr<ExportRegistry> registry_;
   std::unique_ptr<WorkerPools> pools_;
@@ -74,9 +95,14 @@ class BlockMetaServer {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ExtentService> service_;
   std::unique_ptr<BlockMetaGrpcService> grpc_service_;
+  std::unique_ptr<CsiService> csi_;
+  std::unique_ptr<CsiIdentityService> csi_identity_;
   std::unique_ptr<CsiSnapshotMetadataService> csi_service_;
+  std::unique_ptr<AdminService> admin_;
+  std::unique_ptr<AdminGrpcService> admin_grpc_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<NbdServer> nbd_;
+  blockmeta::v1::ServerConfig startup_file_;  // set before Start()
   int grpc_port_ = 0;
   int nbd_port_ = 0;
   int metrics_port_ = 0;

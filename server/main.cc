@@ -7,6 +7,14 @@
 // Flags override the config file. SIGTERM/SIGINT start a graceful shutdown
 // (health NOT_SERVING, drain for shutdown_grace_seconds, exit 0); if calls
 // stuck in upstream I/O keep it alive 5 s past the grace period, it exits 1.
+// SIGHUP re-reads --config and applies its exports (added, removed, changed;
+// unchanged ones keep their connections and caches; exports added over the
+// Admin API stay unless the file names them). A file that does not parse or
+// validate is rejected whole, logged as "config_reload_rejected" with the
+// same file:line:column message as at start-up, and nothing changes.
+// At start, private directories of spawned servers left by a blockmetad that
+// died (SIGKILL) are removed; spawned servers themselves die with us
+// (PR_SET_PDEATHSIG, see server/upstream/spawned_server.h).
 #include <signal.h>
 
 #include <cstdio>
@@ -27,6 +35,7 @@
 #include "server/blockmeta_server.h"
 #include "server/common/config.h"
 #include "server/common/log.h"
+#include "server/upstream/spawned_server.h"
 
 ABSL_FLAG(std::string, config, "",
           "Server configuration, a text-format blockmeta.v1.ServerConfig");
@@ -69,6 +78,49 @@ std::vector<std::string> TakeExportFlags(int* argc, char** argv) {
   }
   *argc = w;
   return out;
+}
+
+// The exports a reload applies: the file's, plus the --export flags (they
+// are part of the start-up set; the file cannot remove them).
+absl::Status AddExportFlags(const std::vector<std::string>& export_flags,
+                            v1::ServerConfig* config) {
+  for (const std::string& spec : export_flags) {
+    size_t eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--export wants NAME=NBD_URI, got \"", spec, "\""));
+    }
+    v1::ExportConfig* e = config->add_exports();
+    e->set_name(spec.substr(0, eq));
+    e->set_nbd_uri(spec.substr(eq + 1));
+  }
+  return absl::OkStatus();
+}
+
+void ReloadConfig(blockmeta::BlockMetaServer* server,
+                  const std::vector<std::string>& export_flags) {
+  const std::string path = absl::GetFlag(FLAGS_config);
+  blockmeta::LogInfo("config_reload", {{"signal", "SIGHUP"}, {"file", path}});
+  v1::ServerConfig file;
+  if (!path.empty()) {
+    absl::StatusOr<v1::ServerConfig> loaded = blockmeta::LoadServerConfig(path);
+    if (!loaded.ok()) {
+      blockmeta::LogError(
+          "config_reload_rejected",
+          {{"code", absl::StatusCodeToString(loaded.status().code())},
+           {"error", std::string(loaded.status().message())}});
+      return;
+    }
+    file = *std::move(loaded);
+  }
+  v1::ServerConfig exports = file;
+  absl::Status s = AddExportFlags(export_flags, &exports);
+  if (s.ok()) s = server->Reload(exports);
+  if (!s.ok()) {
+    blockmeta::LogError("config_reload_rejected",
+                        {{"code", absl::StatusCodeToString(s.code())},
+                         {"error", std::string(s.message())}});
+  }
 }
 
 int Fail(absl::string_view event, const absl::Status& status) {
@@ -132,16 +184,9 @@ int main(int argc, char** argv) {
     if (!loaded.ok()) return Fail("config_invalid", loaded.status());
     config = *std::move(loaded);
   }
-  for (const std::string& spec : export_flags) {
-    size_t eq = spec.find('=');
-    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
-      return Fail("flag_invalid",
-                  absl::InvalidArgumentError(absl::StrCat(
-                      "--export wants NAME=NBD_URI, got \"", spec, "\"")));
-    }
-    v1::ExportConfig* e = config.add_exports();
-    e->set_name(spec.substr(0, eq));
-    e->set_nbd_uri(spec.substr(eq + 1));
+  const v1::ServerConfig file_config = config;
+  if (absl::Status s = AddExportFlags(export_flags, &config); !s.ok()) {
+    return Fail("flag_invalid", s);
   }
   if (!absl::GetFlag(FLAGS_grpc_listen).empty()) {
     config.set_grpc_listen(absl::GetFlag(FLAGS_grpc_listen));
@@ -173,12 +218,18 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
+
+  if (int n = blockmeta::CleanStaleSpawnDirs(); n > 0) {
+    blockmeta::LogInfo("stale_spawn_dirs_removed", {{"count", n}});
+  }
 
   absl::StatusOr<std::unique_ptr<blockmeta::BlockMetaServer>> server =
       blockmeta::BlockMetaServer::Create(config);
   if (!server.ok()) return Fail("config_invalid", server.status());
+  (*server)->SetStartupFile(file_config);
   if (absl::Status s = (*server)->Start(); !s.ok()) {
     return Fail("listen_failed", s);
   }
@@ -204,7 +255,11 @@ int main(int argc, char** argv) {
   }
 
   int sig = 0;
-  sigwait(&signals, &sig);
+  for (;;) {
+    sigwait(&signals, &sig);
+    if (sig != SIGHUP) break;
+    ReloadConfig(server->get(), export_flags);
+  }
   absl::Duration grace = absl::Seconds(config.shutdown_grace_seconds());
   blockmeta::LogInfo("shutting_down",
                      {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"},

@@ -145,13 +145,44 @@ class Counter {
   std::atomic<uint64_t> v_{0};
 };
 
-// A fetch in flight for one key: the window it asked for and the first
-// byte (>= start) an invalidation touched since it was registered.
-struct Inflight {
-  uint64_t id;
-  uint64_t start;
-  uint64_t end;
-  uint64_t poison_from;
+// Memory one cached interval takes, for planning (a 32-byte btree slot plus
+// node overhead; see the header's Cost paragraph).
+constexpr uint64_t kIntervalBytes = 48;
+
+// One upstream block-status call of a key, in flight or completed. Shared by
+// the key's in-flight list, the callers waiting for it and its completion.
+// The mutable fields are protected by the owning KeyState::mu (a member of
+// another object, so not annotated).
+struct Fetch {
+  Fetch(uint64_t i, uint64_t s, uint64_t e, bool ra)
+      : id(i), start(s), end(e), read_ahead(ra) {}
+  const uint64_t id;
+  const uint64_t start;  // the window asked for: [start, end)
+  const uint64_t end;
+  const bool read_ahead;
+  // First byte (>= start) an invalidation touched while in flight.
+  uint64_t poison_from = kMaxU64;
+  bool done = false;
+  bool read = false;  // a Get() used this read-ahead window
+  absl::Status status;
+  ExtentList answer;       // when done and ok: validated, clipped, whole
+  uint64_t clean_end = 0;  // answer before the poison mark ends here
+};
+using FetchPtr = std::shared_ptr<Fetch>;
+
+// The read-ahead run of one key (at most one scan per key is followed).
+struct ReadAheadRun {
+  uint64_t window = 0;    // L: bytes per read-ahead fetch; 0 = no run
+  uint64_t run_end = 0;   // end of the furthest answer of the run
+  uint64_t frontier = 0;  // where the next read-ahead window starts
+  uint64_t limit = 0;     // windows stop here (export or request end)
+  uint64_t read_pos = 0;  // how far the scan has read
+  uint64_t export_size = 0;
+  size_t inflight = 0;     // read-ahead fetches in flight
+  uint64_t est_bytes = 0;  // memory one window's answer took, last seen
+  std::shared_ptr<const AsyncFetcher> fetcher;
+  // Completed windows nobody has read yet, oldest first.
+  std::vector<std::pair<uint64_t, uint64_t>> unread;
 };
 
 // Appends e to out, merging it into the last extent when contiguous with
@@ -165,13 +196,6 @@ void AppendMerged(ExtentList* out, const Extent& e) {
   }
 }
 
-bool IsInflight(const std::vector<Inflight>& inflight, uint64_t id) {
-  for (const Inflight& f : inflight) {
-    if (f.id == id) return true;
-  }
-  return false;
-}
-
 bool CanAppend(const ExtentList& out, size_t max_extents, uint64_t offset,
                uint32_t flags) {
   if (max_extents == 0 || out.size() < max_extents) return true;
@@ -181,8 +205,9 @@ bool CanAppend(const ExtentList& out, size_t max_extents, uint64_t offset,
 
 }  // namespace
 
-// Everything the cache knows about one (export, context).
-struct KeyState {
+// Everything the cache knows about one (export, context). Shared with the
+// completions of its in-flight fetches.
+struct KeyState : std::enable_shared_from_this<KeyState> {
   KeyState(CacheKey k, std::atomic<int64_t>* total_mem, int64_t ttl)
       : key(std::move(k)),
         mem(total_mem),
@@ -195,9 +220,12 @@ struct KeyState {
   // Atomics (no lock).
   MemAccount mem;
   std::atomic<int64_t> ttl_ns;
-  Counter hits, partial_hits, misses, upstream_calls, coalesced_waits,
-      bytes_from_cache, bytes_from_upstream, evictions, invalidations,
-      stale_fills_dropped;
+  Counter hits, partial_hits, misses, upstream_calls, upstream_errors,
+      coalesced_waits, detached_waits, read_ahead_issued, read_ahead_hits,
+      read_ahead_wasted, bytes_from_cache, bytes_from_upstream, evictions,
+      invalidations, stale_fills_dropped;
+  // Mirrors "ra has a live run" so the hit path checks it without a lock.
+  std::atomic<bool> ra_live{false};
 
   // Protected by mu.
   mutable sync::Mutex mu;
@@ -205,20 +233,26 @@ struct KeyState {
   absl::CondVar fetch_done;
   // Disjoint nonempty intervals; adjacent ones have different flags.
   IntervalMap map ABSL_GUARDED_BY(mu);
-  std::vector<Inflight> inflight ABSL_GUARDED_BY(mu);
+  std::vector<FetchPtr> inflight ABSL_GUARDED_BY(mu);
   uint64_t next_fetch_id ABSL_GUARDED_BY(mu) = 1;
+  ReadAheadRun ra ABSL_GUARDED_BY(mu);
 };
 
-class ExtentCache::Impl {
+class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
  public:
-  explicit Impl(const Options& options) : options_(options) {}
+  explicit Impl(const Options& options) : options_(Clamped(options)) {}
 
   LookupResult Lookup(const CacheKey& key, uint64_t offset, uint64_t length,
-                      size_t max_extents, bool count);
+                      size_t max_extents) const;
+  void Record(const CacheKey& key, uint64_t offset, const LookupResult& r);
+  void RecordUpstreamCall(const CacheKey& key, const absl::Status& status);
+  // `detached`: the fetcher may be called after Get() returns (read-ahead,
+  // detached waits); false for a synchronous fetcher wrapped inline.
   absl::StatusOr<LookupResult> Get(const CacheKey& key, uint64_t export_size,
                                    uint64_t offset, uint64_t length,
-                                   size_t max_extents, Fetcher fetch,
-                                   absl::Time deadline);
+                                   size_t max_extents,
+                                   std::shared_ptr<const AsyncFetcher> fetch,
+                                   bool detached, absl::Time deadline);
   Dropped InvalidateKeys(const std::vector<KeyState*>& keys, uint64_t offset,
                          uint64_t length);
   void SetExportTtl(const std::string& export_name, absl::Duration ttl);
@@ -230,6 +264,24 @@ class ExtentCache::Impl {
   std::vector<KeyState*> KeysOf(const std::string* export_name) const;
 
  private:
+  static Options Clamped(Options o) {
+    o.read_ahead_windows = std::min(o.read_ahead_windows, kMaxReadAheadWindows);
+    return o;
+  }
+  // Where one Get() stands.
+  struct Progress {
+    LookupResult r;
+    uint64_t end = 0;  // request end, clipped to the export
+    size_t max_extents = 0;
+    bool upstream = false;       // waited for or made a fetch
+    uint64_t head_bytes = 0;     // cached bytes before the first fetch/wait
+    uint64_t fetched_bytes = 0;  // bytes from this call's own fetch
+    bool Done() const {
+      return r.next_offset >= end ||
+             (max_extents != 0 && r.extents.size() >= max_extents);
+    }
+  };
+
   int64_t NowNs() const {
     return absl::ToUnixNanos(options_.clock ? options_.clock() : absl::Now());
   }
@@ -245,11 +297,74 @@ class ExtentCache::Impl {
   // range has been cleared, merging with equal-flag neighbours.
   void InsertLocked(KeyState& k, const ExtentList& answer, int64_t born_ns,
                     uint32_t tick) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+
+  // --- The steps of Get() ---
+  // Step 1: the cached head, under the shared lock.
+  void ReadHead(const KeyState& k, Progress* p) const;
+  // Step 2: the in-flight fetch whose window holds `gap` (the latest
+  // started), or null.
+  static FetchPtr FindCoverLocked(const KeyState& k, uint64_t gap)
+      ABSL_SHARED_LOCKS_REQUIRED(k.mu);
+  // Step 3: registers a fetch of [start, end) so later callers wait for it
+  // and invalidations poison it.
+  static FetchPtr RegisterLocked(KeyState& k, uint64_t start, uint64_t end,
+                                 bool read_ahead)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Step 4: calls the fetcher for each record, with no lock held.
+  void Issue(KeyState& k, std::vector<FetchPtr> fetches,
+             const std::shared_ptr<const AsyncFetcher>& fetcher,
+             uint64_t export_size);
+  // Step 5: waits until `f` completed or the deadline passed.
+  static bool AwaitLocked(KeyState& k, const Fetch& f, absl::Time deadline)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Step 6 (on the completion's thread): validates, poison-trims, inserts
+  // what the memory bound allows, keeps read-ahead going, evicts, and then
+  // marks the fetch done and wakes its waiters.
+  void OnFetchDone(KeyState& k, const FetchPtr& f,
+                   absl::StatusOr<ExtentList> answer, uint64_t export_size,
+                   int64_t born_ns);
+  void CompleteLocked(KeyState& k, Fetch& f, absl::Status status,
+                      ExtentList answer, uint64_t export_size, int64_t born_ns,
+                      std::vector<FetchPtr>* issue)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Step 7: appends f's answer from `gap` to the caller's result: all of it
+  // for the caller that registered it, the unpoisoned part for others.
+  // Returns false when it holds nothing for `gap`.
+  static bool AppendAnswer(const Fetch& f, bool own, uint64_t gap, Progress* p);
+  // Step 8: counts the call by outcome (the one outcome-to-counter map).
+  static void CountOutcome(KeyState& k, Outcome outcome, uint64_t cached,
+                           uint64_t fetched);
+
+  // --- Read-ahead ---
+  // Starts (or continues) a run when the gap is in the last window of a
+  // short-answered run, or the request reaches beyond the demand window.
+  void PlanReadAheadLocked(KeyState& k, uint64_t gap, uint64_t demand_end,
+                           uint64_t request_end, uint64_t export_size,
+                           const std::shared_ptr<const AsyncFetcher>& fetcher,
+                           std::vector<FetchPtr>* issue)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Issues windows at the frontier while fewer than the allowed number are
+  // in flight and the scan is close enough.
+  void TopUpLocked(KeyState& k, std::vector<FetchPtr>* issue)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // The scan read [from, to): counts read-ahead hits, advances read_pos.
+  static void NoteReadLocked(KeyState& k, uint64_t from, uint64_t to)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Ends a run: its unread windows are wasted.
+  static void EndRunLocked(KeyState& k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  static void UpdateLiveLocked(KeyState& k) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // A hit of a key with a live run: note it and top up (takes the lock).
+  void NoteHit(KeyState& k, uint64_t from, uint64_t to);
+  // Memory one fill may insert: half the bound, shared with the key's
+  // read-ahead windows in flight.
+  uint64_t FillBudgetLocked(const KeyState& k) const
+      ABSL_SHARED_LOCKS_REQUIRED(k.mu);
+
   void MaybeEvict();
   uint64_t EvictPass(const std::vector<KeyState*>& keys, uint32_t now,
                      uint32_t cutoff_age);
 
-  const Options& options_;
+  const Options options_;
   std::atomic<int64_t> total_mem_{0};
   // LRU clock: advances once per fill.
   std::atomic<uint32_t> lru_clock_{1};
@@ -257,10 +372,14 @@ class ExtentCache::Impl {
   // Serializes eviction passes (taken before keys_mu_ and KeyState::mu).
   sync::Mutex evict_mu_ ABSL_ACQUIRED_BEFORE(keys_mu_);
   mutable sync::Mutex keys_mu_;
-  absl::flat_hash_map<CacheKey, std::unique_ptr<KeyState>> keys_
+  absl::flat_hash_map<CacheKey, std::shared_ptr<KeyState>> keys_
       ABSL_GUARDED_BY(keys_mu_);
   absl::flat_hash_map<std::string, absl::Duration> export_ttl_
       ABSL_GUARDED_BY(keys_mu_);
+  // Keys of removed exports (ExtentCache::RemoveExport): out of keys_, maps
+  // emptied, kept because KeyState pointers must stay valid.
+  std::vector<std::shared_ptr<KeyState>> retired_ ABSL_GUARDED_BY(keys_mu_);
+  friend class ExtentCache;  // RemoveExport, at the end of this file
 };
 
 KeyState* ExtentCache::Impl::Find(const CacheKey& key) const {
@@ -272,10 +391,10 @@ KeyState* ExtentCache::Impl::Find(const CacheKey& key) const {
 KeyState* ExtentCache::Impl::FindOrCreate(const CacheKey& key) {
   if (KeyState* k = Find(key)) return k;
   sync::MutexLock l(&keys_mu_);
-  std::unique_ptr<KeyState>& slot = keys_[key];
+  std::shared_ptr<KeyState>& slot = keys_[key];
   if (slot == nullptr) {
     auto ttl = export_ttl_.find(key.export_name);
-    slot = std::make_unique<KeyState>(
+    slot = std::make_shared<KeyState>(
         key, &total_mem_,
         TtlNs(ttl == export_ttl_.end() ? options_.ttl : ttl->second));
   }
@@ -437,33 +556,60 @@ void ExtentCache::Impl::InsertLocked(KeyState& k, const ExtentList& answer,
 }
 
 LookupResult ExtentCache::Impl::Lookup(const CacheKey& key, uint64_t offset,
-                                       uint64_t length, size_t max_extents,
-                                       bool count) {
+                                       uint64_t length,
+                                       size_t max_extents) const {
   LookupResult r;
   r.next_offset = offset;
   r.outcome = Outcome::kMiss;
-  KeyState* k = count ? FindOrCreate(key) : Find(key);
-  if (k == nullptr) return r;
+  KeyState* k = Find(key);
+  if (k == nullptr || length == 0) return r;
   const uint64_t end = SatAdd(offset, length);
-  if (length > 0) {
+  {
     sync::ReaderMutexLock l(&k->mu);
     r.next_offset = ReadLocked(*k, offset, end, max_extents, &r.extents);
   }
-  if (r.next_offset == end && length > 0) {
+  if (r.next_offset == end) {
     r.outcome = Outcome::kHit;
   } else if (!r.extents.empty()) {
     r.outcome = max_extents != 0 && r.extents.size() >= max_extents
                     ? Outcome::kHit
                     : Outcome::kPartial;
   }
-  if (count) {
-    (r.outcome == Outcome::kHit       ? k->hits
-     : r.outcome == Outcome::kPartial ? k->partial_hits
-                                      : k->misses)
-        .Add(1);
-    k->bytes_from_cache.Add(r.next_offset - offset);
-  }
   return r;
+}
+
+void ExtentCache::Impl::Record(const CacheKey& key, uint64_t offset,
+                               const LookupResult& r) {
+  KeyState* k = FindOrCreate(key);
+  CountOutcome(*k, r.outcome, r.next_offset - offset, 0);
+  if (k->ra_live.load(std::memory_order_relaxed)) {
+    NoteHit(*k, offset, r.next_offset);
+  }
+}
+
+void ExtentCache::Impl::RecordUpstreamCall(const CacheKey& key,
+                                           const absl::Status& status) {
+  KeyState* k = FindOrCreate(key);
+  k->upstream_calls.Add(1);
+  if (!status.ok()) k->upstream_errors.Add(1);
+}
+
+void ExtentCache::Impl::CountOutcome(KeyState& k, Outcome outcome,
+                                     uint64_t cached, uint64_t fetched) {
+  switch (outcome) {
+    case Outcome::kHit:
+      k.hits.Add(1);
+      break;
+    case Outcome::kPartial:
+      k.partial_hits.Add(1);
+      break;
+    case Outcome::kMiss:
+    case Outcome::kBypass:
+      k.misses.Add(1);
+      break;
+  }
+  k.bytes_from_cache.Add(cached);
+  k.bytes_from_upstream.Add(fetched);
 }
 
 namespace {
@@ -507,9 +653,316 @@ absl::Status ValidateAndClip(ExtentList& answer, uint64_t offset,
 
 }  // namespace
 
+void ExtentCache::Impl::ReadHead(const KeyState& k, Progress* p) const {
+  sync::ReaderMutexLock l(&k.mu);
+  p->r.next_offset =
+      ReadLocked(k, p->r.next_offset, p->end, p->max_extents, &p->r.extents);
+}
+
+FetchPtr ExtentCache::Impl::FindCoverLocked(const KeyState& k, uint64_t gap) {
+  FetchPtr cover;
+  for (const FetchPtr& f : k.inflight) {
+    if (f->start <= gap && gap < f->end &&
+        (cover == nullptr || f->start > cover->start)) {
+      cover = f;
+    }
+  }
+  return cover;
+}
+
+FetchPtr ExtentCache::Impl::RegisterLocked(KeyState& k, uint64_t start,
+                                           uint64_t end, bool read_ahead) {
+  auto f = std::make_shared<Fetch>(k.next_fetch_id++, start, end, read_ahead);
+  k.inflight.push_back(f);
+  return f;
+}
+
+void ExtentCache::Impl::Issue(
+    KeyState& k, std::vector<FetchPtr> fetches,
+    const std::shared_ptr<const AsyncFetcher>& fetcher, uint64_t export_size) {
+  for (FetchPtr& f : fetches) {
+    k.upstream_calls.Add(1);
+    const uint64_t start = f->start, length = f->end - f->start;
+    // The completion keeps the key and the cache alive (members are
+    // destroyed in reverse order: the key before the cache it points into).
+    struct Ctx {
+      std::shared_ptr<Impl> impl;
+      std::shared_ptr<KeyState> key;
+      FetchPtr fetch;
+      uint64_t export_size;
+      int64_t born_ns;
+    };
+    auto ctx =
+        std::make_unique<Ctx>(Ctx{shared_from_this(), k.shared_from_this(),
+                                  std::move(f), export_size, NowNs()});
+    (*fetcher)(start, length,
+               [ctx = std::move(ctx)](absl::StatusOr<ExtentList> a) mutable {
+                 ctx->impl->OnFetchDone(*ctx->key, ctx->fetch, std::move(a),
+                                        ctx->export_size, ctx->born_ns);
+               });
+  }
+}
+
+bool ExtentCache::Impl::AwaitLocked(KeyState& k, const Fetch& f,
+                                    absl::Time deadline) {
+  while (!f.done) {
+    if (k.mu.WaitWithDeadline(&k.fetch_done, deadline) && !f.done) {
+      return false;
+    }
+  }
+  return true;
+}
+
+void ExtentCache::Impl::OnFetchDone(KeyState& k, const FetchPtr& f,
+                                    absl::StatusOr<ExtentList> answer,
+                                    uint64_t export_size, int64_t born_ns) {
+  absl::Status status = answer.status();
+  ExtentList extents;
+  if (status.ok()) {
+    extents = *std::move(answer);
+    status = ValidateAndClip(extents, f->start, export_size);
+  }
+  if (!status.ok()) k.upstream_errors.Add(1);
+  std::vector<FetchPtr> issue;
+  std::shared_ptr<const AsyncFetcher> fetcher;
+  {
+    sync::MutexLock l(&k.mu);
+    CompleteLocked(k, *f, std::move(status), std::move(extents), export_size,
+                   born_ns, &issue);
+    fetcher = k.ra.fetcher;
+  }
+  // Evict before waking the waiters, so no caller sees the bound exceeded.
+  MaybeEvict();
+  {
+    sync::MutexLock l(&k.mu);
+    f->done = true;
+    k.fetch_done.SignalAll();
+  }
+  if (!issue.empty()) Issue(k, std::move(issue), fetcher, export_size);
+}
+
+uint64_t ExtentCache::Impl::FillBudgetLocked(const KeyState& k) const {
+  return options_.memory_limit_bytes / 2 / (1 + k.ra.inflight);
+}
+
+void ExtentCache::Impl::CompleteLocked(KeyState& k, Fetch& f,
+                                       absl::Status status, ExtentList answer,
+                                       uint64_t export_size, int64_t born_ns,
+                                       std::vector<FetchPtr>* issue) {
+  for (auto it = k.inflight.begin(); it != k.inflight.end(); ++it) {
+    if (it->get() == &f) {
+      k.inflight.erase(it);
+      break;
+    }
+  }
+  if (f.read_ahead) --k.ra.inflight;
+  f.status = std::move(status);
+  f.clean_end = f.start;
+  if (!f.status.ok()) {
+    if (f.read_ahead && !f.read) k.read_ahead_wasted.Add(1);
+    UpdateLiveLocked(k);
+    return;
+  }
+  // Keep only what no invalidation touched while in flight.
+  ExtentList keep;
+  for (const Extent& e : answer) {
+    if (e.offset >= f.poison_from) break;
+    keep.push_back(e);
+    if (keep.back().end() > f.poison_from) {
+      keep.back().length = f.poison_from - e.offset;
+    }
+  }
+  if (keep.size() != answer.size() ||
+      (!keep.empty() && keep.back() != answer.back())) {
+    k.stale_fills_dropped.Add(1);
+    if (f.read_ahead && !f.read) k.read_ahead_wasted.Add(1);
+  }
+  if (!keep.empty()) f.clean_end = keep.back().end();
+  // Under memory pressure keep the part nearest the fetch start (where the
+  // scan reads next), not what an eviction pass would leave.
+  const uint64_t max_intervals =
+      std::max<uint64_t>(1, FillBudgetLocked(k) / kIntervalBytes);
+  if (keep.size() > max_intervals) keep.resize(max_intervals);
+  if (!keep.empty()) {
+    RemoveRangeLocked(k, f.start, keep.back().end());
+    InsertLocked(k, keep, born_ns,
+                 lru_clock_.fetch_add(1, std::memory_order_relaxed) + 1);
+  }
+  const uint64_t answer_end = answer.back().end();
+  ReadAheadRun& ra = k.ra;
+  if (f.read_ahead) {
+    ra.run_end = std::max(ra.run_end, answer_end);
+    ra.est_bytes = answer.size() * kIntervalBytes;
+    if (!f.read && f.clean_end == answer_end) {
+      ra.unread.emplace_back(f.start, answer_end);
+      const size_t cap = 2 * size_t{options_.read_ahead_windows} + 2;
+      if (ra.unread.size() > cap) {
+        ra.unread.erase(ra.unread.begin());
+        k.read_ahead_wasted.Add(1);
+      }
+    }
+    TopUpLocked(k, issue);
+  } else if (answer_end < f.end && answer_end < export_size) {
+    // Answered shorter than asked: a window-limited upstream. The next
+    // scan step at answer_end starts read-ahead of this length.
+    if (ra.window != answer_end - f.start || ra.run_end < f.start ||
+        ra.run_end > answer_end + ra.window) {
+      ra.run_end = answer_end;
+    } else {
+      ra.run_end = std::max(ra.run_end, answer_end);
+    }
+    ra.window = answer_end - f.start;
+    ra.est_bytes = answer.size() * kIntervalBytes;
+  }
+  f.answer = std::move(answer);
+  UpdateLiveLocked(k);
+}
+
+bool ExtentCache::Impl::AppendAnswer(const Fetch& f, bool own, uint64_t gap,
+                                     Progress* p) {
+  const uint64_t usable = own ? kMaxU64 : f.clean_end;
+  const uint64_t stop = std::min(usable, p->end);
+  const uint64_t before = p->r.next_offset;
+  for (const Extent& e : f.answer) {
+    if (e.end() <= gap) continue;
+    const uint64_t from = std::max(e.offset, gap);
+    if (from >= stop ||
+        !CanAppend(p->r.extents, p->max_extents, from, e.flags)) {
+      break;
+    }
+    const uint64_t to = std::min(e.end(), stop);
+    AppendMerged(&p->r.extents, Extent{from, to - from, e.flags});
+    p->r.next_offset = to;
+  }
+  return p->r.next_offset > before;
+}
+
+// --- Read-ahead ---
+
+void ExtentCache::Impl::UpdateLiveLocked(KeyState& k) {
+  const ReadAheadRun& ra = k.ra;
+  k.ra_live.store(
+      ra.window > 0 && ra.fetcher != nullptr &&
+          (ra.inflight > 0 || !ra.unread.empty() || ra.frontier < ra.limit),
+      std::memory_order_relaxed);
+}
+
+void ExtentCache::Impl::EndRunLocked(KeyState& k) {
+  ReadAheadRun& ra = k.ra;
+  k.read_ahead_wasted.Add(ra.unread.size());
+  ra.unread.clear();
+  ra.frontier = ra.limit = 0;
+  ra.fetcher.reset();
+  UpdateLiveLocked(k);
+}
+
+void ExtentCache::Impl::PlanReadAheadLocked(
+    KeyState& k, uint64_t gap, uint64_t demand_end, uint64_t request_end,
+    uint64_t export_size, const std::shared_ptr<const AsyncFetcher>& fetcher,
+    std::vector<FetchPtr>* issue) {
+  const uint64_t n = options_.read_ahead_windows;
+  if (n == 0) return;
+  ReadAheadRun& ra = k.ra;
+  const bool continuing = ra.fetcher != nullptr && ra.frontier > gap &&
+                          ra.frontier <= SatAdd(gap, (n + 1) * ra.window);
+  uint64_t window, from, limit;
+  if (ra.window > 0 && gap <= ra.run_end &&
+      SatAdd(gap, ra.window) >= ra.run_end) {
+    // The gap is in the last window of a short-answered run: the demand
+    // fetch will likely answer one window; fetch the ones after it too.
+    window = ra.window;
+    from = continuing ? ra.frontier : SatAdd(gap, window);
+    limit = export_size;
+  } else if (request_end > demand_end) {
+    // A request beyond one window (a cold map of a large disk).
+    window = demand_end - gap;
+    from = continuing && ra.window == window ? ra.frontier : demand_end;
+    limit = request_end;
+  } else {
+    return;
+  }
+  if (!continuing) EndRunLocked(k);
+  ra.window = window;
+  ra.frontier = from;
+  ra.limit = std::min(limit, export_size);
+  ra.read_pos = std::max(continuing ? ra.read_pos : 0, gap);
+  ra.export_size = export_size;
+  ra.fetcher = fetcher;
+  TopUpLocked(k, issue);
+}
+
+void ExtentCache::Impl::TopUpLocked(KeyState& k, std::vector<FetchPtr>* issue) {
+  ReadAheadRun& ra = k.ra;
+  const uint64_t n = options_.read_ahead_windows;
+  if (ra.window == 0 || ra.fetcher == nullptr || n == 0) return;
+  // As many windows as half the memory bound holds, at least one.
+  uint64_t allowed = n;
+  if (ra.est_bytes > 0) {
+    allowed = std::min<uint64_t>(
+        n,
+        std::max<uint64_t>(1, options_.memory_limit_bytes / 2 / ra.est_bytes));
+  }
+  // The window at read_pos is the scan's own (demand) fetch; read-ahead
+  // covers the `allowed` windows after it.
+  const uint64_t horizon = SatAdd(ra.read_pos, allowed + 1 > kMaxU64 / ra.window
+                                                   ? kMaxU64
+                                                   : ra.window * (allowed + 1));
+  while (ra.inflight < allowed && ra.frontier < ra.limit &&
+         ra.frontier < horizon) {
+    const uint64_t start = ra.frontier;
+    const uint64_t end = std::min(
+        {SatAdd(start, ra.window), ra.limit, start + kMaxNbdRequestLength});
+    issue->push_back(RegisterLocked(k, start, end, /*read_ahead=*/true));
+    ++ra.inflight;
+    k.read_ahead_issued.Add(1);
+    ra.frontier = end;
+  }
+  UpdateLiveLocked(k);
+}
+
+void ExtentCache::Impl::NoteReadLocked(KeyState& k, uint64_t from,
+                                       uint64_t to) {
+  ReadAheadRun& ra = k.ra;
+  if (ra.window == 0 || to <= from) return;
+  // A read behind the frontier is the scan (or a reader of its windows).
+  if (from <= ra.frontier && to > ra.read_pos) ra.read_pos = to;
+  auto& u = ra.unread;
+  for (auto it = u.begin(); it != u.end();) {
+    if (it->first < to && from < it->second) {
+      k.read_ahead_hits.Add(1);
+      it = u.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  // Windows the scan has passed without reading are wasted.
+  while (!u.empty() && u.front().second <= from &&
+         from - u.front().second > ra.window) {
+    k.read_ahead_wasted.Add(1);
+    u.erase(u.begin());
+  }
+}
+
+void ExtentCache::Impl::NoteHit(KeyState& k, uint64_t from, uint64_t to) {
+  std::vector<FetchPtr> issue;
+  std::shared_ptr<const AsyncFetcher> fetcher;
+  uint64_t export_size;
+  {
+    sync::MutexLock l(&k.mu);
+    NoteReadLocked(k, from, to);
+    TopUpLocked(k, &issue);
+    fetcher = k.ra.fetcher;
+    export_size = k.ra.export_size;
+  }
+  if (!issue.empty()) Issue(k, std::move(issue), fetcher, export_size);
+}
+
+// --- Get ---
+
 absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     const CacheKey& key, uint64_t export_size, uint64_t offset, uint64_t length,
-    size_t max_extents, Fetcher fetch, absl::Time deadline) {
+    size_t max_extents, std::shared_ptr<const AsyncFetcher> fetch,
+    bool detached, absl::Time deadline) {
   if (length == 0) {
     return absl::InvalidArgumentError("block-status length must be > 0");
   }
@@ -517,135 +970,106 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     return absl::OutOfRangeError(absl::StrCat(
         "offset ", offset, " is at or past the export end ", export_size));
   }
-  const uint64_t end = offset + std::min(length, export_size - offset);
   KeyState* k = FindOrCreate(key);
-  LookupResult r;
-  r.next_offset = offset;
-  {
-    sync::ReaderMutexLock l(&k->mu);
-    r.next_offset = ReadLocked(*k, offset, end, max_extents, &r.extents);
+  Progress p;
+  p.end = offset + std::min(length, export_size - offset);
+  p.max_extents = max_extents;
+  p.r.next_offset = offset;
+  ReadHead(*k, &p);
+  if (p.Done()) {
+    if (k->ra_live.load(std::memory_order_relaxed)) {
+      NoteHit(*k, offset, p.r.next_offset);
+    }
+    p.r.outcome = Outcome::kHit;
+    CountOutcome(*k, p.r.outcome, p.r.next_offset - offset, 0);
+    return p.r;
   }
-  auto done = [&] {
-    return r.next_offset >= end ||
-           (max_extents != 0 && r.extents.size() >= max_extents);
-  };
-  bool waited = false;
-  uint64_t wait_gap = 0;
-  bool upstream = false;    // this call waited for or made a fetch
-  uint64_t head_bytes = 0;  // cached bytes before the first wait/fetch
-  uint64_t fetched_bytes = 0;
-  while (!done()) {
+  // At most two rounds: a wait for another caller's fetch, then (if that
+  // brought nothing for our gap) a fetch of our own.
+  for (int round = 0; round < 2; ++round) {
+    std::vector<FetchPtr> issue;
+    FetchPtr f;
+    bool own = false;
     uint64_t gap;
-    uint64_t ask;
-    uint64_t id;
     {
       sync::MutexLock l(&k->mu);
       // A fill may have landed since the last read.
-      r.next_offset =
-          ReadLocked(*k, r.next_offset, end, max_extents, &r.extents);
-      // After a coalesced wait that brought something, answer with it.
-      if (done() || (waited && r.next_offset > wait_gap)) break;
-      gap = r.next_offset;
-      if (!upstream) head_bytes = gap - offset;
-      upstream = true;
-      if (!waited) {
-        const Inflight* cover = nullptr;
-        for (const Inflight& f : k->inflight) {
-          if (f.start <= gap && gap < f.end) cover = &f;
+      p.r.next_offset =
+          ReadLocked(*k, p.r.next_offset, p.end, p.max_extents, &p.r.extents);
+      if (p.Done()) break;
+      gap = p.r.next_offset;
+      if (!p.upstream) p.head_bytes = gap - offset;
+      p.upstream = true;
+      NoteReadLocked(*k, offset, gap);
+      if (round == 0) f = FindCoverLocked(*k, gap);
+      if (f != nullptr) {
+        k->coalesced_waits.Add(1);
+        if (f->read_ahead && !f->read) {
+          f->read = true;
+          k->read_ahead_hits.Add(1);
         }
-        if (cover != nullptr) {
-          waited = true;
-          k->coalesced_waits.Add(1);
-          const uint64_t wait_id = cover->id;
-          wait_gap = gap;
-          while (IsInflight(k->inflight, wait_id)) {
-            if (k->mu.WaitWithDeadline(&k->fetch_done, deadline) &&
-                IsInflight(k->inflight, wait_id)) {
-              return absl::DeadlineExceededError(absl::StrCat(
-                  "deadline passed waiting for a coalesced upstream "
-                  "block-status call at offset ",
-                  gap));
-            }
-          }
-          continue;  // re-read what it brought
+        if (detached) TopUpLocked(*k, &issue);
+      } else {
+        if (absl::Now() >= deadline) {
+          return absl::DeadlineExceededError(absl::StrCat(
+              "deadline passed before asking the upstream at offset ", gap));
+        }
+        // A request longer than the window asks for it all in one call,
+        // unless read-ahead will fetch the windows after this one in
+        // parallel.
+        const bool parallel = detached && options_.read_ahead_windows > 0;
+        const uint64_t ask = std::min(
+            {parallel ? options_.fetch_window_bytes
+                      : std::max(options_.fetch_window_bytes, p.end - gap),
+             kMaxNbdRequestLength, export_size - gap});
+        f = RegisterLocked(*k, gap, gap + ask, /*read_ahead=*/false);
+        own = true;
+        issue.push_back(f);
+        if (detached) {
+          PlanReadAheadLocked(*k, gap, gap + ask, p.end, export_size, fetch,
+                              &issue);
         }
       }
-      if (absl::Now() >= deadline) {
-        return absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed before asking the upstream at offset ", gap));
-      }
-      ask = std::min({std::max(options_.fetch_window_bytes, end - gap),
-                      kMaxNbdRequestLength, export_size - gap});
-      id = k->next_fetch_id++;
-      k->inflight.push_back(Inflight{id, gap, gap + ask, kMaxU64});
     }
-
-    // The upstream call, with no lock held.
-    k->upstream_calls.Add(1);
-    const int64_t born_ns = NowNs();
-    absl::StatusOr<ExtentList> answer = fetch(gap, ask, deadline);
-    absl::Status status = answer.status();
-    if (status.ok()) status = ValidateAndClip(*answer, gap, export_size);
-
+    if (!issue.empty()) {
+      // Top-ups go through the run's fetcher (ours when we started it).
+      Issue(*k, std::move(issue), fetch, export_size);
+    }
     {
       sync::MutexLock l(&k->mu);
-      uint64_t poison_from = kMaxU64;
-      for (auto it = k->inflight.begin(); it != k->inflight.end(); ++it) {
-        if (it->id == id) {
-          poison_from = it->poison_from;
-          k->inflight.erase(it);
-          break;
-        }
+      if (!AwaitLocked(*k, *f, deadline)) {
+        k->detached_waits.Add(1);
+        return absl::DeadlineExceededError(absl::StrCat(
+            "deadline passed waiting for the upstream block-status answer at "
+            "offset ",
+            gap, " (the call runs on; its answer will be cached)"));
       }
-      k->fetch_done.SignalAll();
-      if (status.ok()) {
-        // Keep only what no invalidation touched while in flight.
-        ExtentList keep;
-        for (const Extent& e : *answer) {
-          if (e.offset >= poison_from) break;
-          keep.push_back(e);
-          if (keep.back().end() > poison_from) {
-            keep.back().length = poison_from - e.offset;
-          }
-        }
-        if (keep.size() != answer->size() ||
-            (!keep.empty() && keep.back() != answer->back())) {
-          k->stale_fills_dropped.Add(1);
-        }
-        if (!keep.empty()) {
-          RemoveRangeLocked(*k, gap, keep.back().end());
-          InsertLocked(*k, keep, born_ns,
-                       lru_clock_.fetch_add(1, std::memory_order_relaxed));
-        }
+      if (!f->status.ok()) {
+        if (own) return f->status;
+        continue;  // the fetch we waited for failed: fetch ourselves
       }
+      if (!AppendAnswer(*f, own, gap, &p)) continue;
+      if (own) p.fetched_bytes = p.r.next_offset - gap;
+      NoteReadLocked(*k, gap, p.r.next_offset);
+      if (detached) TopUpLocked(*k, &issue);
     }
-    if (!status.ok()) return status;
-
-    // Our own answer for the rest of the request.
-    for (const Extent& e : *answer) {
-      if (e.offset >= end ||
-          !CanAppend(r.extents, max_extents, e.offset, e.flags)) {
-        break;
-      }
-      const uint64_t e_end = std::min(e.end(), end);
-      AppendMerged(&r.extents, Extent{e.offset, e_end - e.offset, e.flags});
-      r.next_offset = e_end;
-    }
-    fetched_bytes = r.next_offset - gap;
-    MaybeEvict();
+    if (!issue.empty()) Issue(*k, std::move(issue), fetch, export_size);
     break;
   }
-
-  r.outcome = !upstream        ? Outcome::kHit
-              : head_bytes > 0 ? Outcome::kPartial
-                               : Outcome::kMiss;
-  (r.outcome == Outcome::kHit       ? k->hits
-   : r.outcome == Outcome::kPartial ? k->partial_hits
-                                    : k->misses)
-      .Add(1);
-  k->bytes_from_cache.Add(r.next_offset - offset - fetched_bytes);
-  k->bytes_from_upstream.Add(fetched_bytes);
-  return r;
+  if (!p.r.extents.empty() || p.Done()) {
+    p.r.outcome = !p.upstream        ? Outcome::kHit
+                  : p.head_bytes > 0 ? Outcome::kPartial
+                                     : Outcome::kMiss;
+  } else {
+    p.r.outcome = Outcome::kMiss;
+  }
+  CountOutcome(*k, p.r.outcome, p.r.next_offset - offset - p.fetched_bytes,
+               p.fetched_bytes);
+  if (p.r.extents.empty()) {
+    return absl::InternalError(absl::StrCat("no block-status answer at offset ",
+                                            offset, " after two attempts"));
+  }
+  return p.r;
 }
 
 ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
@@ -659,9 +1083,12 @@ ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
     {
       sync::MutexLock l(&k->mu);
       k->invalidations.Add(1);
-      for (Inflight& f : k->inflight) {
-        if (end > f.start) {
-          f.poison_from = std::min(f.poison_from, std::max(offset, f.start));
+      // Every fetch in flight (demand or read-ahead) that the range reaches
+      // (an answer may run past the window asked for): its answer is not
+      // cached from the first invalidated byte on.
+      for (const FetchPtr& f : k->inflight) {
+        if (end > f->start) {
+          f->poison_from = std::min(f->poison_from, std::max(offset, f->start));
         }
       }
       if (offset == 0 && end == kMaxU64) {
@@ -689,6 +1116,7 @@ void ExtentCache::Impl::MaybeEvict() {
   if (total_mem_.load(std::memory_order_relaxed) <= limit) return;
   sync::MutexLock evict_lock(&evict_mu_);
   const int64_t low_water = limit - limit / 8;
+  bool spare_young = true;
   for (int pass = 0;
        pass < 64 && total_mem_.load(std::memory_order_relaxed) > limit;
        ++pass) {
@@ -729,7 +1157,12 @@ void ExtentCache::Impl::MaybeEvict() {
                      std::greater<uint32_t>());
     // A pass that found nothing (concurrent touches or invalidations got
     // there first) samples again, up to the pass limit.
-    EvictPass(keys, now, ages[want - 1]);
+    // Passes spare age 0 (the newest fill and what was just read: the part
+    // of a fill nearest its caller) until one finds nothing else to evict;
+    // then they do not, so the bound always holds.
+    const uint32_t cutoff =
+        std::max<uint32_t>(ages[want - 1], spare_young ? 1 : 0);
+    if (EvictPass(keys, now, cutoff) == 0) spare_young = false;
   }
 }
 
@@ -770,7 +1203,12 @@ CacheCounters ExtentCache::Impl::CountersOf(const KeyState& k) {
   c.partial_hits = k.partial_hits.Get();
   c.misses = k.misses.Get();
   c.upstream_calls = k.upstream_calls.Get();
+  c.upstream_errors = k.upstream_errors.Get();
   c.coalesced_waits = k.coalesced_waits.Get();
+  c.detached_waits = k.detached_waits.Get();
+  c.read_ahead_issued = k.read_ahead_issued.Get();
+  c.read_ahead_hits = k.read_ahead_hits.Get();
+  c.read_ahead_wasted = k.read_ahead_wasted.Get();
   c.bytes_from_cache = k.bytes_from_cache.Get();
   c.bytes_from_upstream = k.bytes_from_upstream.Get();
   c.evictions = k.evictions.Get();
@@ -788,14 +1226,31 @@ CacheCounters ExtentCache::Impl::CountersOf(const KeyState& k) {
 // ---------------------------------------------------------------------------
 
 ExtentCache::ExtentCache(Options options)
-    : options_(std::move(options)), impl_(std::make_unique<Impl>(options_)) {}
+    : options_(std::move(options)), impl_(std::make_shared<Impl>(options_)) {}
 
 ExtentCache::~ExtentCache() = default;
 
 LookupResult ExtentCache::Lookup(const CacheKey& key, uint64_t offset,
-                                 uint64_t length, size_t max_extents,
-                                 bool count) {
-  return impl_->Lookup(key, offset, length, max_extents, count);
+                                 uint64_t length, size_t max_extents) const {
+  return impl_->Lookup(key, offset, length, max_extents);
+}
+
+void ExtentCache::Record(const CacheKey& key, uint64_t offset,
+                         const LookupResult& r) {
+  impl_->Record(key, offset, r);
+}
+
+void ExtentCache::RecordUpstreamCall(const CacheKey& key,
+                                     const absl::Status& status) {
+  impl_->RecordUpstreamCall(key, status);
+}
+
+absl::StatusOr<LookupResult> ExtentCache::Get(
+    const CacheKey& key, uint64_t export_size, uint64_t offset, uint64_t length,
+    size_t max_extents, const AsyncFetcher& fetch, absl::Time deadline) {
+  return impl_->Get(key, export_size, offset, length, max_extents,
+                    std::make_shared<const AsyncFetcher>(fetch),
+                    /*detached=*/true, deadline);
 }
 
 absl::StatusOr<LookupResult> ExtentCache::Get(const CacheKey& key,
@@ -803,8 +1258,14 @@ absl::StatusOr<LookupResult> ExtentCache::Get(const CacheKey& key,
                                               uint64_t offset, uint64_t length,
                                               size_t max_extents, Fetcher fetch,
                                               absl::Time deadline) {
-  return impl_->Get(key, export_size, offset, length, max_extents, fetch,
-                    deadline);
+  // Runs inline: the completion has run before the call returns, so the
+  // reference never outlives this frame.
+  auto inline_fetch = std::make_shared<const AsyncFetcher>(
+      [fetch, deadline](uint64_t off, uint64_t len, FetchDone done) {
+        std::move(done)(fetch(off, len, deadline));
+      });
+  return impl_->Get(key, export_size, offset, length, max_extents,
+                    std::move(inline_fetch), /*detached=*/false, deadline);
 }
 
 ExtentCache::Dropped ExtentCache::Invalidate(const CacheKey& key,
@@ -854,6 +1315,25 @@ std::vector<CacheKey> ExtentCache::Keys() const {
            std::tie(b.export_name, b.context);
   });
   return out;
+}
+
+ExtentCache::Dropped ExtentCache::RemoveExport(const std::string& export_name) {
+  // Poisons in-flight fetches and frees the intervals first, then takes the
+  // keys out so Keys() and Counters() forget them. The KeyState records
+  // themselves move to retired_: lock-free readers (Counters, eviction) may
+  // still hold pointers to them.
+  Dropped d = InvalidateExport(export_name);
+  sync::MutexLock l(&impl_->keys_mu_);
+  impl_->export_ttl_.erase(export_name);
+  for (auto it = impl_->keys_.begin(); it != impl_->keys_.end();) {
+    if (it->first.export_name == export_name) {
+      impl_->retired_.push_back(std::move(it->second));
+      impl_->keys_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  return d;
 }
 
 }  // namespace blockmeta

@@ -59,6 +59,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -79,12 +80,29 @@ struct CacheKey {
   }
 };
 
-// Asks the upstream for block status. Must return extents contiguous from
-// `offset` (at least one, nonzero lengths) or an error; may cover less or
-// more than `length`. Must give up by `deadline` (returning
-// DEADLINE_EXCEEDED). Called without any cache lock held.
+// Asks the upstream for block status, synchronously. Must return extents
+// contiguous from `offset` (at least one, nonzero lengths) or an error; may
+// cover less or more than `length`. Must give up by `deadline` (returning
+// DEADLINE_EXCEEDED). Called without any cache lock held. A Get() with a
+// synchronous fetcher neither detaches nor reads ahead (the fetcher is a
+// reference that dies with the call).
 using Fetcher = absl::FunctionRef<absl::StatusOr<ExtentList>(
     uint64_t offset, uint64_t length, absl::Time deadline)>;
+
+// The completion of one asynchronous fetch (the same type as
+// Upstream's ExtentsCallback).
+using FetchDone = absl::AnyInvocable<void(absl::StatusOr<ExtentList>) &&>;
+
+// Asks the upstream for block status, asynchronously: issues one request
+// for [offset, offset + length) and returns; calls `done` exactly once, on
+// any thread, possibly before returning. The answer rules are the
+// synchronous Fetcher's. The fetch has no caller deadline: it runs under
+// the upstream's own timeout. Called without any cache lock held; `done`
+// takes a key lock briefly and may issue further fetches (read-ahead)
+// through a copy of the fetcher, so the fetcher must own what it captures
+// and stay callable until every fetch it issued has completed.
+using AsyncFetcher =
+    std::function<void(uint64_t offset, uint64_t length, FetchDone done)>;
 
 // kHit: answered from the cache alone. kPartial: a cached head, then the
 // upstream (own call or a coalesced one). kMiss: nothing cached at offset.
@@ -101,11 +119,24 @@ struct LookupResult {
 };
 
 struct CacheCounters {
-  uint64_t hits = 0;  // Lookup(count)/Get calls by Outcome
+  uint64_t hits = 0;  // Record()/Get calls by Outcome
   uint64_t partial_hits = 0;
   uint64_t misses = 0;
-  uint64_t upstream_calls = 0;   // Fetcher invocations
+  // Every upstream block-status call made for this key: the cache's own
+  // fetches (demand and read-ahead) and those reported by RecordUpstreamCall
+  // (cache-bypassing calls), so per-export and total figures agree.
+  uint64_t upstream_calls = 0;
+  uint64_t upstream_errors = 0;  // of those, the ones that failed
   uint64_t coalesced_waits = 0;  // Get()s that waited for another's fetch
+  // Get()s that gave up at their deadline while the fetch ran on (its
+  // answer is still cached).
+  uint64_t detached_waits = 0;
+  uint64_t read_ahead_issued = 0;  // read-ahead fetches issued
+  // Read-ahead windows a later Get() read (waited for or found cached).
+  uint64_t read_ahead_hits = 0;
+  // Read-ahead windows nobody read: failed, cut by an invalidation, or
+  // left unread when the scan moved elsewhere.
+  uint64_t read_ahead_wasted = 0;
   uint64_t bytes_from_cache = 0;
   uint64_t bytes_from_upstream = 0;  // bytes returned from own fetches
   uint64_t evictions = 0;            // intervals evicted (LRU or TTL)
@@ -119,7 +150,12 @@ struct CacheCounters {
     partial_hits += o.partial_hits;
     misses += o.misses;
     upstream_calls += o.upstream_calls;
+    upstream_errors += o.upstream_errors;
     coalesced_waits += o.coalesced_waits;
+    detached_waits += o.detached_waits;
+    read_ahead_issued += o.read_ahead_issued;
+    read_ahead_hits += o.read_ahead_hits;
+    read_ahead_wasted += o.read_ahead_wasted;
     bytes_from_cache += o.bytes_from_cache;
     bytes_from_upstream += o.bytes_from_upstream;
     evictions += o.evictions;
@@ -131,6 +167,9 @@ struct CacheCounters {
   }
 };
 
+// Upper bound of Options::read_ahead_windows (fetches in flight per key).
+inline constexpr uint32_t kMaxReadAheadWindows = 64;
+
 class ExtentCache {
  public:
   struct Options {
@@ -138,6 +177,10 @@ class ExtentCache {
     uint64_t memory_limit_bytes = 256ull << 20;
     // How much a miss asks the upstream for, from the gap start.
     uint64_t fetch_window_bytes = (4ull << 30) - (1ull << 20);
+    // Read-ahead: how many windows a sequential scan keeps in flight ahead
+    // of itself (0 = none; more than kMaxReadAheadWindows counts as that).
+    // See Get().
+    uint32_t read_ahead_windows = 8;
     // Default TTL of cached intervals; InfiniteDuration() = never expire.
     absl::Duration ttl = absl::InfiniteDuration();
     // Clock for TTL only (tests inject a fake one); empty = absl::Now.
@@ -152,22 +195,57 @@ class ExtentCache {
 
   // Cached extents contiguous from `offset`, at most `max_extents` of them
   // (0 = unlimited), clipped to [offset, offset + length). Never blocks on
-  // the upstream. outcome is kHit when the whole range (or max_extents) was
-  // answered, kPartial when only a head was known, kMiss when nothing was
-  // (or length is 0). Counts toward the counters only when `count` is true.
+  // the upstream, never counts and never creates a key. outcome is kHit
+  // when the whole range (or max_extents) was answered, kPartial when only
+  // a head was known, kMiss when nothing was (or length is 0).
   LookupResult Lookup(const CacheKey& key, uint64_t offset, uint64_t length,
-                      size_t max_extents, bool count = true);
+                      size_t max_extents) const;
+  // Counts a Lookup() result the caller answered with (its outcome and the
+  // bytes from the cache), as Get() counts its own. A scan answered from
+  // read-ahead windows keeps its read-ahead going from here.
+  void Record(const CacheKey& key, uint64_t offset, const LookupResult& r);
+  // Counts an upstream block-status call made outside the cache (a
+  // bypassing caller), so upstream_calls covers every call.
+  void RecordUpstreamCall(const CacheKey& key, const absl::Status& status);
 
   // Answers [offset, offset + length) (length is clipped to export_size):
   // the cached head, then — if the head stops before the range end and
   // before max_extents is reached — one fetched (or coalesced) gap. Returns
   // at least one extent unless an error occurs; may stop early (the fetch
-  // answered short), see next_offset. Blocks the calling thread while the
-  // Fetcher (or another caller's fetch it waits for) runs; gives up with
-  // DEADLINE_EXCEEDED at `deadline`.
+  // answered short), see next_offset.
+  //
+  // With an AsyncFetcher the fetch is detached from the caller: the caller
+  // waits for it until `deadline` only and then gets DEADLINE_EXCEEDED,
+  // while the fetch runs on, and its answer is validated, poison-trimmed
+  // and cached on completion for the next caller (single-flight holds: a
+  // later Get() of the same gap waits for the same fetch). The same
+  // in-flight records schedule read-ahead, at most
+  // Options::read_ahead_windows fetches per key beyond the demand one:
+  // * window-limited scans: when the gap starts in the last window of a
+  //   run whose last answer was shorter than asked (length L), fetches of
+  //   L bytes at the run end, end + L, ... ;
+  // * long requests (a MapExtents of a large disk): when the request goes
+  //   beyond the demand window W, fetches of W bytes at gap + W, ... ;
+  // clipped to the export end (and to the request end for long requests),
+  // kept going as the scan reads them, and bounded by what the memory bound
+  // can hold. Every in-flight fetch obeys the poison rule.
+  //
+  // Memory pressure: a fill inserts the part of its answer nearest its
+  // start, at most half the memory bound (shared among the key's in-flight
+  // read-ahead); the caller still gets the whole answer. Waiters read the
+  // answer from the fetch record, never from a cache that may have evicted
+  // it.
+  //
   // Errors: INVALID_ARGUMENT for length 0, OUT_OF_RANGE for offset >=
   // export_size, DEADLINE_EXCEEDED, INTERNAL for a malformed Fetcher answer,
   // and whatever the Fetcher returns (propagated even after a cached head).
+  absl::StatusOr<LookupResult> Get(const CacheKey& key, uint64_t export_size,
+                                   uint64_t offset, uint64_t length,
+                                   size_t max_extents,
+                                   const AsyncFetcher& fetch,
+                                   absl::Time deadline);
+  // The same with a synchronous fetcher: it runs on the calling thread
+  // until it returns (no detaching, no read-ahead).
   absl::StatusOr<LookupResult> Get(const CacheKey& key, uint64_t export_size,
                                    uint64_t offset, uint64_t length,
                                    size_t max_extents, Fetcher fetch,
@@ -200,10 +278,20 @@ class ExtentCache {
 
   const Options& options() const { return options_; }
 
+  // Forgets an export that was removed: its intervals (memory comes back at
+  // once), its TTL override, and its keys with their counters (Keys() and
+  // Counters() no longer include them; a key made again later starts at
+  // zero). Call only when no call of that export is in flight: a fetch
+  // still running is poisoned, but a later Get would create a new key.
+  // Each removed key leaves a small record (~300 bytes) that is never
+  // freed, since lock-free readers may hold pointers to it.
+  Dropped RemoveExport(const std::string& export_name);
+
  private:
   class Impl;
   const Options options_;
-  std::unique_ptr<Impl> impl_;
+  // Shared with in-flight fetch completions, which may outlive the cache.
+  std::shared_ptr<Impl> impl_;
 };
 
 }  // namespace blockmeta

@@ -254,8 +254,7 @@ class PropertyRun {
     const size_t max_extents = Rand(3) == 0 ? 1 + Rand(4) : 0;
     // What the cache knows now decides what must be fetched.
     const uint64_t end = std::min(off + len, size_);
-    LookupResult head = cache_->Lookup(*kKeys[k], off, len, max_extents,
-                                       /*count=*/false);
+    LookupResult head = cache_->Lookup(*kKeys[k], off, len, max_extents);
     const bool complete =
         head.next_offset >= end ||
         (max_extents != 0 && head.extents.size() >= max_extents);
@@ -299,8 +298,8 @@ class PropertyRun {
     const int k = static_cast<int>(Rand(3));
     auto [off, len] = RandomRange(true);
     const size_t max_extents = Rand(3) == 0 ? 1 + Rand(4) : 0;
-    LookupResult r =
-        cache_->Lookup(*kKeys[k], off, len, max_extents, Rand(2) == 0);
+    LookupResult r = cache_->Lookup(*kKeys[k], off, len, max_extents);
+    if (Rand(2) == 0) cache_->Record(*kKeys[k], off, r);
     CheckAnswer(k, off, len, max_extents, r, "Lookup");
   }
 
@@ -357,8 +356,7 @@ class PropertyRun {
         << Where();
     // Nothing of the range is known any more.
     if (len > 0) {
-      ASSERT_EQ(cache_->Lookup(*kKeys[k], off, 1, 0, false).outcome,
-                Outcome::kMiss)
+      ASSERT_EQ(cache_->Lookup(*kKeys[k], off, 1, 0).outcome, Outcome::kMiss)
           << Where();
     }
   }
@@ -380,7 +378,7 @@ class PropertyRun {
       // Everything cached so far has expired.
       for (int k = 0; k < 3; ++k) {
         for (uint64_t u = 0; u < units_; ++u) {
-          ASSERT_EQ(cache_->Lookup(*kKeys[k], u * unit_, 1, 0, false).outcome,
+          ASSERT_EQ(cache_->Lookup(*kKeys[k], u * unit_, 1, 0).outcome,
                     Outcome::kMiss)
               << "expired interval served " << Where();
         }
@@ -392,7 +390,7 @@ class PropertyRun {
     for (int k = 0; k < 3; ++k) {
       uint64_t pos = 0;
       while (pos < size_) {
-        LookupResult r = cache_->Lookup(*kKeys[k], pos, size_, 0, false);
+        LookupResult r = cache_->Lookup(*kKeys[k], pos, size_, 0);
         CheckAnswer(k, pos, size_, 0, r, "scan");
         pos = r.next_offset == pos ? pos + 1 + Rand(unit_) : r.next_offset;
       }

@@ -263,7 +263,7 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
   // Quiescent: every write is acknowledged, the cache equals the truth.
   for (int k = 0; k < 3; ++k) {
     for (uint64_t u = 0; u < kUnits; ++u) {
-      LookupResult r = cache.Lookup(*kKeys[k], u * kUnit, 1, 0, false);
+      LookupResult r = cache.Lookup(*kKeys[k], u * kUnit, 1, 0);
       for (const Extent& e : r.extents) {
         ASSERT_EQ(e.flags, model.Current(k, u)) << "key " << k << " unit " << u;
       }

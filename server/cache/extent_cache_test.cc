@@ -136,7 +136,7 @@ TEST(ExtentCacheTest, PartialHitFetchesOnlyTheGap) {
   EXPECT_THAT(r->extents, ElementsAre(Extent{1 * kKiB, 5 * kKiB, kStateHole},
                                       Extent{6 * kKiB, 10 * kKiB, 0}));
   // And in the cache.
-  LookupResult l = cache.Lookup(kA, 0, 16 * kKiB, 0, false);
+  LookupResult l = cache.Lookup(kA, 0, 16 * kKiB, 0);
   EXPECT_THAT(l.extents, ElementsAre(Extent{0, 6 * kKiB, kStateHole},
                                      Extent{6 * kKiB, 10 * kKiB, 0}));
   EXPECT_EQ(cache.Counters(kA).entries, 2u);
@@ -191,7 +191,7 @@ TEST(ExtentCacheTest, LongAnswerIsKeptAndClippedToExportSize) {
   auto r = cache.Get(kA, size, 0, 100, 0, fetch, Later());
   ASSERT_TRUE(r.ok());
   EXPECT_THAT(r->extents, ElementsAre(Extent{0, 100, 0}));
-  LookupResult l = cache.Lookup(kA, 0, kMaxNbdRequestLength, 0, false);
+  LookupResult l = cache.Lookup(kA, 0, kMaxNbdRequestLength, 0);
   EXPECT_THAT(l.extents,
               ElementsAre(Extent{0, 5000, 0}, Extent{5000, 5000, kStateHole}));
   EXPECT_EQ(l.next_offset, size);
@@ -229,7 +229,7 @@ TEST(ExtentCacheTest, AdjacentEqualExtentsAreMerged) {
     return ExtentList{{off, 1024, 0}, {off + 1024, 1024, kStateHole}};
   };
   ASSERT_TRUE(cache.Get(kA, 1 * kMiB, 0, 100, 0, fetch_data, Later()).ok());
-  LookupResult l = cache.Lookup(kA, 0, 1 * kMiB, 0, false);
+  LookupResult l = cache.Lookup(kA, 0, 1 * kMiB, 0);
   EXPECT_THAT(l.extents,
               ElementsAre(Extent{0, 1024, 0}, Extent{1024, 7168, 1}));
   EXPECT_EQ(cache.Counters(kA).entries, 2u);
@@ -256,8 +256,11 @@ TEST(ExtentCacheTest, KeysNeverSeeEachOthersExtents) {
   EXPECT_EQ(a_dirty.calls.size(), 1u);
   EXPECT_EQ(b.calls.size(), 1u);
   EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).extents[0].flags, 0u);
-  EXPECT_EQ(cache.Lookup(CacheKey{"c", "base:allocation"}, 0, 4096, 0).outcome,
-            Outcome::kMiss);
+  // Lookup never creates a key; Record does.
+  const LookupResult c_miss =
+      cache.Lookup(CacheKey{"c", "base:allocation"}, 0, 4096, 0);
+  cache.Record(CacheKey{"c", "base:allocation"}, 0, c_miss);
+  EXPECT_EQ(c_miss.outcome, Outcome::kMiss);
 
   // A write to export a forgets both of its contexts, not export b.
   ExtentCache::Dropped d = cache.InvalidateExportRange("a", 1000, 10);
@@ -292,12 +295,12 @@ TEST(ExtentCacheTest, InvalidateSplitsAndReportsWhatWasDropped) {
   d = cache.Invalidate(kA, 400, 10);  // punches a hole inside one run
   EXPECT_EQ(d.extents, 1u);
   EXPECT_EQ(d.bytes, 10u);
-  LookupResult l = cache.Lookup(kA, 0, 1000, 0, false);
+  LookupResult l = cache.Lookup(kA, 0, 1000, 0);
   EXPECT_THAT(l.extents, ElementsAre(Extent{0, 100, 0}, Extent{100, 50, 1}));
-  EXPECT_THAT(cache.Lookup(kA, 250, 1000, 0, false).extents,
+  EXPECT_THAT(cache.Lookup(kA, 250, 1000, 0).extents,
               ElementsAre(Extent{250, 50, 0}, Extent{300, 100, 1}));
-  EXPECT_THAT(cache.Lookup(kA, 405, 1000, 0, false).extents, ElementsAre());
-  EXPECT_THAT(cache.Lookup(kA, 410, 1000, 0, false).extents,
+  EXPECT_THAT(cache.Lookup(kA, 405, 1000, 0).extents, ElementsAre());
+  EXPECT_THAT(cache.Lookup(kA, 410, 1000, 0).extents,
               ElementsAre(Extent{410, 590, 1}));
   EXPECT_EQ(cache.Counters(kA).invalidations, 2u);
   EXPECT_EQ(cache.Counters(kA).entries, 5u);
@@ -375,7 +378,7 @@ TEST(ExtentCacheTest, MalformedAnswersAreInternalErrorsAndNotCached) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInternal);
     EXPECT_THAT(std::string(r.status().message()),
                 ::testing::HasSubstr("upstream block-status answer"));
-    EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0, false).outcome, Outcome::kMiss);
+    EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).outcome, Outcome::kMiss);
   }
   EXPECT_EQ(cache.Counters(kA).entries, 0u);
 }
@@ -449,7 +452,7 @@ TEST(ExtentCacheTest, EvictionKeepsMemoryUnderTheLimitAndPrefersLru) {
   EXPECT_EQ(cache.Lookup(kA, 1 * 512, 512, 0).outcome, Outcome::kMiss);
   // Whatever survived is still the truth.
   for (uint64_t i = 0; i < 2000; ++i) {
-    LookupResult l = cache.Lookup(kA, i * 512, 512, 0, false);
+    LookupResult l = cache.Lookup(kA, i * 512, 512, 0);
     for (const Extent& e : l.extents) {
       EXPECT_EQ(e.flags, (e.offset / 512) % 2);
     }
@@ -521,8 +524,8 @@ TEST(ExtentCacheTest, InvalidationDuringFetchDropsTheStaleHole) {
   // ... but nothing from the invalidated byte on is cached; the head before
   // it is (no invalidation touched it).
   EXPECT_EQ(cache.Counters(kA).stale_fills_dropped, 1u);
-  EXPECT_EQ(cache.Lookup(kA, 0, 64 * kKiB, 0, false).next_offset, 8192u);
-  EXPECT_EQ(cache.Lookup(kA, 8192, 4096, 0, false).outcome, Outcome::kMiss);
+  EXPECT_EQ(cache.Lookup(kA, 0, 64 * kKiB, 0).next_offset, 8192u);
+  EXPECT_EQ(cache.Lookup(kA, 8192, 4096, 0).outcome, Outcome::kMiss);
   // The next Get asks the upstream again and sees the data.
   FakeDisk disk({{1 * kMiB, 0}});
   auto again = cache.Get(kA, 1 * kMiB, 8192, 4096, 0, std::ref(disk), Later());
@@ -543,7 +546,7 @@ TEST(ExtentCacheTest, InvalidationAtTheGapDropsTheWholeFill) {
   stale.Release();
   t.join();
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(cache.Lookup(kA, 4096, 4096, 0, false).outcome, Outcome::kMiss);
+  EXPECT_EQ(cache.Lookup(kA, 4096, 4096, 0).outcome, Outcome::kMiss);
   EXPECT_EQ(cache.Counters(kA).entries, 0u);
   EXPECT_EQ(cache.Counters(kA).stale_fills_dropped, 1u);
   FakeDisk disk({{1 * kMiB, 0}});
@@ -582,7 +585,7 @@ TEST(ExtentCacheTest, NonOverlappingInvalidationDoesNotDropTheFill) {
   fetch.Release();
   t.join();
   EXPECT_EQ(cache.Counters(kA).stale_fills_dropped, 0u);
-  EXPECT_EQ(cache.Lookup(kA, 8192, 64 * kKiB, 0, false).outcome, Outcome::kHit);
+  EXPECT_EQ(cache.Lookup(kA, 8192, 64 * kKiB, 0).outcome, Outcome::kHit);
 }
 
 TEST(ExtentCacheTest, ConcurrentMissesMakeOneUpstreamCall) {
@@ -676,16 +679,24 @@ TEST(ExtentCacheTest, ExpiredDeadlineDoesNotCallTheUpstream) {
   EXPECT_TRUE(disk.calls.empty());
 }
 
-TEST(ExtentCacheTest, LookupCountsOnlyWhenAsked) {
+TEST(ExtentCacheTest, LookupCountsOnlyWhenRecorded) {
   ExtentCache cache(SmallWindow(1 * kMiB));
   FakeDisk disk({{4096, 0}, {8192, 1}});
   disk.answer_len = 4096;
   ASSERT_TRUE(cache.Get(kA, 8192, 0, 1, 0, std::ref(disk), Later()).ok());
-  cache.Lookup(kA, 0, 4096, 0, false);
+  cache.Lookup(kA, 0, 4096, 0);
   EXPECT_EQ(cache.Counters(kA).hits, 0u);
-  EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).outcome, Outcome::kHit);
-  EXPECT_EQ(cache.Lookup(kA, 0, 8192, 0).outcome, Outcome::kPartial);
-  EXPECT_EQ(cache.Lookup(kA, 4096, 8192, 0).outcome, Outcome::kMiss);
+  EXPECT_EQ(cache.Lookup(CacheKey{"never", "base:allocation"}, 0, 1, 0).outcome,
+            Outcome::kMiss);
+  EXPECT_EQ(cache.Keys().size(), 1u);  // a lookup creates no key
+  auto record = [&](uint64_t off, uint64_t len) {
+    const LookupResult r = cache.Lookup(kA, off, len, 0);
+    cache.Record(kA, off, r);
+    return r.outcome;
+  };
+  EXPECT_EQ(record(0, 4096), Outcome::kHit);
+  EXPECT_EQ(record(0, 8192), Outcome::kPartial);
+  EXPECT_EQ(record(4096, 8192), Outcome::kMiss);
   const CacheCounters c = cache.Counters(kA);
   EXPECT_EQ(c.hits, 1u);
   EXPECT_EQ(c.partial_hits, 1u);

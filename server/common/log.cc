@@ -99,6 +99,18 @@ bool ParseLogFormat(absl::string_view s, LogFormat* out) {
   return false;
 }
 
+// Longer field values are cut to this many bytes plus a marker, so no
+// input (a 15 MiB export name, an upstream's error text) makes a huge line.
+constexpr size_t kMaxLogFieldBytes = 1024;
+
+// `v`, or a cut copy of it in `*storage` when it is too long.
+const LogValue& Bounded(const LogValue& v, LogValue* storage) {
+  if (!v.quoted() || v.text().size() <= kMaxLogFieldBytes) return v;
+  *storage = LogValue(absl::StrCat(v.text().substr(0, kMaxLogFieldBytes),
+                                   "...(", v.text().size(), " bytes)"));
+  return *storage;
+}
+
 std::string FormatLogLine(LogFormat format, LogLevel level,
                           absl::string_view event,
                           std::initializer_list<LogField> fields,
@@ -116,8 +128,9 @@ std::string FormatLogLine(LogFormat format, LogLevel level,
       line.push_back(',');
       AppendJsonString(&line, f.first);
       line.push_back(':');
+      LogValue cut("");
       if (f.second.quoted()) {
-        AppendJsonString(&line, f.second.text());
+        AppendJsonString(&line, Bounded(f.second, &cut).text());
       } else {
         line.append(f.second.text());
       }
@@ -127,7 +140,8 @@ std::string FormatLogLine(LogFormat format, LogLevel level,
     absl::StrAppend(&line, timestamp, " ", LevelName(level), " ", event);
     for (const LogField& f : fields) {
       absl::StrAppend(&line, " ", f.first, "=");
-      AppendTextValue(&line, f.second);
+      LogValue cut("");
+      AppendTextValue(&line, Bounded(f.second, &cut));
     }
     line.push_back('\n');
   }

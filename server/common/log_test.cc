@@ -24,6 +24,17 @@ TEST(LogTest, TextLineQuotesOnlyWhenNeeded) {
   EXPECT_EQ(line, "T info start export=disk0 why=\"two words\" port=5\n");
 }
 
+TEST(LogTest, LongFieldsAreCut) {
+  const std::string huge(15 << 20, 'x');
+  for (LogFormat f : {LogFormat::kJson, LogFormat::kText}) {
+    std::string line = FormatLogLine(f, LogLevel::kWarning, "e",
+                                     {{"export", huge}, {"n", 7}}, "T");
+    EXPECT_LT(line.size(), 1200u);
+    EXPECT_NE(line.find("...(15728640 bytes)"), std::string::npos) << line;
+    EXPECT_NE(line.find("7"), std::string::npos);
+  }
+}
+
 TEST(LogTest, ParseLogFormat) {
   LogFormat f;
   EXPECT_TRUE(ParseLogFormat("text", &f));

@@ -3,10 +3,14 @@
 
 #include <atomic>
 #include <memory>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "server/common/mutex.h"
 #include "server/common/worker_pools.h"
 
 namespace blockmeta {
@@ -65,16 +69,89 @@ TEST(WorkerPoolTest, ZeroThreadsMeansOne) {
 }
 
 TEST(WorkerPoolsTest, ASaturatedExportDoesNotDelayAnother) {
-  WorkerPools pools({"slow", "fast"}, 1);
-  EXPECT_NE(pools.For("slow"), pools.For("fast"));
-  EXPECT_EQ(pools.For("slow"), pools.For("slow"));
-  EXPECT_NE(pools.For("unknown"), nullptr);
+  WorkerPools pools(4, 2);
   absl::Notification release, fast_ran;
-  pools.For("slow")->Schedule([&] { release.WaitForNotification(); });
-  pools.For("slow")->Schedule([] {});  // queued behind the blocked one
-  pools.For("fast")->Schedule([&] { fast_ran.Notify(); });
+  std::atomic<int> slow_started{0};
+  // Far more slow tasks than threads: only 2 may run at once.
+  for (int i = 0; i < 50; ++i) {
+    pools.Schedule("slow", [&] {
+      slow_started.fetch_add(1);
+      release.WaitForNotification();
+    });
+  }
+  pools.Schedule("fast", [&] { fast_ran.Notify(); });
   EXPECT_TRUE(fast_ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_EQ(pools.Running("slow"), 2u);
+  EXPECT_EQ(slow_started.load(), 2);
+  EXPECT_EQ(pools.Queued("slow"), 48u);
   release.Notify();
+}
+
+TEST(WorkerPoolsTest, CapIsNeverExceededAndEveryTaskRuns) {
+  WorkerPools pools(6, 2);
+  std::atomic<int> ran{0};
+  std::atomic<int> running[3] = {{0}, {0}, {0}};
+  std::atomic<int> worst{0};
+  for (int i = 0; i < 600; ++i) {
+    const int e = i % 3;
+    pools.Schedule("e" + std::to_string(e), [&, e] {
+      int now = running[e].fetch_add(1) + 1;
+      int w = worst.load();
+      while (now > w && !worst.compare_exchange_weak(w, now)) {
+      }
+      absl::SleepFor(absl::Microseconds(50));
+      running[e].fetch_sub(1);
+      ran.fetch_add(1);
+    });
+  }
+  for (int i = 0; i < 2000 && ran.load() < 600; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(ran.load(), 600);
+  EXPECT_LE(worst.load(), 2);
+  // Idle exports leave no lane behind.
+  for (int i = 0; i < 2000 && pools.Lanes() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(pools.Lanes(), 0u);
+}
+
+TEST(WorkerPoolsTest, ExportsAreServedInTurn) {
+  // One thread: the order of execution shows the round-robin.
+  WorkerPools pools(1, 1);
+  absl::Notification gate;
+  std::vector<std::string> order;
+  sync::Mutex mu;
+  pools.Schedule("a", [&] { gate.WaitForNotification(); });
+  for (int i = 0; i < 3; ++i) {
+    pools.Schedule("a", [&] {
+      sync::MutexLock l(&mu);
+      order.push_back("a");
+    });
+  }
+  pools.Schedule("b", [&] {
+    sync::MutexLock l(&mu);
+    order.push_back("b");
+  });
+  gate.Notify();
+  absl::Notification done;
+  pools.Schedule("c", [&] { done.Notify(); });
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  sync::MutexLock l(&mu);
+  // b does not wait behind a's queued tasks (a was at its cap of 1).
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(order[0], "b");
+}
+
+TEST(WorkerPoolsTest, DestructorRunsWhatIsQueued) {
+  std::atomic<int> ran{0};
+  {
+    WorkerPools pools(2, 1);
+    for (int i = 0; i < 100; ++i) {
+      pools.Schedule(std::to_string(i % 7), [&ran] { ran.fetch_add(1); });
+    }
+  }
+  EXPECT_EQ(ran.load(), 100);
 }
 
 }  // namespace

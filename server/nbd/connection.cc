@@ -1,138 +1,293 @@
-// server/nbd/connection.cc — one NBD session: handshake, reader, workers.
+// server/nbd/connection.cc — one NBD session: handshake, transmission loop,
+// reply queue (see connection.h).
 #include "server/nbd/connection.h"
 
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/common/log.h"
-#include "server/nbd/handler.h"
 
 namespace blockmeta {
 namespace nbd {
+namespace {
+
+constexpr char kClientLeft[] = "client left";
+
+// Bytes a request may pin until its reply is written.
+uint64_t Charge(const Request& r, size_t payload) {
+  return payload + (r.type == kCmdRead ? r.length : 0) + 64;
+}
+
+}  // namespace
 
 Connection::Connection(int fd, const std::vector<ShimExport>* exports,
-                       ExtentCache* cache, ConnectionOptions options)
+                       ExtentCache* cache, WorkerPool* pool, ByteBudget* budget,
+                       ConnectionOptions options)
     : fd_(fd),
       exports_(exports),
       cache_(cache),
+      pool_(pool),
+      budget_(budget),
       options_(options),
+      started_(absl::Now()),
+      wake_fd_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
       stream_(fd, /*owns=*/true) {}
 
-Connection::~Connection() = default;  // stream_ closes the fd
+Connection::~Connection() {
+  if (wake_fd_ >= 0) close(wake_fd_);
+}  // stream_ closes the socket
 
 void Connection::Stop() { shutdown(fd_, SHUT_RDWR); }
 
-void Connection::Send(const std::string& reply) {
-  sync::MutexLock lock(&write_mu_);
-  if (broken_) return;
-  if (!stream_.WriteAll(reply).ok()) {
-    broken_ = true;            // the client is gone; later replies are dropped
-    shutdown(fd_, SHUT_RDWR);  // and the reader stops too
-  }
+void Connection::Wake() {
+  uint64_t one = 1;
+  (void)!write(wake_fd_, &one, sizeof one);
 }
 
 void Connection::Serve() {
-  stream_.SetReadDeadline(absl::Now() + options_.handshake_timeout);
+  const absl::Time hs_deadline = started_ + options_.handshake_timeout;
+  stream_.SetReadDeadline(hs_deadline);
+  stream_.SetWriteDeadline(hs_deadline);
+  StartTlsFn start_tls;
+  if (options_.tls != nullptr) {
+    start_tls = [this]() -> absl::StatusOr<ByteStream*> {
+      absl::StatusOr<std::unique_ptr<TlsStream>> t = TlsStream::Accept(
+          &stream_, options_.tls->Get(), options_.tls_verify_client,
+          options_.tls_require_client_cert);
+      if (!t.ok()) {
+        LogInfo("nbd_tls_refused", {{"reason", t.status().ToString()}});
+        return t.status();
+      }
+      tls_ = *std::move(t);
+      io_ = tls_.get();
+      return io_;
+    };
+  }
   absl::StatusOr<Negotiated> n =
-      RunHandshake(stream_, *exports_, options_.handshake);
+      RunHandshake(stream_, *exports_, options_.handshake, start_tls);
   if (!n.ok()) {
     LogDebug("nbd_handshake_end", {{"reason", n.status().ToString()}});
     shutdown(fd_, SHUT_RDWR);  // the client sees EOF now, not at reaping
+    phase_.store(Phase::kDone);
     return;
   }
   stream_.SetReadDeadline(absl::InfiniteFuture());
-  LogDebug("nbd_session_start",
-           {{"export", n->export_entry->name},
-            {"structured", n->structured_replies},
-            {"contexts", static_cast<unsigned long>(n->contexts.size())}});
-  std::vector<std::thread> workers;
-  const size_t count = options_.workers == 0 ? 1 : options_.workers;
-  for (size_t i = 0; i < count; ++i) {
-    workers.emplace_back([this, &n] { WorkerLoop(*n); });
-  }
-  ReaderLoop(*n);
+  stream_.SetWriteDeadline(absl::InfiniteFuture());
+  negotiated_.emplace(*std::move(n));
+  entered_.store(negotiated_->export_entry);
+  handler_.emplace(*negotiated_, cache_);
+  phase_.store(Phase::kTransmission);
+  const std::string& name = negotiated_->export_entry->name;
+  LogDebug(
+      "nbd_session_start",
+      {{"export", name},
+       {"structured", negotiated_->structured_replies},
+       {"contexts", static_cast<unsigned long>(negotiated_->contexts.size())}});
   {
     sync::MutexLock lock(&mu_);
-    reader_done_ = true;
+    last_activity_ = absl::Now();
   }
-  changed_.SignalAll();
-  for (std::thread& t : workers) t.join();
-  shutdown(fd_, SHUT_RDWR);
-  LogDebug("nbd_session_end", {{"export", n->export_entry->name}});
+  const std::string reason = Loop();
+  if (reason == kClientLeft) {
+    // DISC (or EOF): requests in flight still finish and their replies are
+    // sent, each write bounded by the write timeout.
+    sync::MutexLock lock(&mu_);
+    while (running_ > 0)
+      mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+    stream_.SetWriteDeadline(absl::Now() + options_.write_timeout);
+    while (!out_.empty() && !broken_) {
+      Pending& p = out_.front();
+      if (!io_->WriteAll(p.bytes.data() + p.written, p.bytes.size() - p.written)
+               .ok()) {
+        break;
+      }
+      ReleaseLocked(p.charged);
+      out_.pop_front();
+    }
+  }
+  shutdown(fd_, SHUT_RDWR);  // no more replies; tasks drop theirs
+  {
+    sync::MutexLock lock(&mu_);
+    broken_ = true;
+    while (!out_.empty()) {
+      ReleaseLocked(out_.front().charged);
+      out_.pop_front();
+    }
+    while (running_ > 0)
+      mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+  }
+  phase_.store(Phase::kDone);
+  LogDebug("nbd_session_end", {{"export", name}, {"reason", reason}});
 }
 
-void Connection::ReaderLoop(const Negotiated& n) {
-  for (;;) {
-    uint8_t hdr[kRequestHeaderSize];
-    if (!stream_.ReadFull(hdr, sizeof hdr).ok()) return;  // client left
-    Request r;
-    if (!ParseRequestHeader(hdr, &r)) {
-      LogWarning("nbd_bad_request_magic", {{"export", n.export_entry->name}});
+bool Connection::CanAdmitLocked(uint64_t bytes) const {
+  if (inflight_ == 0) return true;  // one request always goes through
+  return inflight_ < options_.max_inflight_requests &&
+         inflight_bytes_ + bytes <= options_.max_inflight_bytes &&
+         budget_->used.load() + bytes <= budget_->limit;
+}
+
+void Connection::ReleaseLocked(uint64_t charged) {
+  --inflight_;
+  inflight_bytes_ -= charged;
+  budget_->used.fetch_sub(charged);
+  last_activity_ = absl::Now();
+}
+
+void Connection::FlushLocked() {
+  while (!out_.empty() && !broken_) {
+    Pending& p = out_.front();
+    absl::StatusOr<size_t> w =
+        io_->TryWrite(p.bytes.data() + p.written, p.bytes.size() - p.written);
+    if (!w.ok()) {
+      broken_ = true;  // the client is gone; the loop sees EOF/HUP
+      shutdown(fd_, SHUT_RDWR);
       return;
     }
-    Verdict v = ValidateRequest(r, n);
-    if (v.disconnect) {
-      if (r.type != kCmdDisc) {
-        LogWarning("nbd_request_disconnect",
-                   {{"reason", std::string(v.reason)}});
-      }
-      return;  // DISC: in-flight requests still finish before we close
-    }
-    std::string payload;
-    if (v.payload > 0) {
-      if (v.discard_payload) {
-        if (!stream_.Discard(v.payload).ok()) return;
-      } else {
-        payload.resize(v.payload);
-        if (!stream_.ReadFull(payload.data(), payload.size()).ok()) return;
-      }
-    }
-    if (v.error != 0) {
-      Send(ErrorReply(n.structured_replies, r.handle, v.error, v.reason));
-      continue;
-    }
-    const uint64_t bytes = payload.size() + (r.type == kCmdRead ? r.length : 0);
-    {
-      sync::MutexLock lock(&mu_);
-      // Bounded in-flight work; one request is always admitted.
-      while (!(inflight_ == 0 ||
-               (inflight_ < options_.max_inflight_requests &&
-                inflight_bytes_ + bytes <= options_.max_inflight_bytes))) {
-        mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
-      }
-      ++inflight_;
-      inflight_bytes_ += bytes;
-      queue_.push_back(Job{r, std::move(payload)});
-    }
-    changed_.SignalAll();
+    if (*w == 0) return;  // socket full: the loop waits for POLLOUT
+    p.written += *w;
+    if (p.written < p.bytes.size()) continue;
+    ReleaseLocked(p.charged);
+    out_.pop_front();
+    front_since_ = absl::Now();
   }
 }
 
-void Connection::WorkerLoop(const Negotiated& n) {
-  RequestHandler handler(n, cache_);
+void Connection::QueueReply(std::string reply, uint64_t charged, bool handled) {
+  bool wake = false;
+  {
+    sync::MutexLock lock(&mu_);
+    if (handled) --running_;
+    if (broken_) {
+      ReleaseLocked(charged);
+    } else {
+      if (out_.empty()) front_since_ = absl::Now();
+      out_.push_back(Pending{std::move(reply), 0, charged});
+      FlushLocked();
+    }
+    // The loop must learn about pending output (to poll POLLOUT) or freed
+    // budget (to read again); otherwise it sleeps in poll(POLLIN) as is.
+    wake = loop_wants_wake_ || !out_.empty();
+    if (handled) changed_.SignalAll();
+  }
+  if (wake) Wake();
+}
+
+bool Connection::ReadRequest() {
+  const Negotiated& n = *negotiated_;
+  // The whole request must arrive within the write timeout once started.
+  stream_.SetReadDeadline(absl::Now() + options_.write_timeout);
+  uint8_t hdr[kRequestHeaderSize];
+  if (!io_->ReadFull(hdr, sizeof hdr).ok()) return false;  // client left
+  Request r;
+  if (!ParseRequestHeader(hdr, &r)) {
+    LogWarning("nbd_bad_request_magic", {{"export", n.export_entry->name}});
+    return false;
+  }
+  Verdict v = ValidateRequest(r, n);
+  if (v.disconnect) {
+    if (r.type != kCmdDisc) {
+      LogWarning("nbd_request_disconnect", {{"reason", std::string(v.reason)}});
+    }
+    return false;  // DISC: in-flight requests still finish before we close
+  }
+  std::string payload;
+  if (v.payload > 0) {
+    if (v.discard_payload) {
+      if (!io_->Discard(v.payload).ok()) return false;
+    } else {
+      payload.resize(v.payload);
+      if (!io_->ReadFull(payload.data(), payload.size()).ok()) return false;
+    }
+  }
+  stream_.SetReadDeadline(absl::InfiniteFuture());
+  const uint64_t charged = Charge(r, v.error != 0 ? 0 : payload.size());
+  {
+    sync::MutexLock lock(&mu_);
+    ++inflight_;
+    inflight_bytes_ += charged;
+    budget_->used.fetch_add(charged);
+    last_activity_ = absl::Now();
+    if (v.error == 0) ++running_;
+  }
+  if (v.error != 0) {
+    QueueReply(ErrorReply(n.structured_replies, r.handle, v.error, v.reason),
+               charged, /*handled=*/false);
+    return true;
+  }
+  pool_->Schedule([this, r, payload = std::move(payload), charged]() mutable {
+    QueueReply(handler_->Handle(r, std::move(payload)), charged,
+               /*handled=*/true);
+  });
+  return true;
+}
+
+std::string Connection::Loop() {
   for (;;) {
-    Job job;
+    bool want_read, want_write;
+    absl::Time wake_at = absl::InfiniteFuture();
     {
       sync::MutexLock lock(&mu_);
-      while (queue_.empty() && !reader_done_) {
-        mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+      if (broken_) return "client gone";
+      const absl::Time now = absl::Now();
+      want_write = !out_.empty();
+      if (want_write) {
+        const absl::Time dl = front_since_ + options_.write_timeout;
+        if (now >= dl) return "write timeout";
+        wake_at = dl;
       }
-      if (queue_.empty()) return;  // reader done and nothing left
-      job = std::move(queue_.front());
-      queue_.pop_front();
+      // A request of unknown size is admitted like a small one; a larger
+      // one still fits because one request is always admitted.
+      want_read = CanAdmitLocked(Charge(Request{}, 0));
+      loop_wants_wake_ = !want_read;
+      if (inflight_ == 0 && options_.idle_timeout != absl::InfiniteDuration()) {
+        const absl::Time idle_end = last_activity_ + options_.idle_timeout;
+        if (now >= idle_end) return "idle timeout";
+        wake_at = std::min(wake_at, idle_end);
+      } else if (want_read &&
+                 options_.idle_timeout != absl::InfiniteDuration()) {
+        wake_at = std::min(wake_at, now + options_.idle_timeout);
+      }
     }
-    const uint64_t bytes =
-        job.payload.size() +
-        (job.request.type == kCmdRead ? job.request.length : 0);
-    Send(handler.Handle(job.request, std::move(job.payload)));
-    {
+    if (want_read && io_->HasBufferedInput()) {
+      if (!ReadRequest()) return kClientLeft;
+      continue;
+    }
+    struct pollfd pfds[2] = {{fd_,
+                              static_cast<short>((want_read ? POLLIN : 0) |
+                                                 (want_write ? POLLOUT : 0)),
+                              0},
+                             {wake_fd_, POLLIN, 0}};
+    int timeout_ms = -1;
+    if (wake_at != absl::InfiniteFuture()) {
+      timeout_ms = static_cast<int>(std::clamp<int64_t>(
+          absl::ToInt64Milliseconds(wake_at - absl::Now()) + 1, 0, 1 << 30));
+    }
+    int r = poll(pfds, 2, timeout_ms);
+    if (r < 0 && errno != EINTR) return "poll failed";
+    if (r <= 0) continue;  // timeouts are checked at the top
+    if (pfds[1].revents & POLLIN) {
+      uint64_t v;
+      (void)!read(wake_fd_, &v, sizeof v);
+    }
+    const short ev = pfds[0].revents;
+    if (want_write && (ev & (POLLOUT | POLLERR | POLLHUP))) {
       sync::MutexLock lock(&mu_);
-      --inflight_;
-      inflight_bytes_ -= bytes;
+      FlushLocked();
     }
-    changed_.SignalAll();  // the reader may be waiting for room
+    if (want_read && (ev & (POLLIN | POLLERR | POLLHUP))) {
+      if (!ReadRequest()) return kClientLeft;
+    } else if (!want_read && (ev & (POLLERR | POLLHUP)) && !want_write) {
+      return "client gone";
+    }
   }
 }
 

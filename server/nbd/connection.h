@@ -1,57 +1,96 @@
 // server/nbd/connection.h — one NBD client connection of the shim.
 //
-// Serve() runs the whole session on the calling thread: the handshake
-// (bounded by the handshake timeout), then the transmission phase, where
-// that thread is the reader (parse, validate, read WRITE payloads) and a
-// small set of worker threads handles requests, so replies may be sent out
-// of order. Replies are serialized by a writer mutex, each written whole.
+// Serve() runs the whole session on the calling thread, the connection's
+// only thread: the handshake (every read and write bounded by the
+// handshake deadline, whatever it waits for), then the transmission loop.
+// That loop poll()s the socket: it reads, parses and validates requests
+// and hands each to the server's shared WorkerPool (so a session costs one
+// thread, not one per request); a worker builds the reply and queues it
+// here. Replies are written without blocking by whoever queued them; what
+// the socket does not take waits in the connection's reply queue, and the
+// loop finishes it when the socket is writable.
+//
+// Limits (what each protects):
+// * A queued reply not fully written within `write_timeout` of reaching
+//   the queue's front ends the session: a client that stops reading cannot
+//   hold the session, its memory or a thread forever.
+// * Bytes of requests being handled plus replies not yet written count
+//   against `max_inflight_bytes` (per connection) and the server-wide
+//   ByteBudget; past either, or past `max_inflight_requests`, the loop
+//   stops reading this client (backpressure: TCP then stops the sender).
+//   One request is always admitted, so a session never deadlocks.
+// * A request whose first byte arrived must arrive whole (payload too)
+//   within `write_timeout`.
+// * A finished session with nothing in flight for `idle_timeout` ends.
 //
 // Lifetime: Serve() returns only after the client left (DISC, EOF, error,
-// bad magic, Stop()) and every worker has finished its request; nothing is
-// left running and the socket is closed by the destructor. A client that
-// hangs up mid-request or mid-pipeline only makes the remaining replies
-// fail to send. In-flight work per connection is bounded
-// (max_inflight_requests, max_inflight_bytes), so a fast client cannot
-// queue unbounded memory.
+// bad magic, a timeout, Stop()) and every request handed to the pool has
+// finished; the socket is closed by the destructor. A client that hangs up
+// mid-request or mid-pipeline only makes the remaining replies be dropped.
 //
-// Thread-safety: Serve() is called once, from one thread; Stop() may be
-// called from any thread at any time.
+// Thread-safety: Serve() is called once, from one thread; Stop() and the
+// state accessors may be called from any thread at any time.
 #ifndef BLOCKMETA_SERVER_NBD_CONNECTION_H_
 #define BLOCKMETA_SERVER_NBD_CONNECTION_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
+#include "server/common/tls_credentials.h"
+#include "server/common/worker_pool.h"
+#include "server/nbd/handler.h"
 #include "server/nbd/handshake.h"
 #include "server/nbd/request.h"
 #include "server/nbd/stream.h"
+#include "server/nbd/tls_stream.h"
 
 namespace blockmeta {
 namespace nbd {
 
+// Bytes of replies waiting for slow readers (and requests being handled),
+// summed over every connection of a server.
+struct ByteBudget {
+  explicit ByteBudget(uint64_t limit_bytes) : limit(limit_bytes) {}
+  const uint64_t limit;
+  std::atomic<uint64_t> used{0};
+};
+
 struct ConnectionOptions {
   HandshakeOptions handshake;
   absl::Duration handshake_timeout = absl::Seconds(10);
-  size_t workers = 4;
+  // Finished sessions with nothing in flight end after this.
+  absl::Duration idle_timeout = absl::InfiniteDuration();
+  // Deadline of every reply write and of reading one whole request.
+  absl::Duration write_timeout = absl::Seconds(30);
   size_t max_inflight_requests = 16;
   uint64_t max_inflight_bytes = 64u << 20;
+  // STARTTLS (with handshake.tls != kOff); not owned, outlives the server.
+  TlsCredentials* tls = nullptr;
+  bool tls_verify_client = false;       // a client CA is configured
+  bool tls_require_client_cert = true;  // with it: refuse clients without
 };
 
 class Connection {
  public:
-  // Takes ownership of `fd`. `exports` (sorted by name) and `cache` must
-  // outlive the connection.
+  enum class Phase { kHandshake, kTransmission, kDone };
+
+  // Takes ownership of `fd`. `exports` (sorted by name), `cache`, `pool`
+  // and `budget` must outlive the connection.
   Connection(int fd, const std::vector<ShimExport>* exports, ExtentCache* cache,
-             ConnectionOptions options);
+             WorkerPool* pool, ByteBudget* budget, ConnectionOptions options);
   ~Connection();
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -60,33 +99,63 @@ class Connection {
   // Ends the session soon: shuts the socket down so blocked reads and
   // writes return. Idempotent.
   void Stop();
+  // The export the client entered; nullptr while negotiating (or if the
+  // handshake failed). Points into `exports`.
+  const ShimExport* entered() const { return entered_.load(); }
+
+  Phase phase() const { return phase_.load(); }
+  absl::Time started() const { return started_; }
 
  private:
-  struct Job {
-    Request request;
-    std::string payload;
+  struct Pending {
+    std::string bytes;
+    size_t written = 0;
+    uint64_t charged = 0;  // released when written (or dropped)
   };
-  void ReaderLoop(const Negotiated& n);
-  void WorkerLoop(const Negotiated& n);
-  void Send(const std::string& reply) ABSL_LOCKS_EXCLUDED(write_mu_);
+  // The transmission loop; returns why it ended.
+  std::string Loop() ABSL_LOCKS_EXCLUDED(mu_);
+  // Reads one request (the socket is readable), validates it, and queues
+  // an error reply or hands it to the pool. False: stop reading.
+  bool ReadRequest() ABSL_LOCKS_EXCLUDED(mu_);
+  // Queues a reply; `charged` bytes were charged for its request.
+  void QueueReply(std::string reply, uint64_t charged, bool handled)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Writes queued replies until the socket is full; releases what was sent.
+  void FlushLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseLocked(uint64_t charged) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool CanAdmitLocked(uint64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Wake();
 
   // Constant after construction.
   const int fd_;
   const std::vector<ShimExport>* const exports_;
   ExtentCache* const cache_;
+  WorkerPool* const pool_;
+  ByteBudget* const budget_;
   const ConnectionOptions options_;
+  const absl::Time started_;
+  int wake_fd_ = -1;  // eventfd: the loop polls it
   FdStream stream_;
+  std::atomic<Phase> phase_{Phase::kHandshake};
 
-  sync::Mutex mu_;  // protects the job queue
-  // Signalled when a job is queued or finished, or the reader stops.
-  absl::CondVar changed_;
-  std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
-  size_t inflight_ ABSL_GUARDED_BY(mu_) = 0;  // queued + running
+  // Set once the handshake succeeded, then constant (read by workers).
+  std::optional<Negotiated> negotiated_;
+  std::optional<RequestHandler> handler_;
+  std::unique_ptr<TlsStream> tls_;  // after STARTTLS; before stream_ dies
+  ByteStream* io_ = &stream_;       // the transmission stream
+
+  sync::Mutex mu_;
+  absl::CondVar changed_;  // signalled when a handed-off request finished
+  std::deque<Pending> out_ ABSL_GUARDED_BY(mu_);
+  absl::Time front_since_ ABSL_GUARDED_BY(mu_);  // when out_.front() got there
+  size_t inflight_ ABSL_GUARDED_BY(mu_) = 0;     // admitted, reply not written
+  size_t running_ ABSL_GUARDED_BY(mu_) = 0;      // handed to the pool
   uint64_t inflight_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  bool reader_done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time last_activity_ ABSL_GUARDED_BY(mu_);
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;  // socket failed: drop replies
+  bool loop_wants_wake_ ABSL_GUARDED_BY(mu_) = false;
 
-  sync::Mutex write_mu_;  // serializes replies on the socket
-  bool broken_ ABSL_GUARDED_BY(write_mu_) = false;
+  std::atomic<const ShimExport*> entered_{nullptr};
 };
 
 }  // namespace nbd

@@ -2,6 +2,7 @@
 #include "server/nbd/handler.h"
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -15,9 +16,33 @@ std::string RequestHandler::Error(const Request& r,
                                   const absl::Status& s) const {
   // The one status -> NBD error map (server/upstream/nbd_errors.h).
   uint32_t err = blockmeta::NbdErrorFromStatus(s);
-  if (err == 0) err = kEio;
+  if (err == 0) err = kNbdEio;
   const std::string message(s.message());
   return ErrorReply(n_.structured_replies, r.handle, err, message);
+}
+
+// The range a write of [offset, offset + length) may have changed in any
+// context: rounded out to the export's granularity, clipped to the export.
+// Rounded here, before ExtentCache::InvalidateExportRange, so a fetch in
+// flight is cut (poisoned) at the same rounded range.
+std::pair<uint64_t, uint64_t> RoundOutWrite(uint64_t offset, uint64_t length,
+                                            uint64_t granularity,
+                                            uint64_t size) {
+  if (granularity <= 1) return {offset, length};
+  const uint64_t start = offset - offset % granularity;
+  uint64_t end = offset + length;  // validated: <= size
+  const uint64_t rem = end % granularity;
+  if (rem != 0)
+    end = end > size - (granularity - rem) ? size : end + (granularity - rem);
+  if (end > size) end = size;
+  return {start, end - start};
+}
+
+void RequestHandler::ForgetWritten(const Request& r) const {
+  const ShimExport& e = *n_.export_entry;
+  auto [off, len] =
+      RoundOutWrite(r.offset, r.length, e.invalidate_granularity, n_.info.size);
+  cache_->InvalidateExportRange(e.name, off, len);
 }
 
 std::string RequestHandler::Read(const Request& r, absl::Time deadline) const {
@@ -50,12 +75,15 @@ std::string RequestHandler::BlockStatus(const Request& r,
   for (size_t i = 0; i < n_.contexts.size(); ++i) {
     const MetaContext& ctx = n_.contexts[i];
     const bool synthesize = ctx.name == kBaseAllocation && !upstream_has_base;
-    auto fetch = [&](uint64_t off, uint64_t len,
-                     absl::Time dl) -> absl::StatusOr<ExtentList> {
+    // Owns its captures: read-ahead and detached fetches outlive the call.
+    AsyncFetcher fetch = [synthesize, size = n_.info.size,
+                          upstream = e.upstream, context = ctx.name](
+                             uint64_t off, uint64_t len, FetchDone done) {
       if (synthesize) {  // No allocation info upstream: "data" is safe.
-        return ExtentList{{off, std::min(len, n_.info.size - off), 0}};
+        std::move(done)(ExtentList{{off, std::min(len, size - off), 0}});
+        return;
       }
-      return e.upstream->BlockStatus(ctx.name, off, len, dl);
+      upstream->AsyncBlockStatus(context, off, len, std::move(done));
     };
     absl::StatusOr<LookupResult> got = cache_->Get(
         CacheKey{e.name, ctx.name}, n_.info.size, r.offset, r.length,
@@ -103,15 +131,15 @@ std::string RequestHandler::Handle(const Request& r,
       return BlockStatus(r, deadline);
     case kCmdWrite:
       s = up->Pwrite(payload.data(), r.length, r.offset, flags, deadline);
-      cache_->InvalidateExportRange(e.name, r.offset, r.length);
+      ForgetWritten(r);
       break;
     case kCmdTrim:
       s = up->Trim(r.length, r.offset, flags, deadline);
-      cache_->InvalidateExportRange(e.name, r.offset, r.length);
+      ForgetWritten(r);
       break;
     case kCmdWriteZeroes:
       s = up->Zero(r.length, r.offset, flags, deadline);
-      cache_->InvalidateExportRange(e.name, r.offset, r.length);
+      ForgetWritten(r);
       break;
     case kCmdFlush:
       s = up->Flush(deadline);

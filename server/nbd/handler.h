@@ -6,8 +6,9 @@
 // per selected context, descriptors clipped to the request (never past the
 // export end; fewer bytes than asked is allowed), exactly one descriptor
 // with REQ_ONE, flags exactly as cached. Data commands pass through to the
-// upstream; WRITE, TRIM and WRITE_ZEROES then invalidate the written range
-// of every context of the export (dirty bitmaps change too) BEFORE the
+// upstream; WRITE, TRIM and WRITE_ZEROES then invalidate the written range,
+// rounded out to ShimExport::invalidate_granularity (RoundOutWrite), of
+// every context of the export (dirty bitmaps change too) BEFORE the
 // reply is built, whether or not the upstream call succeeded, so no client
 // can see a stale extent after its write is acknowledged.
 //
@@ -20,6 +21,7 @@
 
 #include <cstddef>
 #include <string>
+#include <utility>
 
 #include "server/cache/extent_cache.h"
 #include "server/nbd/handshake.h"
@@ -31,6 +33,12 @@ namespace nbd {
 // Most descriptors in one BLOCK_STATUS chunk (the spec allows 2^20; a
 // smaller cap bounds the reply at 2 MiB).
 inline constexpr size_t kMaxDescriptorsPerChunk = 1u << 18;
+
+// [offset, offset + length) rounded out to `granularity` (a power of two;
+// <= 1 = unchanged), clipped to `size`: {start, length}.
+std::pair<uint64_t, uint64_t> RoundOutWrite(uint64_t offset, uint64_t length,
+                                            uint64_t granularity,
+                                            uint64_t size);
 
 class RequestHandler {
  public:
@@ -46,6 +54,7 @@ class RequestHandler {
   std::string Read(const Request& r, absl::Time deadline) const;
   std::string BlockStatus(const Request& r, absl::Time deadline) const;
   std::string Error(const Request& r, const absl::Status& s) const;
+  void ForgetWritten(const Request& r) const;
 
   const Negotiated& n_;
   ExtentCache* const cache_;

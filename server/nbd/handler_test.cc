@@ -3,10 +3,14 @@
 // REQ_ONE, one chunk per context, invalidation on write, error replies.
 #include "server/nbd/handler.h"
 
+#include <random>
+#include <utility>
+
 #include "gtest/gtest.h"
 #include "server/nbd/stream.h"
 #include "server/nbd/test_client.h"
 #include "server/upstream/fake_upstream.h"
+#include "server/upstream/nbd_errors.h"
 
 namespace blockmeta {
 namespace nbd {
@@ -136,6 +140,49 @@ TEST_F(HandlerTest, WritesInvalidateEveryContextBeforeTheReply) {
   EXPECT_EQ(testing::DecodeBlockStatus(r.chunks[0].data).extents[0].second, 0u);
 }
 
+// Randomized against a reference: the rounded range covers the write, starts
+// and ends on the granularity (or the export end), and is the smallest such.
+TEST(RoundOutWrite, CoversTheWriteOnGranularityBoundaries) {
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 100000; ++i) {
+    const uint64_t g = uint64_t{1} << (rng() % 22);
+    const uint64_t size = 1 + rng() % (64u << 20);
+    const uint64_t off = rng() % size;
+    const uint64_t len = 1 + rng() % (size - off);
+    auto [s, l] = RoundOutWrite(off, len, g, size);
+    ASSERT_LE(s, off);
+    ASSERT_GE(s + l, off + len);
+    ASSERT_LE(s + l, size);
+    ASSERT_EQ(s % g, 0u);
+    ASSERT_LT(off - s, g);
+    ASSERT_TRUE((s + l) % g == 0 || s + l == size);
+    ASSERT_LT(s + l - (off + len), g);
+  }
+  EXPECT_EQ(RoundOutWrite(4608, 512, 1, 1 << 20),
+            (std::pair<uint64_t, uint64_t>{4608, 512}));
+  EXPECT_EQ(RoundOutWrite(4608, 512, 65536, 1 << 20),
+            (std::pair<uint64_t, uint64_t>{0, 65536}));
+  EXPECT_EQ(RoundOutWrite(1000000, 48576, 65536, 1 << 20),
+            (std::pair<uint64_t, uint64_t>{983040, 65536}));
+}
+
+// A 512-byte write forgets the whole granule around it in every context:
+// the next BLOCK_STATUS of a neighbouring byte goes to the upstream again.
+TEST_F(HandlerTest, SubBlockWritesForgetTheWholeGranule) {
+  export_.invalidate_granularity = 2 * kBlock;
+  Do(Req(kCmdBlockStatus, 0, kSize));
+  const uint64_t calls = up_.block_status_calls();
+  ASSERT_EQ(
+      Do(Req(kCmdWrite, 2 * kBlock + 4608, 512), std::string(512, 'q')).error,
+      0u);
+  Do(Req(kCmdBlockStatus, 4 * kBlock, 4096));  // the next granule: cached
+  EXPECT_EQ(up_.block_status_calls(), calls);
+  Do(Req(kCmdBlockStatus, 2 * kBlock, 512));  // before the write: forgotten
+  EXPECT_EQ(up_.block_status_calls(), calls + 2);   // both contexts
+  Do(Req(kCmdBlockStatus, 4 * kBlock - 512, 512));  // same granule: refetched
+  EXPECT_EQ(up_.block_status_calls(), calls + 2);
+}
+
 TEST_F(HandlerTest, ReadStructuredAndSimple) {
   auto r = Do(Req(kCmdRead, kBlock - 2, 4));
   ASSERT_EQ(r.chunks.size(), 1u);
@@ -152,14 +199,14 @@ TEST_F(HandlerTest, ReadStructuredAndSimple) {
 TEST_F(HandlerTest, UpstreamErrorsBecomeNbdErrors) {
   up_.mutable_info().read_only = true;  // the upstream refuses writes
   auto w = Do(Req(kCmdWrite, 0, 1), "a");
-  EXPECT_EQ(w.error, kEperm);
+  EXPECT_EQ(w.error, kNbdEperm);
   n_.structured_replies = false;
   w = Do(Req(kCmdWrite, 0, 1), "a");
-  EXPECT_EQ(w.error, kEperm);
+  EXPECT_EQ(w.error, kNbdEperm);
   up_.set_ready(false);
   n_.structured_replies = true;
   auto r = Do(Req(kCmdBlockStatus, 0, kSize));
-  EXPECT_EQ(r.error, kEio);
+  EXPECT_EQ(r.error, kNbdEio);
 }
 
 TEST_F(HandlerTest, MissingBaseAllocationUpstreamIsReportedAsData) {

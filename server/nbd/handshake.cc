@@ -19,15 +19,18 @@ struct BlockSizes {
   uint32_t min = 1, preferred = 4096, max = 32u << 20;
 };
 
-// Block size constraints advertised in NBD_INFO_BLOCK_SIZE: the upstream's,
-// with the maximum capped at the configured payload limit.
+// Block size constraints advertised in NBD_INFO_BLOCK_SIZE. The minimum
+// and preferred sizes are the upstream's; the maximum is the configured
+// payload cap (NbdShimConfig.max_payload_bytes), not the upstream's
+// maximum: the Upstream splits data commands into pieces of the upstream's
+// own maximum, so a client may send larger requests than the upstream
+// takes (libnbd and qemu use up to 32 MiB, the NBD project's integrity
+// test 64 MiB).
 BlockSizes ComputeBlockSizes(const UpstreamInfo& info, uint32_t max_payload) {
   BlockSizes b;
   b.min = info.minimum_block_size;
   if (!IsPowerOfTwo(b.min) || b.min > 65536) b.min = 1;
-  uint32_t max =
-      info.maximum_block_size == 0 ? (32u << 20) : info.maximum_block_size;
-  max = std::min(max, std::max<uint32_t>(max_payload, 512));
+  uint32_t max = std::max<uint32_t>(max_payload, 512);
   max -= max % b.min;
   if (max < b.min) max = b.min;
   b.max = max;
@@ -42,8 +45,8 @@ BlockSizes ComputeBlockSizes(const UpstreamInfo& info, uint32_t max_payload) {
 class Handshaker {
  public:
   Handshaker(ByteStream& s, const std::vector<ShimExport>& exports,
-             const HandshakeOptions& o)
-      : stream_(s), exports_(exports), options_(o) {}
+             const HandshakeOptions& o, const StartTlsFn& start_tls)
+      : stream_(&s), exports_(exports), options_(o), start_tls_(start_tls) {}
 
   absl::StatusOr<Negotiated> Run();
 
@@ -57,9 +60,13 @@ class Handshaker {
   absl::Status ExportName(const std::string& data);
   absl::Status Enter(const ShimExport* e, const UpstreamInfo& info);
 
-  ByteStream& stream_;
+  absl::Status StartTls(const std::string& data);
+
+  ByteStream* stream_;  // replaced by the TLS stream after STARTTLS
   const std::vector<ShimExport>& exports_;
   const HandshakeOptions& options_;
+  const StartTlsFn& start_tls_;
+  bool tls_ = false;
 
   bool structured_ = false;
   bool no_zeroes_ = false;
@@ -79,7 +86,7 @@ absl::Status Handshaker::Reply(uint32_t opt, uint32_t type,
   AppendBe32(&msg, type);
   AppendBe32(&msg, static_cast<uint32_t>(data.size()));
   msg.append(data);
-  return stream_.WriteAll(msg);
+  return stream_->WriteAll(msg);
 }
 
 const ShimExport* Handshaker::Find(std::string_view name) const {
@@ -282,7 +289,29 @@ absl::Status Handshaker::ExportName(const std::string& data) {
   AppendBe64(&r, info->size);
   AppendBe16(&r, result_.transmission_flags);
   if (!no_zeroes_) r.append(124, '\0');
-  return stream_.WriteAll(r);
+  return stream_->WriteAll(r);
+}
+
+absl::Status Handshaker::StartTls(const std::string& data) {
+  if (!data.empty()) {
+    return Reply(kOptStartTls, kRepErrInvalid, "STARTTLS takes no data");
+  }
+  if (options_.tls == TlsMode::kOff || !start_tls_) {
+    return Reply(kOptStartTls, kRepErrPolicy, "TLS is not offered");
+  }
+  if (tls_) return Reply(kOptStartTls, kRepErrInvalid, "TLS is already on");
+  if (absl::Status s = Reply(kOptStartTls, kRepAck); !s.ok()) return s;
+  absl::StatusOr<ByteStream*> tls = start_tls_();
+  if (!tls.ok()) return tls.status();  // a failed TLS handshake: hang up
+  stream_ = *tls;
+  tls_ = true;
+  // Nothing negotiated in plaintext survives STARTTLS: a man in the middle
+  // could have injected it (nbdkit CVE-2021-3716). Client flags were sent
+  // before any option and stay.
+  structured_ = false;
+  meta_export_ = nullptr;
+  selected_.clear();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Negotiated> Handshaker::Run() {
@@ -290,9 +319,9 @@ absl::StatusOr<Negotiated> Handshaker::Run() {
   AppendBe64(&greeting, kNbdMagic);
   AppendBe64(&greeting, kIHaveOpt);
   AppendBe16(&greeting, kFlagFixedNewstyle | kFlagNoZeroes);
-  if (absl::Status s = stream_.WriteAll(greeting); !s.ok()) return s;
+  if (absl::Status s = stream_->WriteAll(greeting); !s.ok()) return s;
   uint8_t cflags_buf[4];
-  if (absl::Status s = stream_.ReadFull(cflags_buf, 4); !s.ok()) return s;
+  if (absl::Status s = stream_->ReadFull(cflags_buf, 4); !s.ok()) return s;
   const uint32_t cflags = GetBe32(cflags_buf);
   if (cflags & ~(kClientFlagFixedNewstyle | kClientFlagNoZeroes)) {
     return absl::InvalidArgumentError("unknown client flags");
@@ -301,7 +330,7 @@ absl::StatusOr<Negotiated> Handshaker::Run() {
 
   while (!entered_) {
     uint8_t hdr[16];
-    if (absl::Status s = stream_.ReadFull(hdr, sizeof hdr); !s.ok()) return s;
+    if (absl::Status s = stream_->ReadFull(hdr, sizeof hdr); !s.ok()) return s;
     if (GetBe64(hdr) != kIHaveOpt) {
       return absl::InvalidArgumentError("bad option magic");
     }
@@ -316,9 +345,20 @@ absl::StatusOr<Negotiated> Handshaker::Run() {
           absl::StrCat("option ", opt, " length ", len, " exceeds the cap"));
     }
     std::string data(len, '\0');
-    if (absl::Status s = stream_.ReadFull(data.data(), len); !s.ok()) return s;
+    if (absl::Status s = stream_->ReadFull(data.data(), len); !s.ok()) return s;
 
     absl::Status s;
+    if (options_.tls == TlsMode::kRequire && !tls_ && opt != kOptStartTls &&
+        opt != kOptAbort) {
+      // Nothing but STARTTLS before TLS (doc/proto.md "forced TLS");
+      // EXPORT_NAME cannot be refused politely: hang up.
+      if (opt == kOptExportName) {
+        return absl::PermissionDeniedError("TLS required before EXPORT_NAME");
+      }
+      s = Reply(opt, kRepErrTlsReqd, "TLS is required: use NBD_OPT_STARTTLS");
+      if (!s.ok()) return s;
+      continue;
+    }
     switch (opt) {
       case kOptExportName:
         s = ExportName(data);
@@ -332,8 +372,7 @@ absl::StatusOr<Negotiated> Handshaker::Run() {
         s = List(data);
         break;
       case kOptStartTls:
-        s = data.empty() ? Reply(opt, kRepErrPolicy, "TLS is not offered")
-                         : Reply(opt, kRepErrInvalid, "STARTTLS takes no data");
+        s = StartTls(data);
         break;
       case kOptInfo:
       case kOptGo:
@@ -357,6 +396,7 @@ absl::StatusOr<Negotiated> Handshaker::Run() {
     }
     if (!s.ok()) return s;
   }
+  result_.tls = tls_;
   return std::move(result_);
 }
 
@@ -392,8 +432,9 @@ uint16_t TransmissionFlags(const UpstreamInfo& info, bool config_read_only,
 
 absl::StatusOr<Negotiated> RunHandshake(ByteStream& stream,
                                         const std::vector<ShimExport>& exports,
-                                        const HandshakeOptions& options) {
-  return Handshaker(stream, exports, options).Run();
+                                        const HandshakeOptions& options,
+                                        const StartTlsFn& start_tls) {
+  return Handshaker(stream, exports, options, start_tls).Run();
 }
 
 }  // namespace nbd

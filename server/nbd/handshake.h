@@ -6,9 +6,15 @@
 // a rule that forces a hard disconnect. Supported: EXPORT_NAME, ABORT,
 // LIST, INFO/GO (NBD_INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE),
 // STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT
-// (`base:allocation` plus the upstream's `qemu:dirty-bitmap:*`); STARTTLS
-// is refused with NBD_REP_ERR_POLICY (no TLS here); anything else gets
-// NBD_REP_ERR_UNSUP.
+// (`base:allocation` plus the upstream's `qemu:dirty-bitmap:*`) and
+// STARTTLS (when HandshakeOptions::tls allows it; else NBD_REP_ERR_POLICY);
+// anything else gets NBD_REP_ERR_UNSUP.
+//
+// TLS: after the STARTTLS ack the StartTlsFn runs the TLS handshake and
+// returns the stream to use; every negotiated option is then forgotten
+// (nbdkit CVE-2021-3716). With TlsMode::kRequire every option before TLS
+// but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD, and EXPORT_NAME a
+// hang-up (doc/proto.md "forced TLS").
 //
 // Invariants (the NBD spec, doc/proto.md "Option haggling", and the CVEs
 // below):
@@ -29,6 +35,7 @@
 #define BLOCKMETA_SERVER_NBD_HANDSHAKE_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -47,9 +54,21 @@ struct ShimExport {
   Upstream* upstream = nullptr;  // not owned; outlives the server
   bool read_only = false;        // ExportConfig.read_only
   absl::Duration upstream_timeout = absl::Seconds(30);
+  // A write, trim or zero forgets cached knowledge rounded out to this
+  // (a power of two): the upstream reports allocation per filesystem block
+  // or qcow2 cluster (up to 2 MiB) and dirty bitmaps per granularity
+  // (64 KiB by default), so the bytes around a sub-block write change too.
+  uint64_t invalidate_granularity = 2u << 20;
 };
 
+enum class TlsMode { kOff, kAllow, kRequire };
+
+// Runs the TLS server handshake over the connection's socket; returns the
+// stream that carries the rest of the session, or an error (hang up).
+using StartTlsFn = std::function<absl::StatusOr<ByteStream*>()>;
+
 struct HandshakeOptions {
+  TlsMode tls = TlsMode::kOff;
   // Largest option payload read (bigger ones: ERR_TOO_BIG + disconnect).
   uint32_t max_option_length = 64 * 1024;
   // Largest READ/WRITE payload (NBD_INFO_BLOCK_SIZE maximum).
@@ -73,6 +92,7 @@ struct Negotiated {
   std::vector<MetaContext> contexts;
   uint32_t min_block_size = 1;
   uint32_t max_payload = 32u << 20;
+  bool tls = false;  // the session runs over TLS
 };
 
 // The contexts the shim offers for an upstream, in id order (ids are the
@@ -91,7 +111,8 @@ uint16_t TransmissionFlags(const UpstreamInfo& info, bool config_read_only,
 // broke or timed out.
 absl::StatusOr<Negotiated> RunHandshake(ByteStream& stream,
                                         const std::vector<ShimExport>& exports,
-                                        const HandshakeOptions& options);
+                                        const HandshakeOptions& options,
+                                        const StartTlsFn& start_tls = nullptr);
 
 }  // namespace nbd
 }  // namespace blockmeta

@@ -32,6 +32,9 @@ struct World {
     exports.push_back({"a", "export a", &a, false, absl::Seconds(1)});
     exports.push_back({"b", "", &b, true, absl::Seconds(1)});
     options.max_payload_bytes = 1 << 16;
+    // STARTTLS is accepted; the "TLS" stream is the same memory stream, so
+    // inputs reach the upgrade and the state reset after it.
+    options.tls = TlsMode::kAllow;
   }
   FakeUpstream a, b;
   std::vector<ShimExport> exports;
@@ -44,8 +47,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static World* world = new World();
   MemoryStream stream(
       std::string_view(reinterpret_cast<const char*>(data), size));
+  StartTlsFn start_tls = [&stream]() -> absl::StatusOr<ByteStream*> {
+    return &stream;
+  };
   absl::StatusOr<Negotiated> n =
-      RunHandshake(stream, world->exports, world->options);
+      RunHandshake(stream, world->exports, world->options, start_tls);
   if (!n.ok()) return 0;
   // A fresh cache per input keeps runs independent.
   ExtentCache cache(ExtentCache::Options{});

@@ -91,6 +91,20 @@ TEST_F(HandshakeTest, GoWithInfos) {
   EXPECT_EQ(stream_->remaining(), 0u);
 }
 
+// The payload cap is the configured one, above the upstream's own maximum
+// (the Upstream splits data commands), and a multiple of the minimum.
+TEST_F(HandshakeTest, BlockSizeMaximumIsTheConfiguredPayloadCap) {
+  options_.max_payload_bytes = 64u << 20;
+  auto n = Run(ClientFlags() + Option(kOptGo, GoData("a", {kInfoBlockSize})));
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->max_payload, 64u << 20);
+  auto r = Replies();
+  ASSERT_EQ(r.size(), 3u);  // EXPORT, BLOCK_SIZE, ACK
+  const auto* p = reinterpret_cast<const uint8_t*>(r[1].data.data());
+  ASSERT_EQ(GetBe16(p), kInfoBlockSize);
+  EXPECT_EQ(GetBe32(p + 10), 64u << 20);
+}
+
 TEST_F(HandshakeTest, TransmissionFlags) {
   UpstreamInfo info = *a_.Info();
   uint16_t f = TransmissionFlags(info, false, true);
@@ -202,6 +216,74 @@ TEST_F(HandshakeTest, StartTlsIsRefused) {
   auto r = Replies();
   EXPECT_EQ(r[0].type, kRepErrPolicy);
   EXPECT_EQ(r[1].type, kRepErrInvalid);
+}
+
+// STARTTLS over a memory stream: the "TLS" stream is the same stream, so
+// the test sees what the server does around the upgrade.
+class StartTlsTest : public HandshakeTest {
+ protected:
+  absl::StatusOr<Negotiated> RunTls(const std::string& input, TlsMode mode,
+                                    bool tls_fails = false) {
+    options_.tls = mode;
+    stream_ = std::make_unique<MemoryStream>(input_ = input);
+    StartTlsFn start = [&]() -> absl::StatusOr<ByteStream*> {
+      ++upgrades_;
+      if (tls_fails) return absl::UnauthenticatedError("bad certificate");
+      return stream_.get();
+    };
+    return RunHandshake(*stream_, exports_, options_, start);
+  }
+  int upgrades_ = 0;
+};
+
+// Nothing negotiated before STARTTLS survives it (nbdkit CVE-2021-3716):
+// structured replies and the meta context selection are forgotten.
+TEST_F(StartTlsTest, NoStateCarriedAcrossStartTls) {
+  auto n = RunTls(
+      ClientFlags() + Option(kOptStructuredReply) +
+          Option(kOptSetMetaContext, MetaData("a", {"base:allocation"})) +
+          Option(kOptStartTls) + Option(kOptGo, GoData("a")),
+      TlsMode::kAllow);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(upgrades_, 1);
+  EXPECT_TRUE(n->tls);
+  EXPECT_FALSE(n->structured_replies);
+  EXPECT_TRUE(n->contexts.empty());
+  auto r = Replies();
+  ASSERT_GE(r.size(), 4u);
+  EXPECT_EQ(r[3].opt, kOptStartTls);
+  EXPECT_EQ(r[3].type, kRepAck);
+}
+
+TEST_F(StartTlsTest, RequireRefusesEveryOptionBeforeTls) {
+  auto n =
+      RunTls(ClientFlags() + Option(kOptList) + Option(kOptStructuredReply) +
+                 Option(kOptInfo, GoData("a")) + Option(kOptGo, GoData("a")) +
+                 Option(kOptStartTls) + Option(kOptStartTls) +
+                 Option(kOptStructuredReply) + Option(kOptGo, GoData("a")),
+             TlsMode::kRequire);
+  ASSERT_TRUE(n.ok()) << n.status();
+  auto r = Replies();
+  ASSERT_GE(r.size(), 6u);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(r[i].type, kRepErrTlsReqd) << i;
+  EXPECT_EQ(r[4].type, kRepAck);         // STARTTLS
+  EXPECT_EQ(r[5].type, kRepErrInvalid);  // STARTTLS again: already on
+  EXPECT_TRUE(n->tls);
+  EXPECT_TRUE(n->structured_replies);  // negotiated after TLS
+  // EXPORT_NAME before TLS: hang up, nothing sent.
+  n = RunTls(ClientFlags() + Option(kOptExportName, "a"), TlsMode::kRequire);
+  EXPECT_EQ(n.status().code(), absl::StatusCode::kPermissionDenied);
+  // ABORT is allowed.
+  n = RunTls(ClientFlags() + Option(kOptAbort), TlsMode::kRequire);
+  EXPECT_EQ(n.status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST_F(StartTlsTest, FailedTlsHandshakeEndsTheSession) {
+  auto n =
+      RunTls(ClientFlags() + Option(kOptStartTls) + Option(kOptGo, GoData("a")),
+             TlsMode::kRequire, /*tls_fails=*/true);
+  EXPECT_EQ(n.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(upgrades_, 1);
 }
 
 TEST_F(HandshakeTest, OptionsWithBadLengths) {

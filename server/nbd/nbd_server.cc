@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "server/common/log.h"
 #include "server/upstream/export_registry.h"
 
@@ -32,9 +33,38 @@ nbd::ConnectionOptions OptionsFromConfig(
       c.handshake_timeout_ms() == 0 ? 10000 : c.handshake_timeout_ms());
   o.handshake.max_payload_bytes =
       c.max_payload_bytes() == 0 ? (32u << 20) : c.max_payload_bytes();
+  if (c.max_inflight_bytes_per_connection() != 0) {
+    o.max_inflight_bytes = c.max_inflight_bytes_per_connection();
+  }
   o.max_inflight_bytes = std::max<uint64_t>(
       o.max_inflight_bytes, 2ull * o.handshake.max_payload_bytes);
+  if (c.idle_timeout_ms() != 0) {
+    o.idle_timeout = absl::Milliseconds(c.idle_timeout_ms());
+  }
+  o.write_timeout = absl::Milliseconds(
+      c.write_timeout_ms() == 0 ? 30000 : c.write_timeout_ms());
+  o.tls_verify_client = !c.tls().client_ca_file().empty();
+  o.tls_require_client_cert = !c.tls().client_cert_optional();
   return o;
+}
+
+// The configured invalidation granularity: 2 MiB by default, at least 512,
+// rounded up to a power of two (coarser is always safe).
+uint64_t InvalidateGranularity(const blockmeta::v1::NbdShimConfig& c) {
+  uint64_t g = c.invalidate_granularity_bytes();
+  if (g == 0) return 2u << 20;
+  uint64_t p = 512;
+  while (p < g && p < (1ull << 62)) p <<= 1;
+  return p;
+}
+
+absl::StatusOr<nbd::TlsMode> ParseTlsMode(const std::string& mode) {
+  if (mode.empty() || mode == "off") return nbd::TlsMode::kOff;
+  if (mode == "allow") return nbd::TlsMode::kAllow;
+  if (mode == "require") return nbd::TlsMode::kRequire;
+  return absl::InvalidArgumentError(
+      absl::StrCat("nbd.tls.mode must be off, allow or require, not \"",
+                   mode.substr(0, 32), "\""));
 }
 
 absl::Status Errno(const std::string& what) {
@@ -43,10 +73,22 @@ absl::Status Errno(const std::string& what) {
 
 }  // namespace
 
+blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
+    blockmeta::v1::NbdShimConfig nbd, const blockmeta::v1::TlsConfig& tls) {
+  blockmeta::v1::NbdTlsConfig* t = nbd.mutable_tls();
+  if (t->cert_file().empty() && t->key_file().empty()) {
+    t->set_cert_file(tls.cert_file());
+    t->set_key_file(tls.key_file());
+    if (t->client_ca_file().empty())
+      t->set_client_ca_file(tls.client_ca_file());
+  }
+  return nbd;
+}
+
 std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     const ExportRegistry& registry) {
   std::vector<nbd::ShimExport> out;
-  for (ExportEntry* e : registry.All()) {
+  for (const ExportRef& e : registry.All()) {
     nbd::ShimExport x;
     x.name = e->config.name();
     x.description = e->config.description();
@@ -66,15 +108,76 @@ NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
 
 NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
                      blockmeta::v1::NbdShimConfig config)
-    : exports_(std::move(exports)),
-      cache_(cache),
+    : cache_(cache),
       options_(OptionsFromConfig(config)),
+      tls_config_(config.tls()),
       max_connections_(
-          config.max_connections() == 0 ? 100 : config.max_connections()) {
-  std::sort(exports_.begin(), exports_.end(),
+          config.max_connections() == 0 ? 100 : config.max_connections()),
+      pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
+      budget_(config.max_inflight_bytes() == 0 ? (1ull << 30)
+                                               : config.max_inflight_bytes()) {
+  invalidate_granularity_ = InvalidateGranularity(config);
+  SetExports(std::move(exports));
+}
+
+void NbdServer::SetExports(std::vector<nbd::ShimExport> exports) {
+  for (nbd::ShimExport& e : exports) {
+    e.invalidate_granularity = invalidate_granularity_;
+  }
+  std::sort(exports.begin(), exports.end(),
             [](const nbd::ShimExport& a, const nbd::ShimExport& b) {
               return a.name < b.name;
             });
+  auto list = std::make_shared<const ExportList>(std::move(exports));
+  sync::MutexLock lock(&mu_);
+  exports_ = std::move(list);
+}
+
+size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
+  std::vector<Slot*> closing;
+  {
+    sync::MutexLock lock(&mu_);
+    for (auto& slot : slots_) {
+      if (slot->done.load()) continue;
+      const nbd::ShimExport* in = slot->connection->entered();
+      bool hit = false;
+      if (in != nullptr) {
+        hit = in->name == name;
+      } else {
+        for (const nbd::ShimExport& e : *slot->exports) {
+          if (e.name == name) hit = true;
+        }
+      }
+      if (hit) {
+        slot->connection->Stop();
+        closing.push_back(slot.get());
+      }
+    }
+  }
+  // The acceptor may reap (free) a slot once it is done: look slots up
+  // under the lock, never through a stale pointer.
+  const absl::Time deadline = absl::Now() + wait;
+  while (absl::Now() < deadline) {
+    size_t running = 0;
+    {
+      sync::MutexLock lock(&mu_);
+      for (auto& slot : slots_) {
+        if (!slot->done.load() &&
+            std::find(closing.begin(), closing.end(), slot.get()) !=
+                closing.end()) {
+          ++running;
+        }
+      }
+    }
+    if (running == 0) break;
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  if (!closing.empty()) {
+    LogInfo("nbd_export_sessions_closed",
+            {{"export", name},
+             {"sessions", static_cast<unsigned long>(closing.size())}});
+  }
+  return closing.size();
 }
 
 NbdServer::~NbdServer() { Shutdown(); }
@@ -88,6 +191,17 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
   }
   if (tcp_addr.empty() && unix_path.empty()) {
     return absl::InvalidArgumentError("no NBD listen address");
+  }
+  absl::StatusOr<nbd::TlsMode> mode = ParseTlsMode(tls_config_.mode());
+  if (!mode.ok()) return mode.status();
+  if (*mode != nbd::TlsMode::kOff) {
+    absl::StatusOr<std::unique_ptr<TlsCredentials>> creds =
+        TlsCredentials::Create({tls_config_.cert_file(), tls_config_.key_file(),
+                                tls_config_.client_ca_file()});
+    if (!creds.ok()) return creds.status();
+    tls_ = *std::move(creds);
+    options_.tls = tls_.get();
+    options_.handshake.tls = *mode;
   }
   int port = 0;
   if (!tcp_addr.empty()) {
@@ -192,21 +306,44 @@ void NbdServer::AcceptLoop() {
 }
 
 void NbdServer::OnAccept(int fd) {
+  sync::MutexLock lock(&mu_);
   if (active_.load() >= max_connections_) {
-    rejected_.fetch_add(1);
-    LogWarning(
-        "nbd_connection_rejected",
-        {{"reason", "max_connections"},
-         {"max_connections", static_cast<unsigned long>(max_connections_)}});
-    close(fd);
-    return;
+    // Full. A client still in its handshake makes room: the oldest one is
+    // stopped (a real client finishes in milliseconds; the stuck ones are
+    // idle, flooding or half-open), so hostile clients cannot keep good
+    // ones out. Sessions that finished the handshake are never evicted
+    // (idle_timeout_ms ends idle ones). Evicted slots still count until
+    // their thread ends, bounded at twice the cap.
+    Slot* victim = nullptr;
+    for (auto& s : slots_) {
+      if (s->evicted ||
+          s->connection->phase() != nbd::Connection::Phase::kHandshake) {
+        continue;
+      }
+      if (victim == nullptr ||
+          s->connection->started() < victim->connection->started()) {
+        victim = s.get();
+      }
+    }
+    if (victim == nullptr || active_.load() >= 2 * max_connections_) {
+      rejected_.fetch_add(1);
+      LogWarning(
+          "nbd_connection_rejected",
+          {{"reason", "max_connections"},
+           {"max_connections", static_cast<unsigned long>(max_connections_)}});
+      close(fd);
+      return;
+    }
+    victim->evicted = true;
+    victim->connection->Stop();
+    evicted_.fetch_add(1);
   }
   active_.fetch_add(1);
   auto slot = std::make_unique<Slot>();
-  slot->connection =
-      std::make_unique<nbd::Connection>(fd, &exports_, cache_, options_);
+  slot->exports = exports_;
+  slot->connection = std::make_unique<nbd::Connection>(
+      fd, slot->exports.get(), cache_, &pool_, &budget_, options_);
   Slot* raw = slot.get();
-  sync::MutexLock lock(&mu_);
   slots_.push_back(std::move(slot));
   raw->thread = std::thread([this, raw] {
     raw->connection->Serve();

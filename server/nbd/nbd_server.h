@@ -1,12 +1,17 @@
 // server/nbd/nbd_server.h — the NBD shim's listener: serves every
 // configured export to legacy NBD clients on TCP and/or a Unix socket.
 //
-// Each accepted client becomes a Connection run on its own thread (plus the
-// connection's workers, started after its handshake). Connections beyond
-// NbdShimConfig.max_connections (default 100) are closed at once, and a
-// client must finish its handshake within handshake_timeout_ms (default
-// 10 s), so idle or half-open clients cannot exhaust the server
-// (qemu CVE-2024-7409). No upstream work is done for a client before it
+// Each accepted client becomes a Connection run on its own thread; every
+// connection's requests are handled by one shared WorkerPool
+// (NbdShimConfig.worker_threads, default 16), so threads grow by one per
+// connection. A client must finish its handshake within
+// handshake_timeout_ms (default 10 s), reads and writes alike. When
+// NbdShimConfig.max_connections (default 100) are open, a new client stops
+// the oldest connection still in its handshake, or is closed at once if
+// every connection finished it; so idle, flooding or half-open clients
+// cannot keep good clients out (qemu CVE-2024-7409). Reply bytes waiting
+// on slow readers are bounded per connection and server-wide
+// (max_inflight_bytes). No upstream work is done for a client before it
 // has entered transmission.
 //
 // Lifetime: Start() once, Shutdown() (or the destructor) once; Shutdown
@@ -28,9 +33,12 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
+#include "server/common/tls_credentials.h"
+#include "server/common/worker_pool.h"
 #include "server/nbd/connection.h"
 #include "server/nbd/handshake.h"
 
@@ -42,6 +50,11 @@ class ExportRegistry;
 // upstream, read_only, upstream_timeout_ms).
 std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     const ExportRegistry& registry);
+
+// `nbd` with its TLS files defaulted to the gRPC listener's (`tls`) when it
+// names none of its own.
+blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
+    blockmeta::v1::NbdShimConfig nbd, const blockmeta::v1::TlsConfig& tls);
 
 class NbdServer {
  public:
@@ -58,28 +71,50 @@ class NbdServer {
 
   // Listens on `tcp_addr` ("host:port", port 0 picks one; "" = none) and/or
   // `unix_path` ("" = none). Returns the bound TCP port (0 without TCP).
+  // INVALID_ARGUMENT for a bad nbd.tls mode or unreadable TLS files.
   absl::StatusOr<int> Start(const std::string& tcp_addr,
                             const std::string& unix_path);
   void Shutdown();
 
+  // Exports at run time: the list new connections negotiate against (a
+  // connection keeps the list it was accepted with; sorted here).
+  void SetExports(std::vector<nbd::ShimExport> exports) ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends every session that entered `name`, and every connection still
+  // negotiating with a list that offers it, then waits (up to `wait`) for
+  // them to finish, so the export's upstream may go. Returns how many.
+  size_t CloseExport(const std::string& name, absl::Duration wait)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
   size_t ActiveConnections() const { return active_.load(); }
   uint64_t RejectedConnections() const { return rejected_.load(); }
+  // Bytes of requests being handled and replies not yet sent, all
+  // connections.
+  uint64_t BufferedBytes() const { return budget_.used.load(); }
+  // Clients stopped in their handshake to make room for a new one.
+  uint64_t EvictedConnections() const { return evicted_.load(); }
 
  private:
+  using ExportList = std::vector<nbd::ShimExport>;
   struct Slot {
+    std::shared_ptr<const ExportList> exports;  // what it negotiates against
     std::unique_ptr<nbd::Connection> connection;
     std::thread thread;
     std::atomic<bool> done{false};
+    bool evicted = false;  // guarded by mu_
   };
   void AcceptLoop();
   void OnAccept(int fd);
   void ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Constant after construction.
-  std::vector<nbd::ShimExport> exports_;
+  // Constant after construction (options_.tls: after Start()).
   ExtentCache* const cache_;
+  uint64_t invalidate_granularity_ = 0;
   nbd::ConnectionOptions options_;
+  const blockmeta::v1::NbdTlsConfig tls_config_;
+  std::unique_ptr<TlsCredentials> tls_;
   size_t max_connections_;
+  WorkerPool pool_;  // handles every connection's requests
+  nbd::ByteBudget budget_;
 
   // Set by Start(), read by the accept thread, cleared by Shutdown().
   int tcp_fd_ = -1;
@@ -92,9 +127,11 @@ class NbdServer {
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::list<std::unique_ptr<Slot>> slots_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const ExportList> exports_ ABSL_GUARDED_BY(mu_);
 
   std::atomic<size_t> active_{0};
   std::atomic<uint64_t> rejected_{0};
+  std::atomic<uint64_t> evicted_{0};
 };
 
 }  // namespace blockmeta

@@ -6,6 +6,11 @@
 // clients are tested in //tests/nbd.
 #include "server/nbd/nbd_server.h"
 
+#include <dirent.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <thread>
 
@@ -14,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "server/nbd/test_client.h"
 #include "server/upstream/fake_upstream.h"
+#include "server/upstream/nbd_errors.h"
 
 namespace blockmeta {
 namespace {
@@ -129,14 +135,14 @@ TEST_F(NbdServerTest, BadRequestsGetErrorsAndTheConnectionSurvives) {
     uint32_t error;
   };
   for (const Case& k : std::vector<Case>{
-           {Req(99, 0, 1), nbd::kEinval},                       // unknown cmd
-           {Req(nbd::kCmdRead, 0, 1, 1u << 10), nbd::kEinval},  // unknown flag
-           {Req(nbd::kCmdRead, kSize, 1), nbd::kEinval},        // past the end
-           {Req(nbd::kCmdRead, ~0ull - 1, 4), nbd::kEinval},    // overflow
-           {Req(nbd::kCmdRead, 0, 0), nbd::kEinval},            // zero length
-           {Req(nbd::kCmdBlockStatus, 0, 0), nbd::kEinval},
-           {Req(nbd::kCmdRead, 0, 2u << 20), nbd::kEoverflow},  // oversize
-           {Req(nbd::kCmdBlockStatus, kSize - 1, 2), nbd::kEinval},
+           {Req(99, 0, 1), kNbdEinval},                       // unknown cmd
+           {Req(nbd::kCmdRead, 0, 1, 1u << 10), kNbdEinval},  // unknown flag
+           {Req(nbd::kCmdRead, kSize, 1), kNbdEinval},        // past the end
+           {Req(nbd::kCmdRead, ~0ull - 1, 4), kNbdEinval},    // overflow
+           {Req(nbd::kCmdRead, 0, 0), kNbdEinval},            // zero length
+           {Req(nbd::kCmdBlockStatus, 0, 0), kNbdEinval},
+           {Req(nbd::kCmdRead, 0, 2u << 20), kNbdEoverflow},  // oversize
+           {Req(nbd::kCmdBlockStatus, kSize - 1, 2), kNbdEinval},
        }) {
     auto r = c->Call(k.r);
     ASSERT_TRUE(r.ok()) << nbd::CommandName(k.r.type) << " " << r.status();
@@ -146,7 +152,7 @@ TEST_F(NbdServerTest, BadRequestsGetErrorsAndTheConnectionSurvives) {
   const uint32_t big = (1u << 20) + 1;
   auto r = c->Call(Req(nbd::kCmdWrite, 0, big, 0, 7), std::string(big, 'q'));
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->error, nbd::kEinval);
+  EXPECT_EQ(r->error, kNbdEinval);
   EXPECT_EQ(r->handle, 7u);
   r = c->Call(Req(nbd::kCmdRead, 0, 2, 0, 8));
   ASSERT_TRUE(r.ok());
@@ -177,10 +183,10 @@ TEST_F(NbdServerTest, ReadOnlyExportRefusesWritesWithEperm) {
   EXPECT_TRUE(h->flags & nbd::kFlagReadOnly);
   auto r = c->Call(Req(nbd::kCmdWrite, 0, 4), "abcd");
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(r->error, nbd::kEperm);
+  EXPECT_EQ(r->error, kNbdEperm);
   r = c->Call(Req(nbd::kCmdWriteZeroes, 0, 4));
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(r->error, nbd::kEperm);
+  EXPECT_EQ(r->error, kNbdEperm);
   EXPECT_EQ(ro_->data_calls(), 0u);
 }
 
@@ -289,21 +295,190 @@ TEST_F(NbdServerTest, ManyClientsAtOnce) {
   EXPECT_LE(a_->block_status_calls() + b_->block_status_calls(), 4u);
 }
 
+// At the cap, a new client stops the oldest connection still in its
+// handshake; when every connection finished its handshake, it is refused.
 TEST_F(NbdServerTest, ConnectionCap) {
   blockmeta::v1::NbdShimConfig config;
   config.set_max_connections(2);
   StartServer(config);
   auto c1 = Connect();
-  auto c2 = Connect();
   ASSERT_TRUE(c1->Read(18).ok());
+  auto c2 = Connect();
   ASSERT_TRUE(c2->Read(18).ok());
   auto c3 = Connect();
-  EXPECT_TRUE(c3->WaitForClose());
-  EXPECT_GE(server_->RejectedConnections(), 1u);
-  c1.reset();
+  ASSERT_TRUE(c3->Read(18).ok());   // admitted
+  EXPECT_TRUE(c1->WaitForClose());  // the oldest handshake made room
+  EXPECT_EQ(server_->EvictedConnections(), 1u);
   c2.reset();
+  c3.reset();
+  WaitForNoConnections();
+  auto s1 = Session("a");
+  auto s2 = Session("b");
+  auto c4 = Connect();
+  EXPECT_TRUE(c4->WaitForClose());  // established sessions are kept
+  EXPECT_GE(server_->RejectedConnections(), 1u);
+  auto r = s1->Call(Req(nbd::kCmdRead, 0, 1));
+  ASSERT_TRUE(r.ok()) << r.status();
+  s1.reset();
+  s2.reset();
   WaitForNoConnections();
   ExpectHealthy();
+}
+
+// Threads of this process (Linux).
+size_t ThreadCount() {
+  size_t n = 0;
+  if (DIR* d = opendir("/proc/self/task")) {
+    while (dirent* e = readdir(d)) n += e->d_name[0] != '.';
+    closedir(d);
+  }
+  return n;
+}
+
+// 100 established sessions cost about one thread each (plus the shared
+// pool), not five.
+TEST_F(NbdServerTest, HundredSessionsUnder150Threads) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(100);
+  StartServer(config);
+  const size_t before = ThreadCount();
+  std::vector<std::unique_ptr<RawClient>> sessions;
+  for (int i = 0; i < 100; ++i) {
+    sessions.push_back(Session(i % 2 ? "a" : "b"));
+    auto r = sessions.back()->Call(
+        Req(nbd::kCmdBlockStatus, 0, kBlock, nbd::kCmdFlagReqOne));
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->error, 0u);
+  }
+  EXPECT_EQ(server_->ActiveConnections(), 100u);
+  const size_t threads = ThreadCount();
+  EXPECT_LT(threads, 150u) << "before the sessions: " << before;
+  EXPECT_LE(threads - before, 100u + 16u);  // one per session + the pool
+}
+
+// A client that pipelines READs and never reads the replies pins at most
+// the per-connection budget: the shim stops reading it (its sends block),
+// and the write timeout ends the session.
+TEST_F(NbdServerTest, ClientThatStopsReadingIsBoundedAndDropped) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_write_timeout_ms(1500);
+  config.set_max_payload_bytes(1 << 20);
+  config.set_max_inflight_bytes_per_connection(4 << 20);
+  StartServer(config);
+  auto c = Session("a");
+  // Ask for 64 MiB of replies without reading any.
+  int sndbuf = 64 << 10;
+  setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+  int sent = 0;
+  for (; sent < 64; ++sent) {
+    std::string req = nbd::EncodeRequest(
+        Req(nbd::kCmdRead, 0, 1 << 20, 0, static_cast<uint64_t>(sent)));
+    if (send(c->fd(), req.data(), req.size(), MSG_DONTWAIT | MSG_NOSIGNAL) !=
+        static_cast<ssize_t>(req.size())) {
+      break;
+    }
+  }
+  EXPECT_GT(sent, 8);
+  // Without reading: the server must hang up (write timeout) while never
+  // holding much more than the per-connection budget.
+  uint64_t peak = 0;
+  bool closed = false;
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (!closed && absl::Now() < deadline) {
+    peak = std::max(peak, server_->BufferedBytes());
+    struct pollfd p = {c->fd(), POLLRDHUP, 0};
+    closed = poll(&p, 1, 20) > 0 && (p.revents & (POLLRDHUP | POLLHUP));
+  }
+  EXPECT_TRUE(closed);
+  EXPECT_LE(peak, (4u << 20) + (1u << 20) + 4096);
+  WaitForNoConnections();
+  EXPECT_EQ(server_->BufferedBytes(), 0u);
+  ExpectHealthy();
+}
+
+// 200 hostile clients (idle, flooding NBD_OPT_LIST without reading,
+// half-open mid-option, idle after the handshake), each reconnecting as
+// soon as it is dropped, do not keep a good client out.
+TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(50);
+  config.set_handshake_timeout_ms(3000);
+  config.set_idle_timeout_ms(1000);
+  config.set_write_timeout_ms(1000);
+  StartServer(config);
+  std::atomic<bool> stop{false};
+  std::atomic<int> hostile_connects{0};
+  std::vector<std::thread> hostile;
+  for (int i = 0; i < 200; ++i) {
+    hostile.emplace_back([&, i] {
+      while (!stop.load()) {
+        auto c = RawClient::ConnectUnix(sock_, absl::Milliseconds(200));
+        if (!c.ok()) continue;
+        hostile_connects.fetch_add(1);
+        // A fifth of the established-idle kind at most: sessions that
+        // finished the handshake keep their slot until idle_timeout_ms.
+        const int kind = (i % 4 == 3 && i >= 80) ? 0 : i % 4;
+        if (kind == 1) {  // flood LIST, never read
+          std::string flood = nbd::testing::ClientFlags();
+          for (int k = 0; k < 64; ++k)
+            flood += nbd::testing::Option(nbd::kOptList);
+          while (!stop.load() && send((*c)->fd(), flood.data(), flood.size(),
+                                      MSG_NOSIGNAL) > 0) {
+            flood = std::string(flood.substr(4));
+          }
+        } else if (kind == 2) {  // half-open: part of an option, then nothing
+          (*c)->Send(nbd::testing::ClientFlags() + "IHAVE").IgnoreError();
+        } else if (kind == 3) {  // finish the handshake, then idle
+          (*c)->Handshake("a", true, {"base:allocation"}).IgnoreError();
+        }
+        // kind 0 (idle) and the rest: wait until dropped.
+        while (!stop.load()) {
+          struct pollfd p = {(*c)->fd(), POLLIN, 0};
+          if (poll(&p, 1, 50) > 0) {
+            char buf[4096];
+            if (kind != 1 && recv((*c)->fd(), buf, sizeof buf, 0) <= 0) break;
+            if (kind == 1) {
+              int err = 0;
+              socklen_t len = sizeof err;
+              getsockopt((*c)->fd(), SOL_SOCKET, SO_ERROR, &err, &len);
+              if (err != 0 || (p.revents & (POLLHUP | POLLERR))) break;
+              absl::SleepFor(absl::Milliseconds(50));
+            }
+          }
+        }
+      }
+    });
+  }
+  // Wait until the hostile clients fill the server.
+  const absl::Time full_by = absl::Now() + absl::Seconds(20);
+  while (server_->ActiveConnections() < 50 && absl::Now() < full_by) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_GE(server_->ActiveConnections(), 50u);
+  int good = 0, attempts = 0;
+  const absl::Time start = absl::Now();
+  for (int i = 0; i < 10; ++i) {
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      ++attempts;
+      auto c = RawClient::ConnectUnix(sock_, absl::Seconds(2));
+      if (!c.ok()) continue;
+      if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) continue;
+      auto r =
+          (*c)->Call(Req(nbd::kCmdBlockStatus, 0, kBlock, nbd::kCmdFlagReqOne));
+      if (r.ok() && r->error == 0) {
+        ++good;
+        break;
+      }
+    }
+  }
+  const absl::Duration took = absl::Now() - start;
+  stop.store(true);
+  server_->Shutdown();  // drops every hostile connection
+  for (auto& t : hostile) t.join();
+  EXPECT_EQ(good, 10) << attempts << " attempts";
+  EXPECT_LT(took, absl::Seconds(60));
+  EXPECT_GT(hostile_connects.load(), 200);  // they were dropped and retried
+  EXPECT_GT(server_->EvictedConnections(), 0u);
 }
 
 TEST_F(NbdServerTest, HandshakeTimeoutDropsIdleClients) {

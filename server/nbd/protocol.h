@@ -3,7 +3,7 @@
 // Owns the numbers of the NBD protocol (NetworkBlockDevice/nbd
 // doc/proto.md) that the shim speaks: fixed newstyle handshake magics,
 // option and option-reply codes, info types, transmission flags, commands,
-// command flags, structured reply types and NBD errno values, plus helpers
+// command flags and structured reply types, plus helpers
 // to encode/decode big-endian integers. Header-only; no state.
 #ifndef BLOCKMETA_SERVER_NBD_PROTOCOL_H_
 #define BLOCKMETA_SERVER_NBD_PROTOCOL_H_
@@ -106,15 +106,8 @@ inline constexpr uint16_t kReplyTypeBlockStatus = 5;
 inline constexpr uint16_t kReplyTypeError = (1u << 15) | 1;
 inline constexpr uint16_t kReplyTypeErrorOffset = (1u << 15) | 2;
 
-// NBD errors (values fixed by the protocol, not the host's errno).
-inline constexpr uint32_t kEperm = 1;
-inline constexpr uint32_t kEio = 5;
-inline constexpr uint32_t kEnomem = 12;
-inline constexpr uint32_t kEinval = 22;
-inline constexpr uint32_t kEnospc = 28;
-inline constexpr uint32_t kEoverflow = 75;
-inline constexpr uint32_t kEnotsup = 95;
-inline constexpr uint32_t kEshutdown = 108;
+// NBD error values (doc/proto.md "Error values") have one table:
+// server/upstream/nbd_errors.h (kNbdEinval, ...), beside the status map.
 
 // Strings (export names, context names) must not exceed this (proto.md).
 inline constexpr size_t kMaxStringLength = 4096;

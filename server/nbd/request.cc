@@ -1,6 +1,7 @@
 // server/nbd/request.cc — request parsing, validation, reply encoding.
 #include "server/nbd/request.h"
 
+#include "server/upstream/nbd_errors.h"
 namespace blockmeta {
 namespace nbd {
 
@@ -51,7 +52,7 @@ Verdict ValidateRequest(const Request& r, const Negotiated& n) {
         v.reason = "write payload too large to skip";
         return v;
       }
-      v.error = kEinval;
+      v.error = kNbdEinval;
       v.reason = "write larger than the maximum payload";
       v.discard_payload = true;
       return v;
@@ -98,37 +99,43 @@ Verdict ValidateRequest(const Request& r, const Negotiated& n) {
       allowed |= kCmdFlagReqOne;
       break;
     default:
-      return fail(kEinval, "unknown command");
+      return fail(kNbdEinval, "unknown command");
   }
-  if (r.flags & ~allowed) return fail(kEinval, "invalid command flags");
+  // A server that advertises FUA must accept it on every command
+  // (doc/proto.md, NBD_CMD_FLAG_FUA); it only changes WRITE, TRIM and
+  // WRITE_ZEROES.
+  if (tf & kFlagSendFua) allowed |= kCmdFlagFua;
+  if (r.flags & ~allowed) return fail(kNbdEinval, "invalid command flags");
 
   // Commands the export does not offer.
   switch (r.type) {
     case kCmdWrite:
-      if (ro) return fail(kEperm, "export is read-only");
+      if (ro) return fail(kNbdEperm, "export is read-only");
       break;
     case kCmdTrim:
-      if (ro) return fail(kEperm, "export is read-only");
-      if (!(tf & kFlagSendTrim)) return fail(kEinval, "trim not supported");
+      if (ro) return fail(kNbdEperm, "export is read-only");
+      if (!(tf & kFlagSendTrim)) return fail(kNbdEinval, "trim not supported");
       break;
     case kCmdWriteZeroes:
-      if (ro) return fail(kEperm, "export is read-only");
+      if (ro) return fail(kNbdEperm, "export is read-only");
       if (!(tf & kFlagSendWriteZeroes)) {
-        return fail(kEinval, "write zeroes not supported");
+        return fail(kNbdEinval, "write zeroes not supported");
       }
       break;
     case kCmdFlush:
-      if (!(tf & kFlagSendFlush)) return fail(kEinval, "flush not supported");
+      if (!(tf & kFlagSendFlush))
+        return fail(kNbdEinval, "flush not supported");
       if (r.offset != 0 || r.length != 0) {
-        return fail(kEinval, "flush offset and length must be 0");
+        return fail(kNbdEinval, "flush offset and length must be 0");
       }
       break;
     case kCmdCache:
-      if (!(tf & kFlagSendCache)) return fail(kEinval, "cache not supported");
+      if (!(tf & kFlagSendCache))
+        return fail(kNbdEinval, "cache not supported");
       break;
     case kCmdBlockStatus:
       if (!n.structured_replies || n.contexts.empty()) {
-        return fail(kEinval, "no metadata context selected");
+        return fail(kNbdEinval, "no metadata context selected");
       }
       break;
     default:
@@ -136,18 +143,18 @@ Verdict ValidateRequest(const Request& r, const Negotiated& n) {
   }
 
   if (range) {
-    if (r.length == 0) return fail(kEinval, "zero length");
+    if (r.length == 0) return fail(kNbdEinval, "zero length");
     if (r.offset > size || r.length > size - r.offset) {
-      return fail(kEinval, "request past the end of the export");
+      return fail(kNbdEinval, "request past the end of the export");
     }
     if (data_cmd && n.min_block_size > 1 &&
         (r.offset % n.min_block_size != 0 ||
          r.length % n.min_block_size != 0)) {
-      return fail(kEinval, "request not aligned to the minimum block size");
+      return fail(kNbdEinval, "request not aligned to the minimum block size");
     }
   }
   if (r.type == kCmdRead && r.length > n.max_payload) {
-    return fail(n.structured_replies ? kEoverflow : kEinval,
+    return fail(n.structured_replies ? kNbdEoverflow : kNbdEinval,
                 "read larger than the maximum payload");
   }
   return v;

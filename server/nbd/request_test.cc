@@ -4,6 +4,7 @@
 #include "server/nbd/request.h"
 
 #include "gtest/gtest.h"
+#include "server/upstream/nbd_errors.h"
 
 namespace blockmeta {
 namespace nbd {
@@ -69,33 +70,53 @@ TEST(ValidateRequest, ValidRequests) {
   }
 }
 
+// doc/proto.md: a server that advertises NBD_FLAG_SEND_FUA must accept
+// NBD_CMD_FLAG_FUA on every command; without the advertisement it is EINVAL.
+TEST(ValidateRequest, FuaAcceptedOnEveryCommandWhenAdvertised) {
+  Negotiated n = MakeNegotiated(true);
+  ASSERT_TRUE(n.transmission_flags & kFlagSendFua);
+  Negotiated no_fua = n;
+  no_fua.transmission_flags &= ~kFlagSendFua;
+  for (const Request& r :
+       {Req(kCmdRead, 0, 4096, kCmdFlagFua), Req(kCmdFlush, 0, 0, kCmdFlagFua),
+        Req(kCmdCache, 0, 4096, kCmdFlagFua),
+        Req(kCmdBlockStatus, 0, 4096, kCmdFlagFua | kCmdFlagReqOne),
+        Req(kCmdTrim, 0, 4096, kCmdFlagFua),
+        Req(kCmdWriteZeroes, 0, 4096, kCmdFlagFua),
+        Req(kCmdWrite, 0, 4096, kCmdFlagFua)}) {
+    EXPECT_EQ(ValidateRequest(r, n).error, 0u) << CommandName(r.type);
+    EXPECT_EQ(ValidateRequest(r, no_fua).error, kNbdEinval)
+        << CommandName(r.type);
+  }
+}
+
 TEST(ValidateRequest, UnknownCommand) {
   Negotiated n = MakeNegotiated(true);
   for (uint16_t t : {8, 9, 100, 0xffff}) {
     Verdict v = ValidateRequest(Req(t, 0, 1), n);
-    EXPECT_EQ(v.error, kEinval) << t;
+    EXPECT_EQ(v.error, kNbdEinval) << t;
     EXPECT_FALSE(v.disconnect);
   }
 }
 
 TEST(ValidateRequest, UnknownOrMisplacedFlags) {
   Negotiated n = MakeNegotiated(true);
-  EXPECT_EQ(ValidateRequest(Req(kCmdRead, 0, 1, 1u << 9), n).error, kEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdRead, 0, 1, 1u << 9), n).error, kNbdEinval);
   EXPECT_EQ(ValidateRequest(Req(kCmdRead, 0, 1, kCmdFlagReqOne), n).error,
-            kEinval);
+            kNbdEinval);
   EXPECT_EQ(ValidateRequest(Req(kCmdWrite, 0, 1, kCmdFlagNoHole), n).error,
-            kEinval);
+            kNbdEinval);
   EXPECT_EQ(
       ValidateRequest(Req(kCmdWriteZeroes, 0, 1, kCmdFlagFastZero), n).error,
-      kEinval);  // fast zero not advertised
+      kNbdEinval);  // fast zero not advertised
   EXPECT_EQ(ValidateRequest(Req(kCmdBlockStatus, 0, 1, kCmdFlagDf), n).error,
-            kEinval);
+            kNbdEinval);
   Negotiated simple = MakeNegotiated(false);
   EXPECT_EQ(ValidateRequest(Req(kCmdRead, 0, 1, kCmdFlagDf), simple).error,
-            kEinval);  // DF needs structured replies
+            kNbdEinval);  // DF needs structured replies
   // A write with a bad flag still carries its payload: read and drop it.
   Verdict v = ValidateRequest(Req(kCmdWrite, 0, 100, 1u << 12), n);
-  EXPECT_EQ(v.error, kEinval);
+  EXPECT_EQ(v.error, kNbdEinval);
   EXPECT_TRUE(v.discard_payload);
   EXPECT_EQ(v.payload, 100u);
 }
@@ -104,12 +125,13 @@ TEST(ValidateRequest, PastTheEndAndOverflow) {
   Negotiated n = MakeNegotiated(true);
   for (uint16_t t : {kCmdRead, kCmdWrite, kCmdTrim, kCmdWriteZeroes, kCmdCache,
                      kCmdBlockStatus}) {
-    EXPECT_EQ(ValidateRequest(Req(t, kSize, 1), n).error, kEinval) << t;
-    EXPECT_EQ(ValidateRequest(Req(t, kSize - 1, 2), n).error, kEinval) << t;
-    EXPECT_EQ(ValidateRequest(Req(t, ~0ull - 10, 100), n).error, kEinval) << t;
+    EXPECT_EQ(ValidateRequest(Req(t, kSize, 1), n).error, kNbdEinval) << t;
+    EXPECT_EQ(ValidateRequest(Req(t, kSize - 1, 2), n).error, kNbdEinval) << t;
+    EXPECT_EQ(ValidateRequest(Req(t, ~0ull - 10, 100), n).error, kNbdEinval)
+        << t;
     Verdict v = ValidateRequest(Req(t, ~0ull, 0xffffffffu), n);
     // A 4 GiB write payload cannot be skipped: the connection is dropped.
-    EXPECT_TRUE(t == kCmdWrite ? v.disconnect : v.error == kEinval) << t;
+    EXPECT_TRUE(t == kCmdWrite ? v.disconnect : v.error == kNbdEinval) << t;
   }
 }
 
@@ -117,20 +139,20 @@ TEST(ValidateRequest, ZeroLength) {
   Negotiated n = MakeNegotiated(true);
   for (uint16_t t : {kCmdRead, kCmdWrite, kCmdTrim, kCmdWriteZeroes, kCmdCache,
                      kCmdBlockStatus}) {
-    EXPECT_EQ(ValidateRequest(Req(t, 0, 0), n).error, kEinval) << t;
+    EXPECT_EQ(ValidateRequest(Req(t, 0, 0), n).error, kNbdEinval) << t;
   }
 }
 
 TEST(ValidateRequest, Oversize) {
   Negotiated n = MakeNegotiated(true);
   EXPECT_EQ(ValidateRequest(Req(kCmdRead, 0, (1 << 16) + 1), n).error,
-            kEoverflow);
+            kNbdEoverflow);
   EXPECT_EQ(
       ValidateRequest(Req(kCmdRead, 0, (1 << 16) + 1), MakeNegotiated(false))
           .error,
-      kEinval);
+      kNbdEinval);
   Verdict v = ValidateRequest(Req(kCmdWrite, 0, (1 << 16) + 1), n);
-  EXPECT_EQ(v.error, kEinval);
+  EXPECT_EQ(v.error, kNbdEinval);
   EXPECT_TRUE(v.discard_payload);
   EXPECT_FALSE(v.disconnect);
   v = ValidateRequest(Req(kCmdWrite, 0, 0xffffffffu), n);
@@ -142,10 +164,10 @@ TEST(ValidateRequest, Oversize) {
 
 TEST(ValidateRequest, Unaligned) {
   Negotiated n = MakeNegotiated(true, false, 512);
-  EXPECT_EQ(ValidateRequest(Req(kCmdRead, 1, 512), n).error, kEinval);
-  EXPECT_EQ(ValidateRequest(Req(kCmdRead, 512, 100), n).error, kEinval);
-  EXPECT_EQ(ValidateRequest(Req(kCmdWrite, 512, 100), n).error, kEinval);
-  EXPECT_EQ(ValidateRequest(Req(kCmdTrim, 3, 512), n).error, kEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdRead, 1, 512), n).error, kNbdEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdRead, 512, 100), n).error, kNbdEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdWrite, 512, 100), n).error, kNbdEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdTrim, 3, 512), n).error, kNbdEinval);
   EXPECT_EQ(ValidateRequest(Req(kCmdRead, 512, 1024), n).error, 0u);
   // Block status length need not be aligned (clients ask up to the end).
   EXPECT_EQ(ValidateRequest(Req(kCmdBlockStatus, 0, 1000), n).error, 0u);
@@ -154,39 +176,39 @@ TEST(ValidateRequest, Unaligned) {
 TEST(ValidateRequest, ReadOnlyRefusesWritesWithEperm) {
   Negotiated n = MakeNegotiated(true, /*read_only=*/true);
   Verdict v = ValidateRequest(Req(kCmdWrite, 0, 512), n);
-  EXPECT_EQ(v.error, kEperm);
+  EXPECT_EQ(v.error, kNbdEperm);
   EXPECT_TRUE(v.discard_payload);
-  EXPECT_EQ(ValidateRequest(Req(kCmdTrim, 0, 512), n).error, kEperm);
-  EXPECT_EQ(ValidateRequest(Req(kCmdWriteZeroes, 0, 512), n).error, kEperm);
+  EXPECT_EQ(ValidateRequest(Req(kCmdTrim, 0, 512), n).error, kNbdEperm);
+  EXPECT_EQ(ValidateRequest(Req(kCmdWriteZeroes, 0, 512), n).error, kNbdEperm);
   EXPECT_EQ(ValidateRequest(Req(kCmdRead, 0, 512), n).error, 0u);
 }
 
 TEST(ValidateRequest, BlockStatusNeedsAContext) {
   Negotiated n = MakeNegotiated(true);
   n.contexts.clear();
-  EXPECT_EQ(ValidateRequest(Req(kCmdBlockStatus, 0, 512), n).error, kEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdBlockStatus, 0, 512), n).error, kNbdEinval);
   EXPECT_EQ(ValidateRequest(Req(kCmdBlockStatus, 0, 512), MakeNegotiated(false))
                 .error,
-            kEinval);
+            kNbdEinval);
 }
 
 TEST(ValidateRequest, FlushAndDisc) {
   Negotiated n = MakeNegotiated(true);
-  EXPECT_EQ(ValidateRequest(Req(kCmdFlush, 1, 0), n).error, kEinval);
-  EXPECT_EQ(ValidateRequest(Req(kCmdFlush, 0, 1), n).error, kEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdFlush, 1, 0), n).error, kNbdEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdFlush, 0, 1), n).error, kNbdEinval);
   EXPECT_TRUE(ValidateRequest(Req(kCmdDisc, 0, 0), n).disconnect);
   n.transmission_flags &= ~kFlagSendFlush;
-  EXPECT_EQ(ValidateRequest(Req(kCmdFlush, 0, 0), n).error, kEinval);
+  EXPECT_EQ(ValidateRequest(Req(kCmdFlush, 0, 0), n).error, kNbdEinval);
 }
 
 TEST(Replies, Encoding) {
-  std::string s = SimpleReply(7, kEinval);
+  std::string s = SimpleReply(7, kNbdEinval);
   ASSERT_EQ(s.size(), kSimpleReplyHeaderSize);
   const auto* p = reinterpret_cast<const uint8_t*>(s.data());
   EXPECT_EQ(GetBe32(p), kSimpleReplyMagic);
-  EXPECT_EQ(GetBe32(p + 4), kEinval);
+  EXPECT_EQ(GetBe32(p + 4), kNbdEinval);
   EXPECT_EQ(GetBe64(p + 8), 7u);
-  s = ErrorReply(true, 9, kEperm, "nope");
+  s = ErrorReply(true, 9, kNbdEperm, "nope");
   ASSERT_EQ(s.size(), kStructuredReplyHeaderSize + 6 + 4);
   p = reinterpret_cast<const uint8_t*>(s.data());
   EXPECT_EQ(GetBe32(p), kStructuredReplyMagic);
@@ -194,7 +216,7 @@ TEST(Replies, Encoding) {
   EXPECT_EQ(GetBe16(p + 6), kReplyTypeError);
   EXPECT_EQ(GetBe64(p + 8), 9u);
   EXPECT_EQ(GetBe32(p + 16), 10u);
-  EXPECT_EQ(GetBe32(p + 20), kEperm);
+  EXPECT_EQ(GetBe32(p + 20), kNbdEperm);
   EXPECT_EQ(GetBe16(p + 24), 4u);
   EXPECT_EQ(s.substr(26), "nope");
 }

@@ -29,28 +29,65 @@ FdStream::~FdStream() {
   if (owns_ && fd_ >= 0) close(fd_);
 }
 
+absl::Status FdStream::WaitFor(short events, absl::Time deadline) {
+  for (;;) {
+    int timeout_ms = -1;
+    if (deadline != absl::InfiniteFuture()) {
+      absl::Duration left = deadline - absl::Now();
+      if (left <= absl::ZeroDuration()) {
+        return absl::DeadlineExceededError(events == POLLIN
+                                               ? "read deadline passed"
+                                               : "write deadline passed");
+      }
+      timeout_ms = static_cast<int>(
+          std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 1 << 30));
+    }
+    struct pollfd pfd = {fd_, events, 0};
+    int r = poll(&pfd, 1, timeout_ms);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return absl::UnavailableError(strerror(errno));
+    if (r > 0) return absl::OkStatus();  // ready, or an error recv/send sees
+  }
+}
+
+absl::StatusOr<size_t> FdStream::ReadSome(void* buf, size_t n) {
+  for (;;) {
+    ssize_t r = recv(fd_, buf, n, MSG_DONTWAIT);
+    if (r >= 0) return static_cast<size_t>(r);
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      return absl::UnavailableError(absl::StrCat("recv: ", strerror(errno)));
+    }
+    if (absl::Status s = WaitFor(POLLIN, read_deadline_); !s.ok()) return s;
+  }
+}
+
+absl::StatusOr<size_t> FdStream::WriteSome(const void* buf, size_t n) {
+  for (;;) {
+    absl::StatusOr<size_t> w = TryWrite(buf, n);
+    if (!w.ok() || *w > 0 || n == 0) return w;
+    if (absl::Status s = WaitFor(POLLOUT, write_deadline_); !s.ok()) return s;
+  }
+}
+
+absl::StatusOr<size_t> FdStream::TryWrite(const void* buf, size_t n) {
+  for (;;) {
+    ssize_t r = send(fd_, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r >= 0) return static_cast<size_t>(r);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return size_t{0};
+    return absl::UnavailableError(absl::StrCat("send: ", strerror(errno)));
+  }
+}
+
 absl::Status FdStream::ReadFull(void* buf, size_t n) {
   char* p = static_cast<char*>(buf);
   while (n > 0) {
-    if (deadline_ != absl::InfiniteFuture()) {
-      absl::Duration left = deadline_ - absl::Now();
-      if (left <= absl::ZeroDuration()) {
-        return absl::DeadlineExceededError("read deadline passed");
-      }
-      struct pollfd pfd = {fd_, POLLIN, 0};
-      int64_t ms = absl::ToInt64Milliseconds(left) + 1;
-      int r = poll(&pfd, 1, static_cast<int>(std::min<int64_t>(ms, 1 << 30)));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) return absl::UnavailableError(strerror(errno));
-      if (r == 0) continue;  // re-check the deadline
-    }
-    ssize_t r = recv(fd_, p, n, 0);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0)
-      return absl::UnavailableError(absl::StrCat("recv: ", strerror(errno)));
-    if (r == 0) return absl::UnavailableError("peer closed the connection");
-    p += r;
-    n -= static_cast<size_t>(r);
+    absl::StatusOr<size_t> r = ReadSome(p, n);
+    if (!r.ok()) return r.status();
+    if (*r == 0) return absl::UnavailableError("peer closed the connection");
+    p += *r;
+    n -= *r;
   }
   return absl::OkStatus();
 }
@@ -58,12 +95,10 @@ absl::Status FdStream::ReadFull(void* buf, size_t n) {
 absl::Status FdStream::WriteAll(const void* buf, size_t n) {
   const char* p = static_cast<const char*>(buf);
   while (n > 0) {
-    ssize_t r = send(fd_, p, n, MSG_NOSIGNAL);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0)
-      return absl::UnavailableError(absl::StrCat("send: ", strerror(errno)));
-    p += r;
-    n -= static_cast<size_t>(r);
+    absl::StatusOr<size_t> r = WriteSome(p, n);
+    if (!r.ok()) return r.status();
+    p += *r;
+    n -= *r;
   }
   return absl::OkStatus();
 }

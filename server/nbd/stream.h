@@ -2,9 +2,13 @@
 //
 // ByteStream abstracts a connected socket so the handshake and request
 // parser can run over memory (unit tests, the fuzzer) as well as over a
-// file descriptor. FdStream adds an optional deadline (the handshake
-// timeout): a read that cannot complete by then fails with
-// DEADLINE_EXCEEDED instead of blocking.
+// file descriptor. FdStream adds a read and a write deadline (the
+// handshake timeout; the per-request timeout): a read or write that cannot
+// complete by then fails with DEADLINE_EXCEEDED instead of blocking, so no
+// peer can park a thread in recv() or send() (a client that floods options
+// and never reads the replies fills its socket buffer). TryWrite never
+// blocks: the transmission phase queues what the socket does not take and
+// finishes it when the socket is writable.
 //
 // Errors: UNAVAILABLE when the peer closed or the socket broke (a clean EOF
 // at a message boundary is still an error: callers decide), DEADLINE_EXCEEDED
@@ -21,6 +25,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 
 namespace blockmeta {
@@ -36,6 +41,16 @@ class ByteStream {
   absl::Status WriteAll(std::string_view s) {
     return WriteAll(s.data(), s.size());
   }
+  // Writes what can be written now without blocking; returns the count
+  // (0 when the socket is full). The default writes everything.
+  virtual absl::StatusOr<size_t> TryWrite(const void* buf, size_t n) {
+    absl::Status s = WriteAll(buf, n);
+    if (!s.ok()) return s;
+    return n;
+  }
+  // True when input is already buffered above the socket (TLS records), so
+  // a read may succeed although poll() says the socket is not readable.
+  virtual bool HasBufferedInput() const { return false; }
   // Reads and throws away n bytes in bounded chunks (never allocates n).
   absl::Status Discard(uint64_t n);
 };
@@ -51,15 +66,25 @@ class FdStream : public ByteStream {
   absl::Status ReadFull(void* buf, size_t n) override;
   absl::Status WriteAll(const void* buf, size_t n) override;
   using ByteStream::WriteAll;
-  // Reads after this instant fail with DEADLINE_EXCEEDED. InfiniteFuture()
-  // (the default) disables the deadline.
-  void SetReadDeadline(absl::Time deadline) { deadline_ = deadline; }
+  absl::StatusOr<size_t> TryWrite(const void* buf, size_t n) override;
+  // One recv() / send() of at most n bytes, waiting for the socket until
+  // the read / write deadline: the bytes moved (recv: 0 = EOF, an error).
+  absl::StatusOr<size_t> ReadSome(void* buf, size_t n);
+  absl::StatusOr<size_t> WriteSome(const void* buf, size_t n);
+  // Reads / writes after this instant fail with DEADLINE_EXCEEDED.
+  // InfiniteFuture() (the default) disables the deadline.
+  void SetReadDeadline(absl::Time deadline) { read_deadline_ = deadline; }
+  void SetWriteDeadline(absl::Time deadline) { write_deadline_ = deadline; }
   int fd() const { return fd_; }
 
  private:
+  // Waits until `events` is ready on the fd or `deadline` passed.
+  absl::Status WaitFor(short events, absl::Time deadline);
+
   const int fd_;
   const bool owns_;
-  absl::Time deadline_ = absl::InfiniteFuture();  // reader thread only
+  absl::Time read_deadline_ = absl::InfiniteFuture();   // reader thread only
+  absl::Time write_deadline_ = absl::InfiniteFuture();  // writer only
 };
 
 // Reads from a fixed input, collects what is written. Reading past the end

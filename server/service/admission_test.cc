@@ -1,7 +1,9 @@
 // server/service/admission_test.cc
 #include "server/service/admission.h"
 
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -36,6 +38,39 @@ TEST(AdmissionTest, MovedTicketReleasesOnce) {
   moved.Release();
   EXPECT_EQ(a.in_flight(), 0u);
   EXPECT_TRUE(a.TryAcquire());
+}
+
+TEST(AdmissionTest, OneFloodedExportCannotTakeEveryTicket) {
+  Admission a(10, 3);
+  std::vector<Admission::Ticket> slow;
+  for (int i = 0; i < 3; ++i) slow.push_back(a.TryAcquire("slow"));
+  for (const auto& t : slow) EXPECT_TRUE(t);
+  EXPECT_FALSE(a.TryAcquire("slow"));
+  EXPECT_EQ(a.refused_export(), 1u);
+  EXPECT_EQ(a.in_flight(), 3u);  // the refusal gave its global slot back
+  EXPECT_EQ(a.in_flight("slow"), 3u);
+  // Another export still gets in, up to the global limit.
+  std::vector<Admission::Ticket> fast;
+  for (int i = 0; i < 3; ++i) fast.push_back(a.TryAcquire("fast"));
+  for (const auto& t : fast) EXPECT_TRUE(t);
+  slow.clear();
+  EXPECT_EQ(a.in_flight("slow"), 0u);
+  EXPECT_EQ(a.in_flight(), 3u);
+  EXPECT_TRUE(a.TryAcquire("slow"));
+}
+
+TEST(AdmissionTest, GlobalLimitStillHolds) {
+  Admission a(4, 4);
+  std::vector<Admission::Ticket> t;
+  for (int i = 0; i < 4; ++i) t.push_back(a.TryAcquire(std::to_string(i)));
+  EXPECT_FALSE(a.TryAcquire("x"));
+  EXPECT_EQ(a.refused_global(), 1u);
+  EXPECT_EQ(a.in_flight("x"), 0u);
+}
+
+TEST(AdmissionTest, DefaultPerExportLimitIsHalf) {
+  EXPECT_EQ(Admission(256).per_export_limit(), 128u);
+  EXPECT_EQ(Admission(1).per_export_limit(), 1u);
 }
 
 }  // namespace

@@ -4,12 +4,24 @@
 #include <memory>
 #include <utility>
 
+#include "server/service/batch_stream.h"
 #include "server/service/grpc_status.h"
+#include "server/service/multi_context.h"
 
 namespace blockmeta {
 namespace {
 
 namespace v1 = ::blockmeta::v1;
+
+// Finishes a cheap call inline without an admission ticket: listing and
+// stats must answer even when every export is busy.
+template <typename Fn>
+grpc::ServerUnaryReactor* FinishCheap(grpc::CallbackServerContext* context,
+                                      Fn&& fn) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(fn()));
+  return reactor;
+}
 
 // Finishes a unary call whose answer is computed cheaply, inline.
 template <typename Fn>
@@ -25,98 +37,115 @@ grpc::ServerUnaryReactor* FinishInline(grpc::CallbackServerContext* context,
   return reactor;
 }
 
-// Streams MapExtents batches; each batch is produced on the worker pool.
-class MapReactor final
-    : public grpc::ServerWriteReactor<v1::MapExtentsResponse> {
+// The MapExtents stream: one message per batch of the cursor.
+class MapSource {
  public:
-  MapReactor(const CallContext& ctx, grpc::CallbackServerContext* context,
-             const v1::MapExtentsRequest& request)
-      : ctx_(ctx),
-        deadline_(CallDeadline(context, ctx.default_deadline)),
-        ticket_(ctx.admission->TryAcquire()) {
-    if (!ticket_) {
-      Finish(OverloadedStatus(*ctx.admission));
-      return;
-    }
-    absl::StatusOr<ExtentService::Cursor> cursor =
-        ctx_.service->PrepareMap(request);
-    if (!cursor.ok()) {
-      Finish(ToGrpcStatus(cursor.status()));
-      return;
-    }
-    cursor_ = *std::move(cursor);
-    ProduceNext();
+  using Response = v1::MapExtentsResponse;
+
+  MapSource(ExtentService* service, ExtentService::Cursor cursor)
+      : service_(service), cursor_(std::move(cursor)) {}
+
+  const std::string& export_name() const {
+    return cursor_.query.key.export_name;
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                          "client went away during the stream"));
-      return;
+  absl::StatusOr<StreamStep> Fill(Response* out, absl::Time deadline) {
+    absl::StatusOr<ExtentService::Batch> batch =
+        service_->NextBatch(&cursor_, deadline);
+    if (!batch.ok()) return batch.status();
+    out->mutable_extents()->Reserve(static_cast<int>(batch->extents.size()));
+    for (const Extent& e : batch->extents) {
+      ToProto(e, cursor_.query.key.context, out->add_extents());
     }
-    if (done_) {
-      Finish(grpc::Status::OK);
-      return;
-    }
-    ProduceNext();
+    out->set_next_offset(batch->next_offset);
+    out->set_export_size(cursor_.query.export_size);
+    out->set_context(cursor_.query.key.context);
+    return StreamStep{batch->extents.empty(), batch->done};
   }
-
-  void OnCancel() override { cancelled_.store(true); }
-
-  void OnDone() override { delete this; }
 
  private:
-  void ProduceNext() {
-    ctx_.pools->For(cursor_.query.key.export_name)->Schedule([this] {
-      if (cancelled_.load()) {
-        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled"));
-        return;
-      }
-      absl::StatusOr<ExtentService::Batch> batch =
-          ctx_.service->NextBatch(&cursor_, deadline_);
-      if (!batch.ok()) {
-        Finish(ToGrpcStatus(batch.status()));
-        return;
-      }
-      response_.Clear();
-      response_.mutable_extents()->Reserve(
-          static_cast<int>(batch->extents.size()));
-      for (const Extent& e : batch->extents) {
-        ToProto(e, cursor_.query.key.context, response_.add_extents());
-      }
-      response_.set_next_offset(batch->next_offset);
-      response_.set_export_size(cursor_.query.export_size);
-      response_.set_context(cursor_.query.key.context);
-      done_ = batch->done;
-      // Every stream carries at least one message (export_size), even for
-      // an empty export; after that an empty final batch just ends it.
-      if (batch->extents.empty() && done_ && sent_any_) {
-        Finish(grpc::Status::OK);
-        return;
-      }
-      sent_any_ = true;
-      StartWrite(&response_);
-    });
+  ExtentService* service_;
+  ExtentService::Cursor cursor_;
+};
+
+// The MapExtents stream over several contexts: one message per merged batch.
+class MultiMapSource {
+ public:
+  using Response = v1::MapExtentsResponse;
+
+  MultiMapSource(ExtentService* service, MultiCursor cursor)
+      : service_(service), cursor_(std::move(cursor)) {}
+
+  const std::string& export_name() const { return cursor_.export_name(); }
+
+  absl::StatusOr<StreamStep> Fill(Response* out, absl::Time deadline) {
+    absl::StatusOr<MergedBatch> batch =
+        NextMerged(service_, &cursor_, deadline);
+    if (!batch.ok()) return batch.status();
+    out->mutable_extents()->Reserve(static_cast<int>(batch->extents.size()));
+    for (const MergedExtent& e : batch->extents) {
+      MergedToProto(e, cursor_.contexts, out->add_extents());
+    }
+    out->set_next_offset(batch->next_offset);
+    out->set_export_size(cursor_.export_size);
+    out->set_context(cursor_.contexts.front());
+    for (const std::string& c : cursor_.contexts) out->add_contexts(c);
+    return StreamStep{batch->extents.empty(), batch->done};
   }
 
-  const CallContext ctx_;
-  const absl::Time deadline_;
-  Admission::Ticket ticket_;
-  // Touched only by the one step in progress (a pool task or OnWriteDone);
-  // steps are sequential, so no lock is needed.
-  ExtentService::Cursor cursor_;
-  v1::MapExtentsResponse response_;
-  bool done_ = false;
-  bool sent_any_ = false;
-  std::atomic<bool> cancelled_{false};
+ private:
+  ExtentService* service_;
+  MultiCursor cursor_;
 };
+
+// GetExtents over several contexts: always on the worker pool (each
+// context's cache is consulted there; a hit costs one hop).
+grpc::ServerUnaryReactor* GetMultiExtents(const CallContext& ctx,
+                                          grpc::CallbackServerContext* context,
+                                          const v1::GetExtentsRequest& request,
+                                          v1::GetExtentsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  Admission::Ticket ticket = ctx.admission->TryAcquire(request.export_name());
+  if (!ticket) {
+    reactor->Finish(OverloadedStatus(*ctx.admission));
+    return reactor;
+  }
+  absl::StatusOr<MultiCursor> cursor =
+      PrepareMultiExtents(*ctx.service, request);
+  if (!cursor.ok()) {
+    reactor->Finish(ToGrpcStatus(cursor.status()));
+    return reactor;
+  }
+  absl::Time deadline = CallDeadline(context, ctx.default_deadline);
+  auto pool = ctx.pools->For(cursor->export_name());
+  auto shared = std::make_shared<MultiCursor>(*std::move(cursor));
+  ExtentService* service = ctx.service;
+  pool->Schedule([service, context, reactor, response, shared, deadline,
+                  ticket = std::move(ticket)]() mutable {
+    if (context->IsCancelled()) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                                   "call cancelled before it was served"));
+      return;
+    }
+    absl::StatusOr<v1::GetExtentsResponse> r =
+        AnswerMulti(service, shared.get(), deadline);
+    ticket.Release();
+    if (!r.ok()) {
+      reactor->Finish(ToGrpcStatus(r.status()));
+      return;
+    }
+    *response = *std::move(r);
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
 
 }  // namespace
 
 grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
     grpc::CallbackServerContext* context, const v1::ListExportsRequest*,
     v1::ListExportsResponse* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::ListExportsResponse> r = ctx_.service->ListExports();
     if (!r.ok()) return r.status();
     *response = *std::move(r);
@@ -127,7 +156,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExportInfo(
     grpc::CallbackServerContext* context,
     const v1::GetExportInfoRequest* request, v1::ExportInfo* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::ExportInfo> r = ctx_.service->GetExportInfo(*request);
     if (!r.ok()) return r.status();
     *response = *std::move(r);
@@ -138,8 +167,12 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExportInfo(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     grpc::CallbackServerContext* context, const v1::GetExtentsRequest* request,
     v1::GetExtentsResponse* response) {
+  if (request->contexts_size() > 0) {
+    return GetMultiExtents(ctx_, context, *request, response);
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Admission::Ticket ticket = ctx_.admission->TryAcquire();
+  Admission::Ticket ticket =
+      ctx_.admission->TryAcquire(request->export_name());
   if (!ticket) {
     reactor->Finish(OverloadedStatus(*ctx_.admission));
     return reactor;
@@ -158,7 +191,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     return reactor;
   }
   absl::Time deadline = CallDeadline(context, ctx_.default_deadline);
-  WorkerPool* pool = ctx_.pools->For(query->key.export_name);
+  auto pool = ctx_.pools->For(query->key.export_name);
   pool->Schedule([this, context, reactor, response, query = *std::move(query),
                   deadline, ticket = std::move(ticket)]() mutable {
     if (context->IsCancelled()) {
@@ -182,7 +215,23 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
 grpc::ServerWriteReactor<v1::MapExtentsResponse>*
 BlockMetaGrpcService::MapExtents(grpc::CallbackServerContext* context,
                                  const v1::MapExtentsRequest* request) {
-  return new MapReactor(ctx_, context, *request);
+  ExtentService* service = ctx_.service;
+  if (request->contexts_size() > 0) {
+    return BatchStreamReactor<MultiMapSource>::Start(
+        ctx_, context, [service, request]() -> absl::StatusOr<MultiMapSource> {
+          absl::StatusOr<MultiCursor> cursor =
+              PrepareMultiMap(*service, *request);
+          if (!cursor.ok()) return cursor.status();
+          return MultiMapSource(service, *std::move(cursor));
+        });
+  }
+  return BatchStreamReactor<MapSource>::Start(
+      ctx_, context, [service, request]() -> absl::StatusOr<MapSource> {
+        absl::StatusOr<ExtentService::Cursor> cursor =
+            service->PrepareMap(*request);
+        if (!cursor.ok()) return cursor.status();
+        return MapSource(service, *std::move(cursor));
+      });
 }
 
 grpc::ServerUnaryReactor* BlockMetaGrpcService::InvalidateCache(
@@ -201,7 +250,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::InvalidateCache(
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetStats(
     grpc::CallbackServerContext* context, const v1::GetStatsRequest* request,
     v1::GetStatsResponse* response) {
-  return FinishInline(context, ctx_.admission, [&]() -> absl::Status {
+  return FinishCheap(context, [&]() -> absl::Status {
     absl::StatusOr<v1::GetStatsResponse> r = ctx_.service->GetStats(*request);
     if (!r.ok()) return r.status();
     *response = *std::move(r);

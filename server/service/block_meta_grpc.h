@@ -2,10 +2,13 @@
 // service: a thin callback-API layer over ExtentService.
 //
 // Never blocks a gRPC callback thread: cache hits are answered inline;
-// anything that may wait for an upstream runs on the WorkerPool and
-// finishes the reactor from there. Every call takes an admission ticket
-// (RESOURCE_EXHAUSTED when the cap is reached) and honours the client's
-// deadline down to the upstream call.
+// anything that may wait for an upstream runs on the shared WorkerPools
+// (capped per export) and finishes the reactor from there. GetExtents and
+// MapExtents take an admission ticket for their export (RESOURCE_EXHAUSTED
+// when the global or the per-export cap is reached), InvalidateCache a
+// global one; ListExports, GetExportInfo and GetStats take none, so they
+// answer however busy the exports are. Calls honour the client's deadline
+// down to the upstream call.
 #ifndef BLOCKMETA_SERVER_SERVICE_BLOCK_META_GRPC_H_
 #define BLOCKMETA_SERVER_SERVICE_BLOCK_META_GRPC_H_
 

@@ -19,8 +19,8 @@ namespace blockmeta {
 
 struct CallContext {
   ExtentService* service = nullptr;
-  // Blocking work for an export runs on that export's pool.
-  const WorkerPools* pools = nullptr;
+  // Blocking work runs on the one shared pool, capped per export.
+  WorkerPools* pools = nullptr;
   Admission* admission = nullptr;
   // Used when the client set no deadline.
   absl::Duration default_deadline = absl::Seconds(30);
@@ -39,7 +39,9 @@ inline absl::Time CallDeadline(const grpc::CallbackServerContext* ctx,
 inline grpc::Status OverloadedStatus(const Admission& a) {
   return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                       "server is at its limit of " + std::to_string(a.limit()) +
-                          " calls in flight; retry with backoff");
+                          " calls in flight (" +
+                          std::to_string(a.per_export_limit()) +
+                          " per export); retry with backoff");
 }
 
 }  // namespace blockmeta

@@ -1,37 +1,50 @@
-// server/service/csi_grpc.h — the CSI SnapshotMetadata service (csi.v1)
-// on blockmeta's cache, so Kubernetes' external-snapshot-metadata sidecar
-// can use blockmeta as its backend.
+// server/service/csi_grpc.h — the CSI services on blockmeta's cache, so
+// Kubernetes' external-snapshot-metadata sidecar can use blockmeta as its
+// backend: csi.v1.Identity (which the sidecar calls first) and
+// csi.v1.SnapshotMetadata. Both are thin gRPC layers over CsiService
+// (csi_service.h), which holds the request rules and the snapshot-id
+// mapping (docs/api.md).
 //
-// Mapping (docs/api.md): snapshot_id / target_snapshot_id name an export;
-// base_snapshot_id names a dirty bitmap (checkpoint) of that export, read
-// through the qemu:dirty-bitmap:BASE context. A delta without that bitmap
-// is FAILED_PRECONDITION ("perform a full backup instead").
-//
-// Stream rules kept: max_results caps entries per message (0 = server's
-// choice); ranges strictly increase across messages; the first range ends
-// after starting_offset; block_metadata_type and volume_capacity_bytes are
-// constant within a stream; a clean end of stream means complete; errors
-// end the stream with a status and the caller resumes from its last offset.
+// Identity calls are answered inline and take no admission ticket: the
+// sidecar exits on any error from them, so an overloaded server must still
+// answer its Probe. SnapshotMetadata streams run on the shared stream
+// skeleton (batch_stream.h): messages are filled on the export's worker
+// pool, and a clean end of stream means complete.
 #ifndef BLOCKMETA_SERVER_SERVICE_CSI_GRPC_H_
 #define BLOCKMETA_SERVER_SERVICE_CSI_GRPC_H_
 
-#include <cstdint>
-
+#include "csi/v1/identity.grpc.pb.h"
 #include "csi/v1/snapshot_metadata.grpc.pb.h"
 #include "server/service/call_context.h"
+#include "server/service/csi_service.h"
 
 namespace blockmeta {
 
-struct CsiOptions {
-  uint64_t fixed_block_size = 0;  // 0 = VARIABLE_LENGTH
-  uint32_t default_max_results = 1024;
+class CsiIdentityService final : public csi::v1::Identity::CallbackService {
+ public:
+  explicit CsiIdentityService(const CsiService* csi) : csi_(csi) {}
+
+  grpc::ServerUnaryReactor* GetPluginInfo(
+      grpc::CallbackServerContext* context,
+      const csi::v1::GetPluginInfoRequest* request,
+      csi::v1::GetPluginInfoResponse* response) override;
+  grpc::ServerUnaryReactor* GetPluginCapabilities(
+      grpc::CallbackServerContext* context,
+      const csi::v1::GetPluginCapabilitiesRequest* request,
+      csi::v1::GetPluginCapabilitiesResponse* response) override;
+  grpc::ServerUnaryReactor* Probe(grpc::CallbackServerContext* context,
+                                  const csi::v1::ProbeRequest* request,
+                                  csi::v1::ProbeResponse* response) override;
+
+ private:
+  const CsiService* const csi_;
 };
 
 class CsiSnapshotMetadataService final
     : public csi::v1::SnapshotMetadata::CallbackService {
  public:
-  CsiSnapshotMetadataService(CallContext ctx, CsiOptions options)
-      : ctx_(ctx), options_(options) {}
+  CsiSnapshotMetadataService(CallContext ctx, CsiService* csi)
+      : ctx_(ctx), csi_(csi) {}
 
   grpc::ServerWriteReactor<csi::v1::GetMetadataAllocatedResponse>*
   GetMetadataAllocated(
@@ -43,7 +56,7 @@ class CsiSnapshotMetadataService final
 
  private:
   const CallContext ctx_;
-  const CsiOptions options_;
+  CsiService* const csi_;
 };
 
 }  // namespace blockmeta

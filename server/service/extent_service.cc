@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -40,17 +41,24 @@ void AppendExtent(ExtentList* out, const Extent& e, bool coalesce) {
   out->push_back(e);
 }
 
+// At most the first 64 bytes of untrusted input, C-escaped, for messages.
+std::string QuotePrefix(const std::string& s) {
+  std::string out = absl::StrCat("\"", absl::CHexEscape(s.substr(0, 64)), "\"");
+  if (s.size() > 64) absl::StrAppend(&out, "...");
+  return out;
+}
+
 absl::Status ValidateContextName(const std::string& context) {
   if (context.size() > kMaxContextNameBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("metadata context name is ", context.size(),
-                     " bytes; the limit is ", kMaxContextNameBytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "metadata context name ", QuotePrefix(context), " is ", context.size(),
+        " bytes; the limit is ", kMaxContextNameBytes));
   }
   size_t colon = context.find(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == context.size()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("malformed metadata context \"", context,
-                     "\": expected NAMESPACE:LEAF such as base:allocation or "
+        absl::StrCat("malformed metadata context ", QuotePrefix(context),
+                     ": expected NAMESPACE:LEAF such as base:allocation or "
                      "qemu:dirty-bitmap:NAME"));
   }
   for (unsigned char c : context) {
@@ -78,39 +86,46 @@ void ToProto(const Extent& e, const std::string& context, v1::Extent* out) {
 
 ExtentService::ExtentService(const ExportRegistry* registry, ExtentCache* cache,
                              Options options)
-    : registry_(registry), cache_(cache), options_(std::move(options)) {
-  for (ExportEntry* e : registry_->All()) {
-    counters_.emplace(e->config.name(), std::make_unique<ExportCounters>());
-  }
-}
+    : registry_(registry), cache_(cache), options_(std::move(options)) {}
 
-absl::StatusOr<ExportEntry*> ExtentService::FindExport(
+absl::StatusOr<ExportRef> ExtentService::FindExport(
     const std::string& name) const {
   if (name.empty()) {
     return absl::InvalidArgumentError("export_name is required");
   }
-  ExportEntry* entry = registry_->Find(name);
+  if (name.size() > kMaxExportNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("export_name ", QuotePrefix(name), " is ", name.size(),
+                     " bytes; the limit is ", kMaxExportNameBytes));
+  }
+  ExportRef entry = registry_->Find(name);
   if (entry == nullptr) {
     std::vector<std::string> names;
-    for (ExportEntry* e : registry_->All()) names.push_back(e->config.name());
-    return absl::NotFoundError(
-        absl::StrCat("no export named \"", name, "\"; exports: ",
-                     names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
+    for (const ExportRef& e : registry_->All()) {
+      if (names.size() == 20) {  // bounded: there may be thousands
+        names.push_back("...");
+        break;
+      }
+      names.push_back(e->config.name());
+    }
+    return absl::NotFoundError(absl::StrCat(
+        "no export named ", QuotePrefix(name),
+        "; exports: ", names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
   }
   return entry;
 }
 
-absl::StatusOr<std::vector<ExportEntry*>> ExtentService::ExportsNamed(
+absl::StatusOr<std::vector<ExportRef>> ExtentService::ExportsNamed(
     const std::string& name) const {
   if (name.empty()) return registry_->All();
-  absl::StatusOr<ExportEntry*> e = FindExport(name);
+  absl::StatusOr<ExportRef> e = FindExport(name);
   if (!e.ok()) return e.status();
-  return std::vector<ExportEntry*>{*e};
+  return std::vector<ExportRef>{*e};
 }
 
 absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
   v1::ListExportsResponse response;
-  for (ExportEntry* e : registry_->All()) {
+  for (const ExportRef& e : registry_->All()) {
     v1::ExportSummary* s = response.add_exports();
     s->set_name(e->config.name());
     s->set_description(e->config.description());
@@ -124,7 +139,7 @@ absl::StatusOr<v1::ListExportsResponse> ExtentService::ListExports() const {
 
 absl::StatusOr<v1::ExportInfo> ExtentService::GetExportInfo(
     const v1::GetExportInfoRequest& request) const {
-  absl::StatusOr<ExportEntry*> entry = FindExport(request.export_name());
+  absl::StatusOr<ExportRef> entry = FindExport(request.export_name());
   if (!entry.ok()) return entry.status();
   const ExportEntry& e = **entry;
   v1::ExportInfo out;
@@ -161,7 +176,7 @@ absl::StatusOr<ExtentService::Query> ExtentService::Validate(
     const std::string& export_name, const std::string& context_in,
     uint64_t offset, uint64_t length, bool length_zero_means_end,
     uint32_t max_extents, v1::CacheMode mode) const {
-  absl::StatusOr<ExportEntry*> entry = FindExport(export_name);
+  absl::StatusOr<ExportRef> entry = FindExport(export_name);
   if (!entry.ok()) return entry.status();
   if (!v1::CacheMode_IsValid(mode)) {
     return absl::InvalidArgumentError(
@@ -272,17 +287,14 @@ std::optional<v1::GetExtentsResponse> ExtentService::TryAnswerFromCache(
     const Query& query) {
   if (query.cache_mode != v1::CACHE_MODE_USE) return std::nullopt;
   LookupResult r = cache_->Lookup(query.key, query.offset,
-                                  query.end - query.offset, query.max_extents,
-                                  /*count=*/false);
+                                  query.end - query.offset, query.max_extents);
   bool complete =
       r.next_offset >= query.end ||
       (query.max_extents != 0 && r.extents.size() >= query.max_extents);
   if (r.extents.empty() || !complete) return std::nullopt;
   // Count the hit now that we know it is one (the probe above was silent).
-  r = cache_->Lookup(query.key, query.offset, query.end - query.offset,
-                     query.max_extents, /*count=*/true);
-  if (r.extents.empty()) return std::nullopt;  // invalidated in between
   r.outcome = Outcome::kHit;
+  cache_->Record(query.key, query.offset, r);
   return MakeResponse(query, r);
 }
 
@@ -291,18 +303,31 @@ absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
   absl::Time start = absl::Now();
   absl::StatusOr<ExtentList> got = query.entry->upstream->BlockStatus(
       query.key.context, offset, length, deadline);
-  auto it = counters_.find(query.key.export_name);
-  if (it != counters_.end()) {
-    it->second->upstream_calls.fetch_add(1, std::memory_order_relaxed);
-    if (!got.ok()) {
-      it->second->upstream_errors.fetch_add(1, std::memory_order_relaxed);
-    }
-  }
+  // The cache counts every upstream call, its own and this bypassing one.
+  cache_->RecordUpstreamCall(query.key, got.status());
   if (options_.on_upstream_call) {
     options_.on_upstream_call(query.key.export_name, absl::Now() - start,
                               got.status());
   }
   return got;
+}
+
+AsyncFetcher ExtentService::MakeFetcher(const Query& query) const {
+  // Owns what it captures: read-ahead and detached fetches call it after
+  // the query is gone. The upstream lives as long as the registry.
+  return [upstream = query.entry->upstream.get(), context = query.key.context,
+          name = query.key.export_name, observer = options_.on_upstream_call](
+             uint64_t offset, uint64_t length, FetchDone done) {
+    const absl::Time start = absl::Now();
+    upstream->AsyncBlockStatus(context, offset, length,
+                               [done = std::move(done), observer, name,
+                                start](absl::StatusOr<ExtentList> got) mutable {
+                                 if (observer)
+                                   observer(name, absl::Now() - start,
+                                            got.status());
+                                 std::move(done)(std::move(got));
+                               });
+  };
 }
 
 absl::StatusOr<LookupResult> ExtentService::BypassStep(const Query& query,
@@ -334,6 +359,7 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
   out.next_offset = offset;
   bool used_cache = false, used_upstream = false;
   uint64_t pos = offset;
+  AsyncFetcher fetch;  // made on the first cache step
   while (pos < query.end &&
          (max_extents == 0 || out.extents.size() < max_extents)) {
     if (absl::Now() >= deadline && !out.extents.empty()) break;
@@ -342,10 +368,7 @@ absl::StatusOr<LookupResult> ExtentService::Collect(const Query& query,
     if (query.cache_mode == v1::CACHE_MODE_BYPASS) {
       step = BypassStep(query, pos, want, deadline);
     } else {
-      auto fetch = [this, &query](uint64_t off, uint64_t len,
-                                  absl::Time dl) -> absl::StatusOr<ExtentList> {
-        return FetchFromUpstream(query, off, len, dl);
-      };
+      if (!fetch) fetch = MakeFetcher(query);
       step = cache_->Get(query.key, query.export_size, pos, query.end - pos,
                          want, fetch, deadline);
     }
@@ -406,6 +429,11 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
     Cursor* cursor, absl::Time deadline) {
   Query& q = cursor->query;
   Batch batch;
+  if (q.entry->removed()) {
+    return absl::NotFoundError(
+        absl::StrCat("export \"", q.key.export_name,
+                     "\" was removed while this stream was in flight"));
+  }
   if (q.offset >= q.end) {
     batch.next_offset = q.end;
     batch.done = true;
@@ -425,6 +453,7 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
   if (!r.ok()) return r.status();
   batch.extents = std::move(r->extents);
   batch.next_offset = r->next_offset;
+  batch.outcome = r->outcome;
   q.offset = r->next_offset;
   batch.done = q.offset >= q.end;
   return batch;
@@ -438,7 +467,7 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
         absl::StrCat("offset ", request.offset(), " + length ",
                      request.length(), " overflows a 64-bit byte address"));
   }
-  absl::StatusOr<std::vector<ExportEntry*>> targets =
+  absl::StatusOr<std::vector<ExportRef>> targets =
       ExportsNamed(request.export_name());
   if (!targets.ok()) return targets.status();
   if (!request.context().empty()) {
@@ -449,7 +478,7 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
   bool whole = request.offset() == 0 && request.length() == 0;
   const std::vector<CacheKey> keys = cache_->Keys();
   ExtentCache::Dropped total;
-  for (ExportEntry* e : *targets) {
+  for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
     ExtentCache::Dropped d;
     if (!request.context().empty()) {
@@ -487,6 +516,10 @@ void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
   out->set_evictions(c.evictions);
   out->set_invalidations(c.invalidations);
   out->set_stale_fills_dropped(c.stale_fills_dropped);
+  out->set_read_ahead_issued(c.read_ahead_issued);
+  out->set_read_ahead_hits(c.read_ahead_hits);
+  out->set_read_ahead_wasted(c.read_ahead_wasted);
+  out->set_detached_waits(c.detached_waits);
   out->set_entries(c.entries);
   out->set_memory_bytes(c.memory_bytes);
 }
@@ -495,13 +528,13 @@ void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
 
 absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     const v1::GetStatsRequest& request) const {
-  absl::StatusOr<std::vector<ExportEntry*>> targets =
+  absl::StatusOr<std::vector<ExportRef>> targets =
       ExportsNamed(request.export_name());
   if (!targets.ok()) return targets.status();
   v1::GetStatsResponse response;
   response.set_memory_limit_bytes(cache_->options().memory_limit_bytes);
   std::vector<CacheKey> keys = cache_->Keys();
-  for (ExportEntry* e : *targets) {
+  for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
     v1::ExportStats* s = response.add_exports();
     s->set_export_name(name);
@@ -509,11 +542,14 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
       if (k.export_name != name) continue;
       FillCounters(cache_->Counters(k), &(*s->mutable_contexts())[k.context]);
     }
-    auto it = counters_.find(name);
-    if (it != counters_.end()) {
-      s->set_upstream_calls(it->second->upstream_calls.load());
-      s->set_upstream_errors(it->second->upstream_errors.load());
+    // Every upstream call is counted once, by the cache, per key: the
+    // per-export figures are the sum over the export's keys.
+    CacheCounters sum;
+    for (const CacheKey& k : keys) {
+      if (k.export_name == name) sum += cache_->Counters(k);
     }
+    s->set_upstream_calls(sum.upstream_calls);
+    s->set_upstream_errors(sum.upstream_errors);
     s->set_reconnects(e->upstream->Generation());
   }
   if (request.export_name().empty()) {

@@ -5,7 +5,8 @@
 // ExtentCache (or, for CACHE_MODE_BYPASS, directly on the Upstream), and
 // builds reply messages. It knows nothing of gRPC: every method returns
 // absl::Status(Or); the gRPC layers (block_meta_grpc.cc, csi_grpc.cc)
-// convert to grpc::Status with ToGrpcStatus (grpc_status.h).
+// convert to grpc::Status with ToGrpcStatus (grpc_status.h). Multi-context
+// queries are built on the one-context streams here by multi_context.h.
 //
 // Two kinds of methods:
 // * Cheap ones that never wait for an upstream (ListExports, GetExportInfo,
@@ -18,8 +19,11 @@
 // zero or clean range that the upstream did not report; replies are
 // contiguous from the requested offset and never extend past the request.
 //
-// Thread-safety: all methods are thread-safe. The export set is constant
-// after construction; counters are atomics.
+// Thread-safety: all methods are thread-safe. Exports are looked up in the
+// registry per call (they come and go at run time); a Query holds a
+// reference to the entry it found, so the entry outlives the call, and a
+// stream whose export was removed ends at its next batch with NOT_FOUND.
+// Counters are atomics in the entry (they die with its generation).
 #ifndef BLOCKMETA_SERVER_SERVICE_EXTENT_SERVICE_H_
 #define BLOCKMETA_SERVER_SERVICE_EXTENT_SERVICE_H_
 
@@ -53,10 +57,10 @@ class ExtentService {
     UpstreamCallObserver on_upstream_call;  // optional
   };
 
-  // A validated extents query. Holds no locks and no references that could
-  // dangle: the registry outlives the service.
+  // A validated extents query. Holds no locks; holds the export's entry
+  // (a reference), so it stays valid if the export is removed meanwhile.
   struct Query {
-    ExportEntry* entry = nullptr;
+    ExportRef entry;
     CacheKey key;
     uint64_t export_size = 0;
     uint64_t offset = 0;
@@ -75,7 +79,8 @@ class ExtentService {
   struct Batch {
     ExtentList extents;  // contiguous from the cursor's previous offset
     uint64_t next_offset = 0;
-    bool done = false;  // the range is complete
+    bool done = false;                // the range is complete
+    Outcome outcome = Outcome::kHit;  // where the extents came from
   };
 
   ExtentService(const ExportRegistry* registry, ExtentCache* cache,
@@ -117,17 +122,12 @@ class ExtentService {
       const blockmeta::v1::GetStatsRequest& request) const;
 
   // Looks up an export; NOT_FOUND (with the known names) when unknown.
-  absl::StatusOr<ExportEntry*> FindExport(const std::string& name) const;
+  absl::StatusOr<ExportRef> FindExport(const std::string& name) const;
   // Every export for "", else the one named (NOT_FOUND when unknown).
-  absl::StatusOr<std::vector<ExportEntry*>> ExportsNamed(
+  absl::StatusOr<std::vector<ExportRef>> ExportsNamed(
       const std::string& name) const;
 
  private:
-  struct ExportCounters {
-    std::atomic<uint64_t> upstream_calls{0};
-    std::atomic<uint64_t> upstream_errors{0};
-  };
-
   // Collects extents of [offset, end) up to max_extents, from the cache
   // (mode USE) or the upstream (mode BYPASS). Stops early at the deadline
   // or an error once at least one extent is known.
@@ -138,6 +138,8 @@ class ExtentService {
   // query's end and to `want` extents (0 = all).
   absl::StatusOr<LookupResult> BypassStep(const Query& query, uint64_t pos,
                                           size_t want, absl::Time deadline);
+  // The cache's fetcher for the query's export and context.
+  AsyncFetcher MakeFetcher(const Query& query) const;
   absl::StatusOr<ExtentList> FetchFromUpstream(const Query& query,
                                                uint64_t offset, uint64_t length,
                                                absl::Time deadline);
@@ -153,7 +155,6 @@ class ExtentService {
   const ExportRegistry* const registry_;
   ExtentCache* const cache_;
   const Options options_;
-  absl::flat_hash_map<std::string, std::unique_ptr<ExportCounters>> counters_;
 };
 
 // Fills a v1::Extent from a cached one for `context`.

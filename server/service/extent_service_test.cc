@@ -114,6 +114,27 @@ TEST_F(ExtentServiceTest, ValidationErrorsHavePreciseCodes) {
   EXPECT_EQ(Get(Req(0, 1)).status().code(), absl::StatusCode::kUnavailable);
 }
 
+// Oversized names: INVALID_ARGUMENT, the message quoting a bounded prefix.
+TEST_F(ExtentServiceTest, OversizedNamesAreRefusedWithBoundedMessages) {
+  const std::string huge_name(15 << 20, 'n');
+  auto s = Get(Req(0, 1, huge_name)).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_LT(s.message().size(), 200u) << s.message().substr(0, 300);
+  EXPECT_EQ(Get(Req(0, 1, std::string(257, 'n'))).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Get(Req(0, 1, std::string(256, 'n'))).status().code(),
+            absl::StatusCode::kNotFound);  // allowed length, no such export
+  v1::GetExtentsRequest r = Req(0, 1);
+  r.set_context("qemu:" + std::string(8 << 20, 'c'));
+  s = Get(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_LT(s.message().size(), 200u);
+  r.set_context(std::string(4000, 'c'));  // no colon: malformed
+  s = Get(r).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_LT(s.message().size(), 200u);
+}
+
 TEST_F(ExtentServiceTest, AnswersTheTruthAndThenHitsTheCache) {
   absl::StatusOr<v1::GetExtentsResponse> r = Get(Req(0, 16 * kMiB));
   ASSERT_TRUE(r.ok()) << r.status();

@@ -3,10 +3,13 @@
 
 #include <sys/stat.h>
 
+#include <utility>
+
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "server/upstream/nbd_upstream.h"
 
 namespace blockmeta {
@@ -110,18 +113,112 @@ absl::Status ValidateExports(const blockmeta::v1::ServerConfig& config) {
   return absl::OkStatus();
 }
 
+bool OnlyMutableFieldsDiffer(const blockmeta::v1::ExportConfig& a,
+                             const blockmeta::v1::ExportConfig& b) {
+  blockmeta::v1::ExportConfig x = a, y = b;
+  for (blockmeta::v1::ExportConfig* c : {&x, &y}) {
+    c->clear_description();
+    c->clear_cache_ttl_seconds();
+    c->clear_read_only();
+  }
+  return google::protobuf::util::MessageDifferencer::Equals(x, y);
+}
+
+// Destroys the upstreams of removed generations off the caller's thread
+// (destroying one joins its threads and stops a spawned server, which may
+// take the spawn grace period), then tells the registry.
+class ExportRegistry::Reaper {
+ public:
+  struct Item {
+    std::unique_ptr<Upstream> upstream;
+    std::string name;
+    uint64_t generation = 0;
+  };
+
+  explicit Reaper(ExportRegistry* owner) : owner_(owner) {
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  // Called from the upstream's shared_ptr deleter, on any thread.
+  void Push(Item item) {
+    {
+      sync::MutexLock lock(&mu_);
+      if (!stopping_) {
+        queue_.push_back(std::move(item));
+        cv_.Signal();
+        return;
+      }
+    }
+    item.upstream.reset();  // the registry is gone: destroy here
+  }
+
+  // Runs what is queued, then joins; later Push()es destroy inline.
+  void Stop() {
+    {
+      sync::MutexLock lock(&mu_);
+      stopping_ = true;
+      cv_.Signal();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      Item item;
+      {
+        sync::MutexLock lock(&mu_);
+        while (queue_.empty() && !stopping_) {
+          mu_.WaitWithDeadline(&cv_, absl::InfiniteFuture());
+        }
+        if (queue_.empty()) return;
+        item = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      item.upstream.reset();
+      owner_->OnDrained(item.name, item.generation);
+    }
+  }
+
+  ExportRegistry* const owner_;
+  sync::Mutex mu_;
+  absl::CondVar cv_;
+  std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+ExportRegistry::ExportRegistry(UpstreamFactory factory)
+    : factory_(factory ? std::move(factory) : UpstreamFactory(CreateUpstream)),
+      reaper_(std::make_shared<Reaper>(this)) {}
+
+ExportRegistry::~ExportRegistry() {
+  RemoveAll(absl::Now() + absl::Seconds(30));
+  reaper_->Stop();
+}
+
+void ExportRegistry::RemoveAll(absl::Time deadline) {
+  std::vector<std::string> names;
+  {
+    sync::MutexLock lock(&admin_mu_);
+    for (const ExportRef& e : All()) {
+      names.push_back(e->config.name());
+      (void)RemoveLocked(e->config.name());
+    }
+  }
+  for (const std::string& n : names) WaitDrained(n, deadline);
+}
+
+void ExportRegistry::SetHooks(Hooks hooks) { hooks_ = std::move(hooks); }
+
 absl::StatusOr<std::unique_ptr<ExportRegistry>> ExportRegistry::Create(
     const blockmeta::v1::ServerConfig& config) {
   absl::Status s = ValidateExports(config);
   if (!s.ok()) return s;
   auto registry = std::make_unique<ExportRegistry>();
   for (const auto& e : config.exports()) {
-    absl::StatusOr<std::unique_ptr<Upstream>> up = CreateUpstream(e);
-    if (!up.ok()) return up.status();
-    auto entry = std::make_unique<ExportEntry>();
-    entry->config = e;
-    entry->upstream = std::move(*up);
-    registry->exports_.emplace(e.name(), std::move(entry));
+    absl::StatusOr<AddResult> r = registry->Add(e, ExportOrigin::kFile);
+    if (!r.ok()) return r.status();
   }
   return registry;
 }
@@ -130,26 +227,272 @@ std::unique_ptr<ExportRegistry> ExportRegistry::FromUpstreams(
     std::vector<
         std::pair<blockmeta::v1::ExportConfig, std::unique_ptr<Upstream>>>
         exports) {
-  auto registry = std::make_unique<ExportRegistry>();
+  // The factory hands out the given upstreams by name, once each.
+  auto pending = std::make_shared<
+      absl::flat_hash_map<std::string, std::unique_ptr<Upstream>>>();
+  std::vector<blockmeta::v1::ExportConfig> configs;
   for (auto& [config, upstream] : exports) {
-    auto entry = std::make_unique<ExportEntry>();
-    entry->config = config;
-    entry->upstream = std::move(upstream);
-    registry->exports_[config.name()] = std::move(entry);
+    (*pending)[config.name()] = std::move(upstream);
+    configs.push_back(config);
+  }
+  auto registry = std::make_unique<ExportRegistry>(
+      [pending](const blockmeta::v1::ExportConfig& c)
+          -> absl::StatusOr<std::unique_ptr<Upstream>> {
+        auto it = pending->find(c.name());
+        if (it == pending->end() || it->second == nullptr) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("no test upstream for \"", c.name(), "\""));
+        }
+        return std::move(it->second);
+      });
+  for (const auto& c : configs) {
+    sync::MutexLock lock(&registry->admin_mu_);
+    // Test configs may be partial (no upstream kind): skip validation.
+    absl::StatusOr<std::unique_ptr<Upstream>> up = registry->factory_(c);
+    if (!up.ok()) continue;
+    auto entry = std::make_shared<ExportEntry>();
+    entry->config = c;
+    entry->origin = ExportOrigin::kFile;
+    std::shared_ptr<Reaper> reaper = registry->reaper_;
+    {
+      sync::MutexLock l(&registry->mu_);
+      entry->generation = registry->next_generation_++;
+    }
+    const uint64_t gen = entry->generation;
+    entry->upstream = std::shared_ptr<Upstream>(
+        up->release(), [reaper, name = c.name(), gen](Upstream* u) {
+          reaper->Push({std::unique_ptr<Upstream>(u), name, gen});
+        });
+    sync::MutexLock l(&registry->mu_);
+    registry->exports_[c.name()] = std::move(entry);
   }
   return registry;
 }
 
-ExportEntry* ExportRegistry::Find(const std::string& name) const {
+ExportRef ExportRegistry::Find(const std::string& name) const {
+  sync::ReaderMutexLock lock(&mu_);
   auto it = exports_.find(name);
-  return it == exports_.end() ? nullptr : it->second.get();
+  return it == exports_.end() ? nullptr : it->second;
 }
 
-std::vector<ExportEntry*> ExportRegistry::All() const {
-  std::vector<ExportEntry*> out;
+std::vector<ExportRef> ExportRegistry::All() const {
+  sync::ReaderMutexLock lock(&mu_);
+  std::vector<ExportRef> out;
   out.reserve(exports_.size());
-  for (const auto& [name, entry] : exports_) out.push_back(entry.get());
+  for (const auto& [name, entry] : exports_) out.push_back(entry);
   return out;
+}
+
+size_t ExportRegistry::size() const {
+  sync::ReaderMutexLock lock(&mu_);
+  return exports_.size();
+}
+
+absl::StatusOr<ExportRegistry::AddResult> ExportRegistry::Add(
+    const blockmeta::v1::ExportConfig& config, ExportOrigin origin) {
+  if (absl::Status s = ValidateExportConfig(config); !s.ok()) return s;
+  sync::MutexLock lock(&admin_mu_);
+  return AddLocked(config, origin);
+}
+
+absl::StatusOr<ExportRegistry::AddResult> ExportRegistry::AddLocked(
+    const blockmeta::v1::ExportConfig& config, ExportOrigin origin) {
+  const std::string& name = config.name();
+  uint64_t generation = 0;
+  {
+    sync::MutexLock lock(&mu_);
+    auto it = exports_.find(name);
+    if (it != exports_.end()) {
+      if (google::protobuf::util::MessageDifferencer::Equals(it->second->config,
+                                                             config)) {
+        return AddResult{it->second, false};
+      }
+      return absl::AlreadyExistsError(absl::StrCat(
+          "export \"", name,
+          "\" already exists with another config; remove it first (or use "
+          "UpdateExport for description, cache_ttl_seconds, read_only)"));
+    }
+    if (draining_.contains(name)) {
+      return absl::UnavailableError(
+          absl::StrCat("export \"", name,
+                       "\" is still being removed (calls of its previous "
+                       "generation are finishing); retry shortly"));
+    }
+    generation = next_generation_++;
+  }
+  absl::StatusOr<std::unique_ptr<Upstream>> up = factory_(config);
+  if (!up.ok()) return up.status();
+  auto entry = std::make_shared<ExportEntry>();
+  entry->config = config;
+  entry->origin = origin;
+  entry->generation = generation;
+  std::shared_ptr<Reaper> reaper = reaper_;
+  entry->upstream = std::shared_ptr<Upstream>(
+      up->release(), [reaper, name, generation](Upstream* u) {
+        reaper->Push({std::unique_ptr<Upstream>(u), name, generation});
+      });
+  ExportRef ref = entry;
+  {
+    sync::MutexLock lock(&mu_);
+    exports_[name] = ref;
+  }
+  if (hooks_.added) hooks_.added(ref);
+  return AddResult{ref, true};
+}
+
+absl::StatusOr<ExportRef> ExportRegistry::Update(
+    const blockmeta::v1::ExportConfig& config) {
+  if (absl::Status s = ValidateExportConfig(config); !s.ok()) return s;
+  sync::MutexLock lock(&admin_mu_);
+  ExportRef now;
+  {
+    sync::MutexLock l(&mu_);
+    auto it = exports_.find(config.name());
+    if (it == exports_.end()) {
+      return absl::NotFoundError(
+          absl::StrCat("no export named \"", config.name(), "\""));
+    }
+    if (!OnlyMutableFieldsDiffer(it->second->config, config)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "export \"", config.name(),
+          "\": only description, cache_ttl_seconds and read_only can change "
+          "without reconnecting; remove the export and add it again"));
+    }
+    auto entry = std::make_shared<ExportEntry>(*it->second);
+    entry->config = config;
+    now = entry;
+    it->second = now;
+  }
+  if (hooks_.updated) hooks_.updated(now);
+  return now;
+}
+
+absl::StatusOr<ExportRef> ExportRegistry::Remove(const std::string& name) {
+  sync::MutexLock lock(&admin_mu_);
+  return RemoveLocked(name);
+}
+
+absl::StatusOr<ExportRef> ExportRegistry::RemoveLocked(
+    const std::string& name) {
+  ExportRef gone;
+  {
+    sync::MutexLock lock(&mu_);
+    auto it = exports_.find(name);
+    if (it == exports_.end()) {
+      return absl::NotFoundError(
+          absl::StrCat("no export named \"", name, "\""));
+    }
+    gone = std::move(it->second);
+    exports_.erase(it);
+    ++draining_[name];  // until the reaper destroyed its upstream
+  }
+  gone->shared->removed.store(true);
+  if (hooks_.removed) hooks_.removed(gone);
+  return gone;
+}
+
+void ExportRegistry::OnDrained(const std::string& name, uint64_t generation) {
+  if (hooks_.drained) hooks_.drained(name, generation);
+  sync::MutexLock lock(&mu_);
+  auto it = draining_.find(name);
+  if (it == draining_.end()) return;  // never added (a failed Add)
+  if (--it->second <= 0) draining_.erase(it);
+  drained_cv_.SignalAll();
+}
+
+bool ExportRegistry::Draining(const std::string& name) const {
+  sync::MutexLock lock(&mu_);
+  return draining_.contains(name);
+}
+
+bool ExportRegistry::WaitDrained(const std::string& name,
+                                 absl::Time deadline) const {
+  sync::MutexLock lock(&mu_);
+  while (draining_.contains(name)) {
+    if (mu_.WaitWithDeadline(&drained_cv_, deadline)) {
+      return !draining_.contains(name);
+    }
+  }
+  return true;
+}
+
+absl::StatusOr<ExportRegistry::ReloadResult> ExportRegistry::ApplyFile(
+    const blockmeta::v1::ServerConfig& config, absl::Time drain_deadline) {
+  if (absl::Status s = ValidateExports(config); !s.ok()) return s;
+  ReloadResult result;
+  std::vector<blockmeta::v1::ExportConfig> to_replace;
+  {
+    sync::MutexLock lock(&admin_mu_);
+    absl::flat_hash_set<std::string> named;
+    for (const auto& want : config.exports()) {
+      named.insert(want.name());
+      ExportRef have = Find(want.name());
+      if (have == nullptr) {
+        absl::StatusOr<AddResult> r = AddLocked(want, ExportOrigin::kFile);
+        if (!r.ok()) {
+          if (r.status().code() != absl::StatusCode::kUnavailable) {
+            return r.status();
+          }
+          to_replace.push_back(want);  // still draining: add after the wait
+          continue;
+        }
+        result.added.push_back(want.name());
+        continue;
+      }
+      const bool equal = google::protobuf::util::MessageDifferencer::Equals(
+          have->config, want);
+      if (equal && have->origin == ExportOrigin::kFile) {
+        ++result.unchanged;
+        continue;
+      }
+      if (OnlyMutableFieldsDiffer(have->config, want)) {
+        // Also turns an API export the file now names into a file export.
+        auto entry = std::make_shared<ExportEntry>(*have);
+        entry->config = want;
+        entry->origin = ExportOrigin::kFile;
+        ExportRef now = entry;
+        {
+          sync::MutexLock l(&mu_);
+          exports_[want.name()] = now;
+        }
+        if (hooks_.updated) hooks_.updated(now);
+        if (equal) {
+          ++result.unchanged;
+        } else {
+          result.updated.push_back(want.name());
+        }
+        continue;
+      }
+      (void)RemoveLocked(want.name());
+      to_replace.push_back(want);
+    }
+    for (const ExportRef& e : All()) {
+      if (e->origin == ExportOrigin::kFile &&
+          !named.contains(e->config.name())) {
+        (void)RemoveLocked(e->config.name());
+        result.removed.push_back(e->config.name());
+      }
+    }
+  }
+  // Replacements: the old generation must drain before the name is reused.
+  absl::Status late;
+  for (const auto& want : to_replace) {
+    if (!WaitDrained(want.name(), drain_deadline)) {
+      late = absl::UnavailableError(
+          absl::StrCat("export \"", want.name(),
+                       "\" was removed but calls of its previous generation "
+                       "did not finish in time; it was not added again"));
+      continue;
+    }
+    absl::StatusOr<AddResult> r = Add(want, ExportOrigin::kFile);
+    if (!r.ok()) {
+      late = r.status();
+      continue;
+    }
+    result.replaced.push_back(want.name());
+  }
+  if (!late.ok()) return late;
+  return result;
 }
 
 }  // namespace blockmeta

@@ -20,42 +20,60 @@
 // get base:allocation requested.
 //
 // Pool: up to config.connections handles (default 2), but only 1 unless
-// the server advertises multi-conn or the export is read-only. A libnbd
-// handle runs one command at a time here: a call takes an idle handle or
-// waits for one until its deadline.
+// the server advertises multi-conn or the export is read-only. Every handle
+// carries many commands at once (libnbd's aio API; NBD allows any number in
+// flight, answered in any order); a command goes to the live handle with the
+// fewest in flight. Handles are driven by the process-wide NbdEngine (two
+// epoll driver threads and one timer thread for ALL upstreams, see
+// nbd_engine.h): no thread per upstream or per handle.
 //
-// Deadlines: each call's deadline is min(deadline, now+upstream_timeout_ms).
-// Commands are issued with the aio API and driven with nbd_poll() in
-// slices until the deadline; libnbd cannot cancel a command, so on expiry
-// the handle is closed (and reconnected in the background) and the call
-// returns DEADLINE_EXCEEDED.
+// Deadlines: the Async* forms carry none; each command is bounded by the
+// export's upstream_timeout_ms, checked every 100 ms. A command older than
+// that closes its handle (libnbd cannot cancel one command): its callers
+// get DEADLINE_EXCEEDED, the other commands on that handle UNAVAILABLE, and
+// the handle is reconnected. The synchronous forms wait on the async ones
+// until the caller's deadline; when that passes first the caller gets
+// DEADLINE_EXCEEDED and the command runs on, costing neither the handle nor
+// the generation (with a finite deadline, Pread/Pwrite copy through a
+// buffer the command owns, since the caller's may be gone when it ends).
 //
 // Block status: one request per call, for min(length, size - offset,
 // 4 GiB - 1 MiB) bytes (the NBD 32-bit limit rounded down to 1 MiB: nbdkit
 // 1.32 aborts on a 0xffffffff request), no REQ_ONE; the reply for the asked
 // context is validated (one chunk, nonzero lengths) and clipped to the size;
 // it may end before or after offset + length. Malformed replies: INTERNAL.
+// Reads/writes above the maximum block size and trims/zeroes/caches above
+// 2 GiB are split, all pieces in flight at once (chunked.h).
 //
-// Failures and generations: when a handle dies (server gone, connection
-// reset) the call gets UNAVAILABLE and the handle is dropped; while no
-// handle is up every call fails at once with UNAVAILABLE and LastError().
-// A background thread reconnects with jittered exponential backoff
-// (100 ms doubling to 5 s; the first attempt after a loss is immediate),
-// restarting a spawned server that exited. NBD offers no way to prove that
-// a new connection serves the same image as the old one (equal size is no
-// proof), so Generation() increases (a) on every reconnect round that brings
-// a handle up, and (b) when the last live handle is lost (during an outage
-// the image may change behind our back). The first connection moves it from
-// 0 to 1. The OnGenerationChange callback runs on the background thread
-// after each increase (possibly coalescing several increases).
+// Health, watched all the time: EOF or a half-closed socket on a handle,
+// idle or busy, closes it at once (the engine waits for EPOLLRDHUP); an
+// ESHUTDOWN reply starts a soft disconnect (NBD_CMD_DISC, as the NBD spec
+// requires; closed after 1 s at most); a handle idle for 700 ms gets a
+// small read (a health probe), because a server shutting down may keep idle
+// connections open and only answer ESHUTDOWN. Such a handle leaves the pool
+// at once; Ready() is false once none is left.
+//
+// Failures and generations: while no handle is up every call fails at once
+// with UNAVAILABLE and LastError(). Reconnects run on the engine's timer
+// with jittered exponential backoff (100 ms doubling to 5 s; the first
+// attempt after a loss is immediate), restarting a spawned server that
+// exited. NBD offers no way to prove that a new connection serves the same
+// image as the old one (equal size is no proof), so Generation() increases
+// (a) on every reconnect round that brings a handle up, and (b) when the
+// last live handle is lost (during an outage the image may change behind
+// our back). The first connection moves it from 0 to 1; filling the pool
+// after it is not a reconnect. The OnGenerationChange callback runs on the
+// timer thread after each increase (possibly coalescing several).
 //
 // Thread-safety: all public methods are thread-safe. No lock is held
-// during upstream I/O. The object must outlive all calls into it; the
-// destructor stops the background thread (bounded by ~1 poll slice),
-// closes all handles and stops a spawned server.
+// during upstream I/O. Completions run on a driver thread (or on the
+// caller's thread when the command could not be sent); they must not
+// block. The object must outlive all calls into it; the destructor closes
+// every handle (commands still in flight complete with UNAVAILABLE before
+// it returns) and stops a spawned server.
 //
-// Cost: one extra thread per upstream; a call costs one NBD round trip plus
-// a mutex acquisition to take and return a handle.
+// Cost: a command costs one NBD round trip, two short mutex sections and
+// one allocation; the engine's threads are shared by every upstream.
 #ifndef BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_H_
 #define BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_H_
 
@@ -92,6 +110,10 @@ std::string ImageFormat(const blockmeta::v1::ImageUpstream& image);
 pid_t SpawnedServerPidForTesting(Upstream* upstream);
 // Number of handles currently up.
 int LiveConnectionsForTesting(Upstream* upstream);
+
+// Threads the shared upstream engine runs for the whole process (drivers
+// plus timer), however many upstreams exist.
+int UpstreamEngineThreads();
 
 }  // namespace blockmeta
 

@@ -2,6 +2,7 @@
 // wrong: nbdkit's error and delay filters, killed and restarted servers
 // (ours and spawned), servers that never come up. Every wait is bounded.
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <thread>
@@ -18,6 +19,8 @@ namespace blockmeta {
 namespace {
 
 using ::blockmeta::testing::NbdProcess;
+using ::blockmeta::testing::RunCommand;
+using ::blockmeta::testing::TempDir;
 
 constexpr uint64_t kMiB = 1 << 20;
 
@@ -57,9 +60,9 @@ INSTANTIATE_TEST_SUITE_P(
                       ErrorCase{"ENOSPC",
                                 absl::StatusCode::kResourceExhausted}));
 
-TEST(DelayFilterTest, DeadlineExceededThenThePoolRecovers) {
+TEST(DelayFilterTest, ImpatientCallerCostsNeitherHandleNorGeneration) {
   auto config = CommandExport(
-      {"nbdkit", "--filter=delay", "memory", "4M", "delay-extents=5"});
+      {"nbdkit", "--filter=delay", "memory", "4M", "delay-extents=1"});
   config.set_connections(2);
   auto up = Connect(config);
   ASSERT_NE(up, nullptr);
@@ -68,20 +71,71 @@ TEST(DelayFilterTest, DeadlineExceededThenThePoolRecovers) {
   const uint64_t gen = up->Generation();
   const absl::Time start = absl::Now();
   absl::StatusOr<ExtentList> r = up->BlockStatus(
-      "base:allocation", 0, kMiB, absl::Now() + absl::Milliseconds(300));
+      "base:allocation", 0, kMiB, absl::Now() + absl::Milliseconds(50));
   const absl::Duration took = absl::Now() - start;
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
       << r.status();
+  EXPECT_GE(took, absl::Milliseconds(45));
+  // Well before the 1 s delay ends: the caller's deadline decided.
+  EXPECT_LT(took, absl::Milliseconds(900));
+  // The command runs on, on a handle that stays up.
+  EXPECT_EQ(up->Stats().commands_in_flight, 1u);
+  EXPECT_EQ(up->Stats().caller_deadlines_passed, 1u);
+  char buf[512];
+  EXPECT_TRUE(up->Pread(buf, sizeof buf, 0, Soon()).ok());
+  EXPECT_TRUE(Eventually([&] { return up->Stats().commands_in_flight == 0; }));
+  const UpstreamStats stats = up->Stats();
+  EXPECT_EQ(stats.commands_failed, 0u);
+  EXPECT_EQ(stats.commands_timed_out, 0u);
+  EXPECT_EQ(stats.connections_lost, 0u);
+  EXPECT_EQ(stats.reconnects, 0u);
+  EXPECT_EQ(LiveConnectionsForTesting(up.get()), 2);
+  EXPECT_EQ(up->Generation(), gen);
+  EXPECT_TRUE(up->Ready());
+
+  // The asynchronous form delivers the late answer to whoever still waits.
+  std::atomic<bool> done{false};
+  absl::StatusOr<ExtentList> late;
+  up->AsyncBlockStatus("base:allocation", 0, kMiB,
+                       [&](absl::StatusOr<ExtentList> r) {
+                         late = std::move(r);
+                         done.store(true);
+                       });
+  ASSERT_TRUE(Eventually([&] { return done.load(); }));
+  ASSERT_TRUE(late.ok()) << late.status();
+  EXPECT_EQ(late->front().offset, 0u);
+  EXPECT_EQ(up->Generation(), gen);
+}
+
+TEST(DelayFilterTest, UpstreamTimeoutClosesTheHandleAndReconnects) {
+  auto config = CommandExport(
+      {"nbdkit", "--filter=delay", "memory", "4M", "delay-extents=5"});
+  config.set_connections(2);
+  config.set_upstream_timeout_ms(300);
+  auto up = Connect(config);
+  ASSERT_NE(up, nullptr);
+  ASSERT_TRUE(
+      Eventually([&] { return LiveConnectionsForTesting(up.get()) == 2; }));
+  const uint64_t gen = up->Generation();
+  const absl::Time start = absl::Now();
+  absl::StatusOr<ExtentList> r =
+      up->BlockStatus("base:allocation", 0, kMiB, absl::InfiniteFuture());
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
+      << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "upstream_timeout_ms"))
+      << r.status();
   EXPECT_GE(took, absl::Milliseconds(290));
-  // Well before the 5 s delay ends: the deadline, not the server, decided.
-  EXPECT_LT(took, absl::Seconds(3));
+  EXPECT_LT(took, absl::Seconds(3));  // not the server's 5 s
+  EXPECT_EQ(up->Stats().commands_timed_out, 1u);
   // Other commands are not delayed and keep working meanwhile.
   char buf[512];
   EXPECT_TRUE(up->Pread(buf, sizeof buf, 0, Soon()).ok());
-  // The dropped connection comes back.
+  // The closed connection comes back, as a new generation.
   EXPECT_TRUE(
       Eventually([&] { return LiveConnectionsForTesting(up.get()) == 2; }));
-  EXPECT_GT(up->Generation(), gen);  // a reconnect is a new generation
+  EXPECT_GT(up->Generation(), gen);
+  EXPECT_EQ(up->Stats().reconnects, 1u);
   EXPECT_TRUE(up->Ready());
 }
 
@@ -98,23 +152,31 @@ TEST(DelayFilterTest, UpstreamTimeoutBoundsCallsWithoutDeadline) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(2));
 }
 
-TEST(DelayFilterTest, WaitingForABusyPoolRespectsTheDeadline) {
+TEST(DelayFilterTest, ABusyHandleServesOtherCommandsMeanwhile) {
   auto config = CommandExport(
       {"nbdkit", "--filter=delay", "memory", "4M", "delay-extents=2"});
   config.set_connections(1);
   auto up = Connect(config);
   ASSERT_NE(up, nullptr);
-  std::thread slow(
-      [&] { (void)up->BlockStatus("base:allocation", 0, kMiB, Soon()); });
-  absl::SleepFor(absl::Milliseconds(200));  // let `slow` take the handle
+  std::atomic<bool> slow_done{false};
+  up->AsyncBlockStatus("base:allocation", 0, kMiB,
+                       [&](absl::StatusOr<ExtentList> r) {
+                         EXPECT_TRUE(r.ok()) << r.status();
+                         slow_done.store(true);
+                       });
+  ASSERT_EQ(up->Stats().commands_in_flight, 1u);
+  // The one handle carries a read past the slow extents call: no waiting
+  // for a free connection.
   const absl::Time start = absl::Now();
   char buf[512];
-  EXPECT_EQ(up->Pread(buf, sizeof buf, 0, absl::Now() + absl::Milliseconds(200))
-                .code(),
-            absl::StatusCode::kDeadlineExceeded);
-  // Not after the busy call's 2 s: the waiter's own deadline decided.
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(1500));
-  slow.join();
+  EXPECT_TRUE(
+      up->Pread(buf, sizeof buf, 0, absl::Now() + absl::Seconds(1)).ok());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  EXPECT_FALSE(slow_done.load());
+  const UpstreamStats stats = up->Stats();
+  ASSERT_EQ(stats.connections.size(), 1u);
+  EXPECT_EQ(stats.connections[0].max_in_flight, 2u);
+  EXPECT_TRUE(Eventually([&] { return slow_done.load(); }));
 }
 
 TEST(RestartTest, KilledUriServerFailsFastThenResumes) {
@@ -178,6 +240,91 @@ TEST(RestartTest, KilledSpawnedServerIsRespawned) {
   EXPECT_TRUE(Eventually([&] {
     return up->BlockStatus("base:allocation", 0, kMiB, Soon()).ok();
   }));
+}
+
+// True once `pid` has exited (left unreaped for its NbdProcess).
+bool Exited(pid_t pid) {
+  siginfo_t info{};
+  return waitid(P_PID, pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+         info.si_pid == pid;
+}
+
+TEST(ShutdownTest, IdleUpstreamStoppedBySigtermIsNoticedAndLetGo) {
+  auto server =
+      NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "memory", "8M"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto config = UriExport((*server)->uri());
+  config.set_connections(2);
+  auto up = Connect(config);
+  ASSERT_NE(up, nullptr);
+  ASSERT_TRUE(
+      Eventually([&] { return LiveConnectionsForTesting(up.get()) == 2; }));
+  const uint64_t gen = up->Generation();
+
+  // nbdkit closes idle connections on SIGTERM: EOF on an idle handle.
+  ASSERT_EQ(kill((*server)->pid(), SIGTERM), 0);
+  const absl::Time start = absl::Now();
+  EXPECT_TRUE(Eventually([&] { return !up->Ready(); }, absl::Seconds(1)));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  EXPECT_TRUE(Eventually([&] { return Exited((*server)->pid()); }));
+  absl::StatusOr<ExtentList> r =
+      up->BlockStatus("base:allocation", 0, kMiB, Soon());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+
+  ASSERT_TRUE((*server)->Restart().ok());  // same socket
+  EXPECT_TRUE(up->WaitReady(absl::Now() + absl::Seconds(15)))
+      << up->LastError();
+  EXPECT_GT(up->Generation(), gen);
+  EXPECT_TRUE(up->BlockStatus("base:allocation", 0, kMiB, Soon()).ok());
+  EXPECT_EQ(up->Stats().connections_lost, 2u);
+  EXPECT_EQ(up->Stats().reconnects, 1u);
+}
+
+TEST(ShutdownTest, BusyUpstreamAnsweringEshutdownIsDisconnectedSoftly) {
+  TempDir dir;
+  const std::string log = dir.File("nbdkit.log");
+  auto server = NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "-v",
+                                   "--filter=log", "--filter=delay", "memory",
+                                   "8M", "delay-read=20", "logfile=" + log});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto config = UriExport((*server)->uri());
+  config.set_connections(1);
+  auto up = Connect(config);
+  ASSERT_NE(up, nullptr);
+  const uint64_t gen = up->Generation();
+  std::atomic<bool> done{false};
+  absl::Status read_status;
+  std::vector<char> buf(4096);
+  up->AsyncPread(buf.data(), buf.size(), 0, [&](absl::Status s) {
+    read_status = s;
+    done.store(true);
+  });
+  ASSERT_TRUE(Eventually([&] {
+    auto text = RunCommand({"cat", log});
+    return text.ok() && absl::StrContains(*text, "Read id=");
+  }));
+
+  // A busy nbdkit answers ESHUTDOWN and waits for its clients to leave.
+  ASSERT_EQ(kill((*server)->pid(), SIGTERM), 0);
+  const absl::Time start = absl::Now();
+  EXPECT_TRUE(Eventually([&] { return done.load(); }, absl::Seconds(1)));
+  EXPECT_EQ(read_status.code(), absl::StatusCode::kUnavailable) << read_status;
+  EXPECT_TRUE(absl::StrContains(read_status.message(), "ESHUTDOWN"))
+      << read_status;
+  EXPECT_TRUE(Eventually([&] { return !up->Ready(); }, absl::Seconds(1)));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  // We left (NBD_CMD_DISC), so nbdkit can exit.
+  EXPECT_TRUE(Eventually([&] { return Exited((*server)->pid()); }));
+  EXPECT_EQ(up->Stats().soft_disconnects, 1u);
+  // nbdkit -v logs the soft disconnect it received.
+  EXPECT_TRUE(absl::StrContains((*server)->Log(), "NBD_CMD_DISC"))
+      << (*server)->Log();
+
+  ASSERT_TRUE((*server)->Restart().ok());
+  EXPECT_TRUE(up->WaitReady(absl::Now() + absl::Seconds(15)))
+      << up->LastError();
+  EXPECT_GT(up->Generation(), gen);
+  EXPECT_TRUE(up->BlockStatus("base:allocation", 0, kMiB, Soon()).ok());
 }
 
 TEST(StartupTest, MissingSocketIsUnavailableWithReason) {

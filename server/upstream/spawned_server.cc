@@ -1,19 +1,25 @@
 // server/upstream/spawned_server.cc — see spawned_server.h.
 #include "server/upstream/spawned_server.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <deque>
 #include <fstream>
+#include <functional>
 #include <sstream>
+#include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
@@ -45,17 +51,116 @@ std::string Describe(int wstatus) {
   return "stopped";
 }
 
+std::string SpawnBase() {
+  const char* base = getenv("TMPDIR");
+  return (base != nullptr && *base != '\0' && strlen(base) < 60) ? base
+                                                                 : "/tmp";
+}
+
+// Field 22 of /proc/PID/stat (start time in clock ticks), "" if gone.
+std::string StartTime(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
+  std::string line;
+  if (!std::getline(in, line)) return "";
+  size_t paren = line.rfind(')');
+  if (paren == std::string::npos) return "";
+  std::istringstream fields(line.substr(paren + 2));
+  std::string f;
+  // Fields after the command start at 3 (state); 22 is the 20th of them.
+  for (int i = 3; i <= 22 && (fields >> f); ++i) {
+  }
+  return f;
+}
+
+std::string OwnerStamp() {
+  return absl::StrCat(getpid(), " ", StartTime(getpid()));
+}
+
+// Runs closures on one thread that lives as long as the process, so the
+// parent-death signal of the children it forks fires only when the process
+// dies (prctl(2): "the parent" is the forking thread).
+class Spawner {
+ public:
+  static Spawner& Get() {
+    static Spawner* s = new Spawner();  // never destroyed, never joined
+    return *s;
+  }
+  void Run(const std::function<void()>& fn) {
+    if (std::this_thread::get_id() == id_) {
+      fn();
+      return;
+    }
+    sync::MutexLock lock(&mu_);
+    const uint64_t ticket = ++queued_;
+    queue_.push_back(&fn);
+    cv_.Signal();
+    while (done_ < ticket)
+      mu_.WaitWithDeadline(&done_cv_, absl::InfiniteFuture());
+  }
+
+ private:
+  Spawner() {
+    std::thread t([this] { Loop(); });
+    id_ = t.get_id();
+    t.detach();
+  }
+  void Loop() {
+    for (;;) {
+      const std::function<void()>* fn;
+      {
+        sync::MutexLock lock(&mu_);
+        while (queue_.empty())
+          mu_.WaitWithDeadline(&cv_, absl::InfiniteFuture());
+        fn = queue_.front();
+        queue_.pop_front();
+      }
+      (*fn)();
+      sync::MutexLock lock(&mu_);
+      ++done_;
+      done_cv_.SignalAll();
+    }
+  }
+
+  std::thread::id id_;
+  sync::Mutex mu_;
+  absl::CondVar cv_, done_cv_;
+  std::deque<const std::function<void()>*> queue_ ABSL_GUARDED_BY(mu_);
+  uint64_t queued_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t done_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 }  // namespace
+
+int CleanStaleSpawnDirs() {
+  const std::string base = SpawnBase();
+  DIR* d = opendir(base.c_str());
+  if (d == nullptr) return 0;
+  int removed = 0;
+  while (struct dirent* ent = readdir(d)) {
+    absl::string_view n = ent->d_name;
+    if (n.substr(0, 10) != "blockmeta-") continue;
+    const std::string dir = absl::StrCat(base, "/", n);
+    std::ifstream in(dir + "/owner");
+    std::string pid_text, start;
+    if (!(in >> pid_text >> start)) continue;  // not ours, or being made
+    int pid = 0;
+    if (!absl::SimpleAtoi(pid_text, &pid) || pid <= 0) continue;
+    if (StartTime(pid) == start) continue;  // the owner still runs
+    for (const char* f : {"/nbd.sock", "/server.log", "/owner"}) {
+      unlink((dir + f).c_str());
+    }
+    if (rmdir(dir.c_str()) == 0) ++removed;
+  }
+  closedir(d);
+  return removed;
+}
 
 absl::StatusOr<std::unique_ptr<SpawnedServer>> SpawnedServer::Create(
     std::vector<std::string> argv) {
   if (argv.empty() || argv[0].empty()) {
     return absl::InvalidArgumentError("empty server command");
   }
-  const char* base = getenv("TMPDIR");
-  std::string tmpl = absl::StrCat(
-      (base != nullptr && *base != '\0' && strlen(base) < 60) ? base : "/tmp",
-      "/blockmeta-XXXXXX");
+  std::string tmpl = absl::StrCat(SpawnBase(), "/blockmeta-XXXXXX");
   std::vector<char> buf(tmpl.begin(), tmpl.end());
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) {
@@ -67,6 +172,10 @@ absl::StatusOr<std::unique_ptr<SpawnedServer>> SpawnedServer::Create(
   s->dir_ = buf.data();
   s->socket_path_ = s->dir_ + "/nbd.sock";
   s->log_path_ = s->dir_ + "/server.log";
+  {
+    std::ofstream owner(s->dir_ + "/owner");
+    owner << OwnerStamp() << "\n";
+  }
   return s;
 }
 
@@ -74,6 +183,7 @@ SpawnedServer::~SpawnedServer() {
   Stop();
   unlink(socket_path_.c_str());
   unlink(log_path_.c_str());
+  unlink((dir_ + "/owner").c_str());
   rmdir(dir_.c_str());
 }
 
@@ -121,15 +231,17 @@ absl::Status SpawnedServer::Start() {
   for (std::string& a : argv_) cargv.push_back(a.data());
   cargv.push_back(nullptr);
 
-  pid_t pid = fork();
-  if (pid < 0) {
-    int err = errno;
-    close(lfd);
-    if (log_fd >= 0) close(log_fd);
-    if (null_fd >= 0) close(null_fd);
-    return absl::InternalError(absl::StrCat("fork: ", strerror(err)));
-  }
-  if (pid == 0) {
+  const pid_t parent = getpid();
+  pid_t pid = -1;
+  int fork_errno = 0;
+  Spawner::Get().Run([&] {
+    pid = fork();
+    fork_errno = errno;
+    if (pid != 0) return;
+    // The child. Dies with blockmetad, whatever kills it; if blockmetad
+    // died between fork and prctl, give up now.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(126);
     setpgid(0, 0);
     FormatPid(getpid(), listen_pid + strlen("LISTEN_PID="));
     if (null_fd >= 0) {
@@ -153,6 +265,13 @@ absl::Status SpawnedServer::Start() {
     (void)!write(2, cargv[0], strlen(cargv[0]));
     (void)!write(2, "\n", 1);
     _exit(127);
+  });
+  if (pid < 0) {
+    int err = fork_errno;
+    close(lfd);
+    if (log_fd >= 0) close(log_fd);
+    if (null_fd >= 0) close(null_fd);
+    return absl::InternalError(absl::StrCat("fork: ", strerror(err)));
   }
   setpgid(pid, pid);
   close(lfd);  // the server owns the listening socket now

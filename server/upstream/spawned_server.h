@@ -15,6 +15,16 @@
 // it. Only this pid is ever waited for (never waitpid(-1)). The server's
 // stderr goes to a file in the private directory (LogTail() for errors).
 //
+// Never outliving blockmetad: the child sets PR_SET_PDEATHSIG(SIGKILL)
+// before exec (prctl(2)), so the kernel kills it when we die by any
+// signal, SIGKILL included, and the image lock it held (qemu-nbd's qcow2
+// write lock) is released. The parent-death signal fires when the THREAD
+// that forked exits, not the process, so every fork happens on one
+// dedicated spawner thread that lives as long as the process. The private
+// directory holds an "owner" file (our pid and start time):
+// CleanStaleSpawnDirs() at the next start removes directories whose owner
+// is gone.
+//
 // Thread-safety: all methods are thread-safe (one internal mutex; Stop()
 // may sleep while holding it for up to the grace period).
 #ifndef BLOCKMETA_SERVER_UPSTREAM_SPAWNED_SERVER_H_
@@ -34,6 +44,10 @@
 #include "server/common/mutex.h"
 
 namespace blockmeta {
+
+// Removes the private directories (under $TMPDIR or /tmp) whose owning
+// blockmetad no longer runs. Returns how many were removed.
+int CleanStaleSpawnDirs();
 
 class SpawnedServer {
  public:

@@ -6,16 +6,16 @@
 // away, and exposes block status and data commands with deadlines.
 //
 // Errors (absl::Status codes): UNAVAILABLE when not connected or the
-// connection broke (retryable), DEADLINE_EXCEEDED when the deadline passed
-// (the connection that was busy is dropped: libnbd cannot cancel one
-// command), FAILED_PRECONDITION for a metadata context the upstream did not
-// negotiate, OUT_OF_RANGE / INVALID_ARGUMENT for bad ranges, PERMISSION_DENIED
-// for writes to a read-only export, and the NBD error mapped from errno for
-// commands the server refused (see server/upstream/nbd_errors.h; an NBD
-// EIO from the server is DATA_LOSS).
+// connection broke (retryable), DEADLINE_EXCEEDED when the caller's deadline
+// passed (the command runs on; only one that exceeds the export's own
+// upstream timeout costs its connection), FAILED_PRECONDITION for a metadata
+// context the upstream did not negotiate, OUT_OF_RANGE / INVALID_ARGUMENT for
+// bad ranges, PERMISSION_DENIED for writes to a read-only export, and the NBD
+// error mapped from errno for commands the server refused (see
+// server/upstream/nbd_errors.h; an NBD EIO from the server is DATA_LOSS).
 //
-// Thread-safety: every method is thread-safe; concurrent calls use
-// different connections of the pool (or wait for one until the deadline).
+// Thread-safety: every method is thread-safe; concurrent calls share the
+// connections of the pool, many commands in flight on each.
 #ifndef BLOCKMETA_SERVER_UPSTREAM_UPSTREAM_H_
 #define BLOCKMETA_SERVER_UPSTREAM_UPSTREAM_H_
 
@@ -63,6 +63,34 @@ struct UpstreamInfo {
 using StatusCallback = absl::AnyInvocable<void(absl::Status) &&>;
 using ExtentsCallback = absl::AnyInvocable<void(absl::StatusOr<ExtentList>) &&>;
 
+// Counters an operator watches (all since the Upstream was created, except
+// the in-flight gauges). Only NbdUpstream fills them.
+struct UpstreamStats {
+  struct Connection {
+    uint64_t commands_issued = 0;
+    uint64_t commands_in_flight = 0;
+    uint64_t max_in_flight = 0;  // the most ever in flight at once
+  };
+  uint64_t commands_issued = 0;     // NBD commands sent (a split read: many)
+  uint64_t commands_in_flight = 0;  // sent, not yet answered
+  uint64_t commands_failed = 0;     // answered with an error or lost
+  // Commands that exceeded upstream_timeout_ms (their connection was
+  // closed), and synchronous callers whose own deadline passed first (the
+  // command ran on).
+  uint64_t commands_timed_out = 0;
+  uint64_t caller_deadlines_passed = 0;
+  // Reconnect rounds that brought a connection back after the first
+  // connection (a fresh export reports 0), connections lost, and the ones
+  // closed gracefully because the server answered ESHUTDOWN.
+  uint64_t reconnects = 0;
+  uint64_t connections_lost = 0;
+  uint64_t soft_disconnects = 0;
+  // Small reads sent on idle connections to learn of a server shutting
+  // down (not in commands_issued).
+  uint64_t health_probes = 0;
+  std::vector<Connection> connections;  // the live ones
+};
+
 // NBD command flags the shim may pass through.
 inline constexpr uint32_t kCmdFlagFua = 1u << 0;
 inline constexpr uint32_t kCmdFlagNoHole = 1u << 1;
@@ -92,6 +120,8 @@ class Upstream {
   virtual uint64_t Generation() const = 0;
   // Called (from a background thread) after Generation() changes.
   virtual void SetOnGenerationChange(std::function<void()> fn) = 0;
+  // Operator counters (see UpstreamStats); zeros for fakes.
+  virtual UpstreamStats Stats() const { return {}; }
 
   // Block status of one negotiated context: extents contiguous from
   // `offset`, at least one, clipped to the export size; may be shorter or

@@ -101,9 +101,12 @@ TEST_F(CliIntegrationTest, MapAndChanged) {
 
   r = Cli({"changed", "disk", "--bitmap=b1"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_THAT(r.out, HasSubstr("\n 8388608  10485760     2.0 MiB  dirty\n"));
+  // The ZERO column comes from base:allocation in the same query.
+  EXPECT_THAT(r.out, HasSubstr("LENGTH  TYPE   ZERO\n"));
+  EXPECT_THAT(r.out,
+              HasSubstr("\n 8388608  10485760     2.0 MiB  dirty  data\n"));
   EXPECT_THAT(r.out, HasSubstr("1 dirty range, 2.0 MiB of 64.0 MiB (3.1%) "
-                               "changed\n"));
+                               "changed, 0 B of it reads as zeroes\n"));
 
   r = Cli({"map", "nope"});
   EXPECT_EQ(r.exit_code, 1);

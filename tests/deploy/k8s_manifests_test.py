@@ -25,6 +25,8 @@ import sys
 import tempfile
 import unittest
 
+import sidecar_certs
+
 try:
     import yaml
 except ImportError:  # Fail loudly: scripts/setup installs python3-yaml.
@@ -46,6 +48,12 @@ EXPECTED = {
     "overlays/standalone": {
         "kinds": {"Deployment", "ConfigMap", "Service"},
         "tls": True,
+    },
+    "overlays/csi-snapshot-metadata": {
+        "kinds": {"Deployment", "ConfigMap", "Service", "NetworkPolicy",
+                  "Secret", "ServiceAccount", "ClusterRole",
+                  "ClusterRoleBinding", "SnapshotMetadataService"},
+        "csi_sidecar": True,
     },
     "overlays/standalone-monitored": {
         "kinds": {"Deployment", "ConfigMap", "Service", "ServiceMonitor"},
@@ -167,6 +175,8 @@ def setUpModule():
                            "k8s")
     shutil.rmtree(K8S_DIR, ignore_errors=True)
     shutil.copytree("deploy/k8s", K8S_DIR, symlinks=False)
+    # The csi-snapshot-metadata overlay renders only with its TLS files.
+    sidecar_certs.make(K8S_DIR)
 
 
 class KustomizationSetTest(unittest.TestCase):
@@ -396,6 +406,94 @@ class ManifestTest(unittest.TestCase):
                                    om["name"] == m["name"]
                                    for om in o.get("volumeMounts", []))]
                     self.assertTrue(sharers, "no exporter shares %s" % sock)
+
+    def test_csi_snapshot_metadata_sidecar(self):
+        """The sidecar and blockmeta share the CSI socket; the Service, the
+        SnapshotMetadataService, the TLS files and the RBAC fit together."""
+        if not self.expect.get("csi_sidecar"):
+            return
+        import base64
+        d = self.deployments()[0]
+        pod = d["spec"]["template"]["spec"]
+        c = self.blockmeta(pod)
+        config, _ = self.config_of(pod, c)
+        csi = config.get("csi", {})
+        socket = re.sub(r"^unix:(//)?", "", csi.get("socket", ""))
+        self.assertTrue(socket.startswith("/"), "csi.socket unset")
+        side = [o for o in pod["containers"] if o is not c]
+        self.assertEqual(len(side), 1)
+        side = side[0]
+        args = dict(a[2:].split("=", 1) for a in side.get("args", [])
+                    if a.startswith("--") and "=" in a)
+        self.assertEqual(args.get("csi-address"), socket)
+        # One emptyDir holds the socket for both containers.
+        m1, m2 = mount_for(c, socket), mount_for(side, socket)
+        self.assertIsNotNone(m1)
+        self.assertIsNotNone(m2)
+        self.assertEqual(m1["name"], m2["name"])
+        self.assertIn("emptyDir", volume(pod, m1["name"]))
+        self.assertFalse(m1.get("readOnly", False))
+        # The sidecar's TLS port behind the Service the resource names.
+        ports = {p["name"]: p["containerPort"] for p in side["ports"]}
+        port = int(args["port"])
+        self.assertIn(port, ports.values())
+        sms = self.r.by_kind["SnapshotMetadataService"]
+        self.assertEqual(len(sms), 1)
+        sms = sms[0]
+        self.assertEqual(sms["apiVersion"], "cbt.storage.k8s.io/v1beta1")
+        self.assertEqual(sms["metadata"]["name"], csi.get("driver_name"),
+                         "the resource is named after the CSI driver")
+        host, svc_port = port_of(sms["spec"]["address"])
+        svc_name, ns = host.split(".")[:2]
+        self.assertEqual(ns, d["metadata"]["namespace"])
+        svc = self.r.named("Service", svc_name)
+        sp = [p for p in svc["spec"]["ports"] if p["port"] == svc_port]
+        self.assertEqual(len(sp), 1, "no Service port %d" % svc_port)
+        self.assertEqual(ports[sp[0]["targetPort"]], port)
+        self.assertEqual(sms["spec"]["audience"], args.get("audience"))
+        # The CA in the resource signed the certificate the sidecar serves,
+        # for the name in the address.
+        tls_mount = mount_for(side, args["tls-cert"])
+        self.assertIsNotNone(tls_mount)
+        secret = self.r.named(
+            "Secret", volume(pod, tls_mount["name"])["secret"]["secretName"])
+        key = os.path.relpath(args["tls-cert"], tls_mount["mountPath"])
+        tmp = os.environ.get("TEST_TMPDIR", tempfile.mkdtemp())
+        ca, crt = os.path.join(tmp, "sms-ca.pem"), os.path.join(tmp, "srv.pem")
+        with open(ca, "wb") as f:
+            f.write(base64.b64decode(sms["spec"]["caCert"]))
+        with open(crt, "wb") as f:
+            f.write(base64.b64decode(secret["data"][key]))
+        out = subprocess.run(["openssl", "verify", "-CAfile", ca,
+                              "-verify_hostname", host, crt],
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        # The sidecar authenticates and authorizes clients with its token.
+        self.assertIs(pod.get("automountServiceAccountToken"), True)
+        sa = pod.get("serviceAccountName")
+        self.r.named("ServiceAccount", sa)
+        granted = set()
+        for b in self.r.by_kind.get("ClusterRoleBinding", []):
+            if not any(s["kind"] == "ServiceAccount" and s["name"] == sa and
+                       s.get("namespace") == ns for s in b["subjects"]):
+                continue
+            role = self.r.named("ClusterRole", b["roleRef"]["name"])
+            for rule in role["rules"]:
+                for res in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        granted.add((res, verb))
+        for need in (("tokenreviews", "create"),
+                     ("subjectaccessreviews", "create"),
+                     ("volumesnapshots", "get"),
+                     ("volumesnapshotcontents", "get"),
+                     ("snapshotmetadataservices", "get")):
+            self.assertIn(need, granted)
+        # Clients reach the pod through the sidecar only (and metrics).
+        for np in self.r.by_kind.get("NetworkPolicy", []):
+            allowed = {p["port"] for rule in np["spec"].get("ingress", [])
+                       for p in rule.get("ports", [])}
+            self.assertIn(port, allowed)
+            self.assertNotIn(50051, allowed)
 
     def test_references_resolve(self):
         for d in self.deployments():

@@ -31,6 +31,8 @@ import time
 import unittest
 import urllib.request
 
+import sidecar_certs
+
 try:
     import yaml
 except ImportError:
@@ -90,13 +92,14 @@ class Server:
     def __init__(self, name, text):
         self.dir = os.path.join(TMP, name)
         shutil.rmtree(self.dir, ignore_errors=True)
-        for sub in ("run", "nbd", "state"):
+        for sub in ("run", "nbd", "state", "csi"):
             os.makedirs(os.path.join(self.dir, sub))
         self.moves = {
             "/run/blockmeta": os.path.join(self.dir, "run"),
             "/run/nbd": os.path.join(self.dir, "nbd"),
             "/etc/blockmeta/tls": os.path.join(TMP, "tls"),
             "/var/lib/blockmeta": os.path.join(self.dir, "state"),
+            "/csi/": os.path.join(self.dir, "csi") + "/",
         }
         sock = os.path.join(self.dir, "nbd", "disk.sock")
         text = re.sub(r'nbd://[^"]*', "nbd+unix:///disk?socket=" + sock, text)
@@ -200,6 +203,12 @@ class ProbesTest(unittest.TestCase):
                                         srv.metrics_port, timeout=5) as resp:
                 self.assertEqual(resp.status, 200)
                 self.assertIn("# TYPE", resp.read().decode())
+            # The CSI driver socket the sidecar's --csi-address names.
+            csi = re.search(r'socket: "unix://(/[^"]+)"', srv.text)
+            if csi:
+                r = run([BLOCKMETA, "--server=unix:" + csi.group(1),
+                         "--timeout=5s", "health"])
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
             code, took = srv.stop()
             self.assertEqual(code, 0, srv.logtext())
             self.assertLess(took, grace + 2)
@@ -232,6 +241,9 @@ class ProbesTest(unittest.TestCase):
     def test_k8s_standalone(self):
         self.k8s("overlays/standalone")
 
+    def test_k8s_csi_snapshot_metadata(self):
+        self.k8s("overlays/csi-snapshot-metadata")
+
     def test_container_default_config(self):
         with open("deploy/container/Containerfile") as f:
             m = re.search(r"HEALTHCHECK .*?CMD\s+(\[.*?\])", f.read(), re.S)
@@ -260,6 +272,7 @@ def main():
     TMP = tempfile.mkdtemp(prefix="bmp", dir="/tmp")
     try:
         shutil.copytree("deploy/k8s", os.path.join(TMP, "k8s"))
+        sidecar_certs.make(os.path.join(TMP, "k8s"))
         make_certs(os.path.join(TMP, "tls"))
         result = unittest.main(argv=sys.argv[:1], verbosity=2, exit=False)
     finally:

@@ -1,0 +1,100 @@
+// server/service/admin_service.cc — see admin_service.h.
+#include "server/service/admin_service.h"
+
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/common/log.h"
+
+namespace blockmeta {
+namespace {
+
+namespace v1 = ::blockmeta::v1;
+
+}  // namespace
+
+v1::AdminExport ToAdminExport(const ExportEntry& e) {
+  v1::AdminExport out;
+  *out.mutable_config() = e.config;
+  out.set_origin(e.origin == ExportOrigin::kApi ? v1::EXPORT_ORIGIN_API
+                                                : v1::EXPORT_ORIGIN_FILE);
+  out.set_generation(e.generation);
+  const bool ready = e.upstream->Ready();
+  out.set_state(ready ? v1::EXPORT_STATE_READY : v1::EXPORT_STATE_UNAVAILABLE);
+  if (!ready) out.set_last_error(e.upstream->LastError());
+  return out;
+}
+
+absl::StatusOr<v1::AddExportResponse> AdminService::AddExport(
+    const v1::AddExportRequest& request, absl::Time deadline) {
+  if (!request.has_config()) {
+    return absl::InvalidArgumentError("export is required");
+  }
+  const v1::ExportConfig& config = request.config();
+  if (absl::Status s = ValidateExportConfig(config); !s.ok()) return s;
+  // A name removed a moment ago: let its old generation finish first.
+  registry_->WaitDrained(config.name(), deadline);
+  absl::StatusOr<ExportRegistry::AddResult> added =
+      registry_->Add(config, ExportOrigin::kApi);
+  if (!added.ok()) return added.status();
+  const ExportRef& e = added->entry;
+  if (!e->upstream->WaitReady(deadline)) {
+    std::string why = e->upstream->LastError();
+    if (why.empty()) why = "not connected yet";
+    if (request.remove_on_failure() && added->created) {
+      (void)registry_->Remove(config.name());
+    }
+    return absl::UnavailableError(absl::StrCat(
+        "export \"", config.name(),
+        "\": upstream not ready before the deadline: ", why,
+        request.remove_on_failure() ? " (removed again)"
+                                    : " (the export stays and keeps "
+                                      "reconnecting)"));
+  }
+  v1::AddExportResponse response;
+  response.set_created(added->created);
+  *response.mutable_export_info() = ToAdminExport(*e);
+  return response;
+}
+
+absl::StatusOr<v1::RemoveExportResponse> AdminService::RemoveExport(
+    const v1::RemoveExportRequest& request, absl::Time deadline) {
+  if (request.name().empty()) {
+    return absl::InvalidArgumentError("name is required");
+  }
+  absl::StatusOr<ExportRef> gone = registry_->Remove(request.name());
+  if (!gone.ok()) return gone.status();
+  v1::RemoveExportResponse response;
+  response.set_generation((*gone)->generation);
+  gone->reset();  // our reference must not keep it alive
+  if (!registry_->WaitDrained(request.name(), deadline)) {
+    // Removed (new calls already get NOT_FOUND), but a call of it is still
+    // running; it is freed when that call ends.
+    LogWarning("export_remove_still_draining", {{"export", request.name()}});
+  }
+  return response;
+}
+
+absl::StatusOr<v1::UpdateExportResponse> AdminService::UpdateExport(
+    const v1::UpdateExportRequest& request) {
+  if (!request.has_config()) {
+    return absl::InvalidArgumentError("export is required");
+  }
+  absl::StatusOr<ExportRef> now = registry_->Update(request.config());
+  if (!now.ok()) return now.status();
+  v1::UpdateExportResponse response;
+  *response.mutable_export_info() = ToAdminExport(**now);
+  return response;
+}
+
+absl::StatusOr<v1::AdminListExportsResponse> AdminService::ListExports() const {
+  v1::AdminListExportsResponse response;
+  for (const ExportRef& e : registry_->All()) {
+    *response.add_exports() = ToAdminExport(*e);
+  }
+  return response;
+}
+
+}  // namespace blockmeta
