@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -104,8 +105,8 @@ void Drive(int inflight, Clock::time_point measure_from, Clock::time_point stop,
 
 absl::Duration Percentile(const std::vector<int64_t>& sorted, double p) {
   if (sorted.empty()) return absl::ZeroDuration();
-  size_t i =
-      static_cast<size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
+  size_t i = static_cast<size_t>(
+      std::llround(p * static_cast<double>(sorted.size() - 1)));
   return absl::Nanoseconds(sorted[std::min(i, sorted.size() - 1)]);
 }
 

@@ -9,6 +9,7 @@
 
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -41,7 +42,7 @@ RunResult Cli(std::vector<std::string> args, RunOptions o = RunOptions()) {
 RunResult At(const FakeServer& s, std::vector<std::string> args,
              RunOptions o = RunOptions()) {
   args.push_back("--server=" + s.address());
-  return Cli(args, o);
+  return Cli(std::move(args), std::move(o));
 }
 
 const std::vector<std::string> kCommands = {"list",    "info",       "map",
@@ -550,6 +551,7 @@ class Certs {
 };
 
 TEST(CliTls, ServerTlsAndMutualTls) {
+  // NOLINTNEXTLINE(concurrency-mt-unsafe): no other thread runs yet.
   Certs certs(std::getenv("TEST_TMPDIR"));
   {
     FakeServer tls("", certs.Read("server.pem"), certs.Read("server.key"));

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   env.out = &std::cout;
   env.err = &std::cerr;
   env.err_is_tty = isatty(STDERR_FILENO) == 1;
+  // NOLINTNEXTLINE(concurrency-mt-unsafe): read before any thread starts.
   if (const char* s = std::getenv("BLOCKMETA_SERVER")) env.default_server = s;
   int code = blockmeta::client::RunCli(args, env);
   std::cout.flush();

@@ -41,7 +41,7 @@ class RequestLogInterceptor final : public grpc::experimental::Interceptor {
             InterceptionHookPoints::PRE_SEND_STATUS)) {
       EnsureId();
       grpc::Status status = methods->GetSendStatus();
-      long long us = std::chrono::duration_cast<std::chrono::microseconds>(
+      int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(
                          std::chrono::steady_clock::now() - start_)
                          .count();
       const char* method = info_->method() == nullptr ? "" : info_->method();

@@ -6,19 +6,23 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/nbd_process.h"
 
 namespace blockmeta {
 namespace {
 
+using ::blockmeta::testing::Eventually;
 using ::blockmeta::testing::RunCommand;
 
 std::string Uri(const SpawnedServer& s) {
@@ -66,11 +70,7 @@ TEST(SpawnedServerTest, DeathIsNoticedWithStderr) {
   auto s = SpawnedServer::Create({"nbdkit", "no-such-plugin-abc"});
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE((*s)->Start().ok());
-  const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while ((*s)->Running() && absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  EXPECT_FALSE((*s)->Running());
+  EXPECT_TRUE(Eventually([&] { return !(*s)->Running(); }, absl::Seconds(10)));
   EXPECT_TRUE(absl::StrContains((*s)->ExitDescription(), "exited with status"))
       << (*s)->ExitDescription();
   EXPECT_TRUE(absl::StrContains((*s)->ExitDescription(), "no-such-plugin-abc"))
@@ -81,19 +81,22 @@ TEST(SpawnedServerTest, MissingProgram) {
   auto s = SpawnedServer::Create({"/nonexistent/server"});
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE((*s)->Start().ok());
-  const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while ((*s)->Running() && absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
+  EXPECT_TRUE(Eventually([&] { return !(*s)->Running(); }, absl::Seconds(10)));
   EXPECT_TRUE(absl::StrContains((*s)->ExitDescription(), "status 127"))
       << (*s)->ExitDescription();
 }
 
 TEST(SpawnedServerTest, StopKillsAServerIgnoringSigterm) {
-  auto s = SpawnedServer::Create({"sh", "-c", "trap '' TERM; sleep 30"});
+  // The child says when its trap is installed by creating `ready`.
+  const std::string ready =
+      // NOLINTNEXTLINE(concurrency-mt-unsafe): no other thread runs yet.
+      absl::StrCat(std::getenv("TEST_TMPDIR"), "/trap-installed");
+  auto s = SpawnedServer::Create(
+      {"sh", "-c", absl::StrCat("trap '' TERM; : > '", ready, "'; sleep 30")});
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE((*s)->Start().ok());
-  absl::SleepFor(absl::Milliseconds(100));  // let the trap be installed
+  struct stat st;
+  ASSERT_TRUE(Eventually([&] { return stat(ready.c_str(), &st) == 0; }));
   const absl::Time start = absl::Now();
   (*s)->Stop(absl::Milliseconds(200));
   EXPECT_LT(absl::Now() - start, absl::Seconds(2));
@@ -129,6 +132,8 @@ TEST(SpawnedServerTest, SurvivesTheThreadThatStartedIt) {
     server = *std::move(s);
   }).join();
   ASSERT_NE(server, nullptr);
+  // The thing under test is survival over time: give a wrongly signalled
+  // child time to die.
   absl::SleepFor(absl::Milliseconds(300));
   EXPECT_TRUE(server->Running()) << server->ExitDescription();
 }

@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "tests/testing/eventually.h"
 
 namespace blockmeta::testing {
 
@@ -26,13 +27,13 @@ absl::StatusOr<std::unique_ptr<Blockmetad>> Blockmetad::Start(
 RunResult Blockmetad::AwaitHealth(const std::string& service,
                                   const std::string& want,
                                   absl::Duration timeout) const {
-  absl::Time deadline = absl::Now() + timeout;
   RunResult r;
-  do {
-    r = Cli({"health", service});
-    if (r.out == want) break;
-    absl::SleepFor(absl::Milliseconds(100));
-  } while (absl::Now() < deadline);
+  Eventually(
+      [&] {
+        r = Cli({"health", service});
+        return r.out == want;
+      },
+      timeout, absl::Milliseconds(100));
   return r;
 }
 

@@ -15,6 +15,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 
@@ -65,11 +66,9 @@ TEST(SharedCacheTest, ShimAndGrpcShareOneCacheAndWritesInvalidateIt) {
     return stub->GetExtents(&ctx, req, r);
   };
   // Wait until the upstream is connected.
-  absl::Time give_up = absl::Now() + absl::Seconds(20);
   v1::GetExtentsResponse r;
-  while (!get(&r).ok() && absl::Now() < give_up) {
-    absl::SleepFor(absl::Milliseconds(50));
-  }
+  ASSERT_TRUE(::blockmeta::testing::Eventually(
+      [&] { return get(&r).ok(); }, absl::Seconds(20), absl::Milliseconds(50)));
   // Start from an empty cache so the shim is what fills it.
   {
     grpc::ClientContext ctx;
