@@ -91,7 +91,8 @@ void ApplyDefaults(v1::ServerConfig* c) {
   if (n->max_connections() == 0) n->set_max_connections(100);
   if (n->max_payload_bytes() == 0) n->set_max_payload_bytes(32u << 20);
   if (c->csi().default_max_results() == 0) {
-    c->mutable_csi()->set_default_max_results(CsiServiceOptions().default_max_results);
+    c->mutable_csi()->set_default_max_results(
+        CsiServiceOptions().default_max_results);
   }
 }
 
@@ -139,7 +140,7 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
                                             c.max_upstream_calls_per_export());
   s->admission_ = std::make_unique<Admission>(
       c.grpc().max_inflight_calls(), c.grpc().max_inflight_calls_per_export());
-  s->metrics_ = std::make_unique<Metrics>(s->cache_.get());
+  s->metrics_ = std::make_unique<Metrics>(s->cache_.get(), s->registry_.get());
   ExtentService::Options service_options;
   Metrics* metrics = s->metrics_.get();
   service_options.on_upstream_call = [metrics](const std::string& export_name,
@@ -172,9 +173,9 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
       s->admin_.get(), std::vector<std::string>(c.admin_identities().begin(),
                                                 c.admin_identities().end()));
   if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
-    s->nbd_ = std::make_unique<NbdServer>(std::vector<nbd::ShimExport>{},
-                                          s->cache_.get(),
-                                          WithDefaultTlsFiles(c.nbd(), c.tls()));
+    s->nbd_ = std::make_unique<NbdServer>(
+        std::vector<nbd::ShimExport>{}, s->cache_.get(),
+        WithDefaultTlsFiles(c.nbd(), c.tls()));
   }
   s->registry_->SetHooks(s->MakeHooks());
   absl::StatusOr<ExportRegistry::ReloadResult> loaded =

@@ -15,6 +15,7 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "prometheus/text_serializer.h"
+#include "server/upstream/upstream.h"
 
 namespace blockmeta {
 namespace {
@@ -72,18 +73,51 @@ const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
   return *b;
 }
 
+using Labels = std::map<std::string, std::string>;
+
+// One metric family per field of a counters struct T, one sample per row.
+template <typename T>
+struct FieldDef {
+  const char* name;
+  const char* help;
+  prometheus::MetricType type;
+  uint64_t T::*field;
+};
+
+template <typename T, size_t N>
+std::vector<prometheus::MetricFamily> BuildFamilies(
+    const FieldDef<T> (&defs)[N], const std::vector<Labels>& labels,
+    const std::vector<T>& rows) {
+  std::vector<prometheus::MetricFamily> out;
+  for (const FieldDef<T>& d : defs) {
+    prometheus::MetricFamily f;
+    f.name = d.name;
+    f.help = d.help;
+    f.type = d.type;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      prometheus::ClientMetric m;
+      m.label.reserve(labels[i].size());
+      for (const auto& [k, v] : labels[i]) m.label.push_back({k, v});
+      double v = static_cast<double>(rows[i].*d.field);
+      if (d.type == prometheus::MetricType::Counter) {
+        m.counter.value = v;
+      } else {
+        m.gauge.value = v;
+      }
+      f.metric.push_back(std::move(m));
+    }
+    out.push_back(std::move(f));
+  }
+  return out;
+}
+
 // Reads the cache's counters at scrape time.
 class CacheCollector final : public prometheus::Collectable {
  public:
   explicit CacheCollector(const ExtentCache* cache) : cache_(cache) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
-    struct Def {
-      const char* name;
-      const char* help;
-      prometheus::MetricType type;
-      uint64_t CacheCounters::*field;
-    };
+    using Def = FieldDef<CacheCounters>;
     static const Def kDefs[] = {
         {"blockmeta_cache_hits_total", "Queries answered entirely from cache",
          prometheus::MetricType::Counter, &CacheCounters::hits},
@@ -129,43 +163,105 @@ class CacheCollector final : public prometheus::Collectable {
          prometheus::MetricType::Gauge, &CacheCounters::memory_bytes},
     };
     std::vector<CacheKey> keys = cache_->Keys();
+    std::vector<Labels> labels;
     std::vector<CacheCounters> values;
+    labels.reserve(keys.size());
     values.reserve(keys.size());
-    for (const CacheKey& k : keys) values.push_back(cache_->Counters(k));
-    std::vector<prometheus::MetricFamily> out;
-    for (const Def& d : kDefs) {
-      prometheus::MetricFamily f;
-      f.name = d.name;
-      f.help = d.help;
-      f.type = d.type;
-      for (size_t i = 0; i < keys.size(); ++i) {
-        prometheus::ClientMetric m;
-        m.label = {{"context", keys[i].context},
-                   {"export", keys[i].export_name}};
-        double v = static_cast<double>(values[i].*d.field);
-        if (d.type == prometheus::MetricType::Counter) {
-          m.counter.value = v;
-        } else {
-          m.gauge.value = v;
-        }
-        f.metric.push_back(std::move(m));
-      }
-      out.push_back(std::move(f));
+    for (const CacheKey& k : keys) {
+      labels.push_back({{"context", k.context}, {"export", k.export_name}});
+      values.push_back(cache_->Counters(k));
     }
-    return out;
+    return BuildFamilies(kDefs, labels, values);
   }
 
  private:
   const ExtentCache* cache_;
 };
 
+// Reads every export's upstream engine counters (Upstream::Stats) at scrape
+// time: whole-upstream figures labelled by export, per-connection gauges
+// labelled by export and connection index. Exports are listed per scrape,
+// so removed exports disappear and added ones appear.
+class UpstreamCollector final : public prometheus::Collectable {
+ public:
+  explicit UpstreamCollector(const ExportRegistry* registry)
+      : registry_(registry) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    using Def = FieldDef<UpstreamStats>;
+    using C = prometheus::MetricType;
+    static const Def kDefs[] = {
+        {"blockmeta_upstream_commands_in_flight",
+         "NBD commands sent to the upstream and not yet answered", C::Gauge,
+         &UpstreamStats::commands_in_flight},
+        {"blockmeta_upstream_commands_total", "NBD commands sent", C::Counter,
+         &UpstreamStats::commands_issued},
+        {"blockmeta_upstream_commands_failed_total",
+         "NBD commands answered with an error or lost", C::Counter,
+         &UpstreamStats::commands_failed},
+        {"blockmeta_upstream_commands_timed_out_total",
+         "NBD commands that exceeded upstream_timeout_ms (connection closed)",
+         C::Counter, &UpstreamStats::commands_timed_out},
+        {"blockmeta_upstream_caller_deadlines_total",
+         "Callers whose own deadline passed while their command ran on",
+         C::Counter, &UpstreamStats::caller_deadlines_passed},
+        {"blockmeta_upstream_reconnects_total",
+         "Reconnect rounds that brought a connection back", C::Counter,
+         &UpstreamStats::reconnects},
+        {"blockmeta_upstream_connections_lost_total",
+         "Upstream connections lost", C::Counter,
+         &UpstreamStats::connections_lost},
+        {"blockmeta_upstream_soft_disconnects_total",
+         "Connections closed with NBD_CMD_DISC after ESHUTDOWN", C::Counter,
+         &UpstreamStats::soft_disconnects},
+        {"blockmeta_upstream_health_probes_total",
+         "Small reads sent on idle connections to notice a shutdown",
+         C::Counter, &UpstreamStats::health_probes},
+    };
+    using ConnDef = FieldDef<UpstreamStats::Connection>;
+    static const ConnDef kConnDefs[] = {
+        {"blockmeta_upstream_connection_in_flight",
+         "NBD commands in flight on one upstream connection", C::Gauge,
+         &UpstreamStats::Connection::commands_in_flight},
+        {"blockmeta_upstream_connection_max_in_flight",
+         "Most NBD commands ever in flight at once on one connection", C::Gauge,
+         &UpstreamStats::Connection::max_in_flight},
+    };
+    std::vector<Labels> labels, conn_labels;
+    std::vector<UpstreamStats> rows;
+    std::vector<UpstreamStats::Connection> conn_rows;
+    for (const ExportRef& e : registry_->All()) {
+      UpstreamStats st = e->upstream->Stats();
+      const std::string& name = e->config.name();
+      for (size_t i = 0; i < st.connections.size(); ++i) {
+        conn_labels.push_back({{"conn", absl::StrCat(i)}, {"export", name}});
+        conn_rows.push_back(st.connections[i]);
+      }
+      labels.push_back({{"export", name}});
+      rows.push_back(std::move(st));
+    }
+    std::vector<prometheus::MetricFamily> out =
+        BuildFamilies(kDefs, labels, rows);
+    std::vector<prometheus::MetricFamily> conns =
+        BuildFamilies(kConnDefs, conn_labels, conn_rows);
+    out.insert(out.end(), conns.begin(), conns.end());
+    return out;
+  }
+
+ private:
+  const ExportRegistry* registry_;
+};
+
 }  // namespace
 
 class Metrics::Impl {
  public:
-  explicit Impl(const ExtentCache* cache)
+  Impl(const ExtentCache* cache, const ExportRegistry* exports)
       : registry(std::make_shared<prometheus::Registry>()),
         cache_collector(std::make_shared<CacheCollector>(cache)),
+        upstream_collector(exports == nullptr
+                               ? nullptr
+                               : std::make_shared<UpstreamCollector>(exports)),
         started(prometheus::BuildCounter()
                     .Name("grpc_server_started_total")
                     .Help("Total number of RPCs started on the server.")
@@ -192,6 +288,7 @@ class Metrics::Impl {
 
   std::shared_ptr<prometheus::Registry> registry;
   std::shared_ptr<CacheCollector> cache_collector;
+  std::shared_ptr<UpstreamCollector> upstream_collector;  // may be null
   prometheus::Family<prometheus::Counter>& started;
   prometheus::Family<prometheus::Counter>& handled;
   prometheus::Family<prometheus::Histogram>& handling;
@@ -251,8 +348,8 @@ class MetricsInterceptorFactory final
 
 }  // namespace
 
-Metrics::Metrics(const ExtentCache* cache)
-    : impl_(std::make_shared<Impl>(cache)) {}
+Metrics::Metrics(const ExtentCache* cache, const ExportRegistry* exports)
+    : impl_(std::make_shared<Impl>(cache, exports)) {}
 
 Metrics::~Metrics() = default;
 
@@ -265,6 +362,9 @@ absl::StatusOr<int> Metrics::Serve(const std::string& address) {
   }
   exposer_->RegisterCollectable(impl_->registry);
   exposer_->RegisterCollectable(impl_->cache_collector);
+  if (impl_->upstream_collector) {
+    exposer_->RegisterCollectable(impl_->upstream_collector);
+  }
   std::vector<int> ports = exposer_->GetListeningPorts();
   if (ports.empty()) {
     return absl::InternalError("metrics listener has no port");
@@ -293,6 +393,11 @@ std::string Metrics::Render() const {
   std::vector<prometheus::MetricFamily> cache =
       impl_->cache_collector->Collect();
   families.insert(families.end(), cache.begin(), cache.end());
+  if (impl_->upstream_collector) {
+    std::vector<prometheus::MetricFamily> up =
+        impl_->upstream_collector->Collect();
+    families.insert(families.end(), up.begin(), up.end());
+  }
   return prometheus::TextSerializer().Serialize(families);
 }
 

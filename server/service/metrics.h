@@ -10,6 +10,13 @@
 //   ExtentCache at scrape time — no double bookkeeping.
 // * Upstream block-status calls: blockmeta_upstream_calls_total{export,
 //   code} and blockmeta_upstream_call_seconds{export} (histogram).
+// * The upstream engine per export, read from Upstream::Stats() at scrape
+//   time: blockmeta_upstream_commands_in_flight, _commands_total,
+//   _commands_failed_total, _commands_timed_out_total,
+//   _caller_deadlines_total, _reconnects_total, _connections_lost_total,
+//   _soft_disconnects_total, _health_probes_total{export}, and per
+//   connection blockmeta_upstream_connection_in_flight and
+//   _connection_max_in_flight{export, conn}.
 //
 // Thread-safety: all methods are thread-safe (prometheus-cpp's metrics are
 // atomic; families lock internally when a new label set first appears).
@@ -24,6 +31,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/support/server_interceptor.h"
 #include "server/cache/extent_cache.h"
+#include "server/upstream/export_registry.h"
 
 namespace prometheus {
 class Exposer;
@@ -34,7 +42,10 @@ namespace blockmeta {
 
 class Metrics {
  public:
-  explicit Metrics(const ExtentCache* cache);
+  // `exports` (optional, must outlive this) adds the upstream engine's
+  // counters of every registered export, read at scrape time.
+  explicit Metrics(const ExtentCache* cache,
+                   const ExportRegistry* exports = nullptr);
   ~Metrics();
   Metrics(const Metrics&) = delete;
   Metrics& operator=(const Metrics&) = delete;

@@ -556,6 +556,15 @@ TEST_F(GrpcServiceTest, HealthAndMetrics) {
                    "export=\"data\"}"),
       std::string::npos);
   EXPECT_NE(metrics.find("blockmeta_upstream_calls_total"), std::string::npos);
+  // The engine's counters, per export and per connection.
+  EXPECT_NE(metrics.find("blockmeta_upstream_commands_total{export=\"data\"}"),
+            std::string::npos);
+  EXPECT_NE(metrics.find("blockmeta_upstream_commands_in_flight{export="
+                         "\"data\"} 0"),
+            std::string::npos);
+  EXPECT_NE(metrics.find("blockmeta_upstream_connection_max_in_flight{conn="
+                         "\"0\",export=\"data\"}"),
+            std::string::npos);
 }
 
 TEST_F(GrpcServiceTest, StatsAndInvalidate) {
