@@ -840,9 +840,9 @@ bool ExtentCache::Impl::AppendAnswer(const Fetch& f, bool own, uint64_t gap,
 // --- Read-ahead ---
 
 void ExtentCache::Impl::UpdateLiveLocked(KeyState& k) {
-  const bool live = k.ra.window > 0 && k.ra.fetcher != nullptr &&
-                    (k.ra.inflight > 0 || !k.ra.unread.empty() ||
-                     k.ra.frontier < k.ra.limit);
+  const bool live =
+      k.ra.window > 0 && k.ra.fetcher != nullptr &&
+      (k.ra.inflight > 0 || !k.ra.unread.empty() || k.ra.frontier < k.ra.limit);
   k.ra_live.store(live, std::memory_order_relaxed);
 }
 

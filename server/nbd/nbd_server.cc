@@ -162,9 +162,8 @@ size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
     {
       sync::MutexLock lock(&mu_);
       for (auto& slot : slots_) {
-        if (!slot->done.load() &&
-            std::find(closing.begin(), closing.end(), slot.get()) !=
-                closing.end()) {
+        if (!slot->done.load() && std::find(closing.begin(), closing.end(),
+                                            slot.get()) != closing.end()) {
           ++running;
         }
       }

@@ -78,7 +78,8 @@ class NbdServer {
 
   // Exports at run time: the list new connections negotiate against (a
   // connection keeps the list it was accepted with; sorted here).
-  void SetExports(std::vector<nbd::ShimExport> exports) ABSL_LOCKS_EXCLUDED(mu_);
+  void SetExports(std::vector<nbd::ShimExport> exports)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Ends every session that entered `name`, and every connection still
   // negotiating with a list that offers it, then waits (up to `wait`) for
   // them to finish, so the export's upstream may go. Returns how many.

@@ -171,8 +171,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
     return GetMultiExtents(ctx_, context, *request, response);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Admission::Ticket ticket =
-      ctx_.admission->TryAcquire(request->export_name());
+  Admission::Ticket ticket = ctx_.admission->TryAcquire(request->export_name());
   if (!ticket) {
     reactor->Finish(OverloadedStatus(*ctx_.admission));
     return reactor;

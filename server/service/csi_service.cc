@@ -66,8 +66,8 @@ csi::v1::ProbeResponse CsiService::Probe() const {
   return r;
 }
 
-absl::StatusOr<ExportRef> CsiService::ResolveSnapshot(
-    const std::string& id, const char* field) const {
+absl::StatusOr<ExportRef> CsiService::ResolveSnapshot(const std::string& id,
+                                                      const char* field) const {
   if (id.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, " is required: it names the snapshot"));

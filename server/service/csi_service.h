@@ -107,7 +107,7 @@ class CsiService {
   // The export a snapshot id names (see the header comment). `field` names
   // the request field in error messages.
   absl::StatusOr<ExportRef> ResolveSnapshot(const std::string& id,
-                                               const char* field) const;
+                                            const char* field) const;
   // The dirty-bitmap context base_snapshot_id names on `target`.
   static std::string BaseContext(const ExportEntry& target,
                                  const std::string& base_snapshot_id);

@@ -42,8 +42,8 @@ class RequestLogInterceptor final : public grpc::experimental::Interceptor {
       EnsureId();
       grpc::Status status = methods->GetSendStatus();
       int64_t us = std::chrono::duration_cast<std::chrono::microseconds>(
-                         std::chrono::steady_clock::now() - start_)
-                         .count();
+                       std::chrono::steady_clock::now() - start_)
+                       .count();
       const char* method = info_->method() == nullptr ? "" : info_->method();
       std::string peer = info_->server_context() == nullptr
                              ? ""

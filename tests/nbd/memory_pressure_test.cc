@@ -32,7 +32,7 @@ struct MapRun {
 
 // A fresh (cold) server with the given bound; maps through its shim.
 MapRun MapThroughShim(const std::string& upstream_uri, uint64_t memory_limit,
-                   const std::string& tag) {
+                      const std::string& tag) {
   const std::string sock =
       absl::StrCat("/tmp/bm-mp-", getpid(), "-", tag, ".sock");
   v1::ServerConfig c;
