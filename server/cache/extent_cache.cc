@@ -1032,7 +1032,7 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     }
     if (!issue.empty()) {
       // Top-ups go through the run's fetcher (ours when we started it).
-      Issue(*k, std::move(issue), fetch, export_size);
+      Issue(*k, std::exchange(issue, {}), fetch, export_size);
     }
     {
       sync::MutexLock l(&k->mu);
@@ -1052,7 +1052,9 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
       NoteReadLocked(*k, gap, p.r.next_offset);
       if (detached) TopUpLocked(*k, &issue);
     }
-    if (!issue.empty()) Issue(*k, std::move(issue), fetch, export_size);
+    if (!issue.empty()) {
+      Issue(*k, std::exchange(issue, {}), fetch, export_size);
+    }
     break;
   }
   if (!p.r.extents.empty() || p.Done()) {

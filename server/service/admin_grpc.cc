@@ -100,8 +100,9 @@ grpc::ServerUnaryReactor* AdminGrpcService::AddExport(
             service_->AddExport(*request, deadline);
         Audit("AddExport", request->config().name(), context, who, r.status(),
               start);
+        const absl::Status status = r.status();
         if (r.ok()) *response = *std::move(r);
-        reactor->Finish(ToGrpcStatus(r.status()));
+        reactor->Finish(ToGrpcStatus(status));
       });
   return reactor;
 }
@@ -124,8 +125,9 @@ grpc::ServerUnaryReactor* AdminGrpcService::RemoveExport(
         absl::StatusOr<v1::RemoveExportResponse> r =
             service_->RemoveExport(*request, deadline);
         Audit("RemoveExport", request->name(), context, who, r.status(), start);
+        const absl::Status status = r.status();
         if (r.ok()) *response = *std::move(r);
-        reactor->Finish(ToGrpcStatus(r.status()));
+        reactor->Finish(ToGrpcStatus(status));
       });
   return reactor;
 }
