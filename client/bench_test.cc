@@ -7,9 +7,9 @@
 #include <sstream>
 
 #include "client/blockmeta_client.h"
-#include "client/fake_server.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fake_blockmeta_server.h"
 
 namespace blockmeta::client {
 namespace {

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "absl/time/clock.h"
-#include "client/fake_server.h"
 #include "gtest/gtest.h"
+#include "tests/testing/fake_blockmeta_server.h"
 
 namespace blockmeta::client {
 namespace {

@@ -14,10 +14,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "client/fake_server.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/client/cli_runner.h"
+#include "tests/testing/cli_runner.h"
+#include "tests/testing/fake_blockmeta_server.h"
 
 namespace blockmeta::client {
 namespace {

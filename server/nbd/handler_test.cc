@@ -8,9 +8,9 @@
 
 #include "gtest/gtest.h"
 #include "server/nbd/stream.h"
-#include "server/nbd/test_client.h"
-#include "server/upstream/fake_upstream.h"
 #include "server/upstream/nbd_errors.h"
+#include "tests/testing/fake_upstream.h"
+#include "tests/testing/nbd_test_client.h"
 
 namespace blockmeta {
 namespace nbd {

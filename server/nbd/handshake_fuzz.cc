@@ -18,7 +18,7 @@
 #include "server/nbd/handshake.h"
 #include "server/nbd/request.h"
 #include "server/nbd/stream.h"
-#include "server/upstream/fake_upstream.h"
+#include "tests/testing/fake_upstream.h"
 
 namespace {
 

@@ -12,8 +12,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/nbd/protocol.h"
-#include "server/nbd/test_client.h"
-#include "server/upstream/fake_upstream.h"
+#include "tests/testing/fake_upstream.h"
+#include "tests/testing/nbd_test_client.h"
 
 namespace blockmeta {
 namespace nbd {

@@ -17,9 +17,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
-#include "server/nbd/test_client.h"
-#include "server/upstream/fake_upstream.h"
 #include "server/upstream/nbd_errors.h"
+#include "tests/testing/fake_upstream.h"
+#include "tests/testing/nbd_test_client.h"
 
 namespace blockmeta {
 namespace {

@@ -10,7 +10,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/service/admin_grpc.h"
-#include "server/upstream/fake_upstream.h"
+#include "tests/testing/fake_upstream.h"
 
 namespace blockmeta {
 namespace {

@@ -8,7 +8,7 @@
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
-#include "server/upstream/fake_upstream.h"
+#include "tests/testing/fake_upstream.h"
 
 namespace blockmeta {
 namespace {

@@ -5,7 +5,7 @@
 
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
-#include "server/upstream/fake_upstream.h"
+#include "tests/testing/fake_upstream.h"
 #include "tests/testing/nbd_process.h"
 
 namespace blockmeta {

@@ -12,8 +12,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/upstream/nbd_upstream.h"
-#include "server/upstream/nbd_upstream_test_util.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/nbd_upstream_test_util.h"
 
 namespace blockmeta {
 namespace {

@@ -14,9 +14,9 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/upstream/nbd_upstream_test_util.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/nbd_upstream_test_util.h"
 
 namespace blockmeta {
 namespace {

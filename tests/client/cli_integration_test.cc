@@ -13,8 +13,8 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/client/blockmetad_fixture.h"
-#include "tests/client/cli_runner.h"
+#include "tests/testing/blockmetad_fixture.h"
+#include "tests/testing/cli_runner.h"
 #include "tests/testing/nbd_process.h"
 
 namespace blockmeta::testing {

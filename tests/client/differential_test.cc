@@ -20,8 +20,8 @@
 #include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/client/blockmetad_fixture.h"
-#include "tests/client/cli_runner.h"
+#include "tests/testing/blockmetad_fixture.h"
+#include "tests/testing/cli_runner.h"
 #include "tests/testing/nbd_process.h"
 
 namespace blockmeta::testing {

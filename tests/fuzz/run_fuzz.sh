@@ -21,7 +21,7 @@ ABSL_LIBS="$(pkg-config --libs absl_status absl_statusor absl_strings \
   absl_str_format absl_synchronization absl_time absl_hash absl_raw_hash_set) $(pkg-config --libs libnbd)"
 SRCS=(
   server/nbd/stream.cc server/nbd/handshake.cc server/nbd/request.cc
-  server/nbd/handler.cc server/upstream/fake_upstream.cc server/upstream/nbd_errors.cc
+  server/nbd/handler.cc tests/testing/fake_upstream.cc server/upstream/nbd_errors.cc
   server/nbd/handshake_fuzz.cc server/cache/extent_cache.cc
 )
 cd "$ROOT"

@@ -1,5 +1,5 @@
-// tests/client/cli_runner.cc — see cli_runner.h.
-#include "tests/client/cli_runner.h"
+// tests/testing/cli_runner.cc — see cli_runner.h.
+#include "tests/testing/cli_runner.h"
 
 #include <fcntl.h>
 #include <poll.h>

@@ -1,5 +1,5 @@
-// tests/client/blockmetad_fixture.cc — see blockmetad_fixture.h.
-#include "tests/client/blockmetad_fixture.h"
+// tests/testing/blockmetad_fixture.cc — see blockmetad_fixture.h.
+#include "tests/testing/blockmetad_fixture.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"

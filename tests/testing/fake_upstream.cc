@@ -1,5 +1,5 @@
-// server/upstream/fake_upstream.cc — see fake_upstream.h.
-#include "server/upstream/fake_upstream.h"
+// tests/testing/fake_upstream.cc — see fake_upstream.h.
+#include "tests/testing/fake_upstream.h"
 
 #include <algorithm>
 #include <cstring>

@@ -1,5 +1,5 @@
-// client/fake_server.cc — see fake_server.h.
-#include "client/fake_server.h"
+// tests/testing/fake_blockmeta_server.cc — see fake_blockmeta_server.h.
+#include "tests/testing/fake_blockmeta_server.h"
 
 #include <grpcpp/health_check_service_interface.h>
 

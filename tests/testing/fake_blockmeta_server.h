@@ -1,6 +1,6 @@
-// client/fake_server.h — test only: an in-process BlockMeta + health gRPC
-// server on 127.0.0.1:0 (or a Unix socket) serving one synthetic export,
-// with fault injection for the client's retry logic. Not a model of the
+// tests/testing/fake_blockmeta_server.h — test only: an in-process BlockMeta +
+// health gRPC server on 127.0.0.1:0 (or a Unix socket) serving one synthetic
+// export, with fault injection for the client's retry logic. Not a model of the
 // real server's cache; integration tests use //server:blockmetad.
 //
 // The export "disk" (size kDiskSize) has 64 KiB extents alternating data
@@ -10,8 +10,8 @@
 //
 // Thread-safety: the fault knobs may be set from the test thread while RPCs
 // run; they are atomics.
-#ifndef BLOCKMETA_CLIENT_FAKE_SERVER_H_
-#define BLOCKMETA_CLIENT_FAKE_SERVER_H_
+#ifndef BLOCKMETA_TESTS_TESTING_FAKE_BLOCKMETA_SERVER_H_
+#define BLOCKMETA_TESTS_TESTING_FAKE_BLOCKMETA_SERVER_H_
 
 #include <grpcpp/grpcpp.h>
 
@@ -94,4 +94,4 @@ class FakeServer {
 
 }  // namespace blockmeta::client::testing
 
-#endif  // BLOCKMETA_CLIENT_FAKE_SERVER_H_
+#endif  // BLOCKMETA_TESTS_TESTING_FAKE_BLOCKMETA_SERVER_H_

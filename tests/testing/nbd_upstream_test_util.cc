@@ -1,5 +1,5 @@
-// server/upstream/nbd_upstream_test_util.cc — see nbd_upstream_test_util.h.
-#include "server/upstream/nbd_upstream_test_util.h"
+// tests/testing/nbd_upstream_test_util.cc — see nbd_upstream_test_util.h.
+#include "tests/testing/nbd_upstream_test_util.h"
 
 #include <utility>
 

@@ -1,8 +1,8 @@
-// server/upstream/nbd_upstream_test_util.h — helpers shared by the
+// tests/testing/nbd_upstream_test_util.h — helpers shared by the
 // upstream's tests (testonly): export configs for each upstream kind, a
 // connect-and-wait, a deadline and a bounded poll.
-#ifndef BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_TEST_UTIL_H_
-#define BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_TEST_UTIL_H_
+#ifndef BLOCKMETA_TESTS_TESTING_NBD_UPSTREAM_TEST_UTIL_H_
+#define BLOCKMETA_TESTS_TESTING_NBD_UPSTREAM_TEST_UTIL_H_
 
 #include <memory>
 #include <string>
@@ -39,4 +39,4 @@ bool Eventually(Pred pred, absl::Duration limit = absl::Seconds(15)) {
 
 }  // namespace blockmeta
 
-#endif  // BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_TEST_UTIL_H_
+#endif  // BLOCKMETA_TESTS_TESTING_NBD_UPSTREAM_TEST_UTIL_H_

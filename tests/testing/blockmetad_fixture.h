@@ -1,11 +1,11 @@
-// tests/client/blockmetad_fixture.h — test support: a real blockmetad
+// tests/testing/blockmetad_fixture.h — test support: a real blockmetad
 // (//server:blockmetad from runfiles) serving gRPC on a Unix socket in a
 // temp dir, in front of given NBD exports, plus a helper to run the
 // `blockmeta` CLI against it. The server process is killed and reaped by the
 // destructor (it runs under tests/testing's NbdProcess, which waits for the
 // socket to accept connections and owns the process group).
-#ifndef BLOCKMETA_TESTS_CLIENT_BLOCKMETAD_FIXTURE_H_
-#define BLOCKMETA_TESTS_CLIENT_BLOCKMETAD_FIXTURE_H_
+#ifndef BLOCKMETA_TESTS_TESTING_BLOCKMETAD_FIXTURE_H_
+#define BLOCKMETA_TESTS_TESTING_BLOCKMETAD_FIXTURE_H_
 
 #include <memory>
 #include <string>
@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "tests/client/cli_runner.h"
+#include "tests/testing/cli_runner.h"
 #include "tests/testing/nbd_process.h"
 
 namespace blockmeta::testing {
@@ -46,4 +46,4 @@ class Blockmetad {
 
 }  // namespace blockmeta::testing
 
-#endif  // BLOCKMETA_TESTS_CLIENT_BLOCKMETAD_FIXTURE_H_
+#endif  // BLOCKMETA_TESTS_TESTING_BLOCKMETAD_FIXTURE_H_

@@ -1,5 +1,5 @@
-// server/nbd/test_client.cc — NBD byte-stream builders for tests.
-#include "server/nbd/test_client.h"
+// tests/testing/nbd_test_client.cc — NBD byte-stream builders for tests.
+#include "tests/testing/nbd_test_client.h"
 
 #include <netinet/in.h>
 #include <poll.h>

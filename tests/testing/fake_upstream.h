@@ -1,4 +1,4 @@
-// server/upstream/fake_upstream.h — an in-memory Upstream for unit tests
+// tests/testing/fake_upstream.h — an in-memory Upstream for unit tests
 // and the shim's fuzzer (testonly). Integration tests use real nbdkit /
 // qemu-nbd.
 //
@@ -15,8 +15,8 @@
 // made to fail (FailNextBlockStatus) and the upstream to be down
 // (set_ready(false): Info() and every call UNAVAILABLE).
 // Thread-safety: all methods are thread-safe.
-#ifndef BLOCKMETA_SERVER_UPSTREAM_FAKE_UPSTREAM_H_
-#define BLOCKMETA_SERVER_UPSTREAM_FAKE_UPSTREAM_H_
+#ifndef BLOCKMETA_TESTS_TESTING_FAKE_UPSTREAM_H_
+#define BLOCKMETA_TESTS_TESTING_FAKE_UPSTREAM_H_
 
 #include <atomic>
 #include <cstdint>
@@ -92,4 +92,4 @@ class FakeUpstream : public Upstream {
 
 }  // namespace blockmeta
 
-#endif  // BLOCKMETA_SERVER_UPSTREAM_FAKE_UPSTREAM_H_
+#endif  // BLOCKMETA_TESTS_TESTING_FAKE_UPSTREAM_H_

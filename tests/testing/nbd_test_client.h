@@ -1,9 +1,9 @@
-// server/nbd/test_client.h — helpers to craft NBD client byte streams and
-// decode server output, for the shim's unit tests and fuzzer seeds
+// tests/testing/nbd_test_client.h — helpers to craft NBD client byte streams
+// and decode server output, for the shim's unit tests and fuzzer seeds
 // (testonly): pure functions over byte strings, plus RawClient, a raw NBD
 // client over a socket (blocking I/O, each read bounded by a timeout).
-#ifndef BLOCKMETA_SERVER_NBD_TEST_CLIENT_H_
-#define BLOCKMETA_SERVER_NBD_TEST_CLIENT_H_
+#ifndef BLOCKMETA_TESTS_TESTING_NBD_TEST_CLIENT_H_
+#define BLOCKMETA_TESTS_TESTING_NBD_TEST_CLIENT_H_
 
 #include <cstdint>
 #include <memory>
@@ -109,4 +109,4 @@ Descriptors DecodeBlockStatus(const std::string& chunk_data);
 }  // namespace nbd
 }  // namespace blockmeta
 
-#endif  // BLOCKMETA_SERVER_NBD_TEST_CLIENT_H_
+#endif  // BLOCKMETA_TESTS_TESTING_NBD_TEST_CLIENT_H_

@@ -1,12 +1,12 @@
-// tests/client/cli_runner.h — test support: runs the `blockmeta` CLI (or any
+// tests/testing/cli_runner.h — test support: runs the `blockmeta` CLI (or any
 // program) as a child process and captures exit code, stdout and stderr,
 // with a timeout; optionally with stderr on a pseudo-terminal (to see the
 // progress bar a person would see).
 //
 // The child runs in its own process group and is killed (SIGKILL) when the
 // timeout passes; Run() always reaps it. Thread-safe (no shared state).
-#ifndef BLOCKMETA_TESTS_CLIENT_CLI_RUNNER_H_
-#define BLOCKMETA_TESTS_CLIENT_CLI_RUNNER_H_
+#ifndef BLOCKMETA_TESTS_TESTING_CLI_RUNNER_H_
+#define BLOCKMETA_TESTS_TESTING_CLI_RUNNER_H_
 
 #include <string>
 #include <vector>
@@ -41,4 +41,4 @@ std::string RunfilePath(const std::string& workspace_relative);
 
 }  // namespace blockmeta::testing
 
-#endif  // BLOCKMETA_TESTS_CLIENT_CLI_RUNNER_H_
+#endif  // BLOCKMETA_TESTS_TESTING_CLI_RUNNER_H_
