@@ -10,6 +10,7 @@
 #include "server/nbd/stream.h"
 #include "server/upstream/nbd_errors.h"
 #include "tests/testing/fake_upstream.h"
+#include "tests/testing/nbd_request.h"
 #include "tests/testing/nbd_test_client.h"
 
 namespace blockmeta {
@@ -68,13 +69,7 @@ class HandlerTest : public ::testing::Test {
   }
   static Request Req(uint16_t type, uint64_t offset, uint32_t length,
                      uint16_t flags = 0) {
-    Request r;
-    r.type = type;
-    r.offset = offset;
-    r.length = length;
-    r.flags = flags;
-    r.handle = 42;
-    return r;
+    return testing::Req(type, offset, length, flags, /*handle=*/42);
   }
 
   FakeUpstream up_;

@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "server/upstream/nbd_errors.h"
 #include "tests/testing/fake_upstream.h"
+#include "tests/testing/nbd_request.h"
 #include "tests/testing/nbd_test_client.h"
 
 namespace blockmeta {
@@ -39,16 +40,8 @@ std::string TempSocket(const std::string& name) {
   return path;
 }
 
-Request Req(uint16_t type, uint64_t offset, uint32_t length, uint16_t flags = 0,
-            uint64_t handle = 1) {
-  Request r;
-  r.type = type;
-  r.offset = offset;
-  r.length = length;
-  r.flags = flags;
-  r.handle = handle;
-  return r;
-}
+using nbd::testing::Req;
+using nbd::testing::RequestBytes;
 
 class NbdServerTest : public ::testing::Test {
  protected:
@@ -164,13 +157,12 @@ TEST_F(NbdServerTest, BadRequestsGetErrorsAndTheConnectionSurvives) {
 TEST_F(NbdServerTest, BadMagicAndUnskippableWriteDisconnect) {
   StartServer();
   auto c = Session("a");
-  std::string bad = nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 1));
-  bad[0] = 'X';
-  ASSERT_TRUE(c->Send(bad).ok());
+  ASSERT_TRUE(
+      c->Send(RequestBytes(Req(nbd::kCmdRead, 0, 1), "", /*magic=*/0x58609513u))
+          .ok());
   EXPECT_TRUE(c->WaitForClose());
   c = Session("a");
-  ASSERT_TRUE(
-      c->Send(nbd::EncodeRequest(Req(nbd::kCmdWrite, 0, 0xffffffffu))).ok());
+  ASSERT_TRUE(c->Send(RequestBytes(Req(nbd::kCmdWrite, 0, 0xffffffffu))).ok());
   EXPECT_TRUE(c->WaitForClose());
   ExpectHealthy();
 }
@@ -219,9 +211,8 @@ TEST_F(NbdServerTest, PipelinedRequestsAllGetReplies) {
   auto c = Session("a");
   std::string batch;
   for (uint64_t i = 0; i < 64; ++i) {
-    batch +=
-        nbd::EncodeRequest(Req(i % 2 ? nbd::kCmdRead : nbd::kCmdBlockStatus,
-                               i * 4096, 4096, 0, 1000 + i));
+    batch += RequestBytes(Req(i % 2 ? nbd::kCmdRead : nbd::kCmdBlockStatus,
+                              i * 4096, 4096, 0, 1000 + i));
   }
   ASSERT_TRUE(c->Send(batch).ok());
   std::vector<bool> seen(64, false);
@@ -241,19 +232,18 @@ TEST_F(NbdServerTest, HangUpsMidRequestAndMidPipelineAreHarmless) {
   for (int cut : {0, 5, 27}) {  // mid-header
     auto c = Session("a");
     ASSERT_TRUE(
-        c->Send(nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 512)).substr(0, cut))
-            .ok());
+        c->Send(RequestBytes(Req(nbd::kCmdRead, 0, 512)).substr(0, cut)).ok());
   }
   {  // mid-payload
     auto c = Session("a");
     ASSERT_TRUE(
-        c->Send(nbd::EncodeRequest(Req(nbd::kCmdWrite, 0, 4096)) + "abc").ok());
+        c->Send(RequestBytes(Req(nbd::kCmdWrite, 0, 4096), "abc")).ok());
   }
   {  // a pipeline of big reads, then gone without reading the replies
     auto c = Session("a");
     std::string batch;
     for (int i = 0; i < 32; ++i) {
-      batch += nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 1 << 20, 0, i));
+      batch += RequestBytes(Req(nbd::kCmdRead, 0, 1 << 20, 0, i));
     }
     ASSERT_TRUE(c->Send(batch).ok());
   }
@@ -371,7 +361,7 @@ TEST_F(NbdServerTest, ClientThatStopsReadingIsBoundedAndDropped) {
   setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   int sent = 0;
   for (; sent < 64; ++sent) {
-    std::string req = nbd::EncodeRequest(
+    std::string req = RequestBytes(
         Req(nbd::kCmdRead, 0, 1 << 20, 0, static_cast<uint64_t>(sent)));
     if (send(c->fd(), req.data(), req.size(), MSG_DONTWAIT | MSG_NOSIGNAL) !=
         static_cast<ssize_t>(req.size())) {

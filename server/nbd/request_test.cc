@@ -5,6 +5,7 @@
 
 #include "gtest/gtest.h"
 #include "server/upstream/nbd_errors.h"
+#include "tests/testing/nbd_request.h"
 
 namespace blockmeta {
 namespace nbd {
@@ -26,20 +27,13 @@ Negotiated MakeNegotiated(bool structured, bool read_only = false,
   return n;
 }
 
-Request Req(uint16_t type, uint64_t offset, uint32_t length,
-            uint16_t flags = 0) {
-  Request r;
-  r.type = type;
-  r.offset = offset;
-  r.length = length;
-  r.flags = flags;
-  r.handle = 0x1234;
-  return r;
-}
+using testing::Req;
+using testing::RequestBytes;
 
 TEST(ParseRequestHeader, RoundTripAndBadMagic) {
-  Request r = Req(kCmdBlockStatus, 4096, 512, kCmdFlagReqOne);
-  std::string wire = EncodeRequest(r);
+  Request r =
+      Req(kCmdBlockStatus, 4096, 512, kCmdFlagReqOne, 0x0102030405060708ull);
+  std::string wire = RequestBytes(r);
   ASSERT_EQ(wire.size(), kRequestHeaderSize);
   Request got;
   ASSERT_TRUE(
@@ -49,7 +43,7 @@ TEST(ParseRequestHeader, RoundTripAndBadMagic) {
   EXPECT_EQ(got.handle, r.handle);
   EXPECT_EQ(got.offset, r.offset);
   EXPECT_EQ(got.length, r.length);
-  wire[0] ^= 1;
+  wire = RequestBytes(r, "", kRequestMagic ^ 0x01000000u);
   EXPECT_FALSE(
       ParseRequestHeader(reinterpret_cast<const uint8_t*>(wire.data()), &got));
 }

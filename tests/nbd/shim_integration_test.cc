@@ -16,6 +16,7 @@
 #include "server/upstream/nbd_upstream.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/nbd_request.h"
 #include "tests/testing/nbd_test_client.h"
 
 namespace blockmeta {
@@ -276,13 +277,7 @@ TEST_F(ShimIntegrationTest, BadRequestsOverARealSocket) {
   ASSERT_TRUE(c.ok());
   ASSERT_TRUE((*c)->Handshake("full", true, {"base:allocation"}).ok());
   auto req = [](uint16_t type, uint64_t off, uint32_t len, uint16_t flags = 0) {
-    nbd::Request r;
-    r.type = type;
-    r.offset = off;
-    r.length = len;
-    r.flags = flags;
-    r.handle = 5;
-    return r;
+    return nbd::testing::Req(type, off, len, flags, /*handle=*/5);
   };
   struct Case {
     nbd::Request r;
@@ -302,7 +297,8 @@ TEST_F(ShimIntegrationTest, BadRequestsOverARealSocket) {
   }
   // Hang up mid-request; the server stays healthy for the next client.
   ASSERT_TRUE(
-      (*c)->Send(nbd::EncodeRequest(req(nbd::kCmdWrite, 0, 4096)) + "xy").ok());
+      (*c)->Send(nbd::testing::RequestBytes(req(nbd::kCmdWrite, 0, 4096), "xy"))
+          .ok());
   c->reset();
   auto got = QemuImgMap(ShimUri("full"));
   ASSERT_TRUE(got.ok()) << got.status();

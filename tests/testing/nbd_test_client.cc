@@ -229,7 +229,7 @@ absl::StatusOr<RawClient::Reply> RawClient::ReadReply(
 absl::StatusOr<RawClient::Reply> RawClient::Call(const Request& r,
                                                  const std::string& payload,
                                                  uint32_t simple_read_length) {
-  if (absl::Status s = Send(EncodeRequest(r) + payload); !s.ok()) return s;
+  if (absl::Status s = Send(RequestBytes(r, payload)); !s.ok()) return s;
   return ReadReply(simple_read_length);
 }
 

@@ -16,6 +16,7 @@
 #include "server/nbd/protocol.h"
 #include "server/nbd/request.h"
 #include "server/nbd/stream.h"
+#include "tests/testing/nbd_request.h"
 
 namespace blockmeta {
 namespace nbd {
