@@ -432,6 +432,8 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
               socklen_t len = sizeof err;
               getsockopt((*c)->fd(), SOL_SOCKET, SO_ERROR, &err, &len);
               if (err != 0 || (p.revents & (POLLHUP | POLLERR))) break;
+              // Pacing, not a wait: this client never reads, so poll()
+              // returns at once; do not spin.
               absl::SleepFor(absl::Milliseconds(50));
             }
           }
@@ -482,6 +484,7 @@ TEST_F(NbdServerTest, HandshakeTimeoutDropsIdleClients) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
   // A session that completed its handshake is not subject to it.
   auto s = Session("a");
+  // The delay is what is tested: idle past the 300 ms handshake timeout.
   absl::SleepFor(absl::Milliseconds(500));
   auto r = s->Call(Req(nbd::kCmdRead, 0, 1));
   ASSERT_TRUE(r.ok()) << r.status();

@@ -269,9 +269,8 @@ TEST(NbdUpstreamTest, PoolRespectsMultiConn) {
   auto up4 = Connect(config4);
   ASSERT_NE(up4, nullptr);
   // The pool fills in the background.
-  for (int i = 0; i < 200 && LiveConnectionsForTesting(up4.get()) < 4; ++i) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
+  Eventually([&] { return LiveConnectionsForTesting(up4.get()) >= 4; },
+             absl::Seconds(2));
   EXPECT_EQ(LiveConnectionsForTesting(up4.get()), 4);
 }
 
@@ -285,9 +284,8 @@ TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
       CommandExport({"nbdkit", "--filter=log", "--filter=delay", "memory",
                      "64M", "logfile=" + log, "delay-extents=50ms"}));
   ASSERT_NE(up, nullptr);
-  for (int i = 0; i < 500 && LiveConnectionsForTesting(up.get()) < 2; ++i) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
+  Eventually([&] { return LiveConnectionsForTesting(up.get()) >= 2; },
+             absl::Seconds(5));
   ASSERT_EQ(LiveConnectionsForTesting(up.get()), 2);
   std::atomic<int> ok{0};
   std::vector<std::thread> threads;

@@ -10,7 +10,7 @@ client_bin="$TEST_SRCDIR/blockmeta/client/blockmeta"
 # Unix socket paths are limited to 107 bytes: Bazel's TEST_TMPDIR is too deep.
 tmp=$(mktemp -d /tmp/blockmetad_test.XXXXXX)
 fail() { echo "FAIL: $*" >&2; exit 1; }
-for tool in nbdkit nbdinfo /usr/bin/python3; do
+for tool in nbdkit nbdinfo curl /usr/bin/python3; do
   command -v "$tool" >/dev/null || fail "$tool is missing: run scripts/setup"
 done
 
@@ -101,15 +101,26 @@ pids+=($!)
 for _ in $(seq 1 100); do [ -S "$slow_sock" ] && break; sleep 0.05; done
 rm -f "$tmp/ports"
 "$server_bin" --grpc_listen=127.0.0.1:0 --export=slow="nbd+unix:///?socket=$slow_sock" \
+  --metrics_listen=127.0.0.1:0 \
   --port_file="$tmp/ports" --shutdown_grace_seconds=1 2>"$tmp/server2.log" &
 server_pid=$!
 pids+=($server_pid)
 for _ in $(seq 1 200); do [ -s "$tmp/ports" ] && break; sleep 0.05; done
 port=$(sed -n 's/.*grpc=\([0-9]*\).*/\1/p' "$tmp/ports")
+metrics_port=$(sed -n 's/.*metrics=\([0-9]*\).*/\1/p' "$tmp/ports")
 "$client_bin" --server="127.0.0.1:$port" --timeout=120s map slow --cache=bypass \
   >/dev/null 2>&1 &
 pids+=($!)
-sleep 1  # the map is now waiting for the 60 s extents call
+# Wait until the map's extents call is at the upstream (it stays there 60 s):
+# the export has sent its first caller command (health probes not counted).
+sent=""
+for _ in $(seq 1 400); do
+  sent=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
+    sed -n 's/^blockmeta_upstream_commands_total{export="slow"} \([0-9]*\).*/\1/p') || true
+  [ "${sent:-0}" -ge 1 ] && break
+  sleep 0.05
+done
+[ "${sent:-0}" -ge 1 ] || { cat "$tmp/server2.log"; fail "the map's call never reached the upstream"; }
 start=$(date +%s)
 kill -TERM "$server_pid"
 rc=0

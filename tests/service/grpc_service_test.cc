@@ -24,6 +24,7 @@
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/server_fixture.h"
 
 namespace blockmeta {
 namespace {
@@ -324,13 +325,18 @@ TEST_F(GrpcServiceTest, CacheHitsDoNotWaitForASlowMiss) {
   // Warm one range, then start a slow miss elsewhere and check a hit is fast.
   v1::GetExtentsResponse r;
   ASSERT_TRUE(GetExtents(Req("data", 0, 64 * kMiB), &r).ok());
+  const double sent =
+      ::blockmeta::testing::UpstreamCommandsSent(*server_, "slow");
   std::thread slow([&] {
     v1::GetExtentsResponse sr;
     v1::GetExtentsRequest req = Req("slow", 0, 16 * kMiB);
     req.set_cache_mode(v1::CACHE_MODE_BYPASS);
     (void)GetExtents(req, &sr, absl::Seconds(30));
   });
-  absl::SleepFor(absl::Milliseconds(200));
+  // The miss is at the upstream (and stays there for 3 s).
+  absl::Status waiting =
+      ::blockmeta::testing::WaitUpstreamCommandsSent(*server_, "slow", sent);
+  EXPECT_TRUE(waiting.ok()) << waiting;
   absl::Time start = absl::Now();
   ASSERT_TRUE(GetExtents(Req("data", 0, 64 * kMiB), &r).ok());
   EXPECT_EQ(r.cache_outcome(), v1::CACHE_OUTCOME_HIT);

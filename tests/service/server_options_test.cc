@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/server_fixture.h"
 
 namespace blockmeta {
 namespace {
@@ -27,6 +28,8 @@ namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::NbdProcess;
 using ::blockmeta::testing::RunCommand;
 using ::blockmeta::testing::TempDir;
+using ::blockmeta::testing::UpstreamCommandsSent;
+using ::blockmeta::testing::WaitUpstreamCommandsSent;
 
 std::string Slurp(const std::string& path) {
   std::ifstream in(path);
@@ -256,6 +259,7 @@ TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
                          "memory", "16M", "delay-extents=3"});
   ASSERT_TRUE(very_slow.ok()) << very_slow.status();
   v1::ServerConfig c = BaseConfig();
+  c.set_metrics_listen("127.0.0.1:0");
   c.set_worker_threads(2);
   v1::ExportConfig* e = c.add_exports();
   e->set_name("very_slow");
@@ -275,13 +279,17 @@ TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
     v1::GetExtentsResponse r;
     return v1::BlockMeta::NewStub(ch)->GetExtents(&ctx, req, &r);
   };
+  const double sent = UpstreamCommandsSent(*server, "very_slow");
   std::vector<std::thread> slow_calls;
   for (int i = 0; i < 6; ++i) {
     slow_calls.emplace_back([&, i] {
       EXPECT_TRUE(call("very_slow", static_cast<uint64_t>(i) * 4096).ok());
     });
   }
-  absl::SleepFor(absl::Milliseconds(300));  // very_slow's pool is saturated
+  // very_slow holds its share of the pool (per_export_cap = 1 of the 2
+  // threads) once one of its calls waits at the upstream.
+  absl::Status busy = WaitUpstreamCommandsSent(*server, "very_slow", sent);
+  EXPECT_TRUE(busy.ok()) << busy;
   const absl::Time start = absl::Now();
   grpc::Status fast = call("disk", 0);
   const absl::Duration took = absl::Now() - start;
@@ -293,10 +301,13 @@ TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
 }
 
 TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
+  v1::ServerConfig c = BaseConfig();
+  c.set_metrics_listen("127.0.0.1:0");
   std::unique_ptr<BlockMetaServer> server;
-  auto ch = StartReady(BaseConfig(), &server);
+  auto ch = StartReady(c, &server);
   ASSERT_NE(server, nullptr);
   grpc::Status in_flight;
+  const double sent = UpstreamCommandsSent(*server, "slow");
   std::thread call([&] {
     grpc::ClientContext ctx;
     v1::GetExtentsRequest req;
@@ -306,7 +317,9 @@ TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
     v1::GetExtentsResponse r;
     in_flight = v1::BlockMeta::NewStub(ch)->GetExtents(&ctx, req, &r);
   });
-  absl::SleepFor(absl::Milliseconds(300));  // the call is now in flight
+  // The call is in flight: at the upstream, which answers in 1 s.
+  absl::Status waiting = WaitUpstreamCommandsSent(*server, "slow", sent);
+  EXPECT_TRUE(waiting.ok()) << waiting;
   absl::Time start = absl::Now();
   server->Shutdown(absl::Seconds(10));
   call.join();

@@ -8,10 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/upstream/upstream.h"
+#include "tests/testing/eventually.h"
 
 namespace blockmeta {
 
@@ -26,15 +28,10 @@ blockmeta::v1::ExportConfig CommandExport(std::vector<std::string> argv);
 blockmeta::v1::ExportConfig ImageExport(const std::string& path, bool read_only,
                                         std::vector<std::string> bitmaps = {});
 
-// Polls `pred` every 10 ms for at most `limit`.
-template <typename Pred>
-bool Eventually(Pred pred, absl::Duration limit = absl::Seconds(15)) {
-  const absl::Time deadline = absl::Now() + limit;
-  while (!pred()) {
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(10));
-  }
-  return true;
+// testing::Eventually (eventually.h) with these tests' 15 s default.
+inline bool Eventually(absl::FunctionRef<bool()> pred,
+                       absl::Duration limit = absl::Seconds(15)) {
+  return testing::Eventually(pred, limit);
 }
 
 }  // namespace blockmeta
