@@ -20,6 +20,7 @@
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/server_fixture.h"
 
 namespace blockmeta {
 namespace {
@@ -95,9 +96,8 @@ TEST(CsiSocketTest, TheSidecarsCallsOnTheDriverSocket) {
   e->mutable_csi()->set_snapshot_id("snaphandle-2");
   (*e->mutable_csi()->mutable_base_snapshot_bitmaps())["snaphandle-1"] =
       "ckpt-1";
-  auto server = BlockMetaServer::Create(config);
+  auto server = ::blockmeta::testing::StartServer(config);
   ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
 
   auto channel = grpc::CreateChannel(absl::StrCat("unix://", socket),
                                      grpc::InsecureChannelCredentials());

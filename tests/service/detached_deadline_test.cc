@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/server_fixture.h"
 
 namespace blockmeta {
 namespace {
@@ -37,12 +38,10 @@ TEST(DetachedDeadlineTest, ImpatientMissKeepsTheCacheAndCachesTheLateAnswer) {
   v1::ExportConfig* e = c.add_exports();
   e->set_name("slow");
   e->set_nbd_uri((*upstream)->uri());
-  auto server = BlockMetaServer::Create(c);
+  auto server = ::blockmeta::testing::StartServer(c);
   ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto stub = v1::BlockMeta::NewStub(
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-                          grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::BlockMeta::NewStub(::blockmeta::testing::LoopbackChannel(**server));
   auto get = [&](uint64_t offset, absl::Duration timeout,
                  v1::GetExtentsResponse* r) {
     grpc::ClientContext ctx;

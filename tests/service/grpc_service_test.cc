@@ -2,10 +2,6 @@
 // BlockMetaServer on a loopback port, real upstreams (nbdkit data/delay
 // plugins, qemu-nbd on a qcow2 with a dirty bitmap), real channels. Answers
 // are compared with `nbdinfo --map` on the same upstream.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <memory>
@@ -30,12 +26,16 @@ namespace blockmeta {
 namespace {
 
 namespace v1 = ::blockmeta::v1;
+using ::blockmeta::testing::HttpGet;
+using ::blockmeta::testing::LoopbackChannel;
 using ::blockmeta::testing::MakeImage;
 using ::blockmeta::testing::MergeAdjacent;
 using ::blockmeta::testing::NbdinfoMap;
 using ::blockmeta::testing::NbdProcess;
 using ::blockmeta::testing::QemuIo;
+using ::blockmeta::testing::StartServer;
 using ::blockmeta::testing::TempDir;
+using ::blockmeta::testing::WaitExportsReady;
 
 constexpr uint64_t kMiB = 1 << 20;
 
@@ -44,27 +44,6 @@ ExtentList FromProto(const google::protobuf::RepeatedPtrField<v1::Extent>& r) {
   for (const v1::Extent& e : r) {
     out.push_back({e.offset(), e.length(), e.nbd_flags()});
   }
-  return out;
-}
-
-// Minimal HTTP/1.0 GET on loopback, for /metrics.
-std::string HttpGet(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "";
-  }
-  std::string req = absl::StrCat("GET ", path, " HTTP/1.0\r\n\r\n");
-  (void)!write(fd, req.data(), req.size());
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, n);
-  close(fd);
   return out;
 }
 
@@ -125,28 +104,13 @@ class GrpcServiceTest : public ::testing::Test {
     add("slow", slow_->uri());
     add("qcow", qcow_->uri());
     add("slowish", slowish_->uri());
-    auto server = BlockMetaServer::Create(config);
+    auto server = StartServer(config);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = server->release();
-    ASSERT_TRUE(server_->Start().ok());
-    channel_ = new std::shared_ptr<grpc::Channel>(
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->grpc_port()),
-                            grpc::InsecureChannelCredentials()));
+    channel_ = new std::shared_ptr<grpc::Channel>(LoopbackChannel(*server_));
     // Wait until every upstream is connected.
-    auto stub = v1::BlockMeta::NewStub(*channel_);
-    absl::Time give_up = absl::Now() + absl::Seconds(20);
-    while (absl::Now() < give_up) {
-      grpc::ClientContext ctx;
-      v1::ListExportsResponse r;
-      grpc::Status s = stub->ListExports(&ctx, {}, &r);
-      bool all = s.ok() && r.exports_size() == 4;
-      for (const auto& e : r.exports()) {
-        all = all && e.state() == v1::EXPORT_STATE_READY;
-      }
-      if (all) return;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    FAIL() << "exports did not become ready";
+    absl::Status ready = WaitExportsReady(*channel_, 4);
+    ASSERT_TRUE(ready.ok()) << ready;
   }
 
   static void TearDownTestSuite() {

@@ -19,6 +19,7 @@
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/server_fixture.h"
 
 namespace blockmeta {
 namespace {
@@ -70,23 +71,13 @@ class MultiContextE2eTest : public ::testing::Test {
     v1::ExportConfig* e = config.add_exports();
     e->set_name("disk");
     e->set_nbd_uri(qemu_->uri());
-    auto server = BlockMetaServer::Create(config);
+    auto server = ::blockmeta::testing::StartServer(config);
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = server->release();
-    ASSERT_TRUE(server_->Start().ok());
     channel_ = new std::shared_ptr<grpc::Channel>(
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->grpc_port()),
-                            grpc::InsecureChannelCredentials()));
-    auto stub = v1::BlockMeta::NewStub(*channel_);
-    for (absl::Time give_up = absl::Now() + absl::Seconds(20);
-         absl::Now() < give_up; absl::SleepFor(absl::Milliseconds(50))) {
-      grpc::ClientContext ctx;
-      v1::ListExportsResponse r;
-      if (stub->ListExports(&ctx, {}, &r).ok() && r.exports_size() == 1 &&
-          r.exports(0).state() == v1::EXPORT_STATE_READY) {
-        break;
-      }
-    }
+        ::blockmeta::testing::LoopbackChannel(*server_));
+    absl::Status ready = ::blockmeta::testing::WaitExportsReady(*channel_, 1);
+    ASSERT_TRUE(ready.ok()) << ready;
     auto alloc = NbdinfoMap(qemu_->uri());
     ASSERT_TRUE(alloc.ok()) << alloc.status();
     alloc_ = new ExtentList(*alloc);

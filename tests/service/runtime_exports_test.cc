@@ -25,6 +25,7 @@
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/server_fixture.h"
 
 namespace blockmeta {
 namespace {
@@ -59,14 +60,12 @@ class RuntimeExportsTest : public ::testing::Test {
     f->set_name("from-file");
     f->set_nbd_uri(upstream_->uri());
     config_ = c;
-    auto created = BlockMetaServer::Create(c);
+    auto created = ::blockmeta::testing::StartServer(c);
     ASSERT_TRUE(created.ok()) << created.status();
     server_ = *std::move(created);
-    ASSERT_TRUE(server_->Start().ok());
     unix_ = grpc::CreateChannel("unix:" + dir_.File("grpc.sock"),
                                 grpc::InsecureChannelCredentials());
-    tcp_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->grpc_port()),
-                               grpc::InsecureChannelCredentials());
+    tcp_ = ::blockmeta::testing::LoopbackChannel(*server_);
     admin_ = v1::Admin::NewStub(unix_);
     meta_ = v1::BlockMeta::NewStub(tcp_);
   }

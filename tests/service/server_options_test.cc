@@ -25,10 +25,13 @@ namespace blockmeta {
 namespace {
 
 namespace v1 = ::blockmeta::v1;
+using ::blockmeta::testing::LoopbackChannel;
 using ::blockmeta::testing::NbdProcess;
 using ::blockmeta::testing::RunCommand;
+using ::blockmeta::testing::StartServer;
 using ::blockmeta::testing::TempDir;
 using ::blockmeta::testing::UpstreamCommandsSent;
+using ::blockmeta::testing::WaitExportsReady;
 using ::blockmeta::testing::WaitUpstreamCommandsSent;
 
 std::string Slurp(const std::string& path) {
@@ -117,32 +120,14 @@ class ServerOptionsTest : public ::testing::Test {
   static std::shared_ptr<grpc::Channel> StartReady(
       const v1::ServerConfig& config,
       std::unique_ptr<BlockMetaServer>* server) {
-    auto created = BlockMetaServer::Create(config);
-    EXPECT_TRUE(created.ok()) << created.status();
-    if (!created.ok()) return nullptr;
-    absl::Status started = (*created)->Start();
-    EXPECT_TRUE(started.ok()) << started;
+    auto started = StartServer(config);
+    EXPECT_TRUE(started.ok()) << started.status();
     if (!started.ok()) return nullptr;
-    *server = *std::move(created);
-    auto ch =
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-                            grpc::InsecureChannelCredentials());
-    WaitReady(ch);
+    *server = *std::move(started);
+    auto ch = LoopbackChannel(**server);
+    absl::Status ready = WaitExportsReady(ch);
+    EXPECT_TRUE(ready.ok()) << ready;
     return ch;
-  }
-
-  static void WaitReady(std::shared_ptr<grpc::Channel> ch) {
-    absl::Time give_up = absl::Now() + absl::Seconds(20);
-    while (absl::Now() < give_up) {
-      v1::ListExportsResponse r;
-      bool all = ListExports(ch, &r).ok() && r.exports_size() > 0;
-      for (const auto& e : r.exports()) {
-        all = all && e.state() == v1::EXPORT_STATE_READY;
-      }
-      if (all) return;
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    ADD_FAILURE() << "exports not ready";
   }
 
   TempDir tmp_;

@@ -18,6 +18,7 @@
 #include "tests/testing/eventually.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/server_fixture.h"
 
 namespace blockmeta {
 namespace {
@@ -51,12 +52,10 @@ TEST(SharedCacheTest, ShimAndGrpcShareOneCacheAndWritesInvalidateIt) {
   v1::ExportConfig* e = c.add_exports();
   e->set_name("mem");
   e->set_nbd_uri((*upstream)->uri());
-  auto server = BlockMetaServer::Create(c);
+  auto server = ::blockmeta::testing::StartServer(c);
   ASSERT_TRUE(server.ok()) << server.status();
-  ASSERT_TRUE((*server)->Start().ok());
-  auto stub = v1::BlockMeta::NewStub(
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->grpc_port()),
-                          grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::BlockMeta::NewStub(::blockmeta::testing::LoopbackChannel(**server));
   auto get = [&](v1::GetExtentsResponse* r) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(20)));
