@@ -24,20 +24,8 @@ SHIM_BIN="${SHIM_BIN:-$(cd "$ROOT" && bazel info --config=opt bazel-bin 2>/dev/n
 [ -x "$SHIM_BIN" ] || { echo "blockmetad $SHIM_BIN missing; run: bazel build --config=opt //server:blockmetad" >&2; exit 2; }
 for t in nbdkit nbdcopy bc; do command -v $t >/dev/null || { echo "$t missing" >&2; exit 2; }; done
 
-W="$(mktemp -d /tmp/data-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-
-wait_sock() {  # PATH
-  for _ in $(seq 1 200); do [ -S "$1" ] && return 0; sleep 0.05; done
-  echo "socket $1 did not appear" >&2; exit 1
-}
-now() { date +%s.%N; }
+. "$(dirname "$0")/lib.sh"
+bench_init data-bench
 copy() {  # URI -> prints seconds of one nbdcopy to null:
   local t0 t1
   t0=$(now)

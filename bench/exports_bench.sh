@@ -31,23 +31,17 @@ BM_CLIENT="${BM_CLIENT:-$(pick "$OPT/client/blockmeta" "$FAST/client/blockmeta")
 command -v nbdkit >/dev/null || { echo "nbdkit missing" >&2; exit 2; }
 ulimit -n "$(ulimit -Hn)"  # ~6 fds per export in blockmetad, more in nbdkit
 
-W="$(mktemp -d /tmp/exports-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
+bench_init exports-bench
 
 nbdkit -U "$W/up.sock" -f --threads=16 memory 64M &
 PIDS+=($!)
-for _ in $(seq 1 200); do [ -S "$W/up.sock" ] && break; sleep 0.05; done
+wait_sock "$W/up.sock"
 "$BM_SERVER" --grpc_listen=127.0.0.1:0 --grpc_unix_socket="$W/grpc.sock" \
   --log_level=debug --port_file="$W/ports" 2>"$W/server.log" &
 SERVER=$!
 PIDS+=($SERVER)
-for _ in $(seq 1 200); do [ -s "$W/ports" ] && break; sleep 0.05; done
+wait_file "$W/ports"
 bm() { "$BM_CLIENT" --server="unix:$W/grpc.sock" --timeout=30s "$@"; }
 
 threads() { awk '/^Threads:/ {print $2}' "/proc/$SERVER/status"; }

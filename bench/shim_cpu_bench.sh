@@ -13,13 +13,10 @@ set -euo pipefail
 SIZE="${SIZE:-4G}"
 ROUNDS="${ROUNDS:-3}"
 : "${NEW_BIN:?NEW_BIN=blockmetad to measure}" "${OLD_BIN:?OLD_BIN=blockmetad to compare with}"
-W="$(mktemp -d /tmp/shim-cpu.XXXXXX)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-wait_sock() { for _ in $(seq 1 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no $1" >&2; exit 1; }
+. "$(dirname "$0")/lib.sh"
+bench_init shim-cpu
+WAIT_TRIES=400
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-now() { date +%s.%N; }
 
 nbdkit -f -U "$W/up.sock" sparse-random "$SIZE" seed=1 percent=30 runlength=65536 &
 PIDS+=($!); wait_sock "$W/up.sock"

@@ -28,20 +28,8 @@ SHIM_BIN="${SHIM_BIN:-$(cd "$ROOT" && bazel info --config=opt bazel-bin 2>/dev/n
 [ -x "$SHIM_BIN" ] || { echo "blockmetad $SHIM_BIN missing; run: bazel build --config=opt //server:blockmetad" >&2; exit 2; }
 for t in nbdkit qemu-img; do command -v $t >/dev/null || { echo "$t missing" >&2; exit 2; }; done
 
-W="$(mktemp -d /tmp/shim-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-
-wait_sock() {  # PATH
-  for _ in $(seq 1 200); do [ -S "$1" ] && return 0; sleep 0.05; done
-  echo "socket $1 did not appear" >&2; exit 1
-}
-now() { date +%s.%N; }
+. "$(dirname "$0")/lib.sh"
+bench_init shim-bench
 elapsed() { echo "$2 - $1" | bc; }
 
 # A fresh slow upstream on $W/slow.sock logging to $W/$1.log.
@@ -53,7 +41,6 @@ start_slow() {
   SLOW_PID=$!; PIDS+=("$SLOW_PID")
   wait_sock "$W/slow.sock"
 }
-stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 calls() { grep -c 'Extents id=[0-9]* offset=' "$W/$1.log" || true; }
 
 map() {  # URI OUT -> prints seconds

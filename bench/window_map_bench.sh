@@ -38,21 +38,10 @@ for t in nbdkit qemu-img nbdinfo bc python3; do
   command -v $t >/dev/null || { echo "$t missing" >&2; exit 2; }
 done
 
-W="$(mktemp -d /tmp/window-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-wait_sock() {
-  for _ in $(seq 1 4000); do [ -S "$1" ] && return 0; sleep 0.05; done
-  echo "socket $1 did not appear" >&2; exit 1
-}
-now() { date +%s.%N; }
+. "$(dirname "$0")/lib.sh"
+bench_init window-bench
+WAIT_TRIES=4000
 secs() { echo "$(now) - $1" | bc; }
-stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 ms() { case "$1" in *ms) echo "${1%ms}";; *s) echo "$(( ${1%s} * 1000 ))";; *) echo "$(( $1 * 1000 ))";; esac; }
 # Extents calls that reached the plugin (the log filter sits below the
 # blocksize filter, so these are the window-limited calls).
