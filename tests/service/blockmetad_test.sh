@@ -7,24 +7,17 @@ set -euo pipefail
 server_bin="$TEST_SRCDIR/blockmeta/server/blockmetad"
 client_py="$TEST_SRCDIR/blockmeta/tests/service/reflection_client.py"
 client_bin="$TEST_SRCDIR/blockmeta/client/blockmeta"
-# Unix socket paths are limited to 107 bytes: Bazel's TEST_TMPDIR is too deep.
-tmp=$(mktemp -d /tmp/blockmetad_test.XXXXXX)
 fail() { echo "FAIL: $*" >&2; exit 1; }
+. "$TEST_SRCDIR/blockmeta/tests/testing/test_lib.sh"
+test_init blockmetad_test
 for tool in nbdkit nbdinfo curl /usr/bin/python3; do
   command -v "$tool" >/dev/null || fail "$tool is missing: run scripts/setup"
 done
 
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-
 sock="$tmp/up.sock"
 nbdkit -U "$sock" -f data 'data=@1048576 1 2 3 @33554432 (0xaa)*1048576' size=64M &
 pids+=($!)
-for _ in $(seq 1 100); do [ -S "$sock" ] && break; sleep 0.05; done
+wait_sock "$sock"
 uri="nbd+unix:///?socket=$sock"
 
 # 1. Bad flags fail fast with a clear message and a non-zero exit.
@@ -47,8 +40,7 @@ grep -q "Debug build" "$tmp/version.out" && fail "--version: absl's library buil
   --port_file="$tmp/ports" --shutdown_grace_seconds=5 2>"$tmp/server.log" &
 server_pid=$!
 pids+=($server_pid)
-for _ in $(seq 1 200); do [ -s "$tmp/ports" ] && break; sleep 0.05; done
-[ -s "$tmp/ports" ] || { cat "$tmp/server.log"; fail "no port file"; }
+eventually test -s "$tmp/ports" || { cat "$tmp/server.log"; fail "no port file"; }
 port=$(sed -n 's/.*grpc=\([0-9]*\).*/\1/p' "$tmp/ports")
 grep -q '"event":"serving"' "$tmp/server.log" || fail "no structured 'serving' log line"
 
@@ -98,14 +90,14 @@ grep -q '"event":"stopped"' "$tmp/server.log" || fail "no 'stopped' log line"
 slow_sock="$tmp/slow.sock"
 nbdkit -U "$slow_sock" -f --filter=delay memory 16M delay-extents=60 &
 pids+=($!)
-for _ in $(seq 1 100); do [ -S "$slow_sock" ] && break; sleep 0.05; done
+wait_sock "$slow_sock"
 rm -f "$tmp/ports"
 "$server_bin" --grpc_listen=127.0.0.1:0 --export=slow="nbd+unix:///?socket=$slow_sock" \
   --metrics_listen=127.0.0.1:0 \
   --port_file="$tmp/ports" --shutdown_grace_seconds=1 2>"$tmp/server2.log" &
 server_pid=$!
 pids+=($server_pid)
-for _ in $(seq 1 200); do [ -s "$tmp/ports" ] && break; sleep 0.05; done
+wait_file "$tmp/ports"
 port=$(sed -n 's/.*grpc=\([0-9]*\).*/\1/p' "$tmp/ports")
 metrics_port=$(sed -n 's/.*metrics=\([0-9]*\).*/\1/p' "$tmp/ports")
 "$client_bin" --server="127.0.0.1:$port" --timeout=120s map slow --cache=bypass \
@@ -113,14 +105,14 @@ metrics_port=$(sed -n 's/.*metrics=\([0-9]*\).*/\1/p' "$tmp/ports")
 pids+=($!)
 # Wait until the map's extents call is at the upstream (it stays there 60 s):
 # the export has sent its first caller command (health probes not counted).
-sent=""
-for _ in $(seq 1 400); do
+slow_call_sent() {
+  local sent
   sent=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
     sed -n 's/^blockmeta_upstream_commands_total{export="slow"} \([0-9]*\).*/\1/p') || true
-  [ "${sent:-0}" -ge 1 ] && break
-  sleep 0.05
-done
-[ "${sent:-0}" -ge 1 ] || { cat "$tmp/server2.log"; fail "the map's call never reached the upstream"; }
+  [ "${sent:-0}" -ge 1 ]
+}
+WAIT_TRIES=400 eventually slow_call_sent ||
+  { cat "$tmp/server2.log"; fail "the map's call never reached the upstream"; }
 start=$(date +%s)
 kill -TERM "$server_pid"
 rc=0

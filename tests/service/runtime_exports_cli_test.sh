@@ -9,23 +9,18 @@
 set -euo pipefail
 server_bin="$TEST_SRCDIR/blockmeta/server/blockmetad"
 client_bin="$TEST_SRCDIR/blockmeta/client/blockmeta"
-tmp=$(mktemp -d /tmp/bm_runtime.XXXXXX)
 fail() { echo "FAIL: $*" >&2; [ -f "$tmp/server.log" ] && tail -20 "$tmp/server.log" >&2; exit 1; }
+. "$TEST_SRCDIR/blockmeta/tests/testing/test_lib.sh"
+test_init bm_runtime
 for tool in nbdkit qemu-nbd qemu-img; do
   command -v "$tool" >/dev/null || fail "$tool is missing: run scripts/setup"
 done
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
 export TMPDIR="$tmp"  # spawned servers' private directories go here
 
 sock="$tmp/up.sock"
 nbdkit -U "$sock" -f data 'data=@1048576 1' size=8M &
 pids+=($!)
-for _ in $(seq 1 100); do [ -S "$sock" ] && break; sleep 0.05; done
+wait_sock "$sock"
 uri="nbd+unix:///?socket=$sock"
 qemu-img create -q -f qcow2 "$tmp/disk.qcow2" 16M
 
@@ -41,15 +36,11 @@ start() {
     --port_file="$tmp/ports" --log_format=json 2>>"$tmp/server.log" &
   server_pid=$!
   pids+=($server_pid)
-  for _ in $(seq 1 200); do [ -s "$tmp/ports" ] && break; sleep 0.05; done
-  [ -s "$tmp/ports" ] || fail "no port file"
+  eventually test -s "$tmp/ports" || fail "no port file"
 }
+export_ready() { bm export list | grep -q "^$1 READY"; }
 wait_ready() {  # NAME
-  for _ in $(seq 1 200); do
-    bm export list | grep -q "^$1 READY" && return 0
-    sleep 0.05
-  done
-  fail "export $1 not READY: $(bm export list)"
+  eventually export_ready "$1" || fail "export $1 not READY: $(bm export list)"
 }
 start
 wait_ready file1
@@ -86,7 +77,7 @@ kill -0 "$server_pid" || fail "SIGHUP killed blockmetad"
 cp "$tmp/config.textproto" "$tmp/good.textproto"
 printf 'exports { name: "file3" nbd_uri: "%s" }\nexports { nmae: "typo" }\n' "$uri" >>"$tmp/config.textproto"
 kill -HUP "$server_pid"
-for _ in $(seq 1 100); do grep -q config_reload_rejected "$tmp/server.log" && break; sleep 0.05; done
+WAIT_TRIES=100 eventually grep -q config_reload_rejected "$tmp/server.log" || true
 grep '"event":"config_reload_rejected"' "$tmp/server.log" | grep -q 'config.textproto:[0-9]*:[0-9]*' \
   || fail "no file:line:column in the rejection"
 kill -0 "$server_pid" || fail "bad reload killed blockmetad"
@@ -99,7 +90,8 @@ cp "$tmp/good.textproto" "$tmp/config.textproto"
 qemu_pid=$(pgrep -P "$server_pid" qemu-nbd || true)
 [ -n "$qemu_pid" ] || fail "no spawned qemu-nbd child"
 kill -9 "$server_pid"
-for _ in $(seq 1 100); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.05; done
+gone() { ! kill -0 "$1" 2>/dev/null; }
+WAIT_TRIES=100 eventually gone "$qemu_pid" || true
 if kill -0 "$qemu_pid" 2>/dev/null; then fail "qemu-nbd $qemu_pid outlived a SIGKILLed blockmetad"; fi
 ls -d "$tmp"/blockmeta-* >/dev/null 2>&1 || fail "expected the killed server's private dir to be left"
 start
