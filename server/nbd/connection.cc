@@ -52,6 +52,39 @@ void Connection::Wake() {
   (void)!write(wake_fd_, &one, sizeof one);
 }
 
+absl::StatusOr<UpstreamInfo> Connection::Gate(const ShimExport& e, bool enter) {
+  sync::MutexLock lock(&entry_mu_);
+  if (std::find(closed_exports_.begin(), closed_exports_.end(), e.name) !=
+      closed_exports_.end()) {
+    return absl::NotFoundError("export is being removed");
+  }
+  // Under the lock: CloseExport() cannot run between this read of the
+  // upstream and the recording of the export as entered.
+  absl::StatusOr<UpstreamInfo> info = e.upstream->Info();
+  if (info.ok() && enter) entered_.store(&e);
+  return info;
+}
+
+bool Connection::CloseExport(const std::string& name) {
+  sync::MutexLock lock(&entry_mu_);
+  if (const ShimExport* in = entered_.load(); in != nullptr) {
+    if (in->name != name) return false;
+    Stop();
+    return true;
+  }
+  if (phase_.load() == Phase::kDone) return false;
+  if (std::find(closed_exports_.begin(), closed_exports_.end(), name) !=
+      closed_exports_.end()) {
+    return false;
+  }
+  if (closed_exports_.size() >= 1024) {
+    Stop();  // bounded: 1024 exports went while this client negotiated
+    return true;
+  }
+  closed_exports_.push_back(name);
+  return false;
+}
+
 void Connection::Serve() {
   const absl::Time hs_deadline = started_ + options_.handshake_timeout;
   stream_.SetReadDeadline(hs_deadline);
@@ -71,8 +104,11 @@ void Connection::Serve() {
       return io_;
     };
   }
+  const ExportGateFn gate = [this](const ShimExport& e, bool enter) {
+    return Gate(e, enter);
+  };
   absl::StatusOr<Negotiated> n =
-      RunHandshake(stream_, *exports_, options_.handshake, start_tls);
+      RunHandshake(stream_, *exports_, options_.handshake, start_tls, gate);
   if (!n.ok()) {
     LogDebug("nbd_handshake_end", {{"reason", n.status().ToString()}});
     shutdown(fd_, SHUT_RDWR);  // the client sees EOF now, not at reaping
@@ -81,8 +117,7 @@ void Connection::Serve() {
   }
   stream_.SetReadDeadline(absl::InfiniteFuture());
   stream_.SetWriteDeadline(absl::InfiniteFuture());
-  negotiated_.emplace(*std::move(n));
-  entered_.store(negotiated_->export_entry);
+  negotiated_.emplace(*std::move(n));  // entered_ was set by Gate()
   handler_.emplace(*negotiated_, cache_);
   phase_.store(Phase::kTransmission);
   const std::string& name = negotiated_->export_entry->name;

@@ -100,8 +100,14 @@ class Connection {
   // writes return. Idempotent.
   void Stop();
   // The export the client entered; nullptr while negotiating (or if the
-  // handshake failed). Points into `exports`.
+  // handshake failed). Points into `exports`. Recorded before the final
+  // reply of the handshake is sent.
   const ShimExport* entered() const { return entered_.load(); }
+  // Export `name` is going away: a session that entered it is stopped
+  // (returns true: wait for it); a connection still negotiating refuses
+  // it from now on, as if unknown, and never again reads its upstream; any
+  // other session is untouched. Atomic with respect to entering.
+  bool CloseExport(const std::string& name) ABSL_LOCKS_EXCLUDED(entry_mu_);
 
   Phase phase() const { return phase_.load(); }
   absl::Time started() const { return started_; }
@@ -125,6 +131,9 @@ class Connection {
   void ReleaseLocked(uint64_t charged) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool CanAdmitLocked(uint64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Wake();
+  // The handshake's ExportGateFn (see handshake.h).
+  absl::StatusOr<UpstreamInfo> Gate(const ShimExport& e, bool enter)
+      ABSL_LOCKS_EXCLUDED(entry_mu_);
 
   // Constant after construction.
   const int fd_;
@@ -155,6 +164,10 @@ class Connection {
   bool broken_ ABSL_GUARDED_BY(mu_) = false;  // socket failed: drop replies
   bool loop_wants_wake_ ABSL_GUARDED_BY(mu_) = false;
 
+  // Entering an export and closing one are serialized by entry_mu_;
+  // entered_ is also read without it (entered()).
+  sync::Mutex entry_mu_;
+  std::vector<std::string> closed_exports_ ABSL_GUARDED_BY(entry_mu_);
   std::atomic<const ShimExport*> entered_{nullptr};
 };
 

@@ -24,7 +24,10 @@
 // * Export names and context names above 4096 bytes are refused
 //   (CVE-2022-26495).
 // * No upstream I/O happens here: exports are described from
-//   Upstream::Info(), a cached value (CVE-2019-14850).
+//   Upstream::Info(), a cached value (CVE-2019-14850), read only through
+//   the ExportGateFn.
+// * The entered export is recorded (ExportGateFn with enter) before the
+//   final reply of GO / EXPORT_NAME is sent.
 // * SET_META_CONTEXT before STRUCTURED_REPLY gets NBD_REP_ERR_INVALID;
 //   every SET replaces the previous selection, even when it fails.
 //
@@ -66,6 +69,16 @@ enum class TlsMode { kOff, kAllow, kRequire };
 // Runs the TLS server handshake over the connection's socket; returns the
 // stream that carries the rest of the session, or an error (hang up).
 using StartTlsFn = std::function<absl::StatusOr<ByteStream*>()>;
+
+// The handshake's only way to an export's upstream: returns its
+// UpstreamInfo (for INFO, GO, EXPORT_NAME and the meta-context options).
+// With `enter` (GO, EXPORT_NAME) an OK answer also records that the client
+// enters `e`, before any reply to that option is sent; so whoever removes
+// an export never misses a session that is about to enter it. An error
+// refuses the export (NBD_REP_ERR_UNKNOWN, or a hang-up for EXPORT_NAME).
+// Null: e.upstream->Info(), nothing recorded.
+using ExportGateFn = std::function<absl::StatusOr<UpstreamInfo>(
+    const ShimExport& e, bool enter)>;
 
 struct HandshakeOptions {
   TlsMode tls = TlsMode::kOff;
@@ -112,7 +125,8 @@ uint16_t TransmissionFlags(const UpstreamInfo& info, bool config_read_only,
 absl::StatusOr<Negotiated> RunHandshake(ByteStream& stream,
                                         const std::vector<ShimExport>& exports,
                                         const HandshakeOptions& options,
-                                        const StartTlsFn& start_tls = nullptr);
+                                        const StartTlsFn& start_tls = nullptr,
+                                        const ExportGateFn& gate = nullptr);
 
 }  // namespace nbd
 }  // namespace blockmeta

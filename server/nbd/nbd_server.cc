@@ -139,19 +139,10 @@ size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
     sync::MutexLock lock(&mu_);
     for (auto& slot : slots_) {
       if (slot->done.load()) continue;
-      const nbd::ShimExport* in = slot->connection->entered();
-      bool hit = false;
-      if (in != nullptr) {
-        hit = in->name == name;
-      } else {
-        for (const nbd::ShimExport& e : *slot->exports) {
-          if (e.name == name) hit = true;
-        }
-      }
-      if (hit) {
-        slot->connection->Stop();
-        closing.push_back(slot.get());
-      }
+      // Sessions in `name` stop; connections still negotiating refuse it
+      // from now on (atomically with entering, see Connection::Gate), so
+      // sessions in other exports are never closed.
+      if (slot->connection->CloseExport(name)) closing.push_back(slot.get());
     }
   }
   // The acceptor may reap (free) a slot once it is done: look slots up

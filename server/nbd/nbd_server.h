@@ -80,9 +80,13 @@ class NbdServer {
   // connection keeps the list it was accepted with; sorted here).
   void SetExports(std::vector<nbd::ShimExport> exports)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // Ends every session that entered `name`, and every connection still
-  // negotiating with a list that offers it, then waits (up to `wait`) for
-  // them to finish, so the export's upstream may go. Returns how many.
+  // Ends every session that entered `name` and waits (up to `wait`) for
+  // them to finish; connections still negotiating refuse `name` from now
+  // on (NBD_REP_ERR_UNKNOWN) and never read its upstream again; sessions
+  // in other exports are untouched. Entering is recorded before the final
+  // handshake reply, atomically with this, so a session about to enter
+  // `name` is either refused or closed, never missed. Afterwards the
+  // export's upstream may go. Returns how many sessions were closed.
   size_t CloseExport(const std::string& name, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -481,6 +481,114 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
   EXPECT_GT(server_->EvictedConnections(), 0u);
 }
 
+// Reads option replies until the final one of `opt`; returns its type.
+absl::StatusOr<uint32_t> FinalReplyType(RawClient* c, uint32_t opt) {
+  for (;;) {
+    absl::StatusOr<std::string> hdr = c->Read(20);
+    if (!hdr.ok()) return hdr.status();
+    const auto* p = reinterpret_cast<const uint8_t*>(hdr->data());
+    absl::StatusOr<std::string> data = c->Read(nbd::GetBe32(p + 16));
+    if (!data.ok()) return data.status();
+    const uint32_t type = nbd::GetBe32(p + 12);
+    if (nbd::GetBe32(p + 8) == opt &&
+        (type == nbd::kRepAck || (type & nbd::kRepErrBit))) {
+      return type;
+    }
+  }
+}
+
+// Removing export "a": its sessions are closed; a connection still
+// negotiating is refused "a" (politely, ERR_UNKNOWN) but may still enter
+// "b"; sessions in "b", entered or about to enter, are untouched.
+TEST_F(NbdServerTest, CloseExportClosesItsSessionsOnly) {
+  StartServer();
+  auto in_a = Session("a");
+  auto in_b = Session("b");
+  auto negotiating = Connect();
+  ASSERT_TRUE(negotiating->Read(18).ok());
+  ASSERT_TRUE(negotiating->Send(nbd::testing::ClientFlags()).ok());
+  auto about_to_enter_b = Connect();
+  ASSERT_TRUE(about_to_enter_b->Read(18).ok());
+
+  EXPECT_EQ(server_->CloseExport("a", absl::Seconds(5)), 1u);
+  EXPECT_TRUE(in_a->WaitForClose());
+  auto r = in_b->Call(Req(nbd::kCmdRead, kSize - 1, 1));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->error, 0u);
+
+  // GO "a" is refused, the connection stays usable, GO "b" enters.
+  ASSERT_TRUE(
+      negotiating
+          ->Send(nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("a")))
+          .ok());
+  absl::StatusOr<uint32_t> t = FinalReplyType(negotiating.get(), nbd::kOptGo);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t, nbd::kRepErrUnknown);
+  ASSERT_TRUE(
+      negotiating
+          ->Send(nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("b")))
+          .ok());
+  t = FinalReplyType(negotiating.get(), nbd::kOptGo);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t, nbd::kRepAck);
+  r = negotiating->Call(Req(nbd::kCmdRead, kSize - 1, 1), "", 1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->error, 0u);
+  EXPECT_EQ(r->data, "b");
+
+  // A client that was negotiating when "a" went still enters "b".
+  std::string go = nbd::testing::ClientFlags() +
+                   nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("b"));
+  ASSERT_TRUE(about_to_enter_b->Send(go).ok());
+  t = FinalReplyType(about_to_enter_b.get(), nbd::kOptGo);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t, nbd::kRepAck);
+}
+
+// Many clients enter "b" while "a" is removed over and over: none of them
+// is ever closed, however its handshake interleaves with the removals.
+TEST_F(NbdServerTest, CloseExportRacingHandshakes) {
+  StartServer();
+  std::atomic<bool> stop{false};
+  std::atomic<int> b_sessions{0}, b_failures{0};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 8; ++i) {
+    clients.emplace_back([&, i] {
+      while (!stop.load()) {
+        auto c = RawClient::ConnectUnix(sock_, absl::Seconds(5));
+        if (!c.ok()) continue;
+        const bool to_a = i % 2 == 1;
+        absl::StatusOr<RawClient::Result> h =
+            (*c)->Handshake(to_a ? "a" : "b", false, {});
+        if (!h.ok()) {
+          if (!to_a) {
+            b_failures.fetch_add(1);
+            ADD_FAILURE() << "GO b: " << h.status();
+          }
+          continue;
+        }
+        auto r = (*c)->Call(Req(nbd::kCmdRead, 0, 1), "", 1);
+        if (!to_a) {
+          if (!r.ok() || r->error != 0) {
+            b_failures.fetch_add(1);
+            ADD_FAILURE() << "READ b: "
+                          << (r.ok() ? absl::OkStatus() : r.status());
+          }
+          b_sessions.fetch_add(1);
+        }
+      }
+    });
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (b_sessions.load() < 300 && absl::Now() < deadline) {
+    server_->CloseExport("a", absl::Seconds(5));
+  }
+  stop.store(true);
+  for (auto& t : clients) t.join();
+  EXPECT_GE(b_sessions.load(), 300);
+  EXPECT_EQ(b_failures.load(), 0);
+}
+
 TEST_F(NbdServerTest, HandshakeTimeoutDropsIdleClients) {
   blockmeta::v1::NbdShimConfig config;
   config.set_handshake_timeout_ms(300);
