@@ -50,6 +50,11 @@
 namespace blockmeta {
 namespace nbd {
 
+// Default of ShimExport::invalidate_granularity (and of
+// nbd.invalidate_granularity_bytes): filesystem blocks, qcow2 clusters up
+// to 2 MiB, dirty bitmaps of the default 64 KiB granularity.
+inline constexpr uint64_t kDefaultInvalidateGranularity = 2u << 20;
+
 // One export as the shim serves it. Constant after the server starts.
 struct ShimExport {
   std::string name;
@@ -59,9 +64,10 @@ struct ShimExport {
   absl::Duration upstream_timeout = absl::Seconds(30);
   // A write, trim or zero forgets cached knowledge rounded out to this
   // (a power of two): the upstream reports allocation per filesystem block
-  // or qcow2 cluster (up to 2 MiB) and dirty bitmaps per granularity
-  // (64 KiB by default), so the bytes around a sub-block write change too.
-  uint64_t invalidate_granularity = 2u << 20;
+  // or qcow2 cluster and dirty bitmaps per granularity, so the bytes
+  // around a sub-block write change too. NbdServer sets it per export
+  // (ExportInvalidateGranularity).
+  uint64_t invalidate_granularity = kDefaultInvalidateGranularity;
 };
 
 enum class TlsMode { kOff, kAllow, kRequire };

@@ -48,15 +48,41 @@ nbd::ConnectionOptions OptionsFromConfig(
   return o;
 }
 
-// The configured invalidation granularity: 2 MiB by default, at least 512,
-// rounded up to a power of two (coarser is always safe).
-uint64_t InvalidateGranularity(const blockmeta::v1::NbdShimConfig& c) {
-  uint64_t g = c.invalidate_granularity_bytes();
-  if (g == 0) return 2u << 20;
+// `g` rounded up to a power of two, at least 512 (coarser is always safe).
+uint64_t PowerOfTwoAtLeast(uint64_t g) {
   uint64_t p = 512;
   while (p < g && p < (1ull << 62)) p <<= 1;
   return p;
 }
+
+// Learned granularities are never finer than this: the host filesystem's
+// blocks under an image change too (64 KiB covers common filesystems; it is
+// also qemu's default qcow2 cluster size).
+constexpr uint64_t kMinLearnedGranularity = 64u << 10;
+
+}  // namespace
+
+uint64_t ExportInvalidateGranularity(const blockmeta::v1::NbdShimConfig& c,
+                                     const nbd::ShimExport& e) {
+  const uint64_t configured = c.invalidate_granularity_bytes();
+  uint64_t g =
+      configured != 0 ? configured : nbd::kDefaultInvalidateGranularity;
+  const uint64_t learned =
+      e.upstream != nullptr ? e.upstream->ChangeGranularity() : 0;
+  if (learned != 0) {
+    // Learned from the image: exact. A configured value stays a floor.
+    g = std::max(std::max(learned, kMinLearnedGranularity), configured);
+  }
+  if (e.upstream != nullptr) {
+    if (absl::StatusOr<UpstreamInfo> info = e.upstream->Info(); info.ok()) {
+      g = std::max<uint64_t>(g, info->minimum_block_size);
+      g = std::max<uint64_t>(g, info->preferred_block_size);
+    }
+  }
+  return PowerOfTwoAtLeast(g);
+}
+
+namespace {
 
 absl::StatusOr<nbd::TlsMode> ParseTlsMode(const std::string& mode) {
   if (mode.empty() || mode == "off") return nbd::TlsMode::kOff;
@@ -109,6 +135,7 @@ NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
 NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
                      blockmeta::v1::NbdShimConfig config)
     : cache_(cache),
+      config_(config),
       options_(OptionsFromConfig(config)),
       tls_config_(config.tls()),
       max_connections_(
@@ -116,13 +143,12 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
       pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
       budget_(config.max_inflight_bytes() == 0 ? (1ull << 30)
                                                : config.max_inflight_bytes()) {
-  invalidate_granularity_ = InvalidateGranularity(config);
   SetExports(std::move(exports));
 }
 
 void NbdServer::SetExports(std::vector<nbd::ShimExport> exports) {
   for (nbd::ShimExport& e : exports) {
-    e.invalidate_granularity = invalidate_granularity_;
+    e.invalidate_granularity = ExportInvalidateGranularity(config_, e);
   }
   std::sort(exports.begin(), exports.end(),
             [](const nbd::ShimExport& a, const nbd::ShimExport& b) {

@@ -56,6 +56,15 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
 blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
     blockmeta::v1::NbdShimConfig nbd, const blockmeta::v1::TlsConfig& tls);
 
+// The granularity writes through the shim forget cached extents at, for
+// one export (a power of two): the upstream's learned
+// Upstream::ChangeGranularity() (at least 64 KiB, and at least
+// nbd.invalidate_granularity_bytes when that is set), else the configured
+// value (default 2 MiB); never below the upstream's advertised minimum or
+// preferred block size.
+uint64_t ExportInvalidateGranularity(const blockmeta::v1::NbdShimConfig& c,
+                                     const nbd::ShimExport& e);
+
 class NbdServer {
  public:
   // Serves every export of `registry` (see ShimExportsFromRegistry); the
@@ -113,7 +122,7 @@ class NbdServer {
 
   // Constant after construction (options_.tls: after Start()).
   ExtentCache* const cache_;
-  uint64_t invalidate_granularity_ = 0;
+  const blockmeta::v1::NbdShimConfig config_;
   nbd::ConnectionOptions options_;
   const blockmeta::v1::NbdTlsConfig tls_config_;
   std::unique_ptr<TlsCredentials> tls_;

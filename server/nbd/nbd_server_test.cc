@@ -481,6 +481,42 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
   EXPECT_GT(server_->EvictedConnections(), 0u);
 }
 
+class LearnedUpstream : public FakeUpstream {
+ public:
+  LearnedUpstream(uint64_t learned)
+      : FakeUpstream(kSize, kBlock, true), learned_(learned) {}
+  uint64_t ChangeGranularity() const override { return learned_; }
+
+ private:
+  const uint64_t learned_;
+};
+
+// Per-export granularity: learned values win over the default (either
+// way), a configured value is a floor, advertised block sizes too.
+TEST(ExportInvalidateGranularity, LearnedConfiguredAndAdvertised) {
+  blockmeta::v1::NbdShimConfig dflt, set;
+  set.set_invalidate_granularity_bytes(1 << 20);
+  auto g = [](const blockmeta::v1::NbdShimConfig& c, Upstream* u) {
+    nbd::ShimExport e;
+    e.upstream = u;
+    return ExportInvalidateGranularity(c, e);
+  };
+  LearnedUpstream unknown(0), coarse(4u << 20), fine(64u << 10), tiny(512);
+  unknown.mutable_info().preferred_block_size = 4096;
+  EXPECT_EQ(g(dflt, &unknown), 2u << 20);  // nothing learned: the default
+  EXPECT_EQ(g(set, &unknown), 1u << 20);
+  EXPECT_EQ(g(dflt, &coarse), 4u << 20);  // a 4 MiB bitmap beats 2 MiB
+  EXPECT_EQ(g(set, &coarse), 4u << 20);
+  EXPECT_EQ(g(dflt, &fine), 64u << 10);  // exact: 64 KiB clusters
+  EXPECT_EQ(g(set, &fine), 1u << 20);    // the configured floor
+  EXPECT_EQ(g(dflt, &tiny), 64u << 10);  // never below 64 KiB when learned
+  tiny.mutable_info().preferred_block_size = 128u << 10;
+  EXPECT_EQ(g(dflt, &tiny), 128u << 10);  // nor below the preferred size
+  set.set_invalidate_granularity_bytes(3000000);
+  EXPECT_EQ(g(set, &unknown), 4u << 20);  // rounded up to a power of two
+  EXPECT_EQ(g(dflt, nullptr), 2u << 20);
+}
+
 // Reads option replies until the final one of `opt`; returns its type.
 absl::StatusOr<uint32_t> FinalReplyType(RawClient* c, uint32_t opt) {
   for (;;) {
