@@ -21,16 +21,21 @@ struct BlockSizes {
 
 // Block size constraints advertised in NBD_INFO_BLOCK_SIZE. The minimum
 // and preferred sizes are the upstream's; the maximum is the configured
-// payload cap (NbdShimConfig.max_payload_bytes), not the upstream's
-// maximum: the Upstream splits data commands into pieces of the upstream's
-// own maximum, so a client may send larger requests than the upstream
-// takes (libnbd and qemu use up to 32 MiB, the NBD project's integrity
-// test 64 MiB).
+// payload cap (NbdShimConfig.max_payload_bytes, default 32 MiB) clamped to
+// the upstream's advertised maximum, when it advertises one: a client
+// then sees the limit it would see talking to the upstream (a request the
+// upstream refuses is refused here, never split into pieces it did not
+// agree to). Without an advertised maximum the cap may exceed 32 MiB (the
+// Upstream splits data commands; the NBD project's integrity test uses
+// 64 MiB).
 BlockSizes ComputeBlockSizes(const UpstreamInfo& info, uint32_t max_payload) {
   BlockSizes b;
   b.min = info.minimum_block_size;
   if (!IsPowerOfTwo(b.min) || b.min > 65536) b.min = 1;
   uint32_t max = std::max<uint32_t>(max_payload, 512);
+  if (info.maximum_block_size_advertised && info.maximum_block_size > 0) {
+    max = std::min(max, info.maximum_block_size);
+  }
   max -= max % b.min;
   if (max < b.min) max = b.min;
   b.max = max;

@@ -39,6 +39,9 @@ struct UpstreamInfo {
   uint32_t minimum_block_size = 1;
   uint32_t preferred_block_size = 4096;
   uint32_t maximum_block_size = 32u << 20;
+  // The server sent NBD_INFO_BLOCK_SIZE with a maximum (else
+  // maximum_block_size is the default above, not the server's word).
+  bool maximum_block_size_advertised = false;
   // Effective: the server said read-only, or the config asks for it.
   bool read_only = false;
   bool can_trim = false;
