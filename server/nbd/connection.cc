@@ -119,6 +119,10 @@ void Connection::Serve() {
   stream_.SetWriteDeadline(absl::InfiniteFuture());
   negotiated_.emplace(*std::move(n));  // entered_ was set by Gate()
   handler_.emplace(*negotiated_, cache_);
+  {
+    sync::MutexLock lock(&mu_);
+    last_activity_ = absl::Now();  // before the phase: IdleSince() reads it
+  }
   phase_.store(Phase::kTransmission);
   const std::string& name = negotiated_->export_entry->name;
   LogDebug(
@@ -126,10 +130,6 @@ void Connection::Serve() {
       {{"export", name},
        {"structured", negotiated_->structured_replies},
        {"contexts", static_cast<unsigned long>(negotiated_->contexts.size())}});
-  {
-    sync::MutexLock lock(&mu_);
-    last_activity_ = absl::Now();
-  }
   const std::string reason = Loop();
   if (reason == kClientLeft) {
     // DISC (or EOF): requests in flight still finish and their replies are
@@ -161,6 +161,17 @@ void Connection::Serve() {
   }
   phase_.store(Phase::kDone);
   LogDebug("nbd_session_end", {{"export", name}, {"reason", reason}});
+}
+
+absl::Time Connection::IdleSince() const {
+  if (phase_.load() != Phase::kTransmission || receiving_.load()) {
+    return absl::InfiniteFuture();
+  }
+  sync::MutexLock lock(&mu_);
+  if (inflight_ != 0 || running_ != 0 || !out_.empty()) {
+    return absl::InfiniteFuture();
+  }
+  return last_activity_;
 }
 
 bool Connection::CanAdmitLocked(uint64_t bytes) const {
@@ -218,6 +229,13 @@ void Connection::QueueReply(std::string reply, uint64_t charged, bool handled) {
 }
 
 bool Connection::ReadRequest() {
+  receiving_.store(true, std::memory_order_relaxed);
+  const bool more = ReadRequestBytes();
+  receiving_.store(false, std::memory_order_relaxed);
+  return more;
+}
+
+bool Connection::ReadRequestBytes() {
   const Negotiated& n = *negotiated_;
   // The whole request must arrive within the write timeout once started.
   stream_.SetReadDeadline(absl::Now() + options_.write_timeout);

@@ -111,6 +111,10 @@ class Connection {
 
   Phase phase() const { return phase_.load(); }
   absl::Time started() const { return started_; }
+  // Since when the session has been idle: in transmission, no request
+  // being received, handled or answered. InfiniteFuture while it is not
+  // (negotiating, busy, or done). For eviction at the connection cap.
+  absl::Time IdleSince() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Pending {
@@ -123,6 +127,7 @@ class Connection {
   // Reads one request (the socket is readable), validates it, and queues
   // an error reply or hands it to the pool. False: stop reading.
   bool ReadRequest() ABSL_LOCKS_EXCLUDED(mu_);
+  bool ReadRequestBytes() ABSL_LOCKS_EXCLUDED(mu_);
   // Queues a reply; `charged` bytes were charged for its request.
   void QueueReply(std::string reply, uint64_t charged, bool handled)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -153,7 +158,7 @@ class Connection {
   std::unique_ptr<TlsStream> tls_;  // after STARTTLS; before stream_ dies
   ByteStream* io_ = &stream_;       // the transmission stream
 
-  sync::Mutex mu_;
+  mutable sync::Mutex mu_;
   absl::CondVar changed_;  // signalled when a handed-off request finished
   std::deque<Pending> out_ ABSL_GUARDED_BY(mu_);
   absl::Time front_since_ ABSL_GUARDED_BY(mu_);  // when out_.front() got there
@@ -163,6 +168,8 @@ class Connection {
   absl::Time last_activity_ ABSL_GUARDED_BY(mu_);
   bool broken_ ABSL_GUARDED_BY(mu_) = false;  // socket failed: drop replies
   bool loop_wants_wake_ ABSL_GUARDED_BY(mu_) = false;
+  // A request's bytes are being read (ReadRequest): not idle.
+  std::atomic<bool> receiving_{false};
 
   // Entering an export and closing one are serialized by entry_mu_;
   // entered_ is also read without it (entered()).

@@ -140,6 +140,12 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
       tls_config_(config.tls()),
       max_connections_(
           config.max_connections() == 0 ? 100 : config.max_connections()),
+      idle_eviction_grace_(
+          config.no_idle_eviction()
+              ? absl::InfiniteDuration()
+              : absl::Milliseconds(config.idle_eviction_grace_ms() == 0
+                                       ? 5000
+                                       : config.idle_eviction_grace_ms())),
       pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
       budget_(config.max_inflight_bytes() == 0 ? (1ull << 30)
                                                : config.max_inflight_bytes()) {
@@ -327,9 +333,12 @@ void NbdServer::OnAccept(int fd) {
     // Full. A client still in its handshake makes room: the oldest one is
     // stopped (a real client finishes in milliseconds; the stuck ones are
     // idle, flooding or half-open), so hostile clients cannot keep good
-    // ones out. Sessions that finished the handshake are never evicted
-    // (idle_timeout_ms ends idle ones). Evicted slots still count until
-    // their thread ends, bounded at twice the cap.
+    // ones out. Failing that, the established session idle the longest
+    // (nothing being received, handled or answered) goes, if it has been
+    // idle for at least the grace (nbd.idle_eviction_grace_ms): clients
+    // that finish the handshake and then sit idle cannot lock good ones
+    // out either. Busy sessions are never evicted. Evicted slots still
+    // count until their thread ends, bounded at twice the cap.
     Slot* victim = nullptr;
     for (auto& s : slots_) {
       if (s->evicted ||
@@ -339,6 +348,18 @@ void NbdServer::OnAccept(int fd) {
       if (victim == nullptr ||
           s->connection->started() < victim->connection->started()) {
         victim = s.get();
+      }
+    }
+    absl::Time idle_since = absl::InfiniteFuture();
+    if (victim == nullptr && idle_eviction_grace_ != absl::InfiniteDuration()) {
+      const absl::Time idle_before = absl::Now() - idle_eviction_grace_;
+      for (auto& s : slots_) {
+        if (s->evicted) continue;
+        const absl::Time t = s->connection->IdleSince();
+        if (t <= idle_before && t < idle_since) {
+          idle_since = t;
+          victim = s.get();
+        }
       }
     }
     if (victim == nullptr || active_.load() >= 2 * max_connections_) {
@@ -352,7 +373,17 @@ void NbdServer::OnAccept(int fd) {
     }
     victim->evicted = true;
     victim->connection->Stop();
-    evicted_.fetch_add(1);
+    if (idle_since != absl::InfiniteFuture()) {
+      evicted_idle_.fetch_add(1);
+      const nbd::ShimExport* e = victim->connection->entered();
+      LogWarning("nbd_idle_session_evicted",
+                 {{"reason", "max_connections"},
+                  {"export", e != nullptr ? e->name : ""},
+                  {"idle_ms", static_cast<long>(absl::ToInt64Milliseconds(
+                                  absl::Now() - idle_since))}});
+    } else {
+      evicted_.fetch_add(1);
+    }
   }
   active_.fetch_add(1);
   auto slot = std::make_unique<Slot>();

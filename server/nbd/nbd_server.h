@@ -7,9 +7,13 @@
 // connection. A client must finish its handshake within
 // handshake_timeout_ms (default 10 s), reads and writes alike. When
 // NbdShimConfig.max_connections (default 100) are open, a new client stops
-// the oldest connection still in its handshake, or is closed at once if
-// every connection finished it; so idle, flooding or half-open clients
-// cannot keep good clients out (qemu CVE-2024-7409). Reply bytes waiting
+// the oldest connection still in its handshake; failing that, the
+// established session idle the longest, if idle for at least
+// idle_eviction_grace_ms (default 5 s; sessions with requests in flight
+// are never evicted; no_idle_eviction turns it off); failing that, it is
+// closed at once. So idle, flooding or half-open clients cannot keep good
+// clients out (qemu CVE-2024-7409), not even after finishing the
+// handshake. Reply bytes waiting
 // on slow readers are bounded per connection and server-wide
 // (max_inflight_bytes). No upstream work is done for a client before it
 // has entered transmission.
@@ -106,6 +110,8 @@ class NbdServer {
   uint64_t BufferedBytes() const { return budget_.used.load(); }
   // Clients stopped in their handshake to make room for a new one.
   uint64_t EvictedConnections() const { return evicted_.load(); }
+  // Established sessions stopped, idle, to make room for a new client.
+  uint64_t EvictedIdleSessions() const { return evicted_idle_.load(); }
 
  private:
   using ExportList = std::vector<nbd::ShimExport>;
@@ -127,6 +133,9 @@ class NbdServer {
   const blockmeta::v1::NbdTlsConfig tls_config_;
   std::unique_ptr<TlsCredentials> tls_;
   size_t max_connections_;
+  // Established sessions idle this long may be evicted at the cap
+  // (InfiniteDuration: never).
+  absl::Duration idle_eviction_grace_;
   WorkerPool pool_;  // handles every connection's requests
   nbd::ByteBudget budget_;
 
@@ -146,6 +155,7 @@ class NbdServer {
   std::atomic<size_t> active_{0};
   std::atomic<uint64_t> rejected_{0};
   std::atomic<uint64_t> evicted_{0};
+  std::atomic<uint64_t> evicted_idle_{0};
 };
 
 }  // namespace blockmeta

@@ -415,8 +415,8 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
         auto c = RawClient::ConnectUnix(sock_, absl::Milliseconds(200));
         if (!c.ok()) continue;
         hostile_connects.fetch_add(1);
-        // A fifth of the established-idle kind at most: sessions that
-        // finished the handshake keep their slot until idle_timeout_ms.
+        // A fifth of the established-idle kind at most (those are evicted
+        // only after idle_eviction_grace_ms; see the test below).
         const int kind = (i % 4 == 3 && i >= 80) ? 0 : i % 4;
         if (kind == 1) {  // flood LIST, never read
           std::string flood = nbd::testing::ClientFlags();
@@ -623,6 +623,112 @@ TEST_F(NbdServerTest, CloseExportRacingHandshakes) {
   for (auto& t : clients) t.join();
   EXPECT_GE(b_sessions.load(), 300);
   EXPECT_EQ(b_failures.load(), 0);
+}
+
+// N hostile clients finish the handshake and sit idle, reconnecting as
+// soon as they are dropped. With idle eviction (the default) a good client
+// still gets in and maps within a bound; with no_idle_eviction it is
+// refused (so this test can fail).
+void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
+                             bool expect_good) {
+  constexpr int kCap = 20;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> hostile;
+  for (int i = 0; i < kCap; ++i) {
+    hostile.emplace_back([&] {
+      while (!stop.load()) {
+        auto c = RawClient::ConnectUnix(sock, absl::Milliseconds(500));
+        if (!c.ok()) continue;
+        if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
+          absl::SleepFor(absl::Milliseconds(10));
+          continue;
+        }
+        while (!stop.load()) {  // idle until dropped
+          struct pollfd p = {(*c)->fd(), POLLIN, 0};
+          if (poll(&p, 1, 20) > 0) break;
+        }
+      }
+    });
+  }
+  const absl::Time full_by = absl::Now() + absl::Seconds(20);
+  while (server->ActiveConnections() < kCap && absl::Now() < full_by) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(server->ActiveConnections(), static_cast<size_t>(kCap));
+  bool good = false;
+  const absl::Time start = absl::Now();
+  const absl::Time give_up = start + absl::Seconds(expect_good ? 10 : 2);
+  while (!good && absl::Now() < give_up) {
+    auto c = RawClient::ConnectUnix(sock, absl::Seconds(2));
+    if (!c.ok()) continue;
+    if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
+      absl::SleepFor(absl::Milliseconds(20));
+      continue;
+    }
+    good = true;
+    for (int k = 0; k < 20 && good; ++k) {  // a map: 20 block-status calls
+      auto r = (*c)->Call(Req(nbd::kCmdBlockStatus, k * kBlock, kBlock,
+                              nbd::kCmdFlagReqOne, k));
+      good = r.ok() && r->error == 0;
+    }
+  }
+  const absl::Duration took = absl::Now() - start;
+  stop.store(true);
+  server->Shutdown();
+  for (auto& th : hostile) th.join();
+  EXPECT_EQ(good, expect_good);
+  if (expect_good) {
+    EXPECT_LT(took, absl::Seconds(5));
+    EXPECT_GT(server->EvictedIdleSessions(), 0u);
+  } else {
+    EXPECT_EQ(server->EvictedIdleSessions(), 0u);
+    EXPECT_GT(server->RejectedConnections(), 0u);
+  }
+}
+
+TEST_F(NbdServerTest, IdleEstablishedFloodDoesNotLockOutAGoodClient) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(20);
+  config.set_idle_eviction_grace_ms(300);
+  StartServer(config);
+  RunIdleEstablishedFlood(sock_, server_.get(), /*expect_good=*/true);
+}
+
+TEST_F(NbdServerTest, IdleEstablishedFloodLocksOutWithoutIdleEviction) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(20);
+  config.set_idle_eviction_grace_ms(300);
+  config.set_no_idle_eviction(true);
+  StartServer(config);
+  RunIdleEstablishedFlood(sock_, server_.get(), /*expect_good=*/false);
+}
+
+// A session that is not idle (a request being received) is never evicted,
+// however long ago it last finished one; a freshly idle one (< grace)
+// neither.
+TEST_F(NbdServerTest, BusyAndRecentSessionsAreNotEvicted) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(2);
+  config.set_idle_eviction_grace_ms(300);
+  StartServer(config);
+  auto busy = Session("a");
+  auto recent = Session("b");
+  // `busy` starts a request and stalls in the middle of its header.
+  std::string req = nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 1));
+  ASSERT_TRUE(busy->Send(req.substr(0, 10)).ok());
+  absl::SleepFor(absl::Milliseconds(400));  // both past the grace, once
+  auto r = recent->Call(Req(nbd::kCmdRead, kSize - 1, 1), "", 1);
+  ASSERT_TRUE(r.ok()) << r.status();  // `recent` is active again
+  auto c = Connect();
+  EXPECT_TRUE(c->WaitForClose());  // refused: no victim
+  EXPECT_EQ(server_->EvictedIdleSessions(), 0u);
+  // The stalled request completes; both sessions still work.
+  ASSERT_TRUE(busy->Send(req.substr(10)).ok());
+  r = busy->ReadReply(1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->error, 0u);
+  r = recent->Call(Req(nbd::kCmdRead, 0, 1), "", 1);
+  ASSERT_TRUE(r.ok()) << r.status();
 }
 
 TEST_F(NbdServerTest, HandshakeTimeoutDropsIdleClients) {
