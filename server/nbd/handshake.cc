@@ -16,7 +16,7 @@ namespace {
 bool IsPowerOfTwo(uint32_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 struct BlockSizes {
-  uint32_t min = 1, preferred = 4096, max = 32u << 20;
+  uint32_t min = 1, preferred = 4096, max = kDefaultMaxPayloadBytes;
 };
 
 // Block size constraints advertised in NBD_INFO_BLOCK_SIZE. The minimum

@@ -50,6 +50,10 @@
 namespace blockmeta {
 namespace nbd {
 
+// Default NBD_INFO_BLOCK_SIZE maximum (nbd.max_payload_bytes): what
+// libnbd and qemu send at most.
+inline constexpr uint32_t kDefaultMaxPayloadBytes = 32u << 20;
+
 // Default of ShimExport::invalidate_granularity (and of
 // nbd.invalidate_granularity_bytes): filesystem blocks, qcow2 clusters up
 // to 2 MiB, dirty bitmaps of the default 64 KiB granularity.
@@ -91,7 +95,7 @@ struct HandshakeOptions {
   // Largest option payload read (bigger ones: ERR_TOO_BIG + disconnect).
   uint32_t max_option_length = 64 * 1024;
   // Largest READ/WRITE payload (NBD_INFO_BLOCK_SIZE maximum).
-  uint32_t max_payload_bytes = 32u << 20;
+  uint32_t max_payload_bytes = kDefaultMaxPayloadBytes;
 };
 
 struct MetaContext {
@@ -110,7 +114,7 @@ struct Negotiated {
   // the client entered (else empty: BLOCK_STATUS then gets EINVAL).
   std::vector<MetaContext> contexts;
   uint32_t min_block_size = 1;
-  uint32_t max_payload = 32u << 20;
+  uint32_t max_payload = kDefaultMaxPayloadBytes;
   bool tls = false;  // the session runs over TLS
 };
 

@@ -22,17 +22,20 @@
 #include "absl/time/clock.h"
 #include "server/common/log.h"
 #include "server/upstream/export_registry.h"
+#include "server/upstream/nbd_upstream.h"
 
 namespace blockmeta {
 namespace {
 
 nbd::ConnectionOptions OptionsFromConfig(
     const blockmeta::v1::NbdShimConfig& c) {
-  nbd::ConnectionOptions o;
-  o.handshake_timeout = absl::Milliseconds(
-      c.handshake_timeout_ms() == 0 ? 10000 : c.handshake_timeout_ms());
-  o.handshake.max_payload_bytes =
-      c.max_payload_bytes() == 0 ? (32u << 20) : c.max_payload_bytes();
+  nbd::ConnectionOptions o;  // the defaults' home (connection.h)
+  if (c.handshake_timeout_ms() != 0) {
+    o.handshake_timeout = absl::Milliseconds(c.handshake_timeout_ms());
+  }
+  if (c.max_payload_bytes() != 0) {
+    o.handshake.max_payload_bytes = c.max_payload_bytes();
+  }
   if (c.max_inflight_bytes_per_connection() != 0) {
     o.max_inflight_bytes = c.max_inflight_bytes_per_connection();
   }
@@ -41,8 +44,9 @@ nbd::ConnectionOptions OptionsFromConfig(
   if (c.idle_timeout_ms() != 0) {
     o.idle_timeout = absl::Milliseconds(c.idle_timeout_ms());
   }
-  o.write_timeout = absl::Milliseconds(
-      c.write_timeout_ms() == 0 ? 30000 : c.write_timeout_ms());
+  if (c.write_timeout_ms() != 0) {
+    o.write_timeout = absl::Milliseconds(c.write_timeout_ms());
+  }
   o.tls_verify_client = !c.tls().client_ca_file().empty();
   o.tls_require_client_cert = !c.tls().client_cert_optional();
   return o;
@@ -121,8 +125,8 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     x.upstream = e->upstream.get();
     x.read_only = e->config.read_only();
     x.upstream_timeout = absl::Milliseconds(
-        e->config.upstream_timeout_ms() == 0 ? 30000
-                                             : e->config.upstream_timeout_ms());
+        e->config.upstream_timeout_ms() != 0 ? e->config.upstream_timeout_ms()
+                                             : kDefaultUpstreamTimeoutMs);
     out.push_back(std::move(x));
   }
   return out;
@@ -138,17 +142,21 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
       config_(config),
       options_(OptionsFromConfig(config)),
       tls_config_(config.tls()),
-      max_connections_(
-          config.max_connections() == 0 ? 100 : config.max_connections()),
+      max_connections_(config.max_connections() != 0
+                           ? config.max_connections()
+                           : NbdServerDefaults::kMaxConnections),
       idle_eviction_grace_(
           config.no_idle_eviction()
               ? absl::InfiniteDuration()
-              : absl::Milliseconds(config.idle_eviction_grace_ms() == 0
-                                       ? 5000
-                                       : config.idle_eviction_grace_ms())),
-      pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
-      budget_(config.max_inflight_bytes() == 0 ? (1ull << 30)
-                                               : config.max_inflight_bytes()) {
+              : absl::Milliseconds(
+                    config.idle_eviction_grace_ms() != 0
+                        ? config.idle_eviction_grace_ms()
+                        : NbdServerDefaults::kIdleEvictionGraceMs)),
+      pool_(config.worker_threads() != 0 ? config.worker_threads()
+                                         : NbdServerDefaults::kWorkerThreads),
+      budget_(config.max_inflight_bytes() != 0
+                  ? config.max_inflight_bytes()
+                  : NbdServerDefaults::kMaxInflightBytes) {
   SetExports(std::move(exports));
 }
 

@@ -60,6 +60,16 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
 blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
     blockmeta::v1::NbdShimConfig nbd, const blockmeta::v1::TlsConfig& tls);
 
+// Defaults of the NbdShimConfig fields the listener reads (0 = default).
+// The per-connection ones live in nbd::ConnectionOptions /
+// nbd::HandshakeOptions, the invalidation granularity in handshake.h.
+struct NbdServerDefaults {
+  static constexpr uint32_t kMaxConnections = 100;
+  static constexpr uint32_t kWorkerThreads = 16;
+  static constexpr uint64_t kMaxInflightBytes = 1ull << 30;
+  static constexpr uint32_t kIdleEvictionGraceMs = 5000;
+};
+
 // The granularity writes through the shim forget cached extents at, for
 // one export (a power of two): the upstream's learned
 // Upstream::ChangeGranularity() (at least 64 KiB, and at least
