@@ -633,6 +633,7 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
                              bool expect_good) {
   constexpr int kCap = 20;
   std::atomic<bool> stop{false};
+  std::atomic<int> established{0};
   std::vector<std::thread> hostile;
   for (int i = 0; i < kCap; ++i) {
     hostile.emplace_back([&] {
@@ -643,17 +644,21 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
           absl::SleepFor(absl::Milliseconds(10));
           continue;
         }
+        established.fetch_add(1);
         while (!stop.load()) {  // idle until dropped
           struct pollfd p = {(*c)->fd(), POLLIN, 0};
           if (poll(&p, 1, 20) > 0) break;
         }
+        established.fetch_sub(1);
       }
     });
   }
+  // Every slot holds an established session: no handshake to evict.
   const absl::Time full_by = absl::Now() + absl::Seconds(20);
-  while (server->ActiveConnections() < kCap && absl::Now() < full_by) {
+  while (established.load() < kCap && absl::Now() < full_by) {
     absl::SleepFor(absl::Milliseconds(10));
   }
+  EXPECT_EQ(established.load(), kCap);
   EXPECT_EQ(server->ActiveConnections(), static_cast<size_t>(kCap));
   bool good = false;
   const absl::Time start = absl::Now();
