@@ -23,6 +23,12 @@
 //   within `write_timeout`.
 // * A finished session with nothing in flight for `idle_timeout` ends.
 //
+// Exports: the handshake reads an export's upstream only through Gate(),
+// which records the entered export before the final GO / EXPORT_NAME reply
+// under entry_mu_; CloseExport() takes the same lock, so an export being
+// removed is either refused to this client or its session is stopped,
+// never missed (and never read after it went).
+//
 // Lifetime: Serve() returns only after the client left (DISC, EOF, error,
 // bad magic, a timeout, Stop()) and every request handed to the pool has
 // finished; the socket is closed by the destructor. A client that hangs up
