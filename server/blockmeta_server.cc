@@ -87,9 +87,17 @@ void ApplyDefaults(v1::ServerConfig* c) {
         absl::ToInt64Milliseconds(CallContext().default_deadline));
   }
   v1::NbdShimConfig* n = c->mutable_nbd();
-  if (n->handshake_timeout_ms() == 0) n->set_handshake_timeout_ms(10000);
-  if (n->max_connections() == 0) n->set_max_connections(100);
-  if (n->max_payload_bytes() == 0) n->set_max_payload_bytes(32u << 20);
+  const nbd::ConnectionOptions nbd_defaults;
+  if (n->handshake_timeout_ms() == 0) {
+    n->set_handshake_timeout_ms(static_cast<uint32_t>(
+        absl::ToInt64Milliseconds(nbd_defaults.handshake_timeout)));
+  }
+  if (n->max_connections() == 0) {
+    n->set_max_connections(NbdServerDefaults::kMaxConnections);
+  }
+  if (n->max_payload_bytes() == 0) {
+    n->set_max_payload_bytes(nbd_defaults.handshake.max_payload_bytes);
+  }
   if (c->csi().default_max_results() == 0) {
     c->mutable_csi()->set_default_max_results(
         CsiServiceOptions().default_max_results);

@@ -52,6 +52,39 @@ void Connection::Wake() {
   (void)!write(wake_fd_, &one, sizeof one);
 }
 
+absl::StatusOr<UpstreamInfo> Connection::Gate(const ShimExport& e, bool enter) {
+  sync::MutexLock lock(&entry_mu_);
+  if (std::find(closed_exports_.begin(), closed_exports_.end(), e.name) !=
+      closed_exports_.end()) {
+    return absl::NotFoundError("export is being removed");
+  }
+  // Under the lock: CloseExport() cannot run between this read of the
+  // upstream and the recording of the export as entered.
+  absl::StatusOr<UpstreamInfo> info = e.upstream->Info();
+  if (info.ok() && enter) entered_.store(&e);
+  return info;
+}
+
+bool Connection::CloseExport(const std::string& name) {
+  sync::MutexLock lock(&entry_mu_);
+  if (const ShimExport* in = entered_.load(); in != nullptr) {
+    if (in->name != name) return false;
+    Stop();
+    return true;
+  }
+  if (phase_.load() == Phase::kDone) return false;
+  if (std::find(closed_exports_.begin(), closed_exports_.end(), name) !=
+      closed_exports_.end()) {
+    return false;
+  }
+  if (closed_exports_.size() >= 1024) {
+    Stop();  // bounded: 1024 exports went while this client negotiated
+    return true;
+  }
+  closed_exports_.push_back(name);
+  return false;
+}
+
 void Connection::Serve() {
   const absl::Time hs_deadline = started_ + options_.handshake_timeout;
   stream_.SetReadDeadline(hs_deadline);
@@ -71,8 +104,11 @@ void Connection::Serve() {
       return io_;
     };
   }
+  const ExportGateFn gate = [this](const ShimExport& e, bool enter) {
+    return Gate(e, enter);
+  };
   absl::StatusOr<Negotiated> n =
-      RunHandshake(stream_, *exports_, options_.handshake, start_tls);
+      RunHandshake(stream_, *exports_, options_.handshake, start_tls, gate);
   if (!n.ok()) {
     LogDebug("nbd_handshake_end", {{"reason", n.status().ToString()}});
     shutdown(fd_, SHUT_RDWR);  // the client sees EOF now, not at reaping
@@ -81,9 +117,12 @@ void Connection::Serve() {
   }
   stream_.SetReadDeadline(absl::InfiniteFuture());
   stream_.SetWriteDeadline(absl::InfiniteFuture());
-  negotiated_.emplace(*std::move(n));
-  entered_.store(negotiated_->export_entry);
+  negotiated_.emplace(*std::move(n));  // entered_ was set by Gate()
   handler_.emplace(*negotiated_, cache_);
+  {
+    sync::MutexLock lock(&mu_);
+    last_activity_ = absl::Now();  // before the phase: IdleSince() reads it
+  }
   phase_.store(Phase::kTransmission);
   const std::string& name = negotiated_->export_entry->name;
   LogDebug(
@@ -91,10 +130,6 @@ void Connection::Serve() {
       {{"export", name},
        {"structured", negotiated_->structured_replies},
        {"contexts", static_cast<unsigned long>(negotiated_->contexts.size())}});
-  {
-    sync::MutexLock lock(&mu_);
-    last_activity_ = absl::Now();
-  }
   const std::string reason = Loop();
   if (reason == kClientLeft) {
     // DISC (or EOF): requests in flight still finish and their replies are
@@ -126,6 +161,17 @@ void Connection::Serve() {
   }
   phase_.store(Phase::kDone);
   LogDebug("nbd_session_end", {{"export", name}, {"reason", reason}});
+}
+
+absl::Time Connection::IdleSince() const {
+  if (phase_.load() != Phase::kTransmission || receiving_.load()) {
+    return absl::InfiniteFuture();
+  }
+  sync::MutexLock lock(&mu_);
+  if (inflight_ != 0 || running_ != 0 || !out_.empty()) {
+    return absl::InfiniteFuture();
+  }
+  return last_activity_;
 }
 
 bool Connection::CanAdmitLocked(uint64_t bytes) const {
@@ -183,6 +229,13 @@ void Connection::QueueReply(std::string reply, uint64_t charged, bool handled) {
 }
 
 bool Connection::ReadRequest() {
+  receiving_.store(true, std::memory_order_relaxed);
+  const bool more = ReadRequestBytes();
+  receiving_.store(false, std::memory_order_relaxed);
+  return more;
+}
+
+bool Connection::ReadRequestBytes() {
   const Negotiated& n = *negotiated_;
   // The whole request must arrive within the write timeout once started.
   stream_.SetReadDeadline(absl::Now() + options_.write_timeout);

@@ -23,6 +23,12 @@
 //   within `write_timeout`.
 // * A finished session with nothing in flight for `idle_timeout` ends.
 //
+// Exports: the handshake reads an export's upstream only through Gate(),
+// which records the entered export before the final GO / EXPORT_NAME reply
+// under entry_mu_; CloseExport() takes the same lock, so an export being
+// removed is either refused to this client or its session is stopped,
+// never missed (and never read after it went).
+//
 // Lifetime: Serve() returns only after the client left (DISC, EOF, error,
 // bad magic, a timeout, Stop()) and every request handed to the pool has
 // finished; the socket is closed by the destructor. A client that hangs up
@@ -100,11 +106,21 @@ class Connection {
   // writes return. Idempotent.
   void Stop();
   // The export the client entered; nullptr while negotiating (or if the
-  // handshake failed). Points into `exports`.
+  // handshake failed). Points into `exports`. Recorded before the final
+  // reply of the handshake is sent.
   const ShimExport* entered() const { return entered_.load(); }
+  // Export `name` is going away: a session that entered it is stopped
+  // (returns true: wait for it); a connection still negotiating refuses
+  // it from now on, as if unknown, and never again reads its upstream; any
+  // other session is untouched. Atomic with respect to entering.
+  bool CloseExport(const std::string& name) ABSL_LOCKS_EXCLUDED(entry_mu_);
 
   Phase phase() const { return phase_.load(); }
   absl::Time started() const { return started_; }
+  // Since when the session has been idle: in transmission, no request
+  // being received, handled or answered. InfiniteFuture while it is not
+  // (negotiating, busy, or done). For eviction at the connection cap.
+  absl::Time IdleSince() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Pending {
@@ -117,6 +133,7 @@ class Connection {
   // Reads one request (the socket is readable), validates it, and queues
   // an error reply or hands it to the pool. False: stop reading.
   bool ReadRequest() ABSL_LOCKS_EXCLUDED(mu_);
+  bool ReadRequestBytes() ABSL_LOCKS_EXCLUDED(mu_);
   // Queues a reply; `charged` bytes were charged for its request.
   void QueueReply(std::string reply, uint64_t charged, bool handled)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -125,6 +142,9 @@ class Connection {
   void ReleaseLocked(uint64_t charged) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool CanAdmitLocked(uint64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Wake();
+  // The handshake's ExportGateFn (see handshake.h).
+  absl::StatusOr<UpstreamInfo> Gate(const ShimExport& e, bool enter)
+      ABSL_LOCKS_EXCLUDED(entry_mu_);
 
   // Constant after construction.
   const int fd_;
@@ -144,7 +164,7 @@ class Connection {
   std::unique_ptr<TlsStream> tls_;  // after STARTTLS; before stream_ dies
   ByteStream* io_ = &stream_;       // the transmission stream
 
-  sync::Mutex mu_;
+  mutable sync::Mutex mu_;
   absl::CondVar changed_;  // signalled when a handed-off request finished
   std::deque<Pending> out_ ABSL_GUARDED_BY(mu_);
   absl::Time front_since_ ABSL_GUARDED_BY(mu_);  // when out_.front() got there
@@ -154,7 +174,13 @@ class Connection {
   absl::Time last_activity_ ABSL_GUARDED_BY(mu_);
   bool broken_ ABSL_GUARDED_BY(mu_) = false;  // socket failed: drop replies
   bool loop_wants_wake_ ABSL_GUARDED_BY(mu_) = false;
+  // A request's bytes are being read (ReadRequest): not idle.
+  std::atomic<bool> receiving_{false};
 
+  // Entering an export and closing one are serialized by entry_mu_;
+  // entered_ is also read without it (entered()).
+  sync::Mutex entry_mu_;
+  std::vector<std::string> closed_exports_ ABSL_GUARDED_BY(entry_mu_);
   std::atomic<const ShimExport*> entered_{nullptr};
 };
 

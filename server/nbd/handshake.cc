@@ -16,21 +16,26 @@ namespace {
 bool IsPowerOfTwo(uint32_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 struct BlockSizes {
-  uint32_t min = 1, preferred = 4096, max = 32u << 20;
+  uint32_t min = 1, preferred = 4096, max = kDefaultMaxPayloadBytes;
 };
 
 // Block size constraints advertised in NBD_INFO_BLOCK_SIZE. The minimum
 // and preferred sizes are the upstream's; the maximum is the configured
-// payload cap (NbdShimConfig.max_payload_bytes), not the upstream's
-// maximum: the Upstream splits data commands into pieces of the upstream's
-// own maximum, so a client may send larger requests than the upstream
-// takes (libnbd and qemu use up to 32 MiB, the NBD project's integrity
-// test 64 MiB).
+// payload cap (NbdShimConfig.max_payload_bytes, default 32 MiB) clamped to
+// the upstream's advertised maximum, when it advertises one: a client
+// then sees the limit it would see talking to the upstream (a request the
+// upstream refuses is refused here, never split into pieces it did not
+// agree to). Without an advertised maximum the cap may exceed 32 MiB (the
+// Upstream splits data commands; the NBD project's integrity test uses
+// 64 MiB).
 BlockSizes ComputeBlockSizes(const UpstreamInfo& info, uint32_t max_payload) {
   BlockSizes b;
   b.min = info.minimum_block_size;
   if (!IsPowerOfTwo(b.min) || b.min > 65536) b.min = 1;
   uint32_t max = std::max<uint32_t>(max_payload, 512);
+  if (info.maximum_block_size_advertised && info.maximum_block_size > 0) {
+    max = std::min(max, info.maximum_block_size);
+  }
   max -= max % b.min;
   if (max < b.min) max = b.min;
   b.max = max;
@@ -45,14 +50,20 @@ BlockSizes ComputeBlockSizes(const UpstreamInfo& info, uint32_t max_payload) {
 class Handshaker {
  public:
   Handshaker(ByteStream& s, const std::vector<ShimExport>& exports,
-             const HandshakeOptions& o, const StartTlsFn& start_tls)
-      : stream_(&s), exports_(exports), options_(o), start_tls_(start_tls) {}
+             const HandshakeOptions& o, const StartTlsFn& start_tls,
+             const ExportGateFn& gate)
+      : stream_(&s),
+        exports_(exports),
+        options_(o),
+        start_tls_(start_tls),
+        gate_(gate) {}
 
   absl::StatusOr<Negotiated> Run();
 
  private:
   absl::Status Reply(uint32_t opt, uint32_t type, std::string_view data = {});
   const ShimExport* Find(std::string_view name) const;
+  absl::StatusOr<UpstreamInfo> InfoOf(const ShimExport& e, bool enter) const;
   // Each handler returns OK to continue haggling; sets entered_ on GO.
   absl::Status InfoOrGo(uint32_t opt, const std::string& data);
   absl::Status MetaContext(uint32_t opt, const std::string& data);
@@ -66,6 +77,7 @@ class Handshaker {
   const std::vector<ShimExport>& exports_;
   const HandshakeOptions& options_;
   const StartTlsFn& start_tls_;
+  const ExportGateFn& gate_;
   bool tls_ = false;
 
   bool structured_ = false;
@@ -97,6 +109,12 @@ const ShimExport* Handshaker::Find(std::string_view name) const {
       [](const ShimExport& e, std::string_view n) { return e.name < n; });
   if (it != exports_.end() && it->name == name) return &*it;
   return nullptr;
+}
+
+absl::StatusOr<UpstreamInfo> Handshaker::InfoOf(const ShimExport& e,
+                                                bool enter) const {
+  if (gate_) return gate_(e, enter);
+  return e.upstream->Info();
 }
 
 absl::Status Handshaker::Enter(const ShimExport* e, const UpstreamInfo& info) {
@@ -146,7 +164,8 @@ absl::Status Handshaker::InfoOrGo(uint32_t opt, const std::string& data) {
   }
   const ShimExport* e = Find(name);
   if (e == nullptr) return Reply(opt, kRepErrUnknown, "unknown export");
-  absl::StatusOr<UpstreamInfo> info = e->upstream->Info();
+  // GO: recorded as entered before any reply (see ExportGateFn).
+  absl::StatusOr<UpstreamInfo> info = InfoOf(*e, opt == kOptGo);
   if (!info.ok()) {
     return Reply(opt, kRepErrUnknown, "export is not available right now");
   }
@@ -226,7 +245,7 @@ absl::Status Handshaker::MetaContext(uint32_t opt, const std::string& data) {
   }
   const ShimExport* e = Find(name);
   if (e == nullptr) return Reply(opt, kRepErrUnknown, "unknown export");
-  absl::StatusOr<UpstreamInfo> info = e->upstream->Info();
+  absl::StatusOr<UpstreamInfo> info = InfoOf(*e, /*enter=*/false);
   if (!info.ok()) {
     return Reply(opt, kRepErrUnknown, "export is not available right now");
   }
@@ -282,7 +301,7 @@ absl::Status Handshaker::ExportName(const std::string& data) {
   }
   const ShimExport* e = Find(data);
   if (e == nullptr) return absl::NotFoundError("unknown export");
-  absl::StatusOr<UpstreamInfo> info = e->upstream->Info();
+  absl::StatusOr<UpstreamInfo> info = InfoOf(*e, /*enter=*/true);
   if (!info.ok()) return absl::UnavailableError("export is not available");
   if (absl::Status s = Enter(e, *info); !s.ok()) return s;
   std::string r;
@@ -433,8 +452,9 @@ uint16_t TransmissionFlags(const UpstreamInfo& info, bool config_read_only,
 absl::StatusOr<Negotiated> RunHandshake(ByteStream& stream,
                                         const std::vector<ShimExport>& exports,
                                         const HandshakeOptions& options,
-                                        const StartTlsFn& start_tls) {
-  return Handshaker(stream, exports, options, start_tls).Run();
+                                        const StartTlsFn& start_tls,
+                                        const ExportGateFn& gate) {
+  return Handshaker(stream, exports, options, start_tls, gate).Run();
 }
 
 }  // namespace nbd

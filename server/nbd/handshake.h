@@ -24,7 +24,10 @@
 // * Export names and context names above 4096 bytes are refused
 //   (CVE-2022-26495).
 // * No upstream I/O happens here: exports are described from
-//   Upstream::Info(), a cached value (CVE-2019-14850).
+//   Upstream::Info(), a cached value (CVE-2019-14850), read only through
+//   the ExportGateFn.
+// * The entered export is recorded (ExportGateFn with enter) before the
+//   final reply of GO / EXPORT_NAME is sent.
 // * SET_META_CONTEXT before STRUCTURED_REPLY gets NBD_REP_ERR_INVALID;
 //   every SET replaces the previous selection, even when it fails.
 //
@@ -47,6 +50,15 @@
 namespace blockmeta {
 namespace nbd {
 
+// Default NBD_INFO_BLOCK_SIZE maximum (nbd.max_payload_bytes): what
+// libnbd and qemu send at most.
+inline constexpr uint32_t kDefaultMaxPayloadBytes = 32u << 20;
+
+// Default of ShimExport::invalidate_granularity (and of
+// nbd.invalidate_granularity_bytes): filesystem blocks, qcow2 clusters up
+// to 2 MiB, dirty bitmaps of the default 64 KiB granularity.
+inline constexpr uint64_t kDefaultInvalidateGranularity = 2u << 20;
+
 // One export as the shim serves it. Constant after the server starts.
 struct ShimExport {
   std::string name;
@@ -56,9 +68,10 @@ struct ShimExport {
   absl::Duration upstream_timeout = absl::Seconds(30);
   // A write, trim or zero forgets cached knowledge rounded out to this
   // (a power of two): the upstream reports allocation per filesystem block
-  // or qcow2 cluster (up to 2 MiB) and dirty bitmaps per granularity
-  // (64 KiB by default), so the bytes around a sub-block write change too.
-  uint64_t invalidate_granularity = 2u << 20;
+  // or qcow2 cluster and dirty bitmaps per granularity, so the bytes
+  // around a sub-block write change too. NbdServer sets it per export
+  // (ExportInvalidateGranularity).
+  uint64_t invalidate_granularity = kDefaultInvalidateGranularity;
 };
 
 enum class TlsMode { kOff, kAllow, kRequire };
@@ -67,12 +80,22 @@ enum class TlsMode { kOff, kAllow, kRequire };
 // stream that carries the rest of the session, or an error (hang up).
 using StartTlsFn = std::function<absl::StatusOr<ByteStream*>()>;
 
+// The handshake's only way to an export's upstream: returns its
+// UpstreamInfo (for INFO, GO, EXPORT_NAME and the meta-context options).
+// With `enter` (GO, EXPORT_NAME) an OK answer also records that the client
+// enters `e`, before any reply to that option is sent; so whoever removes
+// an export never misses a session that is about to enter it. An error
+// refuses the export (NBD_REP_ERR_UNKNOWN, or a hang-up for EXPORT_NAME).
+// Null: e.upstream->Info(), nothing recorded.
+using ExportGateFn = std::function<absl::StatusOr<UpstreamInfo>(
+    const ShimExport& e, bool enter)>;
+
 struct HandshakeOptions {
   TlsMode tls = TlsMode::kOff;
   // Largest option payload read (bigger ones: ERR_TOO_BIG + disconnect).
   uint32_t max_option_length = 64 * 1024;
   // Largest READ/WRITE payload (NBD_INFO_BLOCK_SIZE maximum).
-  uint32_t max_payload_bytes = 32u << 20;
+  uint32_t max_payload_bytes = kDefaultMaxPayloadBytes;
 };
 
 struct MetaContext {
@@ -91,7 +114,7 @@ struct Negotiated {
   // the client entered (else empty: BLOCK_STATUS then gets EINVAL).
   std::vector<MetaContext> contexts;
   uint32_t min_block_size = 1;
-  uint32_t max_payload = 32u << 20;
+  uint32_t max_payload = kDefaultMaxPayloadBytes;
   bool tls = false;  // the session runs over TLS
 };
 
@@ -112,7 +135,8 @@ uint16_t TransmissionFlags(const UpstreamInfo& info, bool config_read_only,
 absl::StatusOr<Negotiated> RunHandshake(ByteStream& stream,
                                         const std::vector<ShimExport>& exports,
                                         const HandshakeOptions& options,
-                                        const StartTlsFn& start_tls = nullptr);
+                                        const StartTlsFn& start_tls = nullptr,
+                                        const ExportGateFn& gate = nullptr);
 
 }  // namespace nbd
 }  // namespace blockmeta

@@ -91,10 +91,12 @@ TEST_F(HandshakeTest, GoWithInfos) {
   EXPECT_EQ(stream_->remaining(), 0u);
 }
 
-// The payload cap is the configured one, above the upstream's own maximum
-// (the Upstream splits data commands), and a multiple of the minimum.
+// The payload cap is the configured one, above 32 MiB when the upstream
+// advertises no maximum (the Upstream splits data commands), and a
+// multiple of the minimum.
 TEST_F(HandshakeTest, BlockSizeMaximumIsTheConfiguredPayloadCap) {
   options_.max_payload_bytes = 64u << 20;
+  a_.mutable_info().maximum_block_size_advertised = false;
   auto n = Run(ClientFlags() + Option(kOptGo, GoData("a", {kInfoBlockSize})));
   ASSERT_TRUE(n.ok()) << n.status();
   EXPECT_EQ(n->max_payload, 64u << 20);
@@ -103,6 +105,32 @@ TEST_F(HandshakeTest, BlockSizeMaximumIsTheConfiguredPayloadCap) {
   const auto* p = reinterpret_cast<const uint8_t*>(r[1].data.data());
   ASSERT_EQ(GetBe16(p), kInfoBlockSize);
   EXPECT_EQ(GetBe32(p + 10), 64u << 20);
+}
+
+// An advertised upstream maximum clamps the cap (never raises it).
+TEST_F(HandshakeTest, BlockSizeMaximumIsClampedToTheUpstreams) {
+  options_.max_payload_bytes = 64u << 20;
+  a_.mutable_info().maximum_block_size_advertised = true;
+  a_.mutable_info().maximum_block_size = 1u << 20;
+  auto n = Run(ClientFlags() + Option(kOptGo, GoData("a", {kInfoBlockSize})));
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->max_payload, 1u << 20);
+  auto r = Replies();
+  ASSERT_EQ(r.size(), 3u);
+  const auto* p = reinterpret_cast<const uint8_t*>(r[1].data.data());
+  EXPECT_EQ(GetBe32(p + 10), 1u << 20);
+  // Above the cap the upstream's larger maximum changes nothing.
+  options_.max_payload_bytes = 8u << 20;
+  a_.mutable_info().maximum_block_size = 0xffffffffu;  // nbdkit blocksize
+  n = Run(ClientFlags() + Option(kOptGo, GoData("a", {kInfoBlockSize})));
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->max_payload, 8u << 20);
+  // A maximum that is no multiple of the minimum is rounded down to one.
+  a_.mutable_info().minimum_block_size = 4096;
+  a_.mutable_info().maximum_block_size = (1u << 20) + 100;
+  n = Run(ClientFlags() + Option(kOptGo, GoData("a", {kInfoBlockSize})));
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(n->max_payload, 1u << 20);
 }
 
 TEST_F(HandshakeTest, TransmissionFlags) {

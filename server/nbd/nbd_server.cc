@@ -22,17 +22,20 @@
 #include "absl/time/clock.h"
 #include "server/common/log.h"
 #include "server/upstream/export_registry.h"
+#include "server/upstream/nbd_upstream.h"
 
 namespace blockmeta {
 namespace {
 
 nbd::ConnectionOptions OptionsFromConfig(
     const blockmeta::v1::NbdShimConfig& c) {
-  nbd::ConnectionOptions o;
-  o.handshake_timeout = absl::Milliseconds(
-      c.handshake_timeout_ms() == 0 ? 10000 : c.handshake_timeout_ms());
-  o.handshake.max_payload_bytes =
-      c.max_payload_bytes() == 0 ? (32u << 20) : c.max_payload_bytes();
+  nbd::ConnectionOptions o;  // the defaults' home (connection.h)
+  if (c.handshake_timeout_ms() != 0) {
+    o.handshake_timeout = absl::Milliseconds(c.handshake_timeout_ms());
+  }
+  if (c.max_payload_bytes() != 0) {
+    o.handshake.max_payload_bytes = c.max_payload_bytes();
+  }
   if (c.max_inflight_bytes_per_connection() != 0) {
     o.max_inflight_bytes = c.max_inflight_bytes_per_connection();
   }
@@ -41,22 +44,49 @@ nbd::ConnectionOptions OptionsFromConfig(
   if (c.idle_timeout_ms() != 0) {
     o.idle_timeout = absl::Milliseconds(c.idle_timeout_ms());
   }
-  o.write_timeout = absl::Milliseconds(
-      c.write_timeout_ms() == 0 ? 30000 : c.write_timeout_ms());
+  if (c.write_timeout_ms() != 0) {
+    o.write_timeout = absl::Milliseconds(c.write_timeout_ms());
+  }
   o.tls_verify_client = !c.tls().client_ca_file().empty();
   o.tls_require_client_cert = !c.tls().client_cert_optional();
   return o;
 }
 
-// The configured invalidation granularity: 2 MiB by default, at least 512,
-// rounded up to a power of two (coarser is always safe).
-uint64_t InvalidateGranularity(const blockmeta::v1::NbdShimConfig& c) {
-  uint64_t g = c.invalidate_granularity_bytes();
-  if (g == 0) return 2u << 20;
+// `g` rounded up to a power of two, at least 512 (coarser is always safe).
+uint64_t PowerOfTwoAtLeast(uint64_t g) {
   uint64_t p = 512;
   while (p < g && p < (1ull << 62)) p <<= 1;
   return p;
 }
+
+// Learned granularities are never finer than this: the host filesystem's
+// blocks under an image change too (64 KiB covers common filesystems; it is
+// also qemu's default qcow2 cluster size).
+constexpr uint64_t kMinLearnedGranularity = 64u << 10;
+
+}  // namespace
+
+uint64_t ExportInvalidateGranularity(const blockmeta::v1::NbdShimConfig& c,
+                                     const nbd::ShimExport& e) {
+  const uint64_t configured = c.invalidate_granularity_bytes();
+  uint64_t g =
+      configured != 0 ? configured : nbd::kDefaultInvalidateGranularity;
+  const uint64_t learned =
+      e.upstream != nullptr ? e.upstream->ChangeGranularity() : 0;
+  if (learned != 0) {
+    // Learned from the image: exact. A configured value stays a floor.
+    g = std::max(std::max(learned, kMinLearnedGranularity), configured);
+  }
+  if (e.upstream != nullptr) {
+    if (absl::StatusOr<UpstreamInfo> info = e.upstream->Info(); info.ok()) {
+      g = std::max<uint64_t>(g, info->minimum_block_size);
+      g = std::max<uint64_t>(g, info->preferred_block_size);
+    }
+  }
+  return PowerOfTwoAtLeast(g);
+}
+
+namespace {
 
 absl::StatusOr<nbd::TlsMode> ParseTlsMode(const std::string& mode) {
   if (mode.empty() || mode == "off") return nbd::TlsMode::kOff;
@@ -95,8 +125,8 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     x.upstream = e->upstream.get();
     x.read_only = e->config.read_only();
     x.upstream_timeout = absl::Milliseconds(
-        e->config.upstream_timeout_ms() == 0 ? 30000
-                                             : e->config.upstream_timeout_ms());
+        e->config.upstream_timeout_ms() != 0 ? e->config.upstream_timeout_ms()
+                                             : kDefaultUpstreamTimeoutMs);
     out.push_back(std::move(x));
   }
   return out;
@@ -109,20 +139,30 @@ NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
 NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
                      blockmeta::v1::NbdShimConfig config)
     : cache_(cache),
+      config_(config),
       options_(OptionsFromConfig(config)),
       tls_config_(config.tls()),
-      max_connections_(
-          config.max_connections() == 0 ? 100 : config.max_connections()),
-      pool_(config.worker_threads() == 0 ? 16 : config.worker_threads()),
-      budget_(config.max_inflight_bytes() == 0 ? (1ull << 30)
-                                               : config.max_inflight_bytes()) {
-  invalidate_granularity_ = InvalidateGranularity(config);
+      max_connections_(config.max_connections() != 0
+                           ? config.max_connections()
+                           : NbdServerDefaults::kMaxConnections),
+      idle_eviction_grace_(
+          config.no_idle_eviction()
+              ? absl::InfiniteDuration()
+              : absl::Milliseconds(
+                    config.idle_eviction_grace_ms() != 0
+                        ? config.idle_eviction_grace_ms()
+                        : NbdServerDefaults::kIdleEvictionGraceMs)),
+      pool_(config.worker_threads() != 0 ? config.worker_threads()
+                                         : NbdServerDefaults::kWorkerThreads),
+      budget_(config.max_inflight_bytes() != 0
+                  ? config.max_inflight_bytes()
+                  : NbdServerDefaults::kMaxInflightBytes) {
   SetExports(std::move(exports));
 }
 
 void NbdServer::SetExports(std::vector<nbd::ShimExport> exports) {
   for (nbd::ShimExport& e : exports) {
-    e.invalidate_granularity = invalidate_granularity_;
+    e.invalidate_granularity = ExportInvalidateGranularity(config_, e);
   }
   std::sort(exports.begin(), exports.end(),
             [](const nbd::ShimExport& a, const nbd::ShimExport& b) {
@@ -139,19 +179,10 @@ size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
     sync::MutexLock lock(&mu_);
     for (auto& slot : slots_) {
       if (slot->done.load()) continue;
-      const nbd::ShimExport* in = slot->connection->entered();
-      bool hit = false;
-      if (in != nullptr) {
-        hit = in->name == name;
-      } else {
-        for (const nbd::ShimExport& e : *slot->exports) {
-          if (e.name == name) hit = true;
-        }
-      }
-      if (hit) {
-        slot->connection->Stop();
-        closing.push_back(slot.get());
-      }
+      // Sessions in `name` stop; connections still negotiating refuse it
+      // from now on (atomically with entering, see Connection::Gate), so
+      // sessions in other exports are never closed.
+      if (slot->connection->CloseExport(name)) closing.push_back(slot.get());
     }
   }
   // The acceptor may reap (free) a slot once it is done: look slots up
@@ -310,9 +341,12 @@ void NbdServer::OnAccept(int fd) {
     // Full. A client still in its handshake makes room: the oldest one is
     // stopped (a real client finishes in milliseconds; the stuck ones are
     // idle, flooding or half-open), so hostile clients cannot keep good
-    // ones out. Sessions that finished the handshake are never evicted
-    // (idle_timeout_ms ends idle ones). Evicted slots still count until
-    // their thread ends, bounded at twice the cap.
+    // ones out. Failing that, the established session idle the longest
+    // (nothing being received, handled or answered) goes, if it has been
+    // idle for at least the grace (nbd.idle_eviction_grace_ms): clients
+    // that finish the handshake and then sit idle cannot lock good ones
+    // out either. Busy sessions are never evicted. Evicted slots still
+    // count until their thread ends, bounded at twice the cap.
     Slot* victim = nullptr;
     for (auto& s : slots_) {
       if (s->evicted ||
@@ -322,6 +356,18 @@ void NbdServer::OnAccept(int fd) {
       if (victim == nullptr ||
           s->connection->started() < victim->connection->started()) {
         victim = s.get();
+      }
+    }
+    absl::Time idle_since = absl::InfiniteFuture();
+    if (victim == nullptr && idle_eviction_grace_ != absl::InfiniteDuration()) {
+      const absl::Time idle_before = absl::Now() - idle_eviction_grace_;
+      for (auto& s : slots_) {
+        if (s->evicted) continue;
+        const absl::Time t = s->connection->IdleSince();
+        if (t <= idle_before && t < idle_since) {
+          idle_since = t;
+          victim = s.get();
+        }
       }
     }
     if (victim == nullptr || active_.load() >= 2 * max_connections_) {
@@ -335,7 +381,17 @@ void NbdServer::OnAccept(int fd) {
     }
     victim->evicted = true;
     victim->connection->Stop();
-    evicted_.fetch_add(1);
+    if (idle_since != absl::InfiniteFuture()) {
+      evicted_idle_.fetch_add(1);
+      const nbd::ShimExport* e = victim->connection->entered();
+      LogWarning("nbd_idle_session_evicted",
+                 {{"reason", "max_connections"},
+                  {"export", e != nullptr ? e->name : ""},
+                  {"idle_ms", static_cast<long>(absl::ToInt64Milliseconds(
+                                  absl::Now() - idle_since))}});
+    } else {
+      evicted_.fetch_add(1);
+    }
   }
   active_.fetch_add(1);
   auto slot = std::make_unique<Slot>();

@@ -7,9 +7,13 @@
 // connection. A client must finish its handshake within
 // handshake_timeout_ms (default 10 s), reads and writes alike. When
 // NbdShimConfig.max_connections (default 100) are open, a new client stops
-// the oldest connection still in its handshake, or is closed at once if
-// every connection finished it; so idle, flooding or half-open clients
-// cannot keep good clients out (qemu CVE-2024-7409). Reply bytes waiting
+// the oldest connection still in its handshake; failing that, the
+// established session idle the longest, if idle for at least
+// idle_eviction_grace_ms (default 5 s; sessions with requests in flight
+// are never evicted; no_idle_eviction turns it off); failing that, it is
+// closed at once. So idle, flooding or half-open clients cannot keep good
+// clients out (qemu CVE-2024-7409), not even after finishing the
+// handshake. Reply bytes waiting
 // on slow readers are bounded per connection and server-wide
 // (max_inflight_bytes). No upstream work is done for a client before it
 // has entered transmission.
@@ -56,6 +60,25 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
 blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
     blockmeta::v1::NbdShimConfig nbd, const blockmeta::v1::TlsConfig& tls);
 
+// Defaults of the NbdShimConfig fields the listener reads (0 = default).
+// The per-connection ones live in nbd::ConnectionOptions /
+// nbd::HandshakeOptions, the invalidation granularity in handshake.h.
+struct NbdServerDefaults {
+  static constexpr uint32_t kMaxConnections = 100;
+  static constexpr uint32_t kWorkerThreads = 16;
+  static constexpr uint64_t kMaxInflightBytes = 1ull << 30;
+  static constexpr uint32_t kIdleEvictionGraceMs = 5000;
+};
+
+// The granularity writes through the shim forget cached extents at, for
+// one export (a power of two): the upstream's learned
+// Upstream::ChangeGranularity() (at least 64 KiB, and at least
+// nbd.invalidate_granularity_bytes when that is set), else the configured
+// value (default 2 MiB); never below the upstream's advertised minimum or
+// preferred block size.
+uint64_t ExportInvalidateGranularity(const blockmeta::v1::NbdShimConfig& c,
+                                     const nbd::ShimExport& e);
+
 class NbdServer {
  public:
   // Serves every export of `registry` (see ShimExportsFromRegistry); the
@@ -80,9 +103,13 @@ class NbdServer {
   // connection keeps the list it was accepted with; sorted here).
   void SetExports(std::vector<nbd::ShimExport> exports)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // Ends every session that entered `name`, and every connection still
-  // negotiating with a list that offers it, then waits (up to `wait`) for
-  // them to finish, so the export's upstream may go. Returns how many.
+  // Ends every session that entered `name` and waits (up to `wait`) for
+  // them to finish; connections still negotiating refuse `name` from now
+  // on (NBD_REP_ERR_UNKNOWN) and never read its upstream again; sessions
+  // in other exports are untouched. Entering is recorded before the final
+  // handshake reply, atomically with this, so a session about to enter
+  // `name` is either refused or closed, never missed. Afterwards the
+  // export's upstream may go. Returns how many sessions were closed.
   size_t CloseExport(const std::string& name, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -93,6 +120,8 @@ class NbdServer {
   uint64_t BufferedBytes() const { return budget_.used.load(); }
   // Clients stopped in their handshake to make room for a new one.
   uint64_t EvictedConnections() const { return evicted_.load(); }
+  // Established sessions stopped, idle, to make room for a new client.
+  uint64_t EvictedIdleSessions() const { return evicted_idle_.load(); }
 
  private:
   using ExportList = std::vector<nbd::ShimExport>;
@@ -109,11 +138,14 @@ class NbdServer {
 
   // Constant after construction (options_.tls: after Start()).
   ExtentCache* const cache_;
-  uint64_t invalidate_granularity_ = 0;
+  const blockmeta::v1::NbdShimConfig config_;
   nbd::ConnectionOptions options_;
   const blockmeta::v1::NbdTlsConfig tls_config_;
   std::unique_ptr<TlsCredentials> tls_;
   size_t max_connections_;
+  // Established sessions idle this long may be evicted at the cap
+  // (InfiniteDuration: never).
+  absl::Duration idle_eviction_grace_;
   WorkerPool pool_;  // handles every connection's requests
   nbd::ByteBudget budget_;
 
@@ -133,6 +165,7 @@ class NbdServer {
   std::atomic<size_t> active_{0};
   std::atomic<uint64_t> rejected_{0};
   std::atomic<uint64_t> evicted_{0};
+  std::atomic<uint64_t> evicted_idle_{0};
 };
 
 }  // namespace blockmeta

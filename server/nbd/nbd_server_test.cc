@@ -405,8 +405,8 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
         auto c = RawClient::ConnectUnix(sock_, absl::Milliseconds(200));
         if (!c.ok()) continue;
         hostile_connects.fetch_add(1);
-        // A fifth of the established-idle kind at most: sessions that
-        // finished the handshake keep their slot until idle_timeout_ms.
+        // A fifth of the established-idle kind at most (those are evicted
+        // only after idle_eviction_grace_ms; see the test below).
         const int kind = (i % 4 == 3 && i >= 80) ? 0 : i % 4;
         if (kind == 1) {  // flood LIST, never read
           std::string flood = nbd::testing::ClientFlags();
@@ -471,6 +471,261 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
   EXPECT_LT(took, absl::Seconds(60));
   EXPECT_GT(hostile_connects.load(), 200);  // they were dropped and retried
   EXPECT_GT(server_->EvictedConnections(), 0u);
+}
+
+class LearnedUpstream : public FakeUpstream {
+ public:
+  LearnedUpstream(uint64_t learned)
+      : FakeUpstream(kSize, kBlock, true), learned_(learned) {}
+  uint64_t ChangeGranularity() const override { return learned_; }
+
+ private:
+  const uint64_t learned_;
+};
+
+// Per-export granularity: learned values win over the default (either
+// way), a configured value is a floor, advertised block sizes too.
+TEST(ExportInvalidateGranularity, LearnedConfiguredAndAdvertised) {
+  blockmeta::v1::NbdShimConfig dflt, set;
+  set.set_invalidate_granularity_bytes(1 << 20);
+  auto g = [](const blockmeta::v1::NbdShimConfig& c, Upstream* u) {
+    nbd::ShimExport e;
+    e.upstream = u;
+    return ExportInvalidateGranularity(c, e);
+  };
+  LearnedUpstream unknown(0), coarse(4u << 20), fine(64u << 10), tiny(512);
+  unknown.mutable_info().preferred_block_size = 4096;
+  EXPECT_EQ(g(dflt, &unknown), 2u << 20);  // nothing learned: the default
+  EXPECT_EQ(g(set, &unknown), 1u << 20);
+  EXPECT_EQ(g(dflt, &coarse), 4u << 20);  // a 4 MiB bitmap beats 2 MiB
+  EXPECT_EQ(g(set, &coarse), 4u << 20);
+  EXPECT_EQ(g(dflt, &fine), 64u << 10);  // exact: 64 KiB clusters
+  EXPECT_EQ(g(set, &fine), 1u << 20);    // the configured floor
+  EXPECT_EQ(g(dflt, &tiny), 64u << 10);  // never below 64 KiB when learned
+  tiny.mutable_info().preferred_block_size = 128u << 10;
+  EXPECT_EQ(g(dflt, &tiny), 128u << 10);  // nor below the preferred size
+  set.set_invalidate_granularity_bytes(3000000);
+  EXPECT_EQ(g(set, &unknown), 4u << 20);  // rounded up to a power of two
+  EXPECT_EQ(g(dflt, nullptr), 2u << 20);
+}
+
+// Reads option replies until the final one of `opt`; returns its type.
+absl::StatusOr<uint32_t> FinalReplyType(RawClient* c, uint32_t opt) {
+  for (;;) {
+    absl::StatusOr<std::string> hdr = c->Read(20);
+    if (!hdr.ok()) return hdr.status();
+    const auto* p = reinterpret_cast<const uint8_t*>(hdr->data());
+    absl::StatusOr<std::string> data = c->Read(nbd::GetBe32(p + 16));
+    if (!data.ok()) return data.status();
+    const uint32_t type = nbd::GetBe32(p + 12);
+    if (nbd::GetBe32(p + 8) == opt &&
+        (type == nbd::kRepAck || (type & nbd::kRepErrBit))) {
+      return type;
+    }
+  }
+}
+
+// Removing export "a": its sessions are closed; a connection still
+// negotiating is refused "a" (politely, ERR_UNKNOWN) but may still enter
+// "b"; sessions in "b", entered or about to enter, are untouched.
+TEST_F(NbdServerTest, CloseExportClosesItsSessionsOnly) {
+  StartServer();
+  auto in_a = Session("a");
+  auto in_b = Session("b");
+  auto negotiating = Connect();
+  ASSERT_TRUE(negotiating->Read(18).ok());
+  ASSERT_TRUE(negotiating->Send(nbd::testing::ClientFlags()).ok());
+  auto about_to_enter_b = Connect();
+  ASSERT_TRUE(about_to_enter_b->Read(18).ok());
+
+  EXPECT_EQ(server_->CloseExport("a", absl::Seconds(5)), 1u);
+  EXPECT_TRUE(in_a->WaitForClose());
+  auto r = in_b->Call(Req(nbd::kCmdRead, kSize - 1, 1));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->error, 0u);
+
+  // GO "a" is refused, the connection stays usable, GO "b" enters.
+  ASSERT_TRUE(
+      negotiating
+          ->Send(nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("a")))
+          .ok());
+  absl::StatusOr<uint32_t> t = FinalReplyType(negotiating.get(), nbd::kOptGo);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t, nbd::kRepErrUnknown);
+  ASSERT_TRUE(
+      negotiating
+          ->Send(nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("b")))
+          .ok());
+  t = FinalReplyType(negotiating.get(), nbd::kOptGo);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t, nbd::kRepAck);
+  r = negotiating->Call(Req(nbd::kCmdRead, kSize - 1, 1), "", 1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->error, 0u);
+  EXPECT_EQ(r->data, "b");
+
+  // A client that was negotiating when "a" went still enters "b".
+  std::string go = nbd::testing::ClientFlags() +
+                   nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("b"));
+  ASSERT_TRUE(about_to_enter_b->Send(go).ok());
+  t = FinalReplyType(about_to_enter_b.get(), nbd::kOptGo);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t, nbd::kRepAck);
+}
+
+// Many clients enter "b" while "a" is removed over and over: none of them
+// is ever closed, however its handshake interleaves with the removals.
+TEST_F(NbdServerTest, CloseExportRacingHandshakes) {
+  StartServer();
+  std::atomic<bool> stop{false};
+  std::atomic<int> b_sessions{0}, b_failures{0};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 8; ++i) {
+    clients.emplace_back([&, i] {
+      while (!stop.load()) {
+        auto c = RawClient::ConnectUnix(sock_, absl::Seconds(5));
+        if (!c.ok()) continue;
+        const bool to_a = i % 2 == 1;
+        absl::StatusOr<RawClient::Result> h =
+            (*c)->Handshake(to_a ? "a" : "b", false, {});
+        if (!h.ok()) {
+          if (!to_a) {
+            b_failures.fetch_add(1);
+            ADD_FAILURE() << "GO b: " << h.status();
+          }
+          continue;
+        }
+        auto r = (*c)->Call(Req(nbd::kCmdRead, 0, 1), "", 1);
+        if (!to_a) {
+          if (!r.ok() || r->error != 0) {
+            b_failures.fetch_add(1);
+            ADD_FAILURE() << "READ b: "
+                          << (r.ok() ? absl::OkStatus() : r.status());
+          }
+          b_sessions.fetch_add(1);
+        }
+      }
+    });
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (b_sessions.load() < 300 && absl::Now() < deadline) {
+    server_->CloseExport("a", absl::Seconds(5));
+  }
+  stop.store(true);
+  for (auto& t : clients) t.join();
+  EXPECT_GE(b_sessions.load(), 300);
+  EXPECT_EQ(b_failures.load(), 0);
+}
+
+// N hostile clients finish the handshake and sit idle, reconnecting as
+// soon as they are dropped. With idle eviction (the default) a good client
+// still gets in and maps within a bound; with no_idle_eviction it is
+// refused (so this test can fail).
+void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
+                             bool expect_good) {
+  constexpr int kCap = 20;
+  std::atomic<bool> stop{false};
+  std::atomic<int> established{0};
+  std::vector<std::thread> hostile;
+  for (int i = 0; i < kCap; ++i) {
+    hostile.emplace_back([&] {
+      while (!stop.load()) {
+        auto c = RawClient::ConnectUnix(sock, absl::Milliseconds(500));
+        if (!c.ok()) continue;
+        if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
+          absl::SleepFor(absl::Milliseconds(10));
+          continue;
+        }
+        established.fetch_add(1);
+        while (!stop.load()) {  // idle until dropped
+          struct pollfd p = {(*c)->fd(), POLLIN, 0};
+          if (poll(&p, 1, 20) > 0) break;
+        }
+        established.fetch_sub(1);
+      }
+    });
+  }
+  // Every slot holds an established session: no handshake to evict.
+  const absl::Time full_by = absl::Now() + absl::Seconds(20);
+  while (established.load() < kCap && absl::Now() < full_by) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(established.load(), kCap);
+  EXPECT_EQ(server->ActiveConnections(), static_cast<size_t>(kCap));
+  bool good = false;
+  const absl::Time start = absl::Now();
+  const absl::Time give_up = start + absl::Seconds(expect_good ? 10 : 2);
+  while (!good && absl::Now() < give_up) {
+    auto c = RawClient::ConnectUnix(sock, absl::Seconds(2));
+    if (!c.ok()) continue;
+    if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
+      absl::SleepFor(absl::Milliseconds(20));
+      continue;
+    }
+    good = true;
+    for (int k = 0; k < 20 && good; ++k) {  // a map: 20 block-status calls
+      auto r = (*c)->Call(Req(nbd::kCmdBlockStatus, k * kBlock, kBlock,
+                              nbd::kCmdFlagReqOne, k));
+      good = r.ok() && r->error == 0;
+    }
+  }
+  const absl::Duration took = absl::Now() - start;
+  stop.store(true);
+  server->Shutdown();
+  for (auto& th : hostile) th.join();
+  EXPECT_EQ(good, expect_good);
+  if (expect_good) {
+    EXPECT_LT(took, absl::Seconds(5));
+    EXPECT_GT(server->EvictedIdleSessions(), 0u);
+  } else {
+    EXPECT_EQ(server->EvictedIdleSessions(), 0u);
+    EXPECT_GT(server->RejectedConnections(), 0u);
+  }
+}
+
+TEST_F(NbdServerTest, IdleEstablishedFloodDoesNotLockOutAGoodClient) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(20);
+  config.set_idle_eviction_grace_ms(300);
+  StartServer(config);
+  RunIdleEstablishedFlood(sock_, server_.get(), /*expect_good=*/true);
+}
+
+TEST_F(NbdServerTest, IdleEstablishedFloodLocksOutWithoutIdleEviction) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(20);
+  config.set_idle_eviction_grace_ms(300);
+  config.set_no_idle_eviction(true);
+  StartServer(config);
+  RunIdleEstablishedFlood(sock_, server_.get(), /*expect_good=*/false);
+}
+
+// A session that is not idle (a request being received) is never evicted,
+// however long ago it last finished one; a freshly idle one (< grace)
+// neither.
+TEST_F(NbdServerTest, BusyAndRecentSessionsAreNotEvicted) {
+  blockmeta::v1::NbdShimConfig config;
+  config.set_max_connections(2);
+  config.set_idle_eviction_grace_ms(300);
+  StartServer(config);
+  auto busy = Session("a");
+  auto recent = Session("b");
+  // `busy` starts a request and stalls in the middle of its header.
+  std::string req = nbd::EncodeRequest(Req(nbd::kCmdRead, 0, 1));
+  ASSERT_TRUE(busy->Send(req.substr(0, 10)).ok());
+  absl::SleepFor(absl::Milliseconds(400));  // both past the grace, once
+  auto r = recent->Call(Req(nbd::kCmdRead, kSize - 1, 1), "", 1);
+  ASSERT_TRUE(r.ok()) << r.status();  // `recent` is active again
+  auto c = Connect();
+  EXPECT_TRUE(c->WaitForClose());  // refused: no victim
+  EXPECT_EQ(server_->EvictedIdleSessions(), 0u);
+  // The stalled request completes; both sessions still work.
+  ASSERT_TRUE(busy->Send(req.substr(10)).ok());
+  r = busy->ReadReply(1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->error, 0u);
+  r = recent->Call(Req(nbd::kCmdRead, 0, 1), "", 1);
+  ASSERT_TRUE(r.ok()) << r.status();
 }
 
 TEST_F(NbdServerTest, HandshakeTimeoutDropsIdleClients) {

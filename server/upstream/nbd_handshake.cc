@@ -144,7 +144,10 @@ absl::Status Handshake::Fill() {
   const int64_t bmax = nbd_get_block_size(h_, LIBNBD_SIZE_MAXIMUM);
   if (bmin > 0) info_.minimum_block_size = static_cast<uint32_t>(bmin);
   if (bpref > 0) info_.preferred_block_size = static_cast<uint32_t>(bpref);
-  if (bmax > 0) info_.maximum_block_size = static_cast<uint32_t>(bmax);
+  if (bmax > 0) {
+    info_.maximum_block_size = static_cast<uint32_t>(bmax);
+    info_.maximum_block_size_advertised = true;
+  }
   info_.read_only = nbd_is_read_only(h_) == 1;
   info_.can_trim = nbd_can_trim(h_) == 1;
   info_.can_zero = nbd_can_zero(h_) == 1;

@@ -30,8 +30,10 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "server/common/log.h"
 #include "server/common/mutex.h"
 #include "server/upstream/chunked.h"
+#include "server/upstream/image_probe.h"
 #include "server/upstream/nbd_engine.h"
 #include "server/upstream/nbd_errors.h"
 #include "server/upstream/nbd_handshake.h"
@@ -300,6 +302,9 @@ class Core : public std::enable_shared_from_this<Core> {
   }
   UpstreamStats Stats() const;
   pid_t ServerPid() const { return server_ != nullptr ? server_->pid() : -1; }
+  std::string ServerSocket() const {
+    return server_ != nullptr ? server_->socket_path() : "";
+  }
 
   // The least busy live connection; null when none is up.
   std::shared_ptr<Conn> Pick();
@@ -975,7 +980,8 @@ class Pending {
 
 class NbdUpstream : public Upstream {
  public:
-  explicit NbdUpstream(std::shared_ptr<Core> core) : core_(std::move(core)) {
+  NbdUpstream(std::shared_ptr<Core> core, uint64_t change_granularity)
+      : core_(std::move(core)), change_granularity_(change_granularity) {
     core_->Start();
   }
   ~NbdUpstream() override { core_->Shutdown(); }
@@ -985,6 +991,7 @@ class NbdUpstream : public Upstream {
     return core_->WaitReady(deadline);
   }
   absl::StatusOr<UpstreamInfo> Info() const override { return core_->Info(); }
+  uint64_t ChangeGranularity() const override { return change_granularity_; }
   std::string LastError() const override { return core_->LastError(); }
   uint64_t Generation() const override { return core_->Generation(); }
   void SetOnGenerationChange(std::function<void()> fn) override {
@@ -1022,6 +1029,7 @@ class NbdUpstream : public Upstream {
                   StatusCallback done) override;
 
   pid_t ServerPid() const { return core_->ServerPid(); }
+  std::string ServerSocket() const { return core_->ServerSocket(); }
   int LiveConnections() const { return core_->LiveConnections(); }
 
  private:
@@ -1050,6 +1058,7 @@ class NbdUpstream : public Upstream {
   }
 
   const std::shared_ptr<Core> core_;
+  const uint64_t change_granularity_;  // see Upstream::ChangeGranularity
 };
 
 void NbdUpstream::Submit(std::unique_ptr<Op> op, Call call) {
@@ -1374,13 +1383,36 @@ std::vector<std::string> QemuNbdArgv(const blockmeta::v1::ImageUpstream& image,
   return argv;
 }
 
+// The unit a write may change in a qcow2 image: the largest of its cluster
+// size and its bitmaps' granularities (qemu-img info); 0 for raw images or
+// when the probe fails (the shim then keeps its configured granularity).
+uint64_t LearnChangeGranularity(const blockmeta::v1::ExportConfig& config) {
+  if (ImageFormat(config.image()) != "qcow2") return 0;
+  absl::StatusOr<ImageGranularity> g =
+      ProbeQcow2Granularity(config.image().path());
+  if (!g.ok()) {
+    LogWarning("image_probe_failed",
+               {{"export", config.name()},
+                {"reason", g.status().ToString().substr(0, 256)}});
+    return 0;
+  }
+  LogInfo("image_probed",
+          {{"export", config.name()},
+           {"cluster_size", static_cast<unsigned long>(g->cluster_size)},
+           {"bitmap_granularity",
+            static_cast<unsigned long>(g->bitmap_granularity)}});
+  return g->Max();
+}
+
 absl::StatusOr<std::unique_ptr<Upstream>> CreateUpstream(
     const blockmeta::v1::ExportConfig& config) {
   std::unique_ptr<SpawnedServer> server;
+  uint64_t change_granularity = 0;
   switch (config.upstream_case()) {
     case blockmeta::v1::ExportConfig::kNbdUri:
       break;
     case blockmeta::v1::ExportConfig::kImage: {
+      change_granularity = LearnChangeGranularity(config);
       auto s = SpawnedServer::Create(
           QemuNbdArgv(config.image(), config.read_only()));
       if (!s.ok()) return s.status();
@@ -1399,12 +1431,18 @@ absl::StatusOr<std::unique_ptr<Upstream>> CreateUpstream(
           absl::StrCat("export ", config.name(), ": no upstream set"));
   }
   return std::unique_ptr<Upstream>(new NbdUpstream(
-      std::make_shared<Core>(config, std::move(server), NbdEngine::Default())));
+      std::make_shared<Core>(config, std::move(server), NbdEngine::Default()),
+      change_granularity));
 }
 
 pid_t SpawnedServerPidForTesting(Upstream* upstream) {
   auto* u = dynamic_cast<NbdUpstream*>(upstream);
   return u != nullptr ? u->ServerPid() : -1;
+}
+
+std::string SpawnedServerSocketForTesting(Upstream* upstream) {
+  auto* u = dynamic_cast<NbdUpstream*>(upstream);
+  return u != nullptr ? u->ServerSocket() : "";
 }
 
 int LiveConnectionsForTesting(Upstream* upstream) {

@@ -108,6 +108,8 @@ std::string ImageFormat(const blockmeta::v1::ImageUpstream& image);
 // Test hooks on an Upstream made by CreateUpstream (nullptr/-1 otherwise).
 // The pid of the spawned server, -1 when none runs.
 pid_t SpawnedServerPidForTesting(Upstream* upstream);
+// The Unix socket the spawned server listens on, "" when none.
+std::string SpawnedServerSocketForTesting(Upstream* upstream);
 // Number of handles currently up.
 int LiveConnectionsForTesting(Upstream* upstream);
 

@@ -39,6 +39,9 @@ struct UpstreamInfo {
   uint32_t minimum_block_size = 1;
   uint32_t preferred_block_size = 4096;
   uint32_t maximum_block_size = 32u << 20;
+  // The server sent NBD_INFO_BLOCK_SIZE with a maximum (else
+  // maximum_block_size is the default above, not the server's word).
+  bool maximum_block_size_advertised = false;
   // Effective: the server said read-only, or the config asks for it.
   bool read_only = false;
   bool can_trim = false;
@@ -113,6 +116,12 @@ class Upstream {
   // Last negotiated info; FAILED_PRECONDITION/UNAVAILABLE before the first
   // successful connection.
   virtual absl::StatusOr<UpstreamInfo> Info() const = 0;
+  // Learned from the image blockmeta serves, constant: a write may change
+  // block status and dirty bitmaps anywhere in the aligned unit of this
+  // many bytes around it (qcow2 cluster size, largest bitmap granularity).
+  // 0: not known (an upstream given by URI or command, a raw image, a
+  // failed probe); callers then use their configured granularity.
+  virtual uint64_t ChangeGranularity() const { return 0; }
   // Why the upstream is not ready, if it is not ("" when ready).
   virtual std::string LastError() const = 0;
   // Increases whenever a reconnect produced a connection that cannot be

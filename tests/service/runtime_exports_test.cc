@@ -233,9 +233,8 @@ TEST_F(RuntimeExportsTest, ShimSessionOfARemovedExportIsClosed) {
   struct nbd_handle* other = nbd_create();
   ASSERT_EQ(nbd_set_export_name(other, "from-file"), 0);
   ASSERT_EQ(nbd_connect_unix(other, dir_.File("nbd.sock").c_str()), 0);
-  // A reply proves the server has recorded which export `other` entered
-  // (it does so after the GO reply, before serving requests); a session
-  // still negotiating is closed by any removal it might enter.
+  // A reply proves `other` has entered its export (the server records it
+  // before the GO reply), so the removal below cannot touch it.
   ASSERT_EQ(nbd_pread(other, buf, sizeof buf, 0, 0), 0) << nbd_get_error();
 
   ASSERT_TRUE(Remove("nbdjob").ok());
