@@ -161,7 +161,7 @@ void Connection::FlushLocked() {
   }
 }
 
-void Connection::QueueReply(std::string reply, uint64_t charged, bool handled) {
+void Connection::QueueReply(Reply reply, uint64_t charged, bool handled) {
   // Everything happens under mu_, the wake-up too: once a handed-off
   // request's running_ count drops and the lock is released, Serve() may
   // return and the connection be destroyed.
@@ -220,13 +220,24 @@ bool Connection::ReadRequest() {
     if (v.error == 0) ++running_;
   }
   if (v.error != 0) {
-    QueueReply(ErrorReply(n.structured_replies, r.handle, v.error, v.reason),
-               charged, /*handled=*/false);
+    Reply reply;
+    reply.str = ErrorReply(n.structured_replies, r.handle, v.error, v.reason);
+    QueueReply(std::move(reply), charged, /*handled=*/false);
+    return true;
+  }
+  if (RequestHandler::IsAsync(r.type)) {
+    // Issued from this thread, completed on an upstream engine thread (or
+    // here, if it cannot be issued); running_ keeps the connection alive
+    // until the completion queued its reply.
+    handler_->Start(r, std::move(payload), [this, charged](Reply reply) {
+      QueueReply(std::move(reply), charged, /*handled=*/true);
+    });
     return true;
   }
   pool_->Schedule([this, r, payload = std::move(payload), charged]() mutable {
-    QueueReply(handler_->Handle(r, std::move(payload)), charged,
-               /*handled=*/true);
+    Reply reply;
+    reply.str = handler_->Handle(r, std::move(payload));
+    QueueReply(std::move(reply), charged, /*handled=*/true);
   });
   return true;
 }
