@@ -20,6 +20,12 @@ namespace nbd {
 namespace {
 
 constexpr char kClientLeft[] = "client left";
+// SO_SNDBUF of a Unix-socket client (the kernel doubles it): the default
+// (~208 KiB) is smaller than one 256 KiB read reply, so most replies took
+// two sends and a hand-off to the loop for POLLOUT; this takes a few whole.
+// It is kernel memory outside the byte budgets. TCP keeps its autotuning
+// (setting SO_SNDBUF would switch that off).
+constexpr int kUnixSendBufferBytes = 1 << 20;
 
 // Bytes a request may pin until its reply is written.
 uint64_t Charge(const Request& r, size_t payload) {
@@ -81,6 +87,15 @@ void Connection::Serve() {
   }
   stream_.SetReadDeadline(absl::InfiniteFuture());
   stream_.SetWriteDeadline(absl::InfiniteFuture());
+  {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    if (getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0 &&
+        addr.ss_family == AF_UNIX) {
+      int sndbuf = kUnixSendBufferBytes;
+      (void)setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    }
+  }
   negotiated_.emplace(*std::move(n));
   entered_.store(negotiated_->export_entry);
   handler_.emplace(*negotiated_, cache_);
