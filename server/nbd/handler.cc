@@ -157,10 +157,10 @@ void RequestHandler::Start(const Request& r, std::string payload,
   // The simple reply (or the error) once the upstream answered. Writes
   // first forget what they may have changed, whether or not they succeeded
   // (a failed write may have half-written). That runs after the upstream
-  // answered, so a block-status fetch that overlapped the write is still
-  // in flight then and is poisoned (the ExtentCache rule), and before the
-  // reply, so no client sees a stale extent after its write is
-  // acknowledged.
+  // answered: what a block-status fetch overlapping the write stored
+  // meanwhile is dropped, and one still in flight is poisoned (the
+  // ExtentCache rule), over the same rounded range; and before the reply,
+  // so no client sees a stale extent after its write is acknowledged.
   StatusCallback finish = [this, r, writes,
                            done = std::move(done)](absl::Status s) mutable {
     if (writes) ForgetWritten(r);
