@@ -20,6 +20,12 @@ namespace nbd {
 namespace {
 
 constexpr char kClientLeft[] = "client left";
+// SO_SNDBUF of a Unix-socket client (the kernel doubles it): the default
+// (~208 KiB) is smaller than one 256 KiB read reply, so most replies took
+// two sends and a hand-off to the loop for POLLOUT; this takes a few whole.
+// It is kernel memory outside the byte budgets. TCP keeps its autotuning
+// (setting SO_SNDBUF would switch that off).
+constexpr int kUnixSendBufferBytes = 1 << 20;
 
 // Bytes a request may pin until its reply is written.
 uint64_t Charge(const Request& r, size_t payload) {
@@ -117,6 +123,15 @@ void Connection::Serve() {
   }
   stream_.SetReadDeadline(absl::InfiniteFuture());
   stream_.SetWriteDeadline(absl::InfiniteFuture());
+  {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    if (getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0 &&
+        addr.ss_family == AF_UNIX) {
+      int sndbuf = kUnixSendBufferBytes;
+      (void)setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    }
+  }
   negotiated_.emplace(*std::move(n));  // entered_ was set by Gate()
   handler_.emplace(*negotiated_, cache_);
   {
@@ -207,7 +222,7 @@ void Connection::FlushLocked() {
   }
 }
 
-void Connection::QueueReply(std::string reply, uint64_t charged, bool handled) {
+void Connection::QueueReply(Reply reply, uint64_t charged, bool handled) {
   // Everything happens under mu_, the wake-up too: once a handed-off
   // request's running_ count drops and the lock is released, Serve() may
   // return and the connection be destroyed.
@@ -273,13 +288,24 @@ bool Connection::ReadRequestBytes() {
     if (v.error == 0) ++running_;
   }
   if (v.error != 0) {
-    QueueReply(ErrorReply(n.structured_replies, r.handle, v.error, v.reason),
-               charged, /*handled=*/false);
+    Reply reply;
+    reply.str = ErrorReply(n.structured_replies, r.handle, v.error, v.reason);
+    QueueReply(std::move(reply), charged, /*handled=*/false);
+    return true;
+  }
+  if (RequestHandler::IsAsync(r.type)) {
+    // Issued from this thread, completed on an upstream engine thread (or
+    // here, if it cannot be issued); running_ keeps the connection alive
+    // until the completion queued its reply.
+    handler_->Start(r, std::move(payload), [this, charged](Reply reply) {
+      QueueReply(std::move(reply), charged, /*handled=*/true);
+    });
     return true;
   }
   pool_->Schedule([this, r, payload = std::move(payload), charged]() mutable {
-    QueueReply(handler_->Handle(r, std::move(payload)), charged,
-               /*handled=*/true);
+    Reply reply;
+    reply.str = handler_->Handle(r, std::move(payload));
+    QueueReply(std::move(reply), charged, /*handled=*/true);
   });
   return true;
 }

@@ -3,12 +3,16 @@
 // Serve() runs the whole session on the calling thread, the connection's
 // only thread: the handshake (every read and write bounded by the
 // handshake deadline, whatever it waits for), then the transmission loop.
-// That loop poll()s the socket: it reads, parses and validates requests
-// and hands each to the server's shared WorkerPool (so a session costs one
-// thread, not one per request); a worker builds the reply and queues it
-// here. Replies are written without blocking by whoever queued them; what
-// the socket does not take waits in the connection's reply queue, and the
-// loop finishes it when the socket is writable.
+// That loop poll()s the socket: it reads, parses and validates requests.
+// Data commands (READ, WRITE, TRIM, WRITE_ZEROES, FLUSH, CACHE) are started
+// on the upstream's asynchronous API from the loop itself
+// (RequestHandler::Start) and their completion, on an upstream engine
+// thread, queues the reply; BLOCK_STATUS goes to the server's shared
+// WorkerPool (it may wait for the cache), whose worker queues the reply.
+// So a session costs one thread, not one per request, and no thread waits
+// for a data command. Replies are written without blocking by whoever
+// queued them; what the socket does not take waits in the connection's
+// reply queue, and the loop finishes it when the socket is writable.
 //
 // Limits (what each protects):
 // * A queued reply not fully written within `write_timeout` of reaching
@@ -30,9 +34,11 @@
 // never missed (and never read after it went).
 //
 // Lifetime: Serve() returns only after the client left (DISC, EOF, error,
-// bad magic, a timeout, Stop()) and every request handed to the pool has
-// finished; the socket is closed by the destructor. A client that hangs up
-// mid-request or mid-pipeline only makes the remaining replies be dropped.
+// bad magic, a timeout, Stop()) and every request handed to the pool or
+// started on the upstream has finished (its completion queued its reply,
+// under mu_, as its last use of the connection); the socket is closed by the
+// destructor. A client that hangs up mid-request or mid-pipeline only makes the
+// remaining replies be dropped.
 //
 // Thread-safety: Serve() is called once, from one thread; Stop() and the
 // state accessors may be called from any thread at any time.
@@ -124,7 +130,7 @@ class Connection {
 
  private:
   struct Pending {
-    std::string bytes;
+    Reply bytes;
     size_t written = 0;
     uint64_t charged = 0;  // released when written (or dropped)
   };
@@ -135,7 +141,7 @@ class Connection {
   bool ReadRequest() ABSL_LOCKS_EXCLUDED(mu_);
   bool ReadRequestBytes() ABSL_LOCKS_EXCLUDED(mu_);
   // Queues a reply; `charged` bytes were charged for its request.
-  void QueueReply(std::string reply, uint64_t charged, bool handled)
+  void QueueReply(Reply reply, uint64_t charged, bool handled)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Writes queued replies until the socket is full; releases what was sent.
   void FlushLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -2,10 +2,13 @@
 #include "server/nbd/handler.h"
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/upstream/nbd_errors.h"
 
@@ -45,22 +48,34 @@ void RequestHandler::ForgetWritten(const Request& r) const {
   cache_->InvalidateExportRange(e.name, off, len);
 }
 
-std::string RequestHandler::Read(const Request& r, absl::Time deadline) const {
-  std::string out;
-  size_t header;
+void RequestHandler::StartRead(const Request& r, ReplyFn done) const {
+  std::string head;
   if (n_.structured_replies) {
-    AppendChunkHeader(&out, kReplyFlagDone, kReplyTypeOffsetData, r.handle,
+    AppendChunkHeader(&head, kReplyFlagDone, kReplyTypeOffsetData, r.handle,
                       8 + r.length);
-    AppendBe64(&out, r.offset);
+    AppendBe64(&head, r.offset);
   } else {
-    out = SimpleReply(r.handle, 0);
+    head = SimpleReply(r.handle, 0);
   }
-  header = out.size();
-  out.resize(header + r.length);
-  absl::Status s = n_.export_entry->upstream->Pread(&out[header], r.length,
-                                                    r.offset, deadline);
-  if (!s.ok()) return Error(r, s);
-  return out;
+  Reply reply;
+  reply.raw_size = head.size() + r.length;
+  // Not value-initialised: the upstream fills the data part.
+  reply.raw.reset(new char[reply.raw_size]);
+  std::memcpy(reply.raw.get(), head.data(), head.size());
+  char* const data = reply.raw.get() + head.size();
+  // The buffer moves into the completion (a unique_ptr keeps its address),
+  // so it lives until the upstream is done with it, whoever waits.
+  n_.export_entry->upstream->AsyncPread(
+      data, r.length, r.offset,
+      [this, r, reply = std::move(reply),
+       done = std::move(done)](absl::Status s) mutable {
+        if (!s.ok()) {
+          Reply e;
+          e.str = Error(r, s);
+          return std::move(done)(std::move(e));
+        }
+        std::move(done)(std::move(reply));
+      });
 }
 
 std::string RequestHandler::BlockStatus(const Request& r,
@@ -116,43 +131,66 @@ std::string RequestHandler::BlockStatus(const Request& r,
 
 std::string RequestHandler::Handle(const Request& r,
                                    std::string payload) const {
-  const ShimExport& e = *n_.export_entry;
-  Upstream* up = e.upstream;
-  const absl::Time deadline = absl::Now() + e.upstream_timeout;
+  if (!IsAsync(r.type)) {
+    return BlockStatus(r, absl::Now() + n_.export_entry->upstream_timeout);
+  }
+  auto got = std::make_shared<std::pair<absl::Notification, Reply>>();
+  Start(r, std::move(payload), [got](Reply reply) {
+    got->second = std::move(reply);
+    got->first.Notify();
+  });
+  got->first.WaitForNotification();
+  const Reply& reply = got->second;
+  return std::string(reply.data(), reply.size());
+}
+
+void RequestHandler::Start(const Request& r, std::string payload,
+                           ReplyFn done) const {
+  if (r.type == kCmdRead) return StartRead(r, std::move(done));
+  Upstream* up = n_.export_entry->upstream;
   uint32_t flags = 0;
   if (r.flags & kCmdFlagFua) flags |= blockmeta::kCmdFlagFua;
   if (r.flags & kCmdFlagNoHole) flags |= blockmeta::kCmdFlagNoHole;
   if (r.flags & kCmdFlagFastZero) flags |= blockmeta::kCmdFlagFastZero;
-  absl::Status s;
+  const bool writes =
+      r.type == kCmdWrite || r.type == kCmdTrim || r.type == kCmdWriteZeroes;
+  // The simple reply (or the error) once the upstream answered. Writes
+  // first forget what they may have changed, whether or not they succeeded
+  // (a failed write may have half-written). That runs after the upstream
+  // answered: what a block-status fetch overlapping the write stored
+  // meanwhile is dropped, and one still in flight is poisoned (the
+  // ExtentCache rule), over the same rounded range; and before the reply,
+  // so no client sees a stale extent after its write is acknowledged.
+  StatusCallback finish = [this, r, writes,
+                           done = std::move(done)](absl::Status s) mutable {
+    if (writes) ForgetWritten(r);
+    Reply reply;
+    reply.str = s.ok() ? SimpleReply(r.handle, 0) : Error(r, s);
+    std::move(done)(std::move(reply));
+  };
   switch (r.type) {
-    case kCmdRead:
-      return Read(r, deadline);
-    case kCmdBlockStatus:
-      return BlockStatus(r, deadline);
-    case kCmdWrite:
-      s = up->Pwrite(payload.data(), r.length, r.offset, flags, deadline);
-      ForgetWritten(r);
-      break;
+    case kCmdWrite: {
+      // A moved std::string may change address (short strings): own it
+      // behind a pointer that the completion keeps alive.
+      auto data = std::make_unique<std::string>(std::move(payload));
+      const char* p = data->data();
+      up->AsyncPwrite(
+          p, r.length, r.offset, flags,
+          [data = std::move(data), finish = std::move(finish)](
+              absl::Status s) mutable { std::move(finish)(std::move(s)); });
+      return;
+    }
     case kCmdTrim:
-      s = up->Trim(r.length, r.offset, flags, deadline);
-      ForgetWritten(r);
-      break;
+      return up->AsyncTrim(r.length, r.offset, flags, std::move(finish));
     case kCmdWriteZeroes:
-      s = up->Zero(r.length, r.offset, flags, deadline);
-      ForgetWritten(r);
-      break;
+      return up->AsyncZero(r.length, r.offset, flags, std::move(finish));
     case kCmdFlush:
-      s = up->Flush(deadline);
-      break;
+      return up->AsyncFlush(std::move(finish));
     case kCmdCache:
-      s = up->Cache(r.length, r.offset, deadline);
-      break;
+      return up->AsyncCache(r.length, r.offset, std::move(finish));
     default:
-      s = absl::InvalidArgumentError("unknown command");
-      break;
+      return std::move(finish)(absl::InvalidArgumentError("unknown command"));
   }
-  if (!s.ok()) return Error(r, s);
-  return SimpleReply(r.handle, 0);
 }
 
 }  // namespace nbd

@@ -12,17 +12,33 @@
 // reply is built, whether or not the upstream call succeeded, so no client
 // can see a stale extent after its write is acknowledged.
 //
-// Cost: one upstream call per data command; BLOCK_STATUS costs a cache
-// lookup per context plus at most one upstream fetch per context on a miss.
-// Thread-safety: Handle() may run concurrently from many threads; the
-// Negotiated state is read-only and the cache and upstream are thread-safe.
+// Data commands run on the upstream's asynchronous API (Start): READ
+// allocates the whole reply (header + data, not zero-filled) and the
+// upstream reads straight into it; the completion, on an upstream engine
+// thread, finishes the reply and hands it to `done`. No thread waits for a
+// data command and no lock is held while it runs. A command is bounded by
+// the export's upstream timeout, which the Upstream itself enforces (the
+// shim's ShimExport::upstream_timeout is the same upstream_timeout_ms);
+// an overdue command answers DEADLINE_EXCEEDED, mapped like every error by
+// NbdErrorFromStatus. Requests above the upstream's maximum block size are
+// split by the Upstream (chunked.h), FUA and the other flags pass through.
+//
+// Cost: one upstream call per data command (no copy of READ data in the
+// shim); BLOCK_STATUS costs a cache lookup per context plus at most one
+// upstream fetch per context on a miss, and blocks its (pool) thread.
+// Thread-safety: Handle() and Start() may run concurrently from many
+// threads; the Negotiated state is read-only and the cache and upstream are
+// thread-safe. The handler must outlive every completion of Start() (the
+// connection waits for them before it ends).
 #ifndef BLOCKMETA_SERVER_NBD_HANDLER_H_
 #define BLOCKMETA_SERVER_NBD_HANDLER_H_
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <utility>
 
+#include "absl/functional/any_invocable.h"
 #include "server/cache/extent_cache.h"
 #include "server/nbd/handshake.h"
 #include "server/nbd/request.h"
@@ -40,6 +56,17 @@ std::pair<uint64_t, uint64_t> RoundOutWrite(uint64_t offset, uint64_t length,
                                             uint64_t granularity,
                                             uint64_t size);
 
+// The bytes of one complete reply: `str`, or (READ data) `raw_size` bytes
+// at `raw`, allocated without being zero-filled.
+struct Reply {
+  std::string str;
+  std::unique_ptr<char[]> raw;
+  size_t raw_size = 0;
+  const char* data() const { return raw ? raw.get() : str.data(); }
+  size_t size() const { return raw ? raw_size : str.size(); }
+};
+using ReplyFn = absl::AnyInvocable<void(Reply) &&>;
+
 class RequestHandler {
  public:
   // `n` and `cache` must outlive the handler.
@@ -48,10 +75,23 @@ class RequestHandler {
 
   // Handles a request ValidateRequest() accepted; returns the complete
   // reply (header, chunks and data). `payload` is the WRITE data.
+  // Blocks until the reply is built (Start() plus a wait for data
+  // commands).
   std::string Handle(const Request& r, std::string payload) const;
 
+  // True for the commands Start() runs (everything but BLOCK_STATUS, which
+  // consults the cache and needs a thread of its own).
+  static bool IsAsync(uint16_t type) { return type != kCmdBlockStatus; }
+  // Starts a data command (IsAsync) on the upstream's asynchronous API;
+  // `done` is called exactly once with the complete reply, on an upstream
+  // engine thread, or on the calling thread before Start() returns (an
+  // in-memory upstream, or a command that cannot be issued). WRITE, TRIM
+  // and WRITE_ZEROES invalidate the cache after the upstream answered and
+  // before `done`.
+  void Start(const Request& r, std::string payload, ReplyFn done) const;
+
  private:
-  std::string Read(const Request& r, absl::Time deadline) const;
+  void StartRead(const Request& r, ReplyFn done) const;
   std::string BlockStatus(const Request& r, absl::Time deadline) const;
   std::string Error(const Request& r, const absl::Status& s) const;
   void ForgetWritten(const Request& r) const;
