@@ -14,10 +14,10 @@
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
 #include "server/nbd/nbd_server.h"
-#include "tests/testing/nbd_test_client.h"
 #include "server/upstream/nbd_errors.h"
 #include "server/upstream/nbd_upstream.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/nbd_test_client.h"
 
 namespace blockmeta {
 namespace {
