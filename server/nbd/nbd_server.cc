@@ -349,8 +349,12 @@ void NbdServer::OnAccept(int fd) {
     // count until their thread ends, bounded at twice the cap.
     Slot* victim = nullptr;
     for (auto& s : slots_) {
+      // A connection that entered its export (Gate() recorded it before the
+      // final GO / EXPORT_NAME reply) is a session, not a handshake, even
+      // before its phase changes: the client may already hold the reply.
       if (s->evicted ||
-          s->connection->phase() != nbd::Connection::Phase::kHandshake) {
+          s->connection->phase() != nbd::Connection::Phase::kHandshake ||
+          s->connection->entered() != nullptr) {
         continue;
       }
       if (victim == nullptr ||
