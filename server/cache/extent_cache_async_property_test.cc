@@ -129,7 +129,7 @@ class AsyncPropertyRun {
         DoGet();
       } else if (r < 40) {
         DoScanStep();
-      } else if (r < 62) {
+      } else if (r < 62 || r >= 96) {
         DoDeliver();
       } else if (r < 74) {
         DoWrite();
@@ -141,10 +141,8 @@ class AsyncPropertyRun {
         DoForget();
       } else if (r < 93) {
         CheckWholeDisk();
-      } else if (r < 96) {
-        DoWaiterGet();
       } else {
-        DoDeliver();
+        DoWaiterGet();
       }
       ASSERT_LE(cache_->Counters().memory_bytes, options_.memory_limit_bytes)
           << "memory bound " << Where();
