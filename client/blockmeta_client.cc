@@ -274,7 +274,7 @@ class GrpcExtentIterator final : public ExtentIterator {
 class GrpcBlockMetaClient final : public BlockMetaClient {
  public:
   GrpcBlockMetaClient(ClientOptions options,
-                      std::shared_ptr<grpc::Channel> channel)
+                      const std::shared_ptr<grpc::Channel>& channel)
       : BlockMetaClient(std::move(options)),
         channel_(channel),
         stub_(std::shared_ptr<v1::BlockMeta::Stub>(

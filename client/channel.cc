@@ -2,11 +2,11 @@
 #include "client/channel.h"
 
 #include <cerrno>
-#include <cstring>
 #include <fstream>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "server/common/errno_text.h"
 
 namespace blockmeta::client {
 namespace {
@@ -16,8 +16,8 @@ absl::StatusOr<std::string> ReadPemFile(const std::string& path,
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     int err = errno;
-    std::string msg = absl::StrCat("cannot read ", what, " \"", path,
-                                   "\": ", std::strerror(err));
+    std::string msg =
+        absl::StrCat("cannot read ", what, " \"", path, "\": ", ErrnoText(err));
     if (err == EACCES) return absl::PermissionDeniedError(msg);
     return absl::NotFoundError(msg);
   }

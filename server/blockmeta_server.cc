@@ -267,13 +267,12 @@ absl::Status BlockMetaServer::Reload(const v1::ServerConfig& file) {
                  "only exports are reloaded; other settings changed in the "
                  "file apply at the next start"}});
   }
-  LogInfo("config_reloaded",
-          {{"added", absl::StrJoin(r->added, ",")},
-           {"removed", absl::StrJoin(r->removed, ",")},
-           {"updated", absl::StrJoin(r->updated, ",")},
-           {"replaced", absl::StrJoin(r->replaced, ",")},
-           {"unchanged", static_cast<unsigned long>(r->unchanged)},
-           {"exports", static_cast<unsigned long>(registry_->size())}});
+  LogInfo("config_reloaded", {{"added", absl::StrJoin(r->added, ",")},
+                              {"removed", absl::StrJoin(r->removed, ",")},
+                              {"updated", absl::StrJoin(r->updated, ",")},
+                              {"replaced", absl::StrJoin(r->replaced, ",")},
+                              {"unchanged", uint64_t{r->unchanged}},
+                              {"exports", uint64_t{registry_->size()}}});
   return absl::OkStatus();
 }
 

@@ -248,11 +248,11 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   void RecordUpstreamCall(const CacheKey& key, const absl::Status& status);
   // `detached`: the fetcher may be called after Get() returns (read-ahead,
   // detached waits); false for a synchronous fetcher wrapped inline.
-  absl::StatusOr<LookupResult> Get(const CacheKey& key, uint64_t export_size,
-                                   uint64_t offset, uint64_t length,
-                                   size_t max_extents,
-                                   std::shared_ptr<const AsyncFetcher> fetch,
-                                   bool detached, absl::Time deadline);
+  absl::StatusOr<LookupResult> Get(
+      const CacheKey& key, uint64_t export_size, uint64_t offset,
+      uint64_t length, size_t max_extents,
+      const std::shared_ptr<const AsyncFetcher>& fetch, bool detached,
+      absl::Time deadline);
   Dropped InvalidateKeys(const std::vector<KeyState*>& keys, uint64_t offset,
                          uint64_t length);
   void SetExportTtl(const std::string& export_name, absl::Duration ttl);
@@ -960,7 +960,7 @@ void ExtentCache::Impl::NoteHit(KeyState& k, uint64_t from, uint64_t to) {
 
 absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     const CacheKey& key, uint64_t export_size, uint64_t offset, uint64_t length,
-    size_t max_extents, std::shared_ptr<const AsyncFetcher> fetch,
+    size_t max_extents, const std::shared_ptr<const AsyncFetcher>& fetch,
     bool detached, absl::Time deadline) {
   if (length == 0) {
     return absl::InvalidArgumentError("block-status length must be > 0");
@@ -1265,8 +1265,8 @@ absl::StatusOr<LookupResult> ExtentCache::Get(const CacheKey& key,
       [fetch, deadline](uint64_t off, uint64_t len, FetchDone done) {
         std::move(done)(fetch(off, len, deadline));
       });
-  return impl_->Get(key, export_size, offset, length, max_extents,
-                    std::move(inline_fetch), /*detached=*/false, deadline);
+  return impl_->Get(key, export_size, offset, length, max_extents, inline_fetch,
+                    /*detached=*/false, deadline);
 }
 
 ExtentCache::Dropped ExtentCache::Invalidate(const CacheKey& key,

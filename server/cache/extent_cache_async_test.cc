@@ -100,7 +100,7 @@ class AsyncDisk {
   }
 
   // Answers the i-th queued fetch (the truth now, or `status`).
-  void Complete(size_t i, absl::Status status = absl::OkStatus()) {
+  void Complete(size_t i, const absl::Status& status = absl::OkStatus()) {
     Pending p;
     ExtentList answer;
     {

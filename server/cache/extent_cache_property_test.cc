@@ -83,7 +83,7 @@ class PropertyRun {
   void Run(int ops) {
     for (op_ = 0; op_ < ops && !::testing::Test::HasFatalFailure(); ++op_) {
       const uint64_t r = Rand(100);
-      if (r < 35) {
+      if (r < 35 || r >= 89) {  // 89+: more fills, more merging and eviction
         DoGet();
       } else if (r < 55) {
         DoLookup();
@@ -97,10 +97,8 @@ class PropertyRun {
         DoForgetAll();
       } else if (r < 88) {
         DoClock();
-      } else if (r < 89) {
-        CheckWholeDisk();
       } else {
-        DoGet();  // more fills: more merging and eviction
+        CheckWholeDisk();
       }
     }
     CheckWholeDisk();

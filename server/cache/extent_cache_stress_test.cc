@@ -327,6 +327,7 @@ void RunStress(uint64_t memory_limit, uint64_t window, int reader_ops,
   };
 
   std::vector<std::thread> threads;
+  threads.reserve(4 + 2 + 2 + 2);
   std::thread completer_thread(completer);
   for (int i = 0; i < 4; ++i) threads.emplace_back(reader, i);
   for (int i = 0; i < 2; ++i) threads.emplace_back(async_reader, i);

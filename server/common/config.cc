@@ -2,7 +2,6 @@
 #include "server/common/config.h"
 
 #include <errno.h>
-#include <string.h>
 
 #include <fstream>
 #include <sstream>
@@ -12,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
+#include "server/common/errno_text.h"
 
 namespace blockmeta {
 namespace {
@@ -59,7 +59,7 @@ absl::StatusOr<blockmeta::v1::ServerConfig> LoadServerConfig(
   if (!in) {
     const int err = errno;
     std::string msg =
-        absl::StrCat("cannot read config ", path, ": ", strerror(err));
+        absl::StrCat("cannot read config ", path, ": ", ErrnoText(err));
     if (err == EACCES) return absl::PermissionDeniedError(msg);
     return absl::NotFoundError(msg);
   }

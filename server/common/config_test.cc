@@ -2,7 +2,6 @@
 #include "server/common/config.h"
 
 #include <cstdio>
-#include <cstdlib>
 #include <fstream>
 
 #include "absl/strings/match.h"
@@ -12,8 +11,8 @@ namespace blockmeta {
 namespace {
 
 std::string TempFile(const std::string& name, const std::string& content) {
-  const char* dir = getenv("TEST_TMPDIR");
-  std::string path = std::string(dir != nullptr ? dir : "/tmp") + "/" + name;
+  // TEST_TMPDIR (or /tmp/), with a trailing slash.
+  std::string path = ::testing::TempDir() + name;
   std::ofstream(path) << content;
   return path;
 }

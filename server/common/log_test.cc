@@ -31,7 +31,7 @@ TEST(LogTest, LongFieldsAreCut) {
                                      {{"export", huge}, {"n", 7}}, "T");
     EXPECT_LT(line.size(), 1200u);
     EXPECT_NE(line.find("...(15728640 bytes)"), std::string::npos) << line;
-    EXPECT_NE(line.find("7"), std::string::npos);
+    EXPECT_NE(line.find('7'), std::string::npos);
   }
 }
 

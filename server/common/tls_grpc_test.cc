@@ -3,8 +3,11 @@
 // with certificates made by the openssl CLI.
 #include "server/common/tls_grpc.h"
 
+#include <errno.h>
+#include <spawn.h>
 #include <stdio.h>
-#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <sstream>
@@ -20,9 +23,11 @@
 namespace blockmeta {
 namespace {
 
+// TEST_TMPDIR (or /tmp), without the trailing slash TempDir() gives.
 std::string Dir() {
-  const char* d = getenv("TEST_TMPDIR");
-  return d != nullptr ? d : "/tmp";
+  std::string d = ::testing::TempDir();
+  if (d.size() > 1 && d.back() == '/') d.pop_back();
+  return d;
 }
 
 std::string Read(const std::string& path) {
@@ -43,6 +48,22 @@ void Replace(const std::string& path, const std::string& data) {
   ASSERT_EQ(rename((path + ".new").c_str(), path.c_str()), 0);
 }
 
+// Runs `cmd` with /bin/sh and returns its wait status, as system() would,
+// without system()'s process-wide signal changes (gRPC threads run).
+int RunShell(const std::string& cmd) {
+  const char* argv[] = {"sh", "-c", cmd.c_str(), nullptr};
+  pid_t pid;
+  if (posix_spawn(&pid, "/bin/sh", nullptr, nullptr,
+                  const_cast<char* const*>(argv), environ) != 0) {
+    return -1;
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return -1;
+  }
+  return status;
+}
+
 // CA NAME and a server certificate for localhost signed by it.
 void MakePki(const std::string& name) {
   const std::string p = Dir() + "/" + name;
@@ -56,7 +77,7 @@ void MakePki(const std::string& name) {
       ".csr 2>/dev/null && openssl x509 -req -in ", p, ".csr -CA ", p,
       "-ca.pem -CAkey ", p, "-ca-key.pem -CAcreateserial -days 2 -extfile ", p,
       ".ext -out ", p, "-cert.pem 2>/dev/null");
-  ASSERT_EQ(system(cmd.c_str()), 0) << cmd;
+  ASSERT_EQ(RunShell(cmd), 0) << cmd;
 }
 
 // True when a TLS channel trusting `ca` connects (the handshake passed).

@@ -36,14 +36,14 @@ std::vector<std::string> PeerIdentities(grpc::CallbackServerContext* ctx) {
 void Audit(absl::string_view method, const std::string& export_name,
            grpc::CallbackServerContext* ctx, const std::string& who,
            const absl::Status& status, absl::Time start) {
-  LogInfo("admin_call", {{"method", method},
-                         {"export", export_name},
-                         {"peer", ctx->peer()},
-                         {"identity", who},
-                         {"code", absl::StatusCodeToString(status.code())},
-                         {"error", std::string(status.message())},
-                         {"ms", static_cast<long>(absl::ToInt64Milliseconds(
-                                    absl::Now() - start))}});
+  LogInfo("admin_call",
+          {{"method", method},
+           {"export", export_name},
+           {"peer", ctx->peer()},
+           {"identity", who},
+           {"code", absl::StatusCodeToString(status.code())},
+           {"error", std::string(status.message())},
+           {"ms", absl::ToInt64Milliseconds(absl::Now() - start)}});
 }
 
 }  // namespace

@@ -43,6 +43,7 @@ TEST(AdmissionTest, MovedTicketReleasesOnce) {
 TEST(AdmissionTest, OneFloodedExportCannotTakeEveryTicket) {
   Admission a(10, 3);
   std::vector<Admission::Ticket> slow;
+  slow.reserve(3);
   for (int i = 0; i < 3; ++i) slow.push_back(a.TryAcquire("slow"));
   for (const auto& t : slow) EXPECT_TRUE(t);
   EXPECT_FALSE(a.TryAcquire("slow"));
@@ -51,6 +52,7 @@ TEST(AdmissionTest, OneFloodedExportCannotTakeEveryTicket) {
   EXPECT_EQ(a.in_flight("slow"), 3u);
   // Another export still gets in, up to the global limit.
   std::vector<Admission::Ticket> fast;
+  fast.reserve(3);
   for (int i = 0; i < 3; ++i) fast.push_back(a.TryAcquire("fast"));
   for (const auto& t : fast) EXPECT_TRUE(t);
   slow.clear();
@@ -62,6 +64,7 @@ TEST(AdmissionTest, OneFloodedExportCannotTakeEveryTicket) {
 TEST(AdmissionTest, GlobalLimitStillHolds) {
   Admission a(4, 4);
   std::vector<Admission::Ticket> t;
+  t.reserve(4);
   for (int i = 0; i < 4; ++i) t.push_back(a.TryAcquire(std::to_string(i)));
   EXPECT_FALSE(a.TryAcquire("x"));
   EXPECT_EQ(a.refused_global(), 1u);

@@ -59,7 +59,7 @@ class ExtentServiceTest : public ::testing::Test {
                                                ExtentService::Options{});
   }
 
-  absl::StatusOr<v1::GetExtentsResponse> Get(v1::GetExtentsRequest req) {
+  absl::StatusOr<v1::GetExtentsResponse> Get(const v1::GetExtentsRequest& req) {
     absl::StatusOr<ExtentService::Query> q = service_->PrepareExtents(req);
     if (!q.ok()) return q.status();
     return service_->Answer(*q, absl::Now() + absl::Seconds(10));

@@ -198,7 +198,7 @@ TEST_F(MultiContextTest, OneExtentIsTheFirstMergedRun) {
 
 TEST_F(MultiContextTest, ValidationCodes) {
   Build({{{0, kSize, 0}}, {{0, kSize, 0}}});
-  auto code = [&](v1::GetExtentsRequest r) {
+  auto code = [&](const v1::GetExtentsRequest& r) {
     return PrepareMultiExtents(*service_, r).status().code();
   };
   v1::GetExtentsRequest both = Get(0, 10, 2);

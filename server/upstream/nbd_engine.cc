@@ -3,7 +3,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
@@ -14,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/errno_text.h"
 
 namespace blockmeta {
 namespace {
@@ -104,7 +104,7 @@ absl::Status NbdEngine::RegisterLocked(NbdDriven* x, int di, int fd) {
   if (epoll_ctl(d->epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
     const int err = errno;
     close(fd);
-    return absl::InternalError(absl::StrCat("epoll_ctl: ", strerror(err)));
+    return absl::InternalError(absl::StrCat("epoll_ctl: ", ErrnoText(err)));
   }
   x->driver_ = di;
   x->id_ = id;
@@ -113,14 +113,14 @@ absl::Status NbdEngine::RegisterLocked(NbdDriven* x, int di, int fd) {
   return absl::OkStatus();
 }
 
-absl::Status NbdEngine::Watch(std::shared_ptr<NbdDriven> x) {
+absl::Status NbdEngine::Watch(const std::shared_ptr<NbdDriven>& x) {
   const int raw = nbd_aio_get_fd(x->handle());
   if (raw < 0) {
     return absl::FailedPreconditionError("libnbd handle has no socket");
   }
   const int fd = fcntl(raw, F_DUPFD_CLOEXEC, 0);
   if (fd < 0) {
-    return absl::InternalError(absl::StrCat("dup: ", strerror(errno)));
+    return absl::InternalError(absl::StrCat("dup: ", ErrnoText(errno)));
   }
   int di;
   {
@@ -137,7 +137,7 @@ absl::Status NbdEngine::Watch(std::shared_ptr<NbdDriven> x) {
   }
   Driver* d = drivers_[di].get();
   sync::MutexLock lock(&d->mu);
-  d->watched.emplace(id, std::move(x));
+  d->watched.emplace(id, x);
   return absl::OkStatus();
 }
 

@@ -88,7 +88,7 @@ class NbdEngine {
   // Starts driving `d` (its handle must have a socket: connecting or
   // connected). FAILED_PRECONDITION when it has none, INTERNAL when dup or
   // epoll fails.
-  absl::Status Watch(std::shared_ptr<NbdDriven> d);
+  absl::Status Watch(const std::shared_ptr<NbdDriven>& d);
   // Re-reads the wanted direction; call after issuing from another thread.
   void Rearm(NbdDriven* d);
   // Re-registers when libnbd moved to another socket (handshake only).

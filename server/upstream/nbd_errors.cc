@@ -3,9 +3,9 @@
 
 #include <errno.h>
 #include <libnbd.h>
-#include <string.h>
 
 #include "absl/strings/str_cat.h"
+#include "server/common/errno_text.h"
 
 namespace blockmeta {
 
@@ -52,7 +52,7 @@ absl::StatusCode StatusCodeFromErrno(int err) {
 absl::Status StatusFromErrno(int err, absl::string_view what,
                              absl::string_view detail) {
   std::string msg = absl::StrCat(what, ": ", detail);
-  if (detail.empty()) msg = absl::StrCat(what, ": ", strerror(err));
+  if (detail.empty()) msg = absl::StrCat(what, ": ", ErrnoText(err));
   return absl::Status(StatusCodeFromErrno(err), msg);
 }
 

@@ -228,7 +228,7 @@ class Conn : public NbdDriven {
   void StartDrain();
   // Closes for good: the Core forgets it, the engine stops driving it; the
   // handle is closed when the last reference goes (~Conn).
-  void Close(CloseReason why, bool lost);
+  void Close(const CloseReason& why, bool lost);
   absl::Status LostStatus(absl::string_view notify_error) const;
 
   // Shared: a Conn being closed on a driver thread may outlive the
@@ -657,7 +657,7 @@ void Conn::StartDrain() {
   }
 }
 
-void Conn::Close(CloseReason why, bool lost) {
+void Conn::Close(const CloseReason& why, bool lost) {
   {
     sync::MutexLock lock(&mu_);
     close_ = why;

@@ -289,6 +289,7 @@ TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
   ASSERT_EQ(LiveConnectionsForTesting(up.get()), 2);
   std::atomic<int> ok{0};
   std::vector<std::thread> threads;
+  threads.reserve(8);
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 5; ++i) {
@@ -348,7 +349,7 @@ TEST(NbdUpstreamTest, ConcurrentCommandsOverlapOnOneHandle) {
   std::atomic<int> done{0};
   start = absl::Now();
   for (int i = 0; i < kReads; ++i) {
-    up->AsyncPread(bufs[i].data(), 4096, i * kMiB, [&](absl::Status s) {
+    up->AsyncPread(bufs[i].data(), 4096, i * kMiB, [&](const absl::Status& s) {
       EXPECT_TRUE(s.ok()) << s;
       ++done;
     });
@@ -397,8 +398,8 @@ TEST(NbdUpstreamTest, ManyUpstreamsShareTheEngineThreads) {
 
 TEST(NbdUpstreamTest, TlsUpstreamThroughNbdsUri) {
   TempDir dir;
-  const std::string d = dir.path();
-  auto run = [](std::vector<std::string> argv) {
+  const std::string& d = dir.path();
+  auto run = [](const std::vector<std::string>& argv) {
     auto r = RunCommand(argv);
     ASSERT_TRUE(r.ok()) << r.status();
   };
