@@ -140,11 +140,10 @@ void Connection::Serve() {
   }
   phase_.store(Phase::kTransmission);
   const std::string& name = negotiated_->export_entry->name;
-  LogDebug(
-      "nbd_session_start",
-      {{"export", name},
-       {"structured", negotiated_->structured_replies},
-       {"contexts", static_cast<unsigned long>(negotiated_->contexts.size())}});
+  LogDebug("nbd_session_start",
+           {{"export", name},
+            {"structured", negotiated_->structured_replies},
+            {"contexts", static_cast<uint64_t>(negotiated_->contexts.size())}});
   const std::string reason = Loop();
   if (reason == kClientLeft) {
     // DISC (or EOF): requests in flight still finish and their replies are
@@ -341,11 +340,12 @@ std::string Connection::Loop() {
       if (!ReadRequest()) return kClientLeft;
       continue;
     }
-    struct pollfd pfds[2] = {{fd_,
-                              static_cast<short>((want_read ? POLLIN : 0) |
-                                                 (want_write ? POLLOUT : 0)),
-                              0},
-                             {wake_fd_, POLLIN, 0}};
+    struct pollfd pfds[2] = {
+        {fd_,
+         static_cast<decltype(pollfd::events)>((want_read ? POLLIN : 0) |
+                                               (want_write ? POLLOUT : 0)),
+         0},
+        {wake_fd_, POLLIN, 0}};
     int timeout_ms = -1;
     if (wake_at != absl::InfiniteFuture()) {
       timeout_ms = static_cast<int>(std::clamp<int64_t>(
@@ -358,7 +358,7 @@ std::string Connection::Loop() {
       uint64_t v;
       (void)!read(wake_fd_, &v, sizeof v);
     }
-    const short ev = pfds[0].revents;
+    const auto ev = pfds[0].revents;
     if (want_write && (ev & (POLLOUT | POLLERR | POLLHUP))) {
       sync::MutexLock lock(&mu_);
       FlushLocked();

@@ -68,7 +68,7 @@ void RequestHandler::StartRead(const Request& r, ReplyFn done) const {
   n_.export_entry->upstream->AsyncPread(
       data, r.length, r.offset,
       [this, r, reply = std::move(reply),
-       done = std::move(done)](absl::Status s) mutable {
+       done = std::move(done)](const absl::Status& s) mutable {
         if (!s.ok()) {
           Reply e;
           e.str = Error(r, s);
@@ -161,13 +161,13 @@ void RequestHandler::Start(const Request& r, std::string payload,
   // meanwhile is dropped, and one still in flight is poisoned (the
   // ExtentCache rule), over the same rounded range; and before the reply,
   // so no client sees a stale extent after its write is acknowledged.
-  StatusCallback finish = [this, r, writes,
-                           done = std::move(done)](absl::Status s) mutable {
-    if (writes) ForgetWritten(r);
-    Reply reply;
-    reply.str = s.ok() ? SimpleReply(r.handle, 0) : Error(r, s);
-    std::move(done)(std::move(reply));
-  };
+  StatusCallback finish =
+      [this, r, writes, done = std::move(done)](const absl::Status& s) mutable {
+        if (writes) ForgetWritten(r);
+        Reply reply;
+        reply.str = s.ok() ? SimpleReply(r.handle, 0) : Error(r, s);
+        std::move(done)(std::move(reply));
+      };
   switch (r.type) {
     case kCmdWrite: {
       // A moved std::string may change address (short strings): own it

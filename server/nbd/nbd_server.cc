@@ -20,6 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/errno_text.h"
 #include "server/common/log.h"
 #include "server/upstream/export_registry.h"
 #include "server/upstream/nbd_upstream.h"
@@ -98,7 +99,7 @@ absl::StatusOr<nbd::TlsMode> ParseTlsMode(const std::string& mode) {
 }
 
 absl::Status Errno(const std::string& what) {
-  return absl::UnavailableError(absl::StrCat(what, ": ", strerror(errno)));
+  return absl::UnavailableError(absl::StrCat(what, ": ", ErrnoText(errno)));
 }
 
 }  // namespace
@@ -133,11 +134,11 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
 }
 
 NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
-                     blockmeta::v1::NbdShimConfig config)
-    : NbdServer(ShimExportsFromRegistry(*registry), cache, std::move(config)) {}
+                     const blockmeta::v1::NbdShimConfig& config)
+    : NbdServer(ShimExportsFromRegistry(*registry), cache, config) {}
 
 NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
-                     blockmeta::v1::NbdShimConfig config)
+                     const blockmeta::v1::NbdShimConfig& config)
     : cache_(cache),
       config_(config),
       options_(OptionsFromConfig(config)),
@@ -205,7 +206,7 @@ size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
   if (!closing.empty()) {
     LogInfo("nbd_export_sessions_closed",
             {{"export", name},
-             {"sessions", static_cast<unsigned long>(closing.size())}});
+             {"sessions", static_cast<uint64_t>(closing.size())}});
   }
   return closing.size();
 }
@@ -379,7 +380,7 @@ void NbdServer::OnAccept(int fd) {
       LogWarning(
           "nbd_connection_rejected",
           {{"reason", "max_connections"},
-           {"max_connections", static_cast<unsigned long>(max_connections_)}});
+           {"max_connections", static_cast<uint64_t>(max_connections_)}});
       close(fd);
       return;
     }
@@ -391,7 +392,7 @@ void NbdServer::OnAccept(int fd) {
       LogWarning("nbd_idle_session_evicted",
                  {{"reason", "max_connections"},
                   {"export", e != nullptr ? e->name : ""},
-                  {"idle_ms", static_cast<long>(absl::ToInt64Milliseconds(
+                  {"idle_ms", static_cast<int64_t>(absl::ToInt64Milliseconds(
                                   absl::Now() - idle_since))}});
     } else {
       evicted_.fetch_add(1);

@@ -84,10 +84,10 @@ class NbdServer {
   // Serves every export of `registry` (see ShimExportsFromRegistry); the
   // set of exports is read once, here.
   NbdServer(const ExportRegistry* registry, ExtentCache* cache,
-            blockmeta::v1::NbdShimConfig config);
+            const blockmeta::v1::NbdShimConfig& config);
   // Serves the given exports (tests; sorted here).
   NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
-            blockmeta::v1::NbdShimConfig config);
+            const blockmeta::v1::NbdShimConfig& config);
   ~NbdServer();
   NbdServer(const NbdServer&) = delete;
   NbdServer& operator=(const NbdServer&) = delete;

@@ -6,12 +6,13 @@
 // clients are tested in //tests/nbd.
 #include "server/nbd/nbd_server.h"
 
-#include <dirent.h>
 #include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <filesystem>
+#include <iterator>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -33,9 +34,7 @@ constexpr uint64_t kSize = 4 << 20;
 constexpr uint32_t kBlock = 64 << 10;
 
 std::string TempSocket(const std::string& name) {
-  const char* dir = getenv("TEST_TMPDIR");
-  std::string base = dir != nullptr ? dir : "/tmp";
-  std::string path = absl::StrCat(base, "/", name, ".sock");
+  std::string path = absl::StrCat(::testing::TempDir(), name, ".sock");
   if (path.size() > 100) path = absl::StrCat("/tmp/nbdtest-", getpid(), name);
   return path;
 }
@@ -45,7 +44,7 @@ using nbd::testing::RequestBytes;
 
 class NbdServerTest : public ::testing::Test {
  protected:
-  void StartServer(blockmeta::v1::NbdShimConfig config = {}) {
+  void StartServer(const blockmeta::v1::NbdShimConfig& config = {}) {
     a_ = std::make_unique<FakeUpstream>(kSize, kBlock, true);
     b_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
     ro_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
@@ -262,6 +261,7 @@ TEST_F(NbdServerTest, HangUpsMidRequestAndMidPipelineAreHarmless) {
 TEST_F(NbdServerTest, ManyClientsAtOnce) {
   StartServer();
   std::vector<std::thread> threads;
+  threads.reserve(24);
   std::atomic<int> ok{0};
   for (int t = 0; t < 24; ++t) {
     threads.emplace_back([&, t] {
@@ -317,12 +317,9 @@ TEST_F(NbdServerTest, ConnectionCap) {
 
 // Threads of this process (Linux).
 size_t ThreadCount() {
-  size_t n = 0;
-  if (DIR* d = opendir("/proc/self/task")) {
-    while (dirent* e = readdir(d)) n += e->d_name[0] != '.';
-    closedir(d);
-  }
-  return n;
+  std::error_code ec;
+  const std::filesystem::directory_iterator tasks("/proc/self/task", ec);
+  return ec ? 0 : std::distance(begin(tasks), end(tasks));
 }
 
 // 100 established sessions cost about one thread each (plus the shared
@@ -399,6 +396,7 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
   std::atomic<bool> stop{false};
   std::atomic<int> hostile_connects{0};
   std::vector<std::thread> hostile;
+  hostile.reserve(200);
   for (int i = 0; i < 200; ++i) {
     hostile.emplace_back([&, i] {
       while (!stop.load()) {
@@ -475,7 +473,7 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
 
 class LearnedUpstream : public FakeUpstream {
  public:
-  LearnedUpstream(uint64_t learned)
+  explicit LearnedUpstream(uint64_t learned)
       : FakeUpstream(kSize, kBlock, true), learned_(learned) {}
   uint64_t ChangeGranularity() const override { return learned_; }
 
@@ -580,6 +578,7 @@ TEST_F(NbdServerTest, CloseExportRacingHandshakes) {
   std::atomic<bool> stop{false};
   std::atomic<int> b_sessions{0}, b_failures{0};
   std::vector<std::thread> clients;
+  clients.reserve(8);
   for (int i = 0; i < 8; ++i) {
     clients.emplace_back([&, i] {
       while (!stop.load()) {
@@ -627,6 +626,7 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
   std::atomic<bool> stop{false};
   std::atomic<int> established{0};
   std::vector<std::thread> hostile;
+  hostile.reserve(kCap);
   for (int i = 0; i < kCap; ++i) {
     hostile.emplace_back([&] {
       while (!stop.load()) {

@@ -16,6 +16,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/errno_text.h"
 
 extern char** environ;
 
@@ -66,7 +67,7 @@ absl::StatusOr<std::string> RunBounded(const std::vector<std::string>& argv,
   if (argv.empty()) return absl::InvalidArgumentError("empty argv");
   int p[2];
   if (pipe2(p, O_CLOEXEC) != 0) {
-    return absl::UnavailableError(absl::StrCat("pipe: ", strerror(errno)));
+    return absl::UnavailableError(absl::StrCat("pipe: ", ErrnoText(errno)));
   }
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
@@ -80,6 +81,7 @@ absl::StatusOr<std::string> RunBounded(const std::vector<std::string>& argv,
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
   std::vector<char*> args;
+  args.reserve(argv.size() + 1);
   for (const std::string& a : argv)
     args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
@@ -91,7 +93,7 @@ absl::StatusOr<std::string> RunBounded(const std::vector<std::string>& argv,
   if (rc != 0) {
     close(p[0]);
     return absl::UnavailableError(
-        absl::StrCat("cannot run ", argv[0], ": ", strerror(rc)));
+        absl::StrCat("cannot run ", argv[0], ": ", ErrnoText(rc)));
   }
   std::string out;
   absl::Status failed;
@@ -107,7 +109,7 @@ absl::StatusOr<std::string> RunBounded(const std::vector<std::string>& argv,
     const int r =
         poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left_ms, 1 << 30)));
     if (r < 0 && errno != EINTR) {
-      failed = absl::UnavailableError(absl::StrCat("poll: ", strerror(errno)));
+      failed = absl::UnavailableError(absl::StrCat("poll: ", ErrnoText(errno)));
       break;
     }
     if (r <= 0) continue;

@@ -14,8 +14,9 @@ namespace blockmeta {
 namespace {
 
 std::string TempDir() {
-  const char* d = getenv("TEST_TMPDIR");
-  return d != nullptr ? d : "/tmp";
+  std::string d = ::testing::TempDir();
+  if (!d.empty() && d.back() == '/') d.pop_back();
+  return d;
 }
 
 TEST(RunBounded, ReturnsStdout) {
@@ -77,7 +78,13 @@ TEST(ParseQemuImgInfo, TakesTheLargestOfEachKey) {
   EXPECT_EQ(g->cluster_size, UINT64_MAX);
 }
 
-int Sh(const std::string& cmd) { return system(cmd.c_str()); }
+// A shell command's success, run with the unit under test's own runner.
+int Sh(const std::string& cmd) {
+  return RunBounded({"sh", "-c", cmd}, absl::Now() + absl::Seconds(60), 1 << 20)
+                 .ok()
+             ? 0
+             : 1;
+}
 
 TEST(ProbeQcow2Granularity, ReadsClusterSizeAndBitmapGranularity) {
   const std::string img = TempDir() + "/probe.qcow2";

@@ -1396,11 +1396,11 @@ uint64_t LearnChangeGranularity(const blockmeta::v1::ExportConfig& config) {
                 {"reason", g.status().ToString().substr(0, 256)}});
     return 0;
   }
-  LogInfo("image_probed",
-          {{"export", config.name()},
-           {"cluster_size", static_cast<unsigned long>(g->cluster_size)},
-           {"bitmap_granularity",
-            static_cast<unsigned long>(g->bitmap_granularity)}});
+  LogInfo(
+      "image_probed",
+      {{"export", config.name()},
+       {"cluster_size", static_cast<uint64_t>(g->cluster_size)},
+       {"bitmap_granularity", static_cast<uint64_t>(g->bitmap_granularity)}});
   return g->Max();
 }
 

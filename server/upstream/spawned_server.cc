@@ -1,7 +1,6 @@
 // server/upstream/spawned_server.cc — see spawned_server.h.
 #include "server/upstream/spawned_server.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -14,6 +13,7 @@
 #include <unistd.h>
 
 #include <deque>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
+#include "server/common/errno_text.h"
 
 extern char** environ;
 
@@ -52,6 +53,8 @@ std::string Describe(int wstatus) {
 }
 
 std::string SpawnBase() {
+  // blockmetad never sets the environment, so no call races a setenv.
+  // NOLINTNEXTLINE(concurrency-mt-unsafe)
   const char* base = getenv("TMPDIR");
   return (base != nullptr && *base != '\0' && strlen(base) < 60) ? base
                                                                  : "/tmp";
@@ -133,11 +136,13 @@ class Spawner {
 
 int CleanStaleSpawnDirs() {
   const std::string base = SpawnBase();
-  DIR* d = opendir(base.c_str());
-  if (d == nullptr) return 0;
+  std::error_code ec;
+  std::filesystem::directory_iterator it(base, ec), end;
   int removed = 0;
-  while (struct dirent* ent = readdir(d)) {
-    absl::string_view n = ent->d_name;
+  // Entries removed below do not disturb the iteration (readdir semantics).
+  for (; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    absl::string_view n = name;
     if (n.substr(0, 10) != "blockmeta-") continue;
     const std::string dir = absl::StrCat(base, "/", n);
     std::ifstream in(dir + "/owner");
@@ -151,7 +156,6 @@ int CleanStaleSpawnDirs() {
     }
     if (rmdir(dir.c_str()) == 0) ++removed;
   }
-  closedir(d);
   return removed;
 }
 
@@ -165,7 +169,7 @@ absl::StatusOr<std::unique_ptr<SpawnedServer>> SpawnedServer::Create(
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) {
     return absl::InternalError(
-        absl::StrCat("mkdtemp ", tmpl, ": ", strerror(errno)));
+        absl::StrCat("mkdtemp ", tmpl, ": ", ErrnoText(errno)));
   }
   std::unique_ptr<SpawnedServer> s(new SpawnedServer());
   s->argv_ = std::move(argv);
@@ -194,7 +198,7 @@ absl::Status SpawnedServer::Start() {
   unlink(socket_path_.c_str());
   int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (lfd < 0)
-    return absl::InternalError(absl::StrCat("socket: ", strerror(errno)));
+    return absl::InternalError(absl::StrCat("socket: ", ErrnoText(errno)));
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (socket_path_.size() >= sizeof(addr.sun_path)) {
@@ -207,7 +211,7 @@ absl::Status SpawnedServer::Start() {
     int err = errno;
     close(lfd);
     return absl::InternalError(
-        absl::StrCat("listen on ", socket_path_, ": ", strerror(err)));
+        absl::StrCat("listen on ", socket_path_, ": ", ErrnoText(err)));
   }
   int log_fd =
       open(log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -223,6 +227,7 @@ absl::Status SpawnedServer::Start() {
   env.push_back("LISTEN_FDS=1");
   env.push_back("LISTEN_FDNAMES=nbd");
   std::vector<char*> cenv;
+  cenv.reserve(env.size() + 2);
   for (std::string& e : env) cenv.push_back(e.data());
   char listen_pid[40] = "LISTEN_PID=";
   cenv.push_back(listen_pid);
@@ -257,8 +262,10 @@ absl::Status SpawnedServer::Start() {
     for (int fd = 4; fd < 1024; ++fd) close(fd);
     sigset_t all;
     sigemptyset(&all);
-    sigprocmask(SIG_SETMASK, &all, nullptr);
-    signal(SIGPIPE, SIG_DFL);
+    pthread_sigmask(SIG_SETMASK, &all, nullptr);
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGPIPE, &dfl, nullptr);
     execvpe(cargv[0], cargv.data(), cenv.data());
     const char msg[] = "blockmeta: exec failed: ";
     (void)!write(2, msg, sizeof msg - 1);
@@ -271,7 +278,7 @@ absl::Status SpawnedServer::Start() {
     close(lfd);
     if (log_fd >= 0) close(log_fd);
     if (null_fd >= 0) close(null_fd);
-    return absl::InternalError(absl::StrCat("fork: ", strerror(err)));
+    return absl::InternalError(absl::StrCat("fork: ", ErrnoText(err)));
   }
   setpgid(pid, pid);
   close(lfd);  // the server owns the listening socket now

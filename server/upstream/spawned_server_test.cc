@@ -142,7 +142,8 @@ TEST(SpawnedServerTest, StaleDirectoriesOfDeadOwnersAreRemoved) {
   char tmpl[] = "/tmp/bm-stale-XXXXXX";
   ASSERT_NE(mkdtemp(tmpl), nullptr);
   const std::string base = tmpl;
-  setenv("TMPDIR", base.c_str(), 1);
+  // Set and unset on this thread, between spawns: no getenv runs then.
+  setenv("TMPDIR", base.c_str(), 1);  // NOLINT(concurrency-mt-unsafe)
   // A directory whose owner is gone (no such pid, or another start time).
   const std::string stale = base + "/blockmeta-dead01";
   ASSERT_EQ(mkdir(stale.c_str(), 0700), 0);
@@ -167,7 +168,7 @@ TEST(SpawnedServerTest, StaleDirectoriesOfDeadOwnersAreRemoved) {
   EXPECT_EQ(stat(foreign.c_str(), &st), 0);
   mine->reset();
   rmdir(foreign.c_str());
-  unsetenv("TMPDIR");
+  unsetenv("TMPDIR");  // NOLINT(concurrency-mt-unsafe): as setenv above
   EXPECT_EQ(rmdir(base.c_str()), 0);
 }
 

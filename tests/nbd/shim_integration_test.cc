@@ -336,6 +336,7 @@ TEST_F(ShimIntegrationTest, ManyClientsAtOnce) {
   auto want = Nbdinfo(direct_["fragmented"]);
   ASSERT_TRUE(want.ok());
   std::vector<std::thread> threads;
+  threads.reserve(8);
   std::atomic<int> good{0};
   for (int i = 0; i < 8; ++i) {
     threads.emplace_back([&, i] {

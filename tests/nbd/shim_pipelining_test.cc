@@ -244,6 +244,7 @@ TEST_F(ShimPipelinedWritesTest, WritesOverlapAndInvalidateTheCache) {
   // Cache the fresh disk: all hole.
   ASSERT_EQ(DataBytes(shim.get(), 0, 64 * kMiB), 0u);
   std::vector<std::string> bufs;
+  bufs.reserve(kReads);
   for (int i = 0; i < kReads; ++i) {
     bufs.push_back(std::string(kReadSize, static_cast<char>('a' + i)));
   }
