@@ -18,6 +18,7 @@
 #include "server/upstream/nbd_upstream.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/nbd_test_client.h"
+#include "tests/testing/shim_rig.h"
 
 namespace blockmeta {
 namespace {
@@ -34,29 +35,12 @@ class ShimPayloadTest : public ::testing::Test {
   // Serves `argv` (an nbdkit command with {sock}) as export "x" through a
   // shim with `max_payload_bytes`.
   void Serve(std::vector<std::string> argv, uint32_t max_payload_bytes) {
-    auto proc = NbdProcess::Start(std::move(argv));
-    ASSERT_TRUE(proc.ok()) << proc.status();
-    proc_ = std::move(*proc);
-    blockmeta::v1::ExportConfig config;
-    config.set_name("x");
-    config.set_nbd_uri(proc_->uri());
-    auto up = CreateUpstream(config);
-    ASSERT_TRUE(up.ok()) << up.status();
-    upstream_ = std::move(*up);
-    ASSERT_TRUE(upstream_->WaitReady(absl::Now() + absl::Seconds(20)))
-        << upstream_->LastError();
-    cache_ = std::make_unique<ExtentCache>(ExtentCache::Options());
     blockmeta::v1::NbdShimConfig shim;
     shim.set_max_payload_bytes(max_payload_bytes);
-    server_ = std::make_unique<NbdServer>(
-        std::vector<nbd::ShimExport>{
-            {"x", "", upstream_.get(), false, absl::Seconds(30)}},
-        cache_.get(), shim);
-    sock_ = dir_.File("shim.sock");
-    ASSERT_TRUE(server_->Start("", sock_).ok());
-  }
-  void TearDown() override {
-    if (server_) server_->Shutdown();
+    auto rig = testing::StartShimRig(std::move(argv), "x", shim);
+    ASSERT_TRUE(rig.ok()) << rig.status();
+    rig_ = *std::move(rig);
+    sock_ = rig_->sock;
   }
   // The NBD_INFO_BLOCK_SIZE maximum the shim advertises, after GO.
   uint32_t AdvertisedMaximum(RawClient* c) {
@@ -83,11 +67,7 @@ class ShimPayloadTest : public ::testing::Test {
     return c->Call(r);
   }
 
-  TempDir dir_;
-  std::unique_ptr<NbdProcess> proc_;
-  std::unique_ptr<Upstream> upstream_;
-  std::unique_ptr<ExtentCache> cache_;
-  std::unique_ptr<NbdServer> server_;
+  std::unique_ptr<testing::ShimRig> rig_;
   std::string sock_;
 };
 

@@ -22,6 +22,7 @@
 #include "server/nbd/nbd_server.h"
 #include "server/upstream/nbd_upstream.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/shim_rig.h"
 
 namespace blockmeta {
 namespace {
@@ -94,43 +95,17 @@ class ShimPipeliningTest : public ::testing::Test {
          absl::StrCat("delay-read=", absl::ToInt64Milliseconds(kDelay), "ms")});
   }
   void Start(std::vector<std::string> argv) {
-    dir_ = std::make_unique<TempDir>();
-    auto proc = NbdProcess::Start(std::move(argv));
-    ASSERT_TRUE(proc.ok()) << proc.status();
-    proc_ = std::move(*proc);
-    blockmeta::v1::ExportConfig config;
-    config.set_name("disk");
-    config.set_nbd_uri(proc_->uri());
-    auto up = CreateUpstream(config);
-    ASSERT_TRUE(up.ok()) << up.status();
-    upstream_ = std::move(*up);
-    ASSERT_TRUE(upstream_->WaitReady(absl::Now() + absl::Seconds(20)))
-        << upstream_->LastError();
-    cache_ = std::make_unique<ExtentCache>(ExtentCache::Options());
-    std::vector<nbd::ShimExport> exports;
-    exports.push_back({"disk", "", upstream_.get(), false, absl::Seconds(30)});
     // One worker thread: a shim that ran each read on a pool thread would
     // serialize them and fail the overlap check.
     blockmeta::v1::NbdShimConfig shim;
     shim.set_worker_threads(1);
-    server_ =
-        std::make_unique<NbdServer>(std::move(exports), cache_.get(), shim);
-    sock_ = dir_->File("shim.sock");
-    ASSERT_TRUE(server_->Start("", sock_).ok());
+    auto rig = testing::StartShimRig(std::move(argv), "disk", shim);
+    ASSERT_TRUE(rig.ok()) << rig.status();
+    rig_ = *std::move(rig);
   }
-  void TearDown() override {
-    if (server_) server_->Shutdown();
-  }
-  std::string ShimUri() const {
-    return absl::StrCat("nbd+unix:///disk?socket=", sock_);
-  }
+  std::string ShimUri() const { return rig_->Uri(); }
 
-  std::unique_ptr<TempDir> dir_;
-  std::unique_ptr<NbdProcess> proc_;
-  std::unique_ptr<Upstream> upstream_;
-  std::unique_ptr<ExtentCache> cache_;
-  std::unique_ptr<NbdServer> server_;
-  std::string sock_;
+  std::unique_ptr<testing::ShimRig> rig_;
 };
 
 TEST_F(ShimPipeliningTest, ReadsOnOneConnectionOverlapAndMatchTheUpstream) {
@@ -144,7 +119,7 @@ TEST_F(ShimPipeliningTest, ReadsOnOneConnectionOverlapAndMatchTheUpstream) {
   EXPECT_LT(through_shim, kDelay * (kReads / 2))
       << "reads through the shim did not overlap";
 
-  Handle direct = Connect(proc_->uri());
+  Handle direct = Connect(rig_->process->uri());
   ASSERT_NE(direct, nullptr);
   absl::Duration direct_took;
   std::vector<std::string> want = ReadAll(direct.get(), 3 * kMiB, &direct_took);
@@ -183,12 +158,12 @@ TEST_F(ShimPipeliningTest, ClientLeavingWithReadsInFlightIsSafe) {
   }
   // The last round's reads are still on the upstream: shutting the server
   // down now must wait for their completions, not free what they use.
-  server_->Shutdown();
-  server_.reset();
+  rig_->server->Shutdown();
+  rig_->server.reset();
   // The upstream still answers afterwards.
   std::string buf(4096, '\0');
   EXPECT_TRUE(
-      upstream_
+      rig_->upstream
           ->Pread(buf.data(), buf.size(), 0, absl::Now() + absl::Seconds(20))
           .ok());
 }
