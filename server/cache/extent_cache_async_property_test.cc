@@ -48,6 +48,7 @@
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
+#include "tests/testing/random_answer.h"
 
 namespace blockmeta {
 namespace {
@@ -175,9 +176,7 @@ class AsyncPropertyRun {
 
   uint64_t Rand(uint64_t n) { return n == 0 ? 0 : rng_() % n; }
   uint32_t RandomFlags(int k) {
-    static constexpr uint32_t kBase[] = {0, kStateHole, kStateZero,
-                                         kStateHole | kStateZero};
-    return k == 1 ? static_cast<uint32_t>(Rand(2)) : kBase[Rand(4)];
+    return testing::RandomUnitFlags(k, [this](uint64_t n) { return Rand(n); });
   }
   std::string Where() const {
     return absl::StrCat("step ", step_, " unit ", unit_, " size ", size_,
@@ -191,41 +190,9 @@ class AsyncPropertyRun {
   // random lengths (exact, short, window-limited, longer, past the export
   // end with garbage the cache must clip), random splits.
   ExtentList Answer(uint64_t off, uint64_t len, const Truth& truth) {
-    uint64_t answer;
-    switch (Rand(4)) {
-      case 0:
-        answer = len;
-        break;
-      case 1:
-        answer = 1 + Rand(len);
-        break;
-      case 2:
-        answer = len + 1 + Rand(unit_ * 3);
-        break;
-      default:
-        answer = size_ - off + 1 + Rand(unit_ * 2);
-        break;
-    }
-    if (limit_ != 0) answer = std::min(answer, limit_);
-    ExtentList out;
-    for (uint64_t pos = off; pos < off + answer;) {
-      const uint64_t end = off + answer;
-      uint64_t e;
-      uint32_t flags;
-      if (pos >= size_) {
-        e = end;
-        flags = 0x80 | static_cast<uint32_t>(Rand(4));
-      } else {
-        flags = truth[pos / unit_];
-        uint64_t u = pos / unit_ + 1;
-        while (u < units_ && truth[u] == flags) ++u;
-        e = std::min({u * unit_, size_, end});
-        if (e - pos > 1 && Rand(4) == 0) e = pos + 1 + Rand(e - pos - 1);
-      }
-      out.push_back(Extent{pos, e - pos, flags});
-      pos = e;
-    }
-    return out;
+    return testing::RandomUpstreamAnswer(
+        off, len, truth, unit_, size_, limit_,
+        [this](uint64_t n) { return Rand(n); });
   }
 
   // The AsyncFetcher of key k. Calls made from inside a delivery or from

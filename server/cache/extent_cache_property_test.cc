@@ -20,6 +20,7 @@
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
+#include "tests/testing/random_answer.h"
 
 namespace blockmeta {
 namespace {
@@ -108,9 +109,7 @@ class PropertyRun {
  private:
   uint64_t Rand(uint64_t n) { return n == 0 ? 0 : rng_() % n; }
   uint32_t RandomFlags(int k) {
-    static constexpr uint32_t kBase[] = {0, kStateHole, kStateZero,
-                                         kStateHole | kStateZero};
-    return k == 1 ? static_cast<uint32_t>(Rand(2)) : kBase[Rand(4)];
+    return testing::RandomUnitFlags(k, [this](uint64_t n) { return Rand(n); });
   }
   int KeyIndex(const CacheKey& key) {
     for (int k = 0; k < 3; ++k) {
@@ -198,40 +197,9 @@ class PropertyRun {
       }
     }
     injected_ = absl::StatusCode::kOk;
-    uint64_t answer;
-    switch (Rand(4)) {
-      case 0:
-        answer = len;
-        break;
-      case 1:
-        answer = 1 + Rand(len);
-        break;
-      case 2:
-        answer = len + 1 + Rand(unit_ * 3);
-        break;
-      default:
-        answer = size_ - off + 1 + Rand(unit_ * 2);
-        break;
-    }
-    ExtentList out;
-    uint64_t pos = off;
-    const uint64_t end = off + answer;
-    while (pos < end) {
-      uint64_t e;
-      uint32_t flags;
-      if (pos >= size_) {  // garbage past the export end: must be clipped
-        e = end;
-        flags = 0x80 | static_cast<uint32_t>(Rand(4));
-      } else {
-        flags = truth_[k][pos / unit_];
-        uint64_t u = pos / unit_ + 1;
-        while (u < units_ && truth_[k][u] == flags) ++u;
-        e = std::min({u * unit_, size_, end});
-        if (e - pos > 1 && Rand(4) == 0) e = pos + 1 + Rand(e - pos - 1);
-      }
-      out.push_back(Extent{pos, e - pos, flags});
-      pos = e;
-    }
+    ExtentList out = testing::RandomUpstreamAnswer(
+        off, len, truth_[k], unit_, size_, /*limit=*/0,
+        [this](uint64_t n) { return Rand(n); });
     // The disk changes while the answer is on its way back: the caller may
     // use it (it was true when asked) but the cache must not keep it.
     if (Rand(10) == 0) {
