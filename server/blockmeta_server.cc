@@ -31,6 +31,7 @@
 #include "server/service/metrics.h"
 #include "server/service/request_log.h"
 #include "server/upstream/export_registry.h"
+#include "server/upstream/nbd_upstream.h"
 
 namespace blockmeta {
 namespace {
@@ -184,6 +185,16 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
     s->nbd_ = std::make_unique<NbdServer>(
         std::vector<nbd::ShimExport>{}, s->cache_.get(),
         WithDefaultTlsFiles(c.nbd(), c.tls()));
+    const NbdServer* nbd = s->nbd_.get();  // outlives metrics_ (declared first)
+    s->metrics_->SetShimCounters([nbd] {
+      ShimCounters n;
+      n.connections = nbd->ActiveConnections();
+      n.rejected = nbd->RejectedConnections();
+      n.evicted_handshakes = nbd->EvictedConnections();
+      n.evicted_idle = nbd->EvictedIdleSessions();
+      n.buffered_bytes = nbd->BufferedBytes();
+      return n;
+    });
   }
   s->registry_->SetHooks(s->MakeHooks());
   absl::StatusOr<ExportRegistry::ReloadResult> loaded =
@@ -228,13 +239,10 @@ ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
   hooks.removed = [this](const ExportRef& e) {
     RefreshShim();
     if (nbd_ != nullptr) {
-      nbd_->CloseExport(
-          e->config.name(),
-          absl::Milliseconds(e->config.upstream_timeout_ms() == 0
-                                 ? 30000
-                                 : e->config.upstream_timeout_ms()) +
-              absl::Seconds(1));
+      nbd_->CloseExport(e->config.name(),
+                        UpstreamTimeout(e->config) + absl::Seconds(1));
     }
+    metrics_->ForgetExport(e->config.name());
     LogInfo("export_removed",
             {{"export", e->config.name()}, {"generation", e->generation}});
   };

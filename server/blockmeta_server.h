@@ -92,6 +92,9 @@ class BlockMetaServer {
   std::unique_ptr<ExportRegistry> registry_;
   std::unique_ptr<WorkerPools> pools_;
   std::unique_ptr<Admission> admission_;
+  // Before metrics_, which reads the shim's counters at each scrape until
+  // its listener is gone.
+  std::unique_ptr<NbdServer> nbd_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ExtentService> service_;
   std::unique_ptr<BlockMetaGrpcService> grpc_service_;
@@ -101,7 +104,6 @@ class BlockMetaServer {
   std::unique_ptr<AdminService> admin_;
   std::unique_ptr<AdminGrpcService> admin_grpc_;
   std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<NbdServer> nbd_;
   blockmeta::v1::ServerConfig startup_file_;  // set before Start()
   int grpc_port_ = 0;
   int nbd_port_ = 0;

@@ -125,9 +125,7 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     x.description = e->config.description();
     x.upstream = e->upstream.get();
     x.read_only = e->config.read_only();
-    x.upstream_timeout = absl::Milliseconds(
-        e->config.upstream_timeout_ms() != 0 ? e->config.upstream_timeout_ms()
-                                             : kDefaultUpstreamTimeoutMs);
+    x.upstream_timeout = UpstreamTimeout(e->config);
     out.push_back(std::move(x));
   }
   return out;
@@ -142,7 +140,6 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
     : cache_(cache),
       config_(config),
       options_(OptionsFromConfig(config)),
-      tls_config_(config.tls()),
       max_connections_(config.max_connections() != 0
                            ? config.max_connections()
                            : NbdServerDefaults::kMaxConnections),
@@ -223,12 +220,12 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
   if (tcp_addr.empty() && unix_path.empty()) {
     return absl::InvalidArgumentError("no NBD listen address");
   }
-  absl::StatusOr<nbd::TlsMode> mode = ParseTlsMode(tls_config_.mode());
+  absl::StatusOr<nbd::TlsMode> mode = ParseTlsMode(config_.tls().mode());
   if (!mode.ok()) return mode.status();
   if (*mode != nbd::TlsMode::kOff) {
     absl::StatusOr<std::unique_ptr<TlsCredentials>> creds =
-        TlsCredentials::Create({tls_config_.cert_file(), tls_config_.key_file(),
-                                tls_config_.client_ca_file()});
+        TlsCredentials::Create({config_.tls().cert_file(), config_.tls().key_file(),
+                                config_.tls().client_ca_file()});
     if (!creds.ok()) return creds.status();
     tls_ = *std::move(creds);
     options_.tls = tls_.get();

@@ -140,7 +140,6 @@ class NbdServer {
   ExtentCache* const cache_;
   const blockmeta::v1::NbdShimConfig config_;
   nbd::ConnectionOptions options_;
-  const blockmeta::v1::NbdTlsConfig tls_config_;
   std::unique_ptr<TlsCredentials> tls_;
   size_t max_connections_;
   // Established sessions idle this long may be evicted at the cap

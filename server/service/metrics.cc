@@ -5,6 +5,8 @@
 #include <map>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -15,6 +17,7 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "prometheus/text_serializer.h"
+#include "server/common/mutex.h"
 #include "server/upstream/upstream.h"
 
 namespace blockmeta {
@@ -252,6 +255,39 @@ class UpstreamCollector final : public prometheus::Collectable {
   const ExportRegistry* registry_;
 };
 
+// Reads the NBD shim's connection counters at scrape time.
+class ShimCollector final : public prometheus::Collectable {
+ public:
+  explicit ShimCollector(std::function<ShimCounters()> read)
+      : read_(std::move(read)) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    using Def = FieldDef<ShimCounters>;
+    using C = prometheus::MetricType;
+    static const Def kDefs[] = {
+        {"blockmeta_nbd_connections",
+         "NBD shim connections open (in their handshake or in a session)",
+         C::Gauge, &ShimCounters::connections},
+        {"blockmeta_nbd_connections_rejected_total",
+         "NBD clients refused at nbd.max_connections", C::Counter,
+         &ShimCounters::rejected},
+        {"blockmeta_nbd_handshakes_evicted_total",
+         "NBD clients stopped in their handshake to make room at the cap",
+         C::Counter, &ShimCounters::evicted_handshakes},
+        {"blockmeta_nbd_idle_sessions_evicted_total",
+         "Idle NBD sessions stopped to make room at the cap", C::Counter,
+         &ShimCounters::evicted_idle},
+        {"blockmeta_nbd_buffered_bytes",
+         "Request payloads being handled plus replies not yet sent", C::Gauge,
+         &ShimCounters::buffered_bytes},
+    };
+    return BuildFamilies(kDefs, {Labels{}}, {read_()});
+  }
+
+ private:
+  const std::function<ShimCounters()> read_;
+};
+
 }  // namespace
 
 class Metrics::Impl {
@@ -294,6 +330,17 @@ class Metrics::Impl {
   prometheus::Family<prometheus::Histogram>& handling;
   prometheus::Family<prometheus::Counter>& upstream_calls;
   prometheus::Family<prometheus::Histogram>& upstream_seconds;
+  std::shared_ptr<ShimCollector> shim_collector;  // null until set
+
+  // The upstream_calls / upstream_seconds samples of each export, so
+  // ForgetExport can remove them (prometheus-cpp removes by pointer).
+  struct ExportSamples {
+    absl::flat_hash_set<prometheus::Counter*> calls;
+    prometheus::Histogram* seconds = nullptr;
+  };
+  sync::Mutex samples_mu;
+  absl::flat_hash_map<std::string, ExportSamples> samples
+      ABSL_GUARDED_BY(samples_mu);
 };
 
 namespace {
@@ -365,6 +412,9 @@ absl::StatusOr<int> Metrics::Serve(const std::string& address) {
   if (impl_->upstream_collector) {
     exposer_->RegisterCollectable(impl_->upstream_collector);
   }
+  if (impl_->shim_collector) {
+    exposer_->RegisterCollectable(impl_->shim_collector);
+  }
   std::vector<int> ports = exposer_->GetListeningPorts();
   if (ports.empty()) {
     return absl::InternalError("metrics listener has no port");
@@ -380,12 +430,37 @@ Metrics::InterceptorFactory() {
 void Metrics::RecordUpstreamCall(const std::string& export_name,
                                  absl::Duration latency,
                                  const absl::Status& status) {
-  impl_->upstream_calls
-      .Add({{"export", export_name},
-            {"code", CodeName(static_cast<int>(status.code()))}})
-      .Increment();
-  impl_->upstream_seconds.Add({{"export", export_name}}, LatencyBuckets())
-      .Observe(absl::ToDoubleSeconds(latency));
+  // Held from the lookup to the update, so ForgetExport cannot remove (and
+  // free) a sample in between.
+  sync::MutexLock lock(&impl_->samples_mu);
+  prometheus::Counter& calls = impl_->upstream_calls.Add(
+      {{"export", export_name},
+       {"code", CodeName(static_cast<int>(status.code()))}});
+  prometheus::Histogram& seconds =
+      impl_->upstream_seconds.Add({{"export", export_name}}, LatencyBuckets());
+  {
+    Impl::ExportSamples& mine = impl_->samples[export_name];
+    mine.calls.insert(&calls);
+    mine.seconds = &seconds;
+    calls.Increment();
+    seconds.Observe(absl::ToDoubleSeconds(latency));
+  }
+}
+
+void Metrics::ForgetExport(const std::string& export_name) {
+  sync::MutexLock lock(&impl_->samples_mu);
+  auto it = impl_->samples.find(export_name);
+  if (it == impl_->samples.end()) return;
+  for (prometheus::Counter* c : it->second.calls)
+    impl_->upstream_calls.Remove(c);
+  if (it->second.seconds != nullptr) {
+    impl_->upstream_seconds.Remove(it->second.seconds);
+  }
+  impl_->samples.erase(it);
+}
+
+void Metrics::SetShimCounters(std::function<ShimCounters()> read) {
+  impl_->shim_collector = std::make_shared<ShimCollector>(std::move(read));
 }
 
 std::string Metrics::Render() const {
@@ -397,6 +472,11 @@ std::string Metrics::Render() const {
     std::vector<prometheus::MetricFamily> up =
         impl_->upstream_collector->Collect();
     families.insert(families.end(), up.begin(), up.end());
+  }
+  if (impl_->shim_collector) {
+    std::vector<prometheus::MetricFamily> shim =
+        impl_->shim_collector->Collect();
+    families.insert(families.end(), shim.begin(), shim.end());
   }
   return prometheus::TextSerializer().Serialize(families);
 }

@@ -9,7 +9,8 @@
 // * Cache counters per export and context (blockmeta_cache_*), read from the
 //   ExtentCache at scrape time — no double bookkeeping.
 // * Upstream block-status calls: blockmeta_upstream_calls_total{export,
-//   code} and blockmeta_upstream_call_seconds{export} (histogram).
+//   code} and blockmeta_upstream_call_seconds{export} (histogram). An
+//   export's samples go with ForgetExport (its removal).
 // * The upstream engine per export, read from Upstream::Stats() at scrape
 //   time: blockmeta_upstream_commands_in_flight, _commands_total,
 //   _commands_failed_total, _commands_timed_out_total,
@@ -17,12 +18,18 @@
 //   _soft_disconnects_total, _health_probes_total{export}, and per
 //   connection blockmeta_upstream_connection_in_flight and
 //   _connection_max_in_flight{export, conn}.
+// * The NBD shim's connections, read at scrape time from a ShimCounters
+//   source (SetShimCounters): blockmeta_nbd_connections,
+//   _connections_rejected_total, _handshakes_evicted_total,
+//   _idle_sessions_evicted_total, _buffered_bytes.
 //
 // Thread-safety: all methods are thread-safe (prometheus-cpp's metrics are
 // atomic; families lock internally when a new label set first appears).
 #ifndef BLOCKMETA_SERVER_SERVICE_METRICS_H_
 #define BLOCKMETA_SERVER_SERVICE_METRICS_H_
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -39,6 +46,16 @@ class Registry;
 }  // namespace prometheus
 
 namespace blockmeta {
+
+// The NBD shim's connection figures (NbdServer's counters), without a
+// dependency on the shim.
+struct ShimCounters {
+  uint64_t connections = 0;         // open now (handshake or session)
+  uint64_t rejected = 0;            // refused at the connection cap
+  uint64_t evicted_handshakes = 0;  // stopped in their handshake for room
+  uint64_t evicted_idle = 0;        // idle sessions stopped for room
+  uint64_t buffered_bytes = 0;      // requests in hand + unsent replies
+};
 
 class Metrics {
  public:
@@ -60,6 +77,16 @@ class Metrics {
 
   void RecordUpstreamCall(const std::string& export_name,
                           absl::Duration latency, const absl::Status& status);
+  // Drops the export's blockmeta_upstream_calls_total and _call_seconds
+  // samples (the export was removed), so a fleet that adds and removes
+  // exports all day does not grow /metrics without bound. A call of the
+  // export still finishing afterwards records a fresh sample.
+  void ForgetExport(const std::string& export_name);
+
+  // Where the shim's counters are read at each scrape. Call before Serve()
+  // (and before any scrape), at most once; `read` must stay valid while
+  // this object lives and be thread-safe.
+  void SetShimCounters(std::function<ShimCounters()> read);
 
   // The text exposition of everything, as /metrics serves it (for tests).
   std::string Render() const;

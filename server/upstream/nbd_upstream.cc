@@ -680,9 +680,7 @@ Core::Core(const blockmeta::v1::ExportConfig& config,
                : ""),
       max_connections_(config.connections() != 0 ? config.connections()
                                                  : kDefaultUpstreamConnections),
-      timeout_(absl::Milliseconds(config.upstream_timeout_ms() != 0
-                                      ? config.upstream_timeout_ms()
-                                      : kDefaultUpstreamTimeoutMs)),
+      timeout_(UpstreamTimeout(config)),
       force_read_only_(config.read_only() ||
                        (config.has_image() && config.image().read_only())),
       server_(std::move(server)),

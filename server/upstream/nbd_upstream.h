@@ -82,6 +82,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/upstream/upstream.h"
 
@@ -90,6 +91,13 @@ namespace blockmeta {
 // Defaults for ExportConfig fields left 0.
 inline constexpr uint32_t kDefaultUpstreamConnections = 2;
 inline constexpr uint32_t kDefaultUpstreamTimeoutMs = 30000;
+
+// The export's upstream_timeout_ms, kDefaultUpstreamTimeoutMs when unset.
+inline absl::Duration UpstreamTimeout(const blockmeta::v1::ExportConfig& c) {
+  return absl::Milliseconds(c.upstream_timeout_ms() != 0
+                                ? c.upstream_timeout_ms()
+                                : kDefaultUpstreamTimeoutMs);
+}
 
 // Starts connecting in the background and returns at once. The config is
 // assumed valid (ExportRegistry validates it); INVALID_ARGUMENT when no

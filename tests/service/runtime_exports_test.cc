@@ -56,6 +56,7 @@ class RuntimeExportsTest : public ::testing::Test {
     c.set_grpc_listen("127.0.0.1:0");
     c.set_grpc_unix_socket(dir_.File("grpc.sock"));
     c.set_nbd_unix_socket(dir_.File("nbd.sock"));
+    c.set_metrics_listen("127.0.0.1:0");
     v1::ExportConfig* f = c.add_exports();
     f->set_name("from-file");
     f->set_nbd_uri(upstream_->uri());
@@ -247,6 +248,33 @@ TEST_F(RuntimeExportsTest, ShimSessionOfARemovedExportIsClosed) {
   ASSERT_EQ(nbd_set_export_name(late, "nbdjob"), 0);
   EXPECT_EQ(nbd_connect_unix(late, dir_.File("nbd.sock").c_str()), -1);
   nbd_close(late);
+}
+
+// /metrics forgets a removed export's upstream-call samples (a fleet adding
+// and removing exports all day must not grow the exposition without bound)
+// and reports the shim's connections.
+TEST_F(RuntimeExportsTest, RemovedExportLeavesNoMetricSamples) {
+  v1::AddExportResponse added;
+  ASSERT_TRUE(Add(Uri("metered", upstream_->uri()), &added).ok());
+  ASSERT_TRUE(Extents("metered").ok());  // a miss: one upstream call
+  const std::string calls =
+      "blockmeta_upstream_calls_total{code=\"OK\",export=\"metered\"}";
+  const std::string seconds =
+      "blockmeta_upstream_call_seconds_count{export=\"metered\"}";
+  std::string text =
+      ::blockmeta::testing::HttpGet(server_->metrics_port(), "/metrics");
+  EXPECT_TRUE(absl::StrContains(text, calls)) << text;
+  EXPECT_TRUE(absl::StrContains(text, seconds)) << text;
+  EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_nbd_connections "));
+  ASSERT_TRUE(Remove("metered").ok());
+  text = ::blockmeta::testing::HttpGet(server_->metrics_port(), "/metrics");
+  // (The cache's own samples go when its keys are freed, at the drain.)
+  EXPECT_FALSE(absl::StrContains(text, calls)) << text;
+  EXPECT_FALSE(absl::StrContains(text, seconds)) << text;
+  EXPECT_FALSE(absl::StrContains(
+      text, "blockmeta_upstream_commands_total{export=\"metered\"}"));
+  EXPECT_TRUE(absl::StrContains(
+      text, "blockmeta_upstream_commands_total{export=\"from-file\"}"));
 }
 
 TEST_F(RuntimeExportsTest, ReloadAppliesGoodSetsAndRejectsBadOnesWhole) {
