@@ -286,6 +286,12 @@ absl::Status Handshaker::List(const std::string& data) {
   if (!data.empty())
     return Reply(kOptList, kRepErrInvalid, "LIST takes no data");
   for (const ShimExport& e : exports_) {
+    // An export being removed (its gate answers NOT_FOUND) is not listed:
+    // GO and INFO on it would be refused. One that is only unavailable
+    // (upstream reconnecting) still is.
+    if (gate_ && absl::IsNotFound(gate_(e, /*enter=*/false).status())) {
+      continue;
+    }
     std::string r;
     AppendBe32(&r, static_cast<uint32_t>(e.name.size()));
     r.append(e.name);

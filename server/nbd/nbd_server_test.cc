@@ -542,7 +542,27 @@ TEST_F(NbdServerTest, CloseExportClosesItsSessionsOnly) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->error, 0u);
 
-  // GO "a" is refused, the connection stays usable, GO "b" enters.
+  // LIST no longer names "a"; GO "a" is refused, the connection stays
+  // usable, GO "b" enters.
+  ASSERT_TRUE(negotiating->Send(nbd::testing::Option(nbd::kOptList)).ok());
+  std::vector<std::string> listed;
+  for (;;) {
+    absl::StatusOr<std::string> hdr = negotiating->Read(20);
+    ASSERT_TRUE(hdr.ok()) << hdr.status();
+    const auto* p = reinterpret_cast<const uint8_t*>(hdr->data());
+    absl::StatusOr<std::string> data = negotiating->Read(nbd::GetBe32(p + 16));
+    ASSERT_TRUE(data.ok()) << data.status();
+    const uint32_t type = nbd::GetBe32(p + 12);
+    if (type != nbd::kRepServer) {
+      EXPECT_EQ(type, nbd::kRepAck);
+      break;
+    }
+    ASSERT_GE(data->size(), 4u);
+    listed.push_back(data->substr(
+        4, nbd::GetBe32(reinterpret_cast<const uint8_t*>(data->data()))));
+  }
+  EXPECT_EQ(std::find(listed.begin(), listed.end(), "a"), listed.end());
+  EXPECT_NE(std::find(listed.begin(), listed.end(), "b"), listed.end());
   ASSERT_TRUE(
       negotiating
           ->Send(nbd::testing::Option(nbd::kOptGo, nbd::testing::GoData("a")))
