@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -160,7 +161,7 @@ TEST(DelayFilterTest, ABusyHandleServesOtherCommandsMeanwhile) {
   ASSERT_NE(up, nullptr);
   std::atomic<bool> slow_done{false};
   up->AsyncBlockStatus("base:allocation", 0, kMiB,
-                       [&](absl::StatusOr<ExtentList> r) {
+                       [&](const absl::StatusOr<ExtentList>& r) {
                          EXPECT_TRUE(r.ok()) << r.status();
                          slow_done.store(true);
                        });
@@ -296,7 +297,7 @@ TEST(ShutdownTest, BusyUpstreamAnsweringEshutdownIsDisconnectedSoftly) {
   absl::Status read_status;
   std::vector<char> buf(4096);
   up->AsyncPread(buf.data(), buf.size(), 0, [&](absl::Status s) {
-    read_status = s;
+    read_status = std::move(s);
     done.store(true);
   });
   ASSERT_TRUE(Eventually([&] {

@@ -288,8 +288,10 @@ TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
              absl::Seconds(5));
   ASSERT_EQ(LiveConnectionsForTesting(up.get()), 2);
   std::atomic<int> ok{0};
+  constexpr int kThreads = 8;
   std::vector<std::thread> threads;
-  for (int t = 0; t < 8; ++t) {
+  threads.reserve(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 5; ++i) {
         auto r = up->BlockStatus("base:allocation", t * kMiB, kMiB, Soon());
@@ -298,7 +300,7 @@ TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
     });
   }
   for (auto& th : threads) th.join();
-  EXPECT_EQ(ok.load(), 40);
+  EXPECT_EQ(ok.load(), kThreads * 5);
   auto text = ::blockmeta::testing::RunCommand({"cat", log});
   ASSERT_TRUE(text.ok()) << text.status();
   int on_conn1 = 0, on_conn2 = 0;
@@ -348,7 +350,7 @@ TEST(NbdUpstreamTest, ConcurrentCommandsOverlapOnOneHandle) {
   std::atomic<int> done{0};
   start = absl::Now();
   for (int i = 0; i < kReads; ++i) {
-    up->AsyncPread(bufs[i].data(), 4096, i * kMiB, [&](absl::Status s) {
+    up->AsyncPread(bufs[i].data(), 4096, i * kMiB, [&](const absl::Status& s) {
       EXPECT_TRUE(s.ok()) << s;
       ++done;
     });
@@ -397,8 +399,8 @@ TEST(NbdUpstreamTest, ManyUpstreamsShareTheEngineThreads) {
 
 TEST(NbdUpstreamTest, TlsUpstreamThroughNbdsUri) {
   TempDir dir;
-  const std::string d = dir.path();
-  auto run = [](std::vector<std::string> argv) {
+  const std::string& d = dir.path();
+  auto run = [](const std::vector<std::string>& argv) {
     auto r = RunCommand(argv);
     ASSERT_TRUE(r.ok()) << r.status();
   };
