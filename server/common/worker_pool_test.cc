@@ -12,9 +12,12 @@
 #include "gtest/gtest.h"
 #include "server/common/mutex.h"
 #include "server/common/worker_pools.h"
+#include "tests/testing/eventually.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::Eventually;
 
 TEST(WorkerPoolTest, RunsEveryTaskBeforeDestruction) {
   std::atomic<int> ran{0};
@@ -83,9 +86,9 @@ TEST(WorkerPoolsTest, ASaturatedExportDoesNotDelayAnother) {
   EXPECT_TRUE(fast_ran.WaitForNotificationWithTimeout(absl::Seconds(10)));
   // Both slow threads get going (they were picked before or after "fast");
   // no third one ever does while they block.
-  for (int i = 0; i < 2000 && slow_started.load() < 2; ++i) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
+  ASSERT_TRUE(Eventually([&] { return slow_started.load() == 2; }));
+  // The delay is what is tested: a wrongly started third task would need
+  // a moment to be dispatched, and no event marks its absence.
   absl::SleepFor(absl::Milliseconds(50));
   EXPECT_EQ(pools.Running("slow"), 2u);
   EXPECT_EQ(slow_started.load(), 2);
@@ -110,16 +113,10 @@ TEST(WorkerPoolsTest, CapIsNeverExceededAndEveryTaskRuns) {
       ran.fetch_add(1);
     });
   }
-  for (int i = 0; i < 2000 && ran.load() < 600; ++i) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  EXPECT_EQ(ran.load(), 600);
+  EXPECT_TRUE(Eventually([&] { return ran.load() == 600; })) << ran.load();
   EXPECT_LE(worst.load(), 2);
   // Idle exports leave no lane behind.
-  for (int i = 0; i < 2000 && pools.Lanes() > 0; ++i) {
-    absl::SleepFor(absl::Milliseconds(1));
-  }
-  EXPECT_EQ(pools.Lanes(), 0u);
+  EXPECT_TRUE(Eventually([&] { return pools.Lanes() == 0; })) << pools.Lanes();
 }
 
 TEST(WorkerPoolsTest, ExportsAreServedInTurn) {
@@ -141,13 +138,10 @@ TEST(WorkerPoolsTest, ExportsAreServedInTurn) {
     order.push_back("b");
   });
   gate.Notify();
-  for (int i = 0; i < 2000; ++i) {
-    {
-      sync::MutexLock l(&mu);
-      if (order.size() == 4) break;
-    }
-    absl::SleepFor(absl::Milliseconds(5));
-  }
+  ASSERT_TRUE(Eventually([&] {
+    sync::MutexLock l(&mu);
+    return order.size() == 4;
+  }));
   sync::MutexLock l(&mu);
   // b does not wait behind a's queued tasks (a was at its cap of 1).
   ASSERT_EQ(order.size(), 4u);

@@ -3,15 +3,16 @@
 // $FUZZ_CORPUS_DIR), then deterministic mutations of each seed (byte
 // flips, truncations at every offset up to 512, splices), so the cc_test
 // exercises the same code as a short libFuzzer run without clang.
-#include <dirent.h>
-
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <random>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <vector>
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size);
@@ -26,23 +27,27 @@ void Run(const std::string& s) {
 
 int main(int argc, char** argv) {
   std::string dir = argc > 1 ? argv[1] : "";
-  if (dir.empty() && getenv("FUZZ_CORPUS_DIR") != nullptr) {
-    dir = getenv("FUZZ_CORPUS_DIR");
+  if (dir.empty()) {
+    // main has started no thread yet, so nothing can race this read.
+    const char* env =
+        std::getenv("FUZZ_CORPUS_DIR");  // NOLINT(concurrency-mt-unsafe)
+    if (env != nullptr) dir = env;
   }
-  DIR* d = opendir(dir.c_str());
-  if (d == nullptr) {
-    std::cerr << "cannot open corpus directory '" << dir << "'\n";
+  std::error_code ec;
+  std::filesystem::directory_iterator it(dir, ec);
+  if (ec) {
+    std::cerr << "cannot open corpus directory '" << dir
+              << "': " << ec.message() << "\n";
     return 1;
   }
   std::vector<std::string> seeds;
-  while (struct dirent* e = readdir(d)) {
-    if (e->d_name[0] == '.') continue;
-    std::ifstream f(dir + "/" + e->d_name, std::ios::binary);
+  for (const std::filesystem::directory_entry& e : it) {
+    if (e.path().filename().string()[0] == '.') continue;
+    std::ifstream f(e.path(), std::ios::binary);
     std::stringstream ss;
     ss << f.rdbuf();
     seeds.push_back(ss.str());
   }
-  closedir(d);
   if (seeds.size() < 5) {
     std::cerr << "expected the seed corpus, found " << seeds.size() << "\n";
     return 1;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
 
@@ -29,7 +30,7 @@ FdStream::~FdStream() {
   if (owns_ && fd_ >= 0) close(fd_);
 }
 
-absl::Status FdStream::WaitFor(short events, absl::Time deadline) {
+absl::Status FdStream::WaitFor(int16_t events, absl::Time deadline) {
   for (;;) {
     int timeout_ms = -1;
     if (deadline != absl::InfiniteFuture()) {
@@ -45,7 +46,9 @@ absl::Status FdStream::WaitFor(short events, absl::Time deadline) {
     struct pollfd pfd = {fd_, events, 0};
     int r = poll(&pfd, 1, timeout_ms);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return absl::UnavailableError(strerror(errno));
+    if (r < 0)
+      return absl::UnavailableError(
+          std::error_code(errno, std::generic_category()).message());
     if (r > 0) return absl::OkStatus();  // ready, or an error recv/send sees
   }
 }
@@ -56,7 +59,8 @@ absl::StatusOr<size_t> FdStream::ReadSome(void* buf, size_t n) {
     if (r >= 0) return static_cast<size_t>(r);
     if (errno == EINTR) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) {
-      return absl::UnavailableError(absl::StrCat("recv: ", strerror(errno)));
+      return absl::UnavailableError(absl::StrCat(
+          "recv: ", std::error_code(errno, std::generic_category()).message()));
     }
     if (absl::Status s = WaitFor(POLLIN, read_deadline_); !s.ok()) return s;
   }
@@ -76,7 +80,8 @@ absl::StatusOr<size_t> FdStream::TryWrite(const void* buf, size_t n) {
     if (r >= 0) return static_cast<size_t>(r);
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return size_t{0};
-    return absl::UnavailableError(absl::StrCat("send: ", strerror(errno)));
+    return absl::UnavailableError(absl::StrCat(
+        "send: ", std::error_code(errno, std::generic_category()).message()));
   }
 }
 

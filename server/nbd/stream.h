@@ -79,7 +79,7 @@ class FdStream : public ByteStream {
 
  private:
   // Waits until `events` is ready on the fd or `deadline` passed.
-  absl::Status WaitFor(short events, absl::Time deadline);
+  absl::Status WaitFor(int16_t events, absl::Time deadline);
 
   const int fd_;
   const bool owns_;

@@ -32,7 +32,7 @@ TEST(ChunkedTest, PiecesTileTheRequestAndDoneRunsOnceWithTheLowestFailure) {
         [&](uint64_t o, uint64_t n, uint64_t d, StatusCallback cb) {
           pieces.push_back(Piece{o, n, d, std::move(cb)});
         },
-        [&](absl::Status s) {
+        [&](const absl::Status& s) {
           ++calls;
           got = s;
         });
@@ -94,7 +94,7 @@ TEST(ChunkedTest, PiecesFinishedOnOtherThreadsAndInline) {
             });
           }
         },
-        [&](absl::Status s) {
+        [&](const absl::Status& s) {
           EXPECT_TRUE(s.ok());
           ++calls;
         });

@@ -288,9 +288,10 @@ TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
              absl::Seconds(5));
   ASSERT_EQ(LiveConnectionsForTesting(up.get()), 2);
   std::atomic<int> ok{0};
+  constexpr int kThreads = 8;
   std::vector<std::thread> threads;
-  threads.reserve(8);
-  for (int t = 0; t < 8; ++t) {
+  threads.reserve(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 5; ++i) {
         auto r = up->BlockStatus("base:allocation", t * kMiB, kMiB, Soon());
@@ -299,7 +300,7 @@ TEST(NbdUpstreamTest, ConcurrentCallsShareThePool) {
     });
   }
   for (auto& th : threads) th.join();
-  EXPECT_EQ(ok.load(), 40);
+  EXPECT_EQ(ok.load(), kThreads * 5);
   auto text = ::blockmeta::testing::RunCommand({"cat", log});
   ASSERT_TRUE(text.ok()) << text.status();
   int on_conn1 = 0, on_conn2 = 0;

@@ -73,8 +73,10 @@ class DifferentialTest : public ::testing::Test {
 
     // 3. Many small extents (several stream batches).
     std::string many = dir_->File("many.qcow2");
+    constexpr int kWrites = 400;
     std::vector<std::string> writes;
-    for (int i = 0; i < 400; ++i) {
+    writes.reserve(kWrites);
+    for (int i = 0; i < kWrites; ++i) {
       writes.push_back(absl::StrCat("write -P ", i % 200 + 1, " ",
                                     (i * 37 % 1000) * 128, "k 64k"));
     }
@@ -147,13 +149,13 @@ class DifferentialTest : public ::testing::Test {
     ASSERT_EQ(upstreams_->size(), 6u) << "suite set-up failed";
   }
 
-  static std::string Tool(std::vector<std::string> argv) {
+  static std::string Tool(const std::vector<std::string>& argv) {
     absl::StatusOr<std::string> out = RunCommand(argv);
     EXPECT_TRUE(out.ok()) << out.status();
     return out.ok() ? *out : "";
   }
 
-  static std::string Blockmeta(std::vector<std::string> args) {
+  static std::string Blockmeta(const std::vector<std::string>& args) {
     RunResult r = server_->Cli(args);
     EXPECT_EQ(r.exit_code, 0) << absl::StrJoin(args, " ") << "\n"
                               << r.err << "\nserver log:\n"
@@ -237,12 +239,12 @@ TEST(DifferentialEmptyTest, EmptyExportMatchesTheTools) {
   ASSERT_EQ((*server)->AwaitHealth("blockmeta.v1.BlockMeta", "SERVING\n").out,
             "SERVING\n")
       << (*server)->Log();
-  auto tool = [](std::vector<std::string> argv) {
+  auto tool = [](const std::vector<std::string>& argv) {
     absl::StatusOr<std::string> out = RunCommand(argv);
     EXPECT_TRUE(out.ok()) << out.status();
     return out.ok() ? *out : "<failed>";
   };
-  auto cli = [&](std::vector<std::string> args) {
+  auto cli = [&](const std::vector<std::string>& args) {
     RunResult r = (*server)->Cli(args);
     EXPECT_EQ(r.exit_code, 0) << absl::StrJoin(args, " ") << "\n" << r.err;
     return r.out;

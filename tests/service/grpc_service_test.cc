@@ -329,8 +329,10 @@ TEST_F(GrpcServiceTest, ConcurrentMissesShareOneUpstreamCall) {
   }
   const uint64_t calls_before = stats().exports(0).upstream_calls();
   std::atomic<int> ok{0};
+  constexpr int kCallers = 8;
   std::vector<std::thread> threads;
-  for (int i = 0; i < 8; ++i) {
+  threads.reserve(kCallers);
+  for (int i = 0; i < kCallers; ++i) {
     threads.emplace_back([&] {
       v1::GetExtentsResponse r;
       if (GetExtents(Req("slow", 0, 16 * kMiB), &r, absl::Seconds(30)).ok() &&
@@ -340,7 +342,7 @@ TEST_F(GrpcServiceTest, ConcurrentMissesShareOneUpstreamCall) {
     });
   }
   for (auto& t : threads) t.join();
-  EXPECT_EQ(ok.load(), 8);
+  EXPECT_EQ(ok.load(), kCallers);
   v1::GetStatsResponse after = stats();
   EXPECT_EQ(after.exports(0).upstream_calls() - calls_before, 1u);
   EXPECT_GE(after.total().coalesced_waits(), 1u);
@@ -356,8 +358,10 @@ TEST_F(GrpcServiceTest, ManyConcurrentClientsGetTheTruth) {
   ASSERT_TRUE(slow_truth.ok());
   ASSERT_EQ(MergeAdjacent(*slow_truth), truth);
   std::atomic<int> wrong{0}, errors{0};
+  constexpr int kThreads = 12;
   std::vector<std::thread> threads;
-  for (int t = 0; t < 12; ++t) {
+  threads.reserve(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       std::mt19937_64 rng(t);
       for (int i = 0; i < 60; ++i) {

@@ -44,11 +44,11 @@ std::string Slurp(const std::string& path) {
 // A CA, a server cert for 127.0.0.1/localhost and a client cert, made with
 // the openssl CLI.
 void MakeCerts(const TempDir& dir) {
-  auto run = [](std::vector<std::string> argv) {
+  auto run = [](const std::vector<std::string>& argv) {
     auto r = RunCommand(argv);
     ASSERT_TRUE(r.ok()) << r.status();
   };
-  std::string d = dir.path();
+  const std::string& d = dir.path();
   run({"openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
        "-subj", "/CN=blockmeta-test-ca", "-keyout", d + "/ca.key", "-out",
        d + "/ca.pem"});
@@ -56,13 +56,14 @@ void MakeCerts(const TempDir& dir) {
       << "subjectAltName=IP:127.0.0.1,DNS:localhost\n";
   for (const std::string who : {"server", "client"}) {
     run({"openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj",
-         "/CN=" + who, "-keyout", d + "/" + who + ".key", "-out",
-         d + "/" + who + ".csr"});
+         absl::StrCat("/CN=", who), "-keyout",
+         absl::StrCat(d, "/", who, ".key"), "-out",
+         absl::StrCat(d, "/", who, ".csr")});
     std::vector<std::string> sign = {"openssl",
                                      "x509",
                                      "-req",
                                      "-in",
-                                     d + "/" + who + ".csr",
+                                     absl::StrCat(d, "/", who, ".csr"),
                                      "-CA",
                                      d + "/ca.pem",
                                      "-CAkey",
@@ -71,7 +72,7 @@ void MakeCerts(const TempDir& dir) {
                                      "-days",
                                      "2",
                                      "-out",
-                                     d + "/" + who + ".pem"};
+                                     absl::StrCat(d, "/", who, ".pem")};
     if (who == "server") {
       sign.push_back("-extfile");
       sign.push_back(d + "/server.ext");
@@ -107,7 +108,7 @@ class ServerOptionsTest : public ::testing::Test {
     return c;
   }
 
-  static grpc::Status ListExports(std::shared_ptr<grpc::Channel> ch,
+  static grpc::Status ListExports(const std::shared_ptr<grpc::Channel>& ch,
                                   v1::ListExportsResponse* r = nullptr) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
@@ -204,8 +205,10 @@ TEST_F(ServerOptionsTest, OverloadIsAnsweredWithResourceExhausted) {
   auto ch = StartReady(c, &server);
   ASSERT_NE(server, nullptr);
   std::atomic<int> ok{0}, exhausted{0}, other{0};
+  constexpr int kCallers = 8;
   std::vector<std::thread> threads;
-  for (int i = 0; i < 8; ++i) {
+  threads.reserve(kCallers);
+  for (int i = 0; i < kCallers; ++i) {
     threads.emplace_back([&, i] {
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(20)));
@@ -228,7 +231,7 @@ TEST_F(ServerOptionsTest, OverloadIsAnsweredWithResourceExhausted) {
   }
   for (auto& t : threads) t.join();
   EXPECT_GE(ok.load(), 1);
-  EXPECT_LE(ok.load(), 7) << "some calls must have been refused";
+  EXPECT_LE(ok.load(), kCallers - 1) << "some calls must have been refused";
   EXPECT_GE(exhausted.load(), 1);
   EXPECT_EQ(other.load(), 0);
   // Once the burst is over the server admits calls again.
@@ -265,8 +268,10 @@ TEST_F(ServerOptionsTest, ASlowExportDoesNotStarveAnother) {
     return v1::BlockMeta::NewStub(ch)->GetExtents(&ctx, req, &r);
   };
   const double sent = UpstreamCommandsSent(*server, "very_slow");
+  constexpr int kSlowCalls = 6;
   std::vector<std::thread> slow_calls;
-  for (int i = 0; i < 6; ++i) {
+  slow_calls.reserve(kSlowCalls);
+  for (int i = 0; i < kSlowCalls; ++i) {
     slow_calls.emplace_back([&, i] {
       EXPECT_TRUE(call("very_slow", static_cast<uint64_t>(i) * 4096).ok());
     });

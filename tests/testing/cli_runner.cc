@@ -20,8 +20,12 @@ extern char** environ;
 namespace blockmeta::testing {
 
 std::string RunfilePath(const std::string& workspace_relative) {
-  const char* srcdir = std::getenv("TEST_SRCDIR");
-  const char* ws = std::getenv("TEST_WORKSPACE");
+  // Bazel sets these before the test starts; test binaries only read the
+  // environment, so no setenv can race these reads.
+  const char* srcdir =
+      std::getenv("TEST_SRCDIR");  // NOLINT(concurrency-mt-unsafe)
+  const char* ws =
+      std::getenv("TEST_WORKSPACE");  // NOLINT(concurrency-mt-unsafe)
   return std::string(srcdir != nullptr ? srcdir : ".") + "/" +
          (ws != nullptr ? ws : "blockmeta") + "/" + workspace_relative;
 }

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -27,7 +28,9 @@ constexpr size_t kMaxSocketDirLen = 80;  // leaves room in sun_path (108)
 
 std::string BaseTempDir() {
   for (const char* var : {"TEST_TMPDIR", "TMPDIR"}) {
-    const char* v = getenv(var);
+    // Test binaries only read the environment; none calls setenv while
+    // another thread may make a TempDir.
+    const char* v = getenv(var);  // NOLINT(concurrency-mt-unsafe)
     if (v != nullptr && *v != '\0' && strlen(v) < kMaxSocketDirLen - 20) {
       return v;
     }
@@ -53,12 +56,14 @@ absl::StatusOr<pid_t> ForkExec(const std::vector<std::string>& argv, int out_fd,
                                int err_fd) {
   if (argv.empty()) return absl::InvalidArgumentError("empty argv");
   std::vector<char*> cargv;
+  cargv.reserve(argv.size() + 1);
   for (const std::string& a : argv)
     cargv.push_back(const_cast<char*>(a.c_str()));
   cargv.push_back(nullptr);
   pid_t pid = fork();
   if (pid < 0) {
-    return absl::InternalError(absl::StrCat("fork: ", strerror(errno)));
+    return absl::InternalError(absl::StrCat(
+        "fork: ", std::error_code(errno, std::generic_category()).message()));
   }
   if (pid == 0) {
     setpgid(0, 0);
@@ -115,7 +120,8 @@ TempDir::TempDir() {
   std::vector<char> buf(tmpl.begin(), tmpl.end());
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) {
-    fprintf(stderr, "mkdtemp(%s): %s\n", tmpl.c_str(), strerror(errno));
+    fprintf(stderr, "mkdtemp(%s): %s\n", tmpl.c_str(),
+            std::error_code(errno, std::generic_category()).message().c_str());
     abort();
   }
   path_ = buf.data();
@@ -148,8 +154,9 @@ absl::Status NbdProcess::Spawn() {
   int log_fd =
       open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd < 0) {
-    return absl::InternalError(
-        absl::StrCat("open ", log_path_, ": ", strerror(errno)));
+    return absl::InternalError(absl::StrCat(
+        "open ", log_path_, ": ",
+        std::error_code(errno, std::generic_category()).message()));
   }
   absl::StatusOr<pid_t> pid = ForkExec(argv_, log_fd, log_fd);
   close(log_fd);

@@ -24,20 +24,22 @@ blockmeta::v1::ExportConfig UriExport(const std::string& uri) {
   return c;
 }
 
-blockmeta::v1::ExportConfig CommandExport(std::vector<std::string> argv) {
+blockmeta::v1::ExportConfig CommandExport(
+    const std::vector<std::string>& argv) {
   blockmeta::v1::ExportConfig c;
   c.set_name("cmd");
-  for (auto& a : argv) c.mutable_command()->add_argv(a);
+  for (const auto& a : argv) c.mutable_command()->add_argv(a);
   return c;
 }
 
-blockmeta::v1::ExportConfig ImageExport(const std::string& path, bool read_only,
-                                        std::vector<std::string> bitmaps) {
+blockmeta::v1::ExportConfig ImageExport(
+    const std::string& path, bool read_only,
+    const std::vector<std::string>& bitmaps) {
   blockmeta::v1::ExportConfig c;
   c.set_name("img");
   c.mutable_image()->set_path(path);
   c.mutable_image()->set_read_only(read_only);
-  for (auto& b : bitmaps) c.mutable_image()->add_bitmaps(b);
+  for (const auto& b : bitmaps) c.mutable_image()->add_bitmaps(b);
   return c;
 }
 

@@ -24,9 +24,10 @@ inline absl::Time Soon() { return absl::Now() + absl::Seconds(10); }
 std::unique_ptr<Upstream> Connect(const blockmeta::v1::ExportConfig& config);
 
 blockmeta::v1::ExportConfig UriExport(const std::string& uri);
-blockmeta::v1::ExportConfig CommandExport(std::vector<std::string> argv);
-blockmeta::v1::ExportConfig ImageExport(const std::string& path, bool read_only,
-                                        std::vector<std::string> bitmaps = {});
+blockmeta::v1::ExportConfig CommandExport(const std::vector<std::string>& argv);
+blockmeta::v1::ExportConfig ImageExport(
+    const std::string& path, bool read_only,
+    const std::vector<std::string>& bitmaps = {});
 
 // testing::Eventually (eventually.h) with these tests' 15 s default.
 inline bool Eventually(absl::FunctionRef<bool()> pred,
