@@ -8,9 +8,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "server/common/errno_text.h"
 
 namespace blockmeta {
 namespace nbd {
@@ -46,9 +46,7 @@ absl::Status FdStream::WaitFor(int16_t events, absl::Time deadline) {
     struct pollfd pfd = {fd_, events, 0};
     int r = poll(&pfd, 1, timeout_ms);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0)
-      return absl::UnavailableError(
-          std::error_code(errno, std::generic_category()).message());
+    if (r < 0) return absl::UnavailableError(ErrnoText(errno));
     if (r > 0) return absl::OkStatus();  // ready, or an error recv/send sees
   }
 }
@@ -59,8 +57,7 @@ absl::StatusOr<size_t> FdStream::ReadSome(void* buf, size_t n) {
     if (r >= 0) return static_cast<size_t>(r);
     if (errno == EINTR) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) {
-      return absl::UnavailableError(absl::StrCat(
-          "recv: ", std::error_code(errno, std::generic_category()).message()));
+      return absl::UnavailableError(absl::StrCat("recv: ", ErrnoText(errno)));
     }
     if (absl::Status s = WaitFor(POLLIN, read_deadline_); !s.ok()) return s;
   }
@@ -80,8 +77,7 @@ absl::StatusOr<size_t> FdStream::TryWrite(const void* buf, size_t n) {
     if (r >= 0) return static_cast<size_t>(r);
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return size_t{0};
-    return absl::UnavailableError(absl::StrCat(
-        "send: ", std::error_code(errno, std::generic_category()).message()));
+    return absl::UnavailableError(absl::StrCat("send: ", ErrnoText(errno)));
   }
 }
 

@@ -24,9 +24,7 @@ namespace blockmeta {
 namespace {
 
 using nbd::testing::RawClient;
-using testing::NbdProcess;
 using testing::RunCommand;
-using testing::TempDir;
 
 constexpr uint32_t kMiB = 1u << 20;
 

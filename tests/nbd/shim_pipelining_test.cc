@@ -27,8 +27,6 @@
 namespace blockmeta {
 namespace {
 
-using testing::NbdProcess;
-using testing::TempDir;
 
 constexpr uint64_t kMiB = 1 << 20;
 constexpr int kReads = 16;  // the shim's default max_inflight_requests

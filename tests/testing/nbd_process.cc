@@ -15,11 +15,11 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
-#include <system_error>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "server/common/errno_text.h"
 
 namespace blockmeta::testing {
 namespace {
@@ -62,8 +62,7 @@ absl::StatusOr<pid_t> ForkExec(const std::vector<std::string>& argv, int out_fd,
   cargv.push_back(nullptr);
   pid_t pid = fork();
   if (pid < 0) {
-    return absl::InternalError(absl::StrCat(
-        "fork: ", std::error_code(errno, std::generic_category()).message()));
+    return absl::InternalError(absl::StrCat("fork: ", ErrnoText(errno)));
   }
   if (pid == 0) {
     setpgid(0, 0);
@@ -121,7 +120,7 @@ TempDir::TempDir() {
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) {
     fprintf(stderr, "mkdtemp(%s): %s\n", tmpl.c_str(),
-            std::error_code(errno, std::generic_category()).message().c_str());
+            ErrnoText(errno).c_str());
     abort();
   }
   path_ = buf.data();
@@ -154,9 +153,8 @@ absl::Status NbdProcess::Spawn() {
   int log_fd =
       open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd < 0) {
-    return absl::InternalError(absl::StrCat(
-        "open ", log_path_, ": ",
-        std::error_code(errno, std::generic_category()).message()));
+    return absl::InternalError(
+        absl::StrCat("open ", log_path_, ": ", ErrnoText(errno)));
   }
   absl::StatusOr<pid_t> pid = ForkExec(argv_, log_fd, log_fd);
   close(log_fd);

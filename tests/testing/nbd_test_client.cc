@@ -9,10 +9,10 @@
 
 #include <cerrno>
 #include <cstring>
-#include <system_error>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "server/common/errno_text.h"
 
 namespace blockmeta {
 namespace nbd {
@@ -87,9 +87,8 @@ absl::StatusOr<std::unique_ptr<RawClient>> RawClient::ConnectUnix(
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0 ||
       connect(fd, reinterpret_cast<struct sockaddr*>(&sa), sizeof sa) != 0) {
-    absl::Status s = absl::UnavailableError(absl::StrCat(
-        "connect: ",
-        std::error_code(errno, std::generic_category()).message()));
+    absl::Status s =
+        absl::UnavailableError(absl::StrCat("connect: ", ErrnoText(errno)));
     if (fd >= 0) close(fd);
     return s;
   }
@@ -105,9 +104,8 @@ absl::StatusOr<std::unique_ptr<RawClient>> RawClient::ConnectTcp(
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0 ||
       connect(fd, reinterpret_cast<struct sockaddr*>(&sa), sizeof sa) != 0) {
-    absl::Status s = absl::UnavailableError(absl::StrCat(
-        "connect: ",
-        std::error_code(errno, std::generic_category()).message()));
+    absl::Status s =
+        absl::UnavailableError(absl::StrCat("connect: ", ErrnoText(errno)));
     if (fd >= 0) close(fd);
     return s;
   }
