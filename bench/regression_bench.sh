@@ -42,7 +42,7 @@ WAIT_TRIES=400
 WT=""
 cleanup_baseline() {
   if [ -n "$WT" ]; then
-    (cd "$WT" && bazel shutdown 2>/dev/null) || true
+    (cd "$WT" && bazel clean --expunge 2>/dev/null) || true
     git -C "$REPO" worktree remove --force "$WT" 2>/dev/null || true
   fi
   bench_cleanup
@@ -79,7 +79,7 @@ if [ -z "${BASELINE_BIN_DIR:-}" ]; then
   take "$BASELINE_BIN_DIR" baseline
   # The binaries are copied out: the worktree and its Bazel server go now,
   # so they do not hold memory during the measurements.
-  (cd "$WT" && bazel shutdown 2>/dev/null) || true
+  (cd "$WT" && bazel clean --expunge 2>/dev/null) || true
   git -C "$REPO" worktree remove --force "$WT"
   WT=""
 else
