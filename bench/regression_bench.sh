@@ -42,7 +42,7 @@ WAIT_TRIES=400
 WT=""
 cleanup_baseline() {
   if [ -n "$WT" ]; then
-    (cd "$WT" && bazel clean --expunge 2>/dev/null) || true
+    [ -d "$WT" ] && { (cd "$WT" && bazel clean --expunge 2>/dev/null) || true; }
     git -C "$REPO" worktree remove --force "$WT" 2>/dev/null || true
   fi
   bench_cleanup
