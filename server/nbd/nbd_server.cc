@@ -224,7 +224,8 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
   if (!mode.ok()) return mode.status();
   if (*mode != nbd::TlsMode::kOff) {
     absl::StatusOr<std::unique_ptr<TlsCredentials>> creds =
-        TlsCredentials::Create({config_.tls().cert_file(), config_.tls().key_file(),
+        TlsCredentials::Create({config_.tls().cert_file(),
+                                config_.tls().key_file(),
                                 config_.tls().client_ca_file()});
     if (!creds.ok()) return creds.status();
     tls_ = *std::move(creds);

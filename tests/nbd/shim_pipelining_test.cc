@@ -27,7 +27,6 @@
 namespace blockmeta {
 namespace {
 
-
 constexpr uint64_t kMiB = 1 << 20;
 constexpr int kReads = 16;  // the shim's default max_inflight_requests
 constexpr uint32_t kReadSize = kMiB;
