@@ -11,6 +11,13 @@
 # a failed or interrupted run leaves no nbdkit / blockmetad behind. Waits
 # poll for their condition with a bound (WAIT_TRIES x 50 ms, default 200 =
 # 10 s) and exit the script when it does not come. Not a test.
+#
+# Scripts that compare against an older revision build it with
+# baseline_worktree REPO REV (a detached worktree of REV inside $W, with
+# REPO's user.bazelrc, so the shared disk cache serves it) and opt_bazel_bin
+# DIR TARGET... (a -c opt build; prints its bazel-bin, exits the script if
+# the build fails); baseline_remove drops the worktree and its output base,
+# and the EXIT trap does so too if the script ends first.
 
 bench_init() {  # NAME
   W="$(mktemp -d "/tmp/$1.XXXXXX")"
@@ -19,6 +26,7 @@ bench_init() {  # NAME
 }
 
 bench_cleanup() {
+  baseline_remove
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$W"
@@ -36,3 +44,35 @@ wait_file() {  # PATH: until a file is non-empty (e.g. blockmetad's --port_file)
 
 now() { date +%s.%N; }
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+median() {  # stdin: one number a line -> the median (mean of the middle two)
+  sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'
+}
+
+BASELINE_WT=""
+BASELINE_REPO=""
+baseline_worktree() {  # REPO REV: sets BASELINE_WT (not in a subshell)
+  BASELINE_REPO="$1"
+  BASELINE_WT="$W/baseline-tree"
+  git -C "$1" worktree add --detach "$BASELINE_WT" "$2" >&2
+  if [ -f "$1/user.bazelrc" ]; then cp "$1/user.bazelrc" "$BASELINE_WT/"; fi
+}
+
+baseline_remove() {  # the worktree, its Bazel server and output base
+  [ -n "$BASELINE_WT" ] || return 0
+  if [ -d "$BASELINE_WT" ]; then
+    (cd "$BASELINE_WT" && bazel clean --expunge 2>/dev/null) || true
+  fi
+  git -C "$BASELINE_REPO" worktree remove --force "$BASELINE_WT" 2>/dev/null || true
+  BASELINE_WT=""
+}
+
+opt_bazel_bin() {  # DIR TARGET...: builds -c opt in DIR, prints its bazel-bin
+  local dir=$1 bin
+  shift
+  (cd "$dir" && bazel build --jobs=2 -c opt "$@" >&2) ||
+    { echo "BUILD FAILED in $dir" >&2; exit 1; }
+  bin="$(cd "$dir" && bazel info -c opt bazel-bin 2>/dev/null)"
+  [ -n "$bin" ] || { echo "bazel info failed in $dir" >&2; exit 1; }
+  echo "$bin"
+}

@@ -39,26 +39,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 . "$(dirname "$0")/lib.sh"
 bench_init regression-bench
 WAIT_TRIES=400
-WT=""
-cleanup_baseline() {
-  if [ -n "$WT" ]; then
-    [ -d "$WT" ] && { (cd "$WT" && bazel clean --expunge 2>/dev/null) || true; }
-    git -C "$REPO" worktree remove --force "$WT" 2>/dev/null || true
-  fi
-  bench_cleanup
-}
-trap cleanup_baseline EXIT
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-
 TARGETS=(//server:blockmetad //client:blockmeta //bench:cache_benchmark)
-build() {  # build DIR -> its opt bazel-bin; exits the script if it fails
-  local bin
-  (cd "$1" && bazel build --jobs=2 -c opt "${TARGETS[@]}" >&2) ||
-    { echo "BUILD FAILED in $1" >&2; exit 1; }
-  bin="$(cd "$1" && bazel info -c opt bazel-bin 2>/dev/null)"
-  [ -n "$bin" ] || { echo "bazel info failed in $1" >&2; exit 1; }
-  echo "$bin"
-}
 # Copies the three binaries of a bazel-bin into $W/WHICH/.
 take() {  # take BIN_DIR WHICH
   mkdir -p "$W/$2"
@@ -69,19 +50,15 @@ take() {  # take BIN_DIR WHICH
 }
 echo "# start: $(date -u +%FT%TZ) $(uptime)" >&2
 START_UPTIME="$(uptime)"
-NEW_BIN_DIR="${NEW_BIN_DIR:-$(build "$REPO")}"
+NEW_BIN_DIR="${NEW_BIN_DIR:-$(opt_bazel_bin "$REPO" "${TARGETS[@]}")}"
 take "$NEW_BIN_DIR" new
 if [ -z "${BASELINE_BIN_DIR:-}" ]; then
-  WT="$W/baseline-tree"
-  git -C "$REPO" worktree add --detach "$WT" "$BASELINE_REV" >&2
-  [ -f "$REPO/user.bazelrc" ] && cp "$REPO/user.bazelrc" "$WT/"
-  BASELINE_BIN_DIR="$(build "$WT")"
+  baseline_worktree "$REPO" "$BASELINE_REV"
+  BASELINE_BIN_DIR="$(opt_bazel_bin "$BASELINE_WT" "${TARGETS[@]}")"
   take "$BASELINE_BIN_DIR" baseline
   # The binaries are copied out: the worktree and its Bazel server go now,
   # so they do not hold memory during the measurements.
-  (cd "$WT" && bazel clean --expunge 2>/dev/null) || true
-  git -C "$REPO" worktree remove --force "$WT"
-  WT=""
+  baseline_remove
 else
   take "$BASELINE_BIN_DIR" baseline
 fi

@@ -28,26 +28,10 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 . "$(dirname "$0")/lib.sh"
 bench_init shim-cpu
 WAIT_TRIES=400
-WT=""
-# The baseline worktree (inside $W) and its Bazel server go first, then
-# what bench_cleanup removes.
-cleanup_baseline() {
-  if [ -n "$WT" ]; then
-    (cd "$WT" && bazel shutdown 2>/dev/null) || true
-    git -C "$REPO" worktree remove --force "$WT" 2>/dev/null || true
-  fi
-  bench_cleanup
-}
-trap cleanup_baseline EXIT
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-build() {  # build DIR -> path of an opt blockmetad built in DIR
-  (cd "$1" && bazel build --jobs=2 -c opt //server:blockmetad >&2) &&
-    echo "$(cd "$1" && bazel info -c opt bazel-bin 2>/dev/null)/server/blockmetad"
-}
 if [ -z "${NEW_BIN:-}" ]; then
-  NEW_BIN="$(build "$REPO")"
+  NEW_BIN="$(opt_bazel_bin "$REPO" //server:blockmetad)/server/blockmetad"
 fi
 if [ -z "${BASELINE_BIN:-}" ]; then
   if [ -z "${BASELINE_REV:-}" ]; then
@@ -55,11 +39,11 @@ if [ -z "${BASELINE_BIN:-}" ]; then
     [ -n "$rewrite" ] || { echo "cannot find the shim thread rewrite; set BASELINE_REV" >&2; exit 1; }
     BASELINE_REV="${rewrite}^"
   fi
-  WT="$W/baseline"
-  git -C "$REPO" worktree add --detach "$WT" "$BASELINE_REV" >&2
-  [ -f "$REPO/user.bazelrc" ] && cp "$REPO/user.bazelrc" "$WT/"
+  baseline_worktree "$REPO" "$BASELINE_REV"
   BASELINE_BIN="$W/blockmetad.baseline"
-  cp "$(build "$WT")" "$BASELINE_BIN"
+  cp "$(opt_bazel_bin "$BASELINE_WT" //server:blockmetad)/server/blockmetad" \
+    "$BASELINE_BIN"
+  baseline_remove  # the binary is copied out; free the memory now
 fi
 cp "$NEW_BIN" "$W/blockmetad.new"
 NEW_BIN="$W/blockmetad.new"
