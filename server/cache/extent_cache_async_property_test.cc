@@ -55,7 +55,7 @@ namespace {
 
 constexpr int kSeeds = 16;
 constexpr int kSteps = 2500;
-constexpr int kKeyCount = 3;
+constexpr int kKeyCount = testing::kPropertyKeys;
 
 const CacheKey kXBase{"x", "base:allocation"};
 const CacheKey kXDirty{"x", "qemu:dirty-bitmap:d"};
@@ -71,21 +71,12 @@ using Truth = std::vector<uint32_t>;  // flags per unit
 class AsyncPropertyRun {
  public:
   explicit AsyncPropertyRun(uint64_t seed) : rng_(seed) {
-    static constexpr uint64_t kUnits[] = {1, 3, 512, 4096};
-    unit_ = kUnits[Rand(4)];
-    units_ = 16 + Rand(400);
-    size_ = units_ * unit_ - (unit_ > 1 ? Rand(unit_) : 0);
-    for (int k = 0; k < kKeyCount; ++k) {
-      truth_[k].resize(units_);
-      for (uint64_t u = 0; u < units_;) {
-        const uint64_t run = 1 + Rand(Rand(2) ? 4 : 40);
-        const uint32_t f = RandomFlags(k);
-        for (uint64_t i = u; i < std::min(units_, u + run); ++i) {
-          truth_[k][i] = f;
-        }
-        u += run;
-      }
-    }
+    testing::RandomDisk d = testing::MakeRandomDisk(
+        16, 400, [this](uint64_t n) { return Rand(n); });
+    unit_ = d.unit;
+    units_ = d.units;
+    size_ = d.size;
+    for (int k = 0; k < kKeyCount; ++k) truth_[k] = std::move(d.truth[k]);
     history_.push_back({truth_[0], truth_[1], truth_[2]});
     ExtentCache::Options o;
     switch (Rand(3)) {

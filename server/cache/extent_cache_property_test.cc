@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -36,22 +37,12 @@ const CacheKey* const kKeys[] = {&kXBase, &kXDirty, &kYBase};
 class PropertyRun {
  public:
   explicit PropertyRun(uint64_t seed) : rng_(seed) {
-    static constexpr uint64_t kUnits[] = {1, 3, 512, 4096};
-    unit_ = kUnits[Rand(4)];
-    units_ = 8 + Rand(300);
-    size_ = units_ * unit_ - (unit_ > 1 ? Rand(unit_) : 0);
-    for (int k = 0; k < 3; ++k) {
-      truth_[k].resize(units_);
-      uint64_t u = 0;
-      while (u < units_) {
-        const uint64_t run = 1 + Rand(Rand(2) ? 4 : 40);
-        const uint32_t f = RandomFlags(k);
-        for (uint64_t i = u; i < std::min(units_, u + run); ++i) {
-          truth_[k][i] = f;
-        }
-        u += run;
-      }
-    }
+    testing::RandomDisk d =
+        testing::MakeRandomDisk(8, 300, [this](uint64_t n) { return Rand(n); });
+    unit_ = d.unit;
+    units_ = d.units;
+    size_ = d.size;
+    for (int k = 0; k < 3; ++k) truth_[k] = std::move(d.truth[k]);
     ExtentCache::Options o;
     switch (Rand(3)) {
       case 0:

@@ -23,6 +23,10 @@
 namespace blockmeta {
 namespace testing {
 
+// The property tests' three keys: an allocation context (k == 0), a
+// bitmap context (k == 1) and another export's allocation context (k == 2).
+inline constexpr int kPropertyKeys = 3;
+
 // Random flags for a unit of context k of the property tests: a bitmap
 // context (k == 1) is clean (0) or dirty (1), the others a base:allocation
 // state (data, hole, zero, hole + zero).
@@ -31,6 +35,39 @@ uint32_t RandomUnitFlags(int k, Rand&& rand) {
   static constexpr uint32_t kBase[] = {0, kStateHole, kStateZero,
                                        kStateHole | kStateZero};
   return k == 1 ? static_cast<uint32_t>(rand(2)) : kBase[rand(4)];
+}
+
+// A random disk for the property tests: `unit` is 1, 3, 512 or 4096 bytes,
+// `units` in [min_units, min_units + extra_units), `size` cuts the last
+// unit short at random, and each key's truth is runs of equal flags
+// (short and long runs alike).
+struct RandomDisk {
+  uint64_t unit = 0;
+  uint64_t units = 0;
+  uint64_t size = 0;
+  std::vector<uint32_t> truth[kPropertyKeys];
+};
+
+template <typename Rand>
+RandomDisk MakeRandomDisk(uint64_t min_units, uint64_t extra_units,
+                          Rand&& rand) {
+  static constexpr uint64_t kUnits[] = {1, 3, 512, 4096};
+  RandomDisk d;
+  d.unit = kUnits[rand(4)];
+  d.units = min_units + rand(extra_units);
+  d.size = d.units * d.unit - (d.unit > 1 ? rand(d.unit) : 0);
+  for (int k = 0; k < kPropertyKeys; ++k) {
+    d.truth[k].resize(d.units);
+    for (uint64_t u = 0; u < d.units;) {
+      const uint64_t run = 1 + rand(rand(2) ? 4 : 40);
+      const uint32_t f = RandomUnitFlags(k, rand);
+      for (uint64_t i = u; i < std::min(d.units, u + run); ++i) {
+        d.truth[k][i] = f;
+      }
+      u += run;
+    }
+  }
+  return d;
 }
 
 template <typename Rand>
