@@ -246,12 +246,14 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
                       size_t max_extents) const;
   void Record(const CacheKey& key, uint64_t offset, const LookupResult& r);
   void RecordUpstreamCall(const CacheKey& key, const absl::Status& status);
-  // `detached`: the fetcher may be called after Get() returns (read-ahead,
-  // detached waits); false for a synchronous fetcher wrapped inline.
+  // Exactly one of `async` and `sync` is set. With `async` the call is
+  // detached: the fetcher may be called after Get() returns (read-ahead,
+  // detached waits). With `sync` the call's own fetch runs inline and
+  // completes under the lock that hands the answer to the caller.
   absl::StatusOr<LookupResult> Get(
       const CacheKey& key, uint64_t export_size, uint64_t offset,
       uint64_t length, size_t max_extents,
-      const std::shared_ptr<const AsyncFetcher>& fetch, bool detached,
+      const std::shared_ptr<const AsyncFetcher>& async, const Fetcher* sync,
       absl::Time deadline);
   Dropped InvalidateKeys(const std::vector<KeyState*>& keys, uint64_t offset,
                          uint64_t length);
@@ -323,10 +325,26 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   void OnFetchDone(KeyState& k, const FetchPtr& f,
                    absl::StatusOr<ExtentList> answer, uint64_t export_size,
                    int64_t born_ns);
+  // Step 6, synchronous fetcher: calls it for the caller's own record `f`
+  // and completes it, appending its answer to *p under the same lock.
+  // Returns the fetch's error, or whether it held anything for `gap`.
+  absl::StatusOr<bool> FetchInline(KeyState& k, const FetchPtr& f,
+                                   const Fetcher& fetch, uint64_t gap,
+                                   uint64_t export_size, absl::Time deadline,
+                                   Progress* p);
+  // The upstream answer checked and clipped (errors counted).
+  static absl::Status CheckAnswer(KeyState& k, uint64_t start,
+                                  uint64_t export_size,
+                                  absl::StatusOr<ExtentList> answer,
+                                  ExtentList* out);
   void CompleteLocked(KeyState& k, Fetch& f, absl::Status status,
                       ExtentList answer, uint64_t export_size, int64_t born_ns,
                       std::vector<FetchPtr>* issue)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Marks f done and wakes its waiters, in the same hold when the memory
+  // bound holds; else it releases k.mu to evict first (so no waiter sees
+  // the bound exceeded) and takes it again.
+  void ReleaseLocked(KeyState& k, Fetch& f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
   // Step 7: appends f's answer from `gap` to the caller's result: all of it
   // for the caller that registered it, the unpoisoned part for others.
   // Returns false when it holds nothing for `gap`.
@@ -360,6 +378,10 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   uint64_t FillBudgetLocked(const KeyState& k) const
       ABSL_SHARED_LOCKS_REQUIRED(k.mu);
 
+  int64_t MemoryLimit() const {
+    return static_cast<int64_t>(std::min<uint64_t>(
+        options_.memory_limit_bytes, std::numeric_limits<int64_t>::max()));
+  }
   void MaybeEvict();
   uint64_t EvictPass(const std::vector<KeyState*>& keys, uint32_t now,
                      uint32_t cutoff_age);
@@ -713,16 +735,35 @@ bool ExtentCache::Impl::AwaitLocked(KeyState& k, const Fetch& f,
   return true;
 }
 
+absl::Status ExtentCache::Impl::CheckAnswer(KeyState& k, uint64_t start,
+                                            uint64_t export_size,
+                                            absl::StatusOr<ExtentList> answer,
+                                            ExtentList* out) {
+  absl::Status status = answer.status();
+  if (status.ok()) {
+    *out = *std::move(answer);
+    status = ValidateAndClip(*out, start, export_size);
+  }
+  if (!status.ok()) k.upstream_errors.Add(1);
+  return status;
+}
+
+void ExtentCache::Impl::ReleaseLocked(KeyState& k, Fetch& f) {
+  if (total_mem_.load(std::memory_order_relaxed) > MemoryLimit()) {
+    k.mu.Unlock();
+    MaybeEvict();
+    k.mu.Lock();
+  }
+  f.done = true;
+  k.fetch_done.SignalAll();
+}
+
 void ExtentCache::Impl::OnFetchDone(KeyState& k, const FetchPtr& f,
                                     absl::StatusOr<ExtentList> answer,
                                     uint64_t export_size, int64_t born_ns) {
-  absl::Status status = answer.status();
   ExtentList extents;
-  if (status.ok()) {
-    extents = *std::move(answer);
-    status = ValidateAndClip(extents, f->start, export_size);
-  }
-  if (!status.ok()) k.upstream_errors.Add(1);
+  absl::Status status =
+      CheckAnswer(k, f->start, export_size, std::move(answer), &extents);
   std::vector<FetchPtr> issue;
   std::shared_ptr<const AsyncFetcher> fetcher;
   {
@@ -730,15 +771,37 @@ void ExtentCache::Impl::OnFetchDone(KeyState& k, const FetchPtr& f,
     CompleteLocked(k, *f, std::move(status), std::move(extents), export_size,
                    born_ns, &issue);
     fetcher = k.ra.fetcher;
-  }
-  // Evict before waking the waiters, so no caller sees the bound exceeded.
-  MaybeEvict();
-  {
-    sync::MutexLock l(&k.mu);
-    f->done = true;
-    k.fetch_done.SignalAll();
+    ReleaseLocked(k, *f);
   }
   if (!issue.empty()) Issue(k, std::move(issue), fetcher, export_size);
+}
+
+absl::StatusOr<bool> ExtentCache::Impl::FetchInline(
+    KeyState& k, const FetchPtr& f, const Fetcher& fetch, uint64_t gap,
+    uint64_t export_size, absl::Time deadline, Progress* p) {
+  k.upstream_calls.Add(1);
+  const int64_t born_ns = NowNs();
+  ExtentList extents;
+  absl::Status status =
+      CheckAnswer(k, f->start, export_size,
+                  fetch(f->start, f->end - f->start, deadline), &extents);
+  // A fetch that is not read-ahead never tops a run up, so nothing is
+  // issued; the vector only satisfies CompleteLocked.
+  std::vector<FetchPtr> issue;
+  sync::MutexLock l(&k.mu);
+  CompleteLocked(k, *f, status, std::move(extents), export_size, born_ns,
+                 &issue);
+  bool appended = false;
+  if (status.ok()) {
+    appended = AppendAnswer(*f, /*own=*/true, gap, p);
+    if (appended) {
+      p->fetched_bytes = p->r.next_offset - gap;
+      NoteReadLocked(k, gap, p->r.next_offset);
+    }
+  }
+  ReleaseLocked(k, *f);
+  if (!status.ok()) return status;
+  return appended;
 }
 
 uint64_t ExtentCache::Impl::FillBudgetLocked(const KeyState& k) const {
@@ -960,8 +1023,9 @@ void ExtentCache::Impl::NoteHit(KeyState& k, uint64_t from, uint64_t to) {
 
 absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     const CacheKey& key, uint64_t export_size, uint64_t offset, uint64_t length,
-    size_t max_extents, const std::shared_ptr<const AsyncFetcher>& fetch,
-    bool detached, absl::Time deadline) {
+    size_t max_extents, const std::shared_ptr<const AsyncFetcher>& async,
+    const Fetcher* sync, absl::Time deadline) {
+  const bool detached = async != nullptr;
   if (length == 0) {
     return absl::InvalidArgumentError("block-status length must be > 0");
   }
@@ -1025,14 +1089,23 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
         own = true;
         issue.push_back(f);
         if (detached) {
-          PlanReadAheadLocked(*k, gap, gap + ask, p.end, export_size, fetch,
+          PlanReadAheadLocked(*k, gap, gap + ask, p.end, export_size, async,
                               &issue);
         }
       }
     }
+    if (own && !detached) {
+      // Without a detached fetcher there is no read-ahead: `issue` holds
+      // just our record.
+      absl::StatusOr<bool> got =
+          FetchInline(*k, f, *sync, gap, export_size, deadline, &p);
+      if (!got.ok()) return got.status();
+      if (!*got) continue;
+      break;
+    }
     if (!issue.empty()) {
       // Top-ups go through the run's fetcher (ours when we started it).
-      Issue(*k, std::exchange(issue, {}), fetch, export_size);
+      Issue(*k, std::exchange(issue, {}), async, export_size);
     }
     {
       sync::MutexLock l(&k->mu);
@@ -1053,7 +1126,7 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
       if (detached) TopUpLocked(*k, &issue);
     }
     if (!issue.empty()) {
-      Issue(*k, std::exchange(issue, {}), fetch, export_size);
+      Issue(*k, std::exchange(issue, {}), async, export_size);
     }
     break;
   }
@@ -1112,8 +1185,7 @@ ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
 }
 
 void ExtentCache::Impl::MaybeEvict() {
-  const int64_t limit = static_cast<int64_t>(std::min<uint64_t>(
-      options_.memory_limit_bytes, std::numeric_limits<int64_t>::max()));
+  const int64_t limit = MemoryLimit();
   if (total_mem_.load(std::memory_order_relaxed) <= limit) return;
   sync::MutexLock evict_lock(&evict_mu_);
   const int64_t low_water = limit - limit / 8;
@@ -1251,7 +1323,7 @@ absl::StatusOr<LookupResult> ExtentCache::Get(
     size_t max_extents, const AsyncFetcher& fetch, absl::Time deadline) {
   return impl_->Get(key, export_size, offset, length, max_extents,
                     std::make_shared<const AsyncFetcher>(fetch),
-                    /*detached=*/true, deadline);
+                    /*sync=*/nullptr, deadline);
 }
 
 absl::StatusOr<LookupResult> ExtentCache::Get(const CacheKey& key,
@@ -1259,14 +1331,10 @@ absl::StatusOr<LookupResult> ExtentCache::Get(const CacheKey& key,
                                               uint64_t offset, uint64_t length,
                                               size_t max_extents, Fetcher fetch,
                                               absl::Time deadline) {
-  // Runs inline: the completion has run before the call returns, so the
-  // reference never outlives this frame.
-  auto inline_fetch = std::make_shared<const AsyncFetcher>(
-      [fetch, deadline](uint64_t off, uint64_t len, FetchDone done) {
-        std::move(done)(fetch(off, len, deadline));
-      });
-  return impl_->Get(key, export_size, offset, length, max_extents, inline_fetch,
-                    /*detached=*/false, deadline);
+  // Runs inline (Impl::FetchInline): the reference never outlives this
+  // frame.
+  return impl_->Get(key, export_size, offset, length, max_extents,
+                    /*async=*/nullptr, &fetch, deadline);
 }
 
 ExtentCache::Dropped ExtentCache::Invalidate(const CacheKey& key,
