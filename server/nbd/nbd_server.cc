@@ -300,7 +300,9 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
     unix_fd_ = fd;
     unix_path_ = unix_path;
   }
-  if (pipe2(wake_, O_CLOEXEC) != 0) return Errno("pipe");
+  // Non-blocking both ends: connection threads write one byte when they
+  // end, and must never block on a full pipe (a full pipe is readable).
+  if (pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0) return Errno("pipe");
   acceptor_ = std::thread([this] { AcceptLoop(); });
   LogInfo("nbd_listening", {{"port", port}, {"unix", unix_path}});
   return port;
@@ -308,13 +310,26 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
 
 void NbdServer::AcceptLoop() {
   for (;;) {
+    // At the hard bound (twice the cap: evicted connections still
+    // draining) stop accepting until one ends, instead of accepting and
+    // closing: new clients wait in the listen backlog, in arrival order,
+    // and a good client is not refused because hostile ones reconnect
+    // faster than evicted threads end.
+    const bool at_bound = active_.load() >= 2 * max_connections_;
     struct pollfd pfds[3];
     nfds_t n = 0;
     pfds[n++] = {wake_[0], POLLIN, 0};
-    if (tcp_fd_ >= 0) pfds[n++] = {tcp_fd_, POLLIN, 0};
-    if (unix_fd_ >= 0) pfds[n++] = {unix_fd_, POLLIN, 0};
+    if (!at_bound) {
+      if (tcp_fd_ >= 0) pfds[n++] = {tcp_fd_, POLLIN, 0};
+      if (unix_fd_ >= 0) pfds[n++] = {unix_fd_, POLLIN, 0};
+    }
     int r = poll(pfds, n, 1000);
     if (r < 0 && errno != EINTR) return;
+    if (r > 0 && (pfds[0].revents & POLLIN)) {
+      char drain[256];
+      while (read(wake_[0], drain, sizeof drain) > 0) {
+      }
+    }
     {
       sync::MutexLock lock(&mu_);
       if (stopping_) return;
@@ -407,6 +422,11 @@ void NbdServer::OnAccept(int fd) {
     raw->connection->Serve();
     active_.fetch_sub(1);
     raw->done.store(true);
+    // Lets the acceptor reap this thread now and resume accepting if it
+    // paused at the bound. wake_ stays open until every connection thread
+    // has been joined (Shutdown).
+    char c = 0;
+    (void)!write(wake_[1], &c, 1);
   });
 }
 
@@ -432,7 +452,7 @@ void NbdServer::Shutdown() {
     (void)!write(wake_[1], &c, 1);
   }
   if (acceptor_.joinable()) acceptor_.join();
-  for (int* fd : {&tcp_fd_, &unix_fd_, &wake_[0], &wake_[1]}) {
+  for (int* fd : {&tcp_fd_, &unix_fd_}) {
     if (*fd >= 0) close(*fd);
     *fd = -1;
   }
@@ -445,6 +465,11 @@ void NbdServer::Shutdown() {
   for (auto& s : slots) s->connection->Stop();
   for (auto& s : slots) {
     if (s->thread.joinable()) s->thread.join();
+  }
+  // Last: connection threads write to it when they end.
+  for (int* fd : {&wake_[0], &wake_[1]}) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
   }
 }
 

@@ -11,9 +11,12 @@
 // established session idle the longest, if idle for at least
 // idle_eviction_grace_ms (default 5 s; sessions with requests in flight
 // are never evicted; no_idle_eviction turns it off); failing that, it is
-// closed at once. So idle, flooding or half-open clients cannot keep good
-// clients out (qemu CVE-2024-7409), not even after finishing the
-// handshake. Reply bytes waiting
+// closed at once. Stopped connections count until their thread ends; at
+// twice the cap the server stops accepting until one does, so new clients
+// wait in the listen backlog in arrival order rather than being refused
+// while hostile ones reconnect. So idle, flooding or half-open clients
+// cannot keep good clients out (qemu CVE-2024-7409), not even after
+// finishing the handshake. Reply bytes waiting
 // on slow readers are bounded per connection and server-wide
 // (max_inflight_bytes). No upstream work is done for a client before it
 // has entered transmission.

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <iostream>
 #include <iterator>
 #include <thread>
 
@@ -465,8 +466,15 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
   stop.store(true);
   server_->Shutdown();  // drops every hostile connection
   for (auto& t : hostile) t.join();
+  std::cout << good << " of 10 good clients in " << attempts << " attempts, "
+            << took << "; server rejected " << server_->RejectedConnections()
+            << ", evicted " << server_->EvictedConnections() << " handshakes\n";
   EXPECT_EQ(good, 10) << attempts << " attempts";
   EXPECT_LT(took, absl::Seconds(60));
+  // Always a handshake to evict, so nobody is refused: at twice the cap
+  // the server waits for evicted threads to end instead of accepting and
+  // closing (before, 69-295 refusals in 3 of 8 ASan runs).
+  EXPECT_EQ(server_->RejectedConnections(), 0u);
   EXPECT_GT(hostile_connects.load(), 200);  // they were dropped and retried
   EXPECT_GT(server_->EvictedConnections(), 0u);
 }
@@ -638,8 +646,11 @@ TEST_F(NbdServerTest, CloseExportRacingHandshakes) {
 
 // N hostile clients finish the handshake and sit idle, reconnecting as
 // soon as they are dropped. With idle eviction (the default) a good client
-// still gets in and maps within a bound; with no_idle_eviction it is
-// refused (so this test can fail).
+// still gets in and maps; with no_idle_eviction it is refused (so this
+// test can fail). The good client races the N reconnecting hostile ones
+// for each slot an eviction frees, so how long it takes is a lottery
+// scaled by the machine (5.3 s once under ASan on a loaded 2-core CI box):
+// the bound is on liveness (give_up), not speed; the time is printed.
 void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
                              bool expect_good) {
   constexpr int kCap = 20;
@@ -674,7 +685,7 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
   EXPECT_EQ(server->ActiveConnections(), static_cast<size_t>(kCap));
   bool good = false;
   const absl::Time start = absl::Now();
-  const absl::Time give_up = start + absl::Seconds(expect_good ? 10 : 2);
+  const absl::Time give_up = start + absl::Seconds(expect_good ? 30 : 2);
   while (!good && absl::Now() < give_up) {
     auto c = RawClient::ConnectUnix(sock, absl::Seconds(2));
     if (!c.ok()) continue;
@@ -693,9 +704,11 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
   stop.store(true);
   server->Shutdown();
   for (auto& th : hostile) th.join();
-  EXPECT_EQ(good, expect_good);
+  EXPECT_EQ(good, expect_good) << "after " << took;
+  std::cout << "good client " << (good ? "got in" : "refused") << " after "
+            << took << ", " << server->EvictedIdleSessions()
+            << " idle sessions evicted\n";
   if (expect_good) {
-    EXPECT_LT(took, absl::Seconds(5));
     EXPECT_GT(server->EvictedIdleSessions(), 0u);
   } else {
     EXPECT_EQ(server->EvictedIdleSessions(), 0u);
