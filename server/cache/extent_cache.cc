@@ -273,7 +273,9 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   // Where one Get() stands.
   struct Progress {
     LookupResult r;
-    uint64_t end = 0;  // request end, clipped to the export
+    uint64_t offset = 0;  // the request: [offset, end), end clipped to
+    uint64_t end = 0;     // the export
+    uint64_t export_size = 0;
     size_t max_extents = 0;
     bool upstream = false;       // waited for or made a fetch
     uint64_t head_bytes = 0;     // cached bytes before the first fetch/wait
@@ -301,8 +303,32 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
                     uint32_t tick) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
 
   // --- The steps of Get() ---
+  // Get() = ReadHead, then (unless that answered) JoinCover, then (if that
+  // did not answer) FetchOwn, then Finish. JoinCover and FetchOwn each
+  // start with StartRoundLocked and use the steps numbered below.
+  enum class Next { kAnswered, kFetch };
   // Step 1: the cached head, under the shared lock.
   void ReadHead(const KeyState& k, Progress* p) const;
+  // Re-reads what fills landed since the last read; false when that
+  // answered the call. Else records the gap as where the upstream starts.
+  bool StartRoundLocked(KeyState& k, Progress* p) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Waits for the fetch in flight whose window holds the gap, if any, and
+  // appends its unpoisoned answer. kFetch: there was none, it failed, or it
+  // held nothing for the gap (single-flight: at most one wait per call).
+  absl::StatusOr<Next> JoinCover(
+      KeyState& k, Progress* p,
+      const std::shared_ptr<const AsyncFetcher>& async, absl::Time deadline);
+  // Registers, issues (or runs inline), waits for and appends the call's
+  // own fetch, planning read-ahead when detached.
+  absl::Status FetchOwn(KeyState& k, Progress* p,
+                        const std::shared_ptr<const AsyncFetcher>& async,
+                        const Fetcher* sync, absl::Time deadline);
+  // The error of a caller whose deadline ended its wait (counted).
+  static absl::Status DetachedLocked(KeyState& k, uint64_t gap)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // The outcome, counted; INTERNAL when nothing was answered.
+  static absl::StatusOr<LookupResult> Finish(KeyState& k, Progress* p);
   // Step 2: the in-flight fetch whose window holds `gap` (the latest
   // started), or null.
   static FetchPtr FindCoverLocked(const KeyState& k, uint64_t gap)
@@ -1025,7 +1051,6 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     const CacheKey& key, uint64_t export_size, uint64_t offset, uint64_t length,
     size_t max_extents, const std::shared_ptr<const AsyncFetcher>& async,
     const Fetcher* sync, absl::Time deadline) {
-  const bool detached = async != nullptr;
   if (length == 0) {
     return absl::InvalidArgumentError("block-status length must be > 0");
   }
@@ -1035,7 +1060,9 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
   }
   KeyState* k = FindOrCreate(key);
   Progress p;
+  p.offset = offset;
   p.end = offset + std::min(length, export_size - offset);
+  p.export_size = export_size;
   p.max_extents = max_extents;
   p.r.next_offset = offset;
   ReadHead(*k, &p);
@@ -1043,107 +1070,134 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     if (k->ra_live.load(std::memory_order_relaxed)) {
       NoteHit(*k, offset, p.r.next_offset);
     }
-    p.r.outcome = Outcome::kHit;
-    CountOutcome(*k, p.r.outcome, p.r.next_offset - offset, 0);
-    return p.r;
+    return Finish(*k, &p);
   }
-  // At most two rounds: a wait for another caller's fetch, then (if that
-  // brought nothing for our gap) a fetch of our own.
-  for (int round = 0; round < 2; ++round) {
-    std::vector<FetchPtr> issue;
-    FetchPtr f;
-    bool own = false;
-    uint64_t gap;
-    {
-      sync::MutexLock l(&k->mu);
-      // A fill may have landed since the last read.
-      p.r.next_offset =
-          ReadLocked(*k, p.r.next_offset, p.end, p.max_extents, &p.r.extents);
-      if (p.Done()) break;
-      gap = p.r.next_offset;
-      if (!p.upstream) p.head_bytes = gap - offset;
-      p.upstream = true;
-      NoteReadLocked(*k, offset, gap);
-      if (round == 0) f = FindCoverLocked(*k, gap);
-      if (f != nullptr) {
-        k->coalesced_waits.Add(1);
-        if (f->read_ahead && !f->read) {
-          f->read = true;
-          k->read_ahead_hits.Add(1);
-        }
-        if (detached) TopUpLocked(*k, &issue);
-      } else {
-        if (absl::Now() >= deadline) {
-          return absl::DeadlineExceededError(absl::StrCat(
-              "deadline passed before asking the upstream at offset ", gap));
-        }
-        // A request longer than the window asks for it all in one call,
-        // unless read-ahead will fetch the windows after this one in
-        // parallel.
-        const bool parallel = detached && options_.read_ahead_windows > 0;
-        const uint64_t ask = std::min(
-            {parallel ? options_.fetch_window_bytes
-                      : std::max(options_.fetch_window_bytes, p.end - gap),
-             kMaxNbdRequestLength, export_size - gap});
-        f = RegisterLocked(*k, gap, gap + ask, /*read_ahead=*/false);
-        own = true;
-        issue.push_back(f);
-        if (detached) {
-          PlanReadAheadLocked(*k, gap, gap + ask, p.end, export_size, async,
-                              &issue);
-        }
-      }
+  absl::StatusOr<Next> next = JoinCover(*k, &p, async, deadline);
+  if (!next.ok()) return next.status();
+  if (*next == Next::kFetch) {
+    if (absl::Status s = FetchOwn(*k, &p, async, sync, deadline); !s.ok()) {
+      return s;
     }
-    if (own && !detached) {
-      // Without a detached fetcher there is no read-ahead: `issue` holds
-      // just our record.
-      absl::StatusOr<bool> got =
-          FetchInline(*k, f, *sync, gap, export_size, deadline, &p);
-      if (!got.ok()) return got.status();
-      if (!*got) continue;
-      break;
-    }
-    if (!issue.empty()) {
-      // Top-ups go through the run's fetcher (ours when we started it).
-      Issue(*k, std::exchange(issue, {}), async, export_size);
-    }
-    {
-      sync::MutexLock l(&k->mu);
-      if (!AwaitLocked(*k, *f, deadline)) {
-        k->detached_waits.Add(1);
-        return absl::DeadlineExceededError(absl::StrCat(
-            "deadline passed waiting for the upstream block-status answer at "
-            "offset ",
-            gap, " (the call runs on; its answer will be cached)"));
-      }
-      if (!f->status.ok()) {
-        if (own) return f->status;
-        continue;  // the fetch we waited for failed: fetch ourselves
-      }
-      if (!AppendAnswer(*f, own, gap, &p)) continue;
-      if (own) p.fetched_bytes = p.r.next_offset - gap;
-      NoteReadLocked(*k, gap, p.r.next_offset);
-      if (detached) TopUpLocked(*k, &issue);
-    }
-    if (!issue.empty()) {
-      Issue(*k, std::exchange(issue, {}), async, export_size);
-    }
-    break;
   }
-  if (!p.r.extents.empty() || p.Done()) {
-    p.r.outcome = !p.upstream        ? Outcome::kHit
-                  : p.head_bytes > 0 ? Outcome::kPartial
+  return Finish(*k, &p);
+}
+
+bool ExtentCache::Impl::StartRoundLocked(KeyState& k, Progress* p) const {
+  p->r.next_offset =
+      ReadLocked(k, p->r.next_offset, p->end, p->max_extents, &p->r.extents);
+  if (p->Done()) return false;
+  const uint64_t gap = p->r.next_offset;
+  if (!p->upstream) p->head_bytes = gap - p->offset;
+  p->upstream = true;
+  NoteReadLocked(k, p->offset, gap);
+  return true;
+}
+
+absl::Status ExtentCache::Impl::DetachedLocked(KeyState& k, uint64_t gap) {
+  k.detached_waits.Add(1);
+  return absl::DeadlineExceededError(absl::StrCat(
+      "deadline passed waiting for the upstream block-status answer at "
+      "offset ",
+      gap, " (the call runs on; its answer will be cached)"));
+}
+
+absl::StatusOr<ExtentCache::Impl::Next> ExtentCache::Impl::JoinCover(
+    KeyState& k, Progress* p, const std::shared_ptr<const AsyncFetcher>& async,
+    absl::Time deadline) {
+  std::vector<FetchPtr> issue;
+  FetchPtr f;
+  uint64_t gap;
+  {
+    sync::MutexLock l(&k.mu);
+    if (!StartRoundLocked(k, p)) return Next::kAnswered;
+    gap = p->r.next_offset;
+    f = FindCoverLocked(k, gap);
+    if (f == nullptr) return Next::kFetch;
+    k.coalesced_waits.Add(1);
+    if (f->read_ahead && !f->read) {
+      f->read = true;
+      k.read_ahead_hits.Add(1);
+    }
+    if (async != nullptr) TopUpLocked(k, &issue);
+  }
+  // Top-ups go through the run's fetcher (ours when we started it).
+  if (!issue.empty()) Issue(k, std::exchange(issue, {}), async, p->export_size);
+  {
+    sync::MutexLock l(&k.mu);
+    if (!AwaitLocked(k, *f, deadline)) return DetachedLocked(k, gap);
+    if (!f->status.ok() || !AppendAnswer(*f, /*own=*/false, gap, p)) {
+      return Next::kFetch;
+    }
+    NoteReadLocked(k, gap, p->r.next_offset);
+    if (async != nullptr) TopUpLocked(k, &issue);
+  }
+  if (!issue.empty()) Issue(k, std::move(issue), async, p->export_size);
+  return Next::kAnswered;
+}
+
+absl::Status ExtentCache::Impl::FetchOwn(
+    KeyState& k, Progress* p, const std::shared_ptr<const AsyncFetcher>& async,
+    const Fetcher* sync, absl::Time deadline) {
+  std::vector<FetchPtr> issue;
+  FetchPtr f;
+  uint64_t gap;
+  {
+    sync::MutexLock l(&k.mu);
+    if (!StartRoundLocked(k, p)) return absl::OkStatus();
+    gap = p->r.next_offset;
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "deadline passed before asking the upstream at offset ", gap));
+    }
+    // A request longer than the window asks for it all in one call, unless
+    // read-ahead will fetch the windows after this one in parallel.
+    const bool parallel = async != nullptr && options_.read_ahead_windows > 0;
+    const uint64_t ask = std::min(
+        {parallel ? options_.fetch_window_bytes
+                  : std::max(options_.fetch_window_bytes, p->end - gap),
+         kMaxNbdRequestLength, p->export_size - gap});
+    f = RegisterLocked(k, gap, gap + ask, /*read_ahead=*/false);
+    if (async != nullptr) {
+      issue.push_back(f);
+      PlanReadAheadLocked(k, gap, gap + ask, p->end, p->export_size, async,
+                          &issue);
+    }
+  }
+  if (sync != nullptr) {
+    // No read-ahead without a detached fetcher: ours is the only record.
+    absl::StatusOr<bool> got =
+        FetchInline(k, f, *sync, gap, p->export_size, deadline, p);
+    return got.status();
+  }
+  Issue(k, std::exchange(issue, {}), async, p->export_size);
+  {
+    sync::MutexLock l(&k.mu);
+    if (!AwaitLocked(k, *f, deadline)) return DetachedLocked(k, gap);
+    if (!f->status.ok()) return f->status;
+    if (AppendAnswer(*f, /*own=*/true, gap, p)) {
+      p->fetched_bytes = p->r.next_offset - gap;
+      NoteReadLocked(k, gap, p->r.next_offset);
+      TopUpLocked(k, &issue);
+    }
+  }
+  if (!issue.empty()) Issue(k, std::move(issue), async, p->export_size);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LookupResult> ExtentCache::Impl::Finish(KeyState& k,
+                                                       Progress* p) {
+  const bool answered = !p->r.extents.empty() || p->Done();
+  p->r.outcome = !answered           ? Outcome::kMiss
+                 : !p->upstream      ? Outcome::kHit
+                 : p->head_bytes > 0 ? Outcome::kPartial
                                      : Outcome::kMiss;
-  } else {
-    p.r.outcome = Outcome::kMiss;
-  }
-  CountOutcome(*k, p.r.outcome, p.r.next_offset - offset - p.fetched_bytes,
-               p.fetched_bytes);
-  if (p.r.extents.empty()) {
+  CountOutcome(k, p->r.outcome, p->r.next_offset - p->offset - p->fetched_bytes,
+               p->fetched_bytes);
+  if (p->r.extents.empty()) {
     return absl::InternalError(absl::StrCat("no block-status answer at offset ",
-                                            offset, " after two attempts"));
+                                            p->offset, " after two attempts"));
   }
-  return p.r;
+  return std::move(p->r);
 }
 
 ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
