@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "server/common/mutex.h"
 
 namespace blockmeta {
@@ -138,7 +139,9 @@ uint64_t SatAdd(uint64_t a, uint64_t b) {
 
 class Counter {
  public:
-  void Add(uint64_t n) { v_.fetch_add(n, std::memory_order_relaxed); }
+  void Add(uint64_t n) {
+    if (n != 0) v_.fetch_add(n, std::memory_order_relaxed);  // RMW costs
+  }
   uint64_t Get() const { return v_.load(std::memory_order_relaxed); }
 
  private:
@@ -299,35 +302,50 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
   // Inserts a validated answer contiguous from its first offset, whose
   // range has been cleared, merging with equal-flag neighbours.
-  void InsertLocked(KeyState& k, const ExtentList& answer, int64_t born_ns,
-                    uint32_t tick) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  void InsertLocked(KeyState& k, absl::Span<const Extent> answer,
+                    int64_t born_ns, uint32_t tick)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
 
   // --- The steps of Get() ---
-  // Get() = ReadHead, then (unless that answered) JoinCover, then (if that
-  // did not answer) FetchOwn, then Finish. JoinCover and FetchOwn each
-  // start with StartRoundLocked and use the steps numbered below.
-  enum class Next { kAnswered, kFetch };
+  // Get() = ReadHead; unless that answered, Round(may_join) (wait for the
+  // fetch in flight that covers the gap: single-flight); if that brought
+  // nothing for the gap, Round(!may_join) (a fetch of our own); Finish.
+  // At most one wait and one fetch of our own per call, in practice.
+  enum class Next { kAnswered, kAgain };
+  // What a round reads: the gap it starts at and the fetch that answers it
+  // (null f: fills that landed meanwhile answered the call).
+  struct Claim {
+    FetchPtr f;
+    bool own = false;  // we registered f (else another caller did)
+    uint64_t gap = 0;
+  };
   // Step 1: the cached head, under the shared lock.
   void ReadHead(const KeyState& k, Progress* p) const;
-  // Re-reads what fills landed since the last read; false when that
-  // answered the call. Else records the gap as where the upstream starts.
-  bool StartRoundLocked(KeyState& k, Progress* p) const
+  // One round: ClaimLocked, then the fetcher (Issue, or FetchInline for a
+  // synchronous one), then CollectLocked. kAgain: the claimed fetch failed
+  // or held nothing for the gap (another caller's: it may be poisoned).
+  absl::StatusOr<Next> Round(KeyState& k, Progress* p, bool may_join,
+                             const std::shared_ptr<const AsyncFetcher>& async,
+                             const Fetcher* sync, absl::Time deadline);
+  // Under one hold: re-reads what fills landed since the last read, then
+  // claims the in-flight fetch whose window holds the gap (when may_join,
+  // steps 2), else registers one of our own (step 3, planning read-ahead
+  // when detached). Records to issue go to *issue.
+  absl::StatusOr<Claim> ClaimLocked(
+      KeyState& k, Progress* p, bool may_join,
+      const std::shared_ptr<const AsyncFetcher>& async, absl::Time deadline,
+      std::vector<FetchPtr>* issue) ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // Waits for the claimed fetch (step 5: the deadline ends the wait, never
+  // the fetch) and appends its answer (step 7); tops read-ahead up when
+  // detached.
+  absl::StatusOr<Next> CollectLocked(KeyState& k, const Claim& c, Progress* p,
+                                     bool detached, absl::Time deadline,
+                                     std::vector<FetchPtr>* issue)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
-  // Waits for the fetch in flight whose window holds the gap, if any, and
-  // appends its unpoisoned answer. kFetch: there was none, it failed, or it
-  // held nothing for the gap (single-flight: at most one wait per call).
-  absl::StatusOr<Next> JoinCover(
-      KeyState& k, Progress* p,
-      const std::shared_ptr<const AsyncFetcher>& async, absl::Time deadline);
-  // Registers, issues (or runs inline), waits for and appends the call's
-  // own fetch, planning read-ahead when detached.
-  absl::Status FetchOwn(KeyState& k, Progress* p,
-                        const std::shared_ptr<const AsyncFetcher>& async,
-                        const Fetcher* sync, absl::Time deadline);
   // The error of a caller whose deadline ended its wait (counted).
   static absl::Status DetachedLocked(KeyState& k, uint64_t gap)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
-  // The outcome, counted; INTERNAL when nothing was answered.
+  // The outcome, counted (step 8); INTERNAL when nothing was answered.
   static absl::StatusOr<LookupResult> Finish(KeyState& k, Progress* p);
   // Step 2: the in-flight fetch whose window holds `gap` (the latest
   // started), or null.
@@ -547,7 +565,8 @@ ExtentCache::Dropped ExtentCache::Impl::RemoveRangeLocked(KeyState& k,
   return d;
 }
 
-void ExtentCache::Impl::InsertLocked(KeyState& k, const ExtentList& answer,
+void ExtentCache::Impl::InsertLocked(KeyState& k,
+                                     absl::Span<const Extent> answer,
                                      int64_t born_ns, uint32_t tick) {
   if (answer.empty()) return;
   IntervalMap& m = k.map;
@@ -831,7 +850,8 @@ absl::StatusOr<bool> ExtentCache::Impl::FetchInline(
 }
 
 uint64_t ExtentCache::Impl::FillBudgetLocked(const KeyState& k) const {
-  return options_.memory_limit_bytes / 2 / (1 + k.ra.inflight);
+  const uint64_t half = options_.memory_limit_bytes / 2;
+  return k.ra.inflight == 0 ? half : half / (1 + k.ra.inflight);
 }
 
 void ExtentCache::Impl::CompleteLocked(KeyState& k, Fetch& f,
@@ -852,27 +872,33 @@ void ExtentCache::Impl::CompleteLocked(KeyState& k, Fetch& f,
     UpdateLiveLocked(k);
     return;
   }
-  // Keep only what no invalidation touched while in flight.
-  ExtentList keep;
-  for (const Extent& e : answer) {
-    if (e.offset >= f.poison_from) break;
-    keep.push_back(e);
-    if (keep.back().end() > f.poison_from) {
-      keep.back().length = f.poison_from - e.offset;
-    }
-  }
-  if (keep.size() != answer.size() ||
-      (!keep.empty() && keep.back() != answer.back())) {
+  // Keep only what no invalidation touched while in flight: the extents
+  // that start before the poison mark, the last one cut at it. Usually
+  // nothing is cut, and the answer is inserted as it is (no copy).
+  size_t n = 0;
+  while (n < answer.size() && answer[n].offset < f.poison_from) ++n;
+  const bool cut_last = n > 0 && answer[n - 1].end() > f.poison_from;
+  if (n < answer.size() || cut_last) {
     k.stale_fills_dropped.Add(1);
     if (f.read_ahead && !f.read) k.read_ahead_wasted.Add(1);
   }
-  if (!keep.empty()) f.clean_end = keep.back().end();
+  if (n > 0) {
+    f.clean_end = cut_last ? f.poison_from : answer[n - 1].end();
+  }
   // Under memory pressure keep the part nearest the fetch start (where the
   // scan reads next), not what an eviction pass would leave.
   const uint64_t max_intervals =
       std::max<uint64_t>(1, FillBudgetLocked(k) / kIntervalBytes);
-  if (keep.size() > max_intervals) keep.resize(max_intervals);
-  if (!keep.empty()) {
+  const bool cut_budget = n > max_intervals;
+  if (cut_budget) n = max_intervals;
+  if (n > 0) {
+    absl::Span<const Extent> keep(answer.data(), n);
+    ExtentList trimmed;
+    if (cut_last && !cut_budget) {  // the last extent ends at the mark
+      trimmed.assign(keep.begin(), keep.end());
+      trimmed.back().length = f.poison_from - trimmed.back().offset;
+      keep = trimmed;
+    }
     RemoveRangeLocked(k, f.start, keep.back().end());
     InsertLocked(k, keep, born_ns,
                  lru_clock_.fetch_add(1, std::memory_order_relaxed) + 1);
@@ -1072,25 +1098,104 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     }
     return Finish(*k, &p);
   }
-  absl::StatusOr<Next> next = JoinCover(*k, &p, async, deadline);
-  if (!next.ok()) return next.status();
-  if (*next == Next::kFetch) {
-    if (absl::Status s = FetchOwn(*k, &p, async, sync, deadline); !s.ok()) {
-      return s;
-    }
+  absl::StatusOr<Next> next =
+      Round(*k, &p, /*may_join=*/true, async, sync, deadline);
+  if (next.ok() && *next == Next::kAgain) {
+    next = Round(*k, &p, /*may_join=*/false, async, sync, deadline);
   }
+  if (!next.ok()) return next.status();
   return Finish(*k, &p);
 }
 
-bool ExtentCache::Impl::StartRoundLocked(KeyState& k, Progress* p) const {
+absl::StatusOr<ExtentCache::Impl::Next> ExtentCache::Impl::Round(
+    KeyState& k, Progress* p, bool may_join,
+    const std::shared_ptr<const AsyncFetcher>& async, const Fetcher* sync,
+    absl::Time deadline) {
+  std::vector<FetchPtr> issue;
+  Claim c;
+  {
+    sync::MutexLock l(&k.mu);
+    absl::StatusOr<Claim> claimed =
+        ClaimLocked(k, p, may_join, async, deadline, &issue);
+    if (!claimed.ok()) return claimed.status();
+    c = *std::move(claimed);
+  }
+  if (c.f == nullptr) return Next::kAnswered;
+  if (c.own && sync != nullptr) {
+    // No read-ahead without a detached fetcher: ours is the only record.
+    absl::StatusOr<bool> got =
+        FetchInline(k, c.f, *sync, c.gap, p->export_size, deadline, p);
+    if (!got.ok()) return got.status();
+    return *got ? Next::kAnswered : Next::kAgain;
+  }
+  // Top-ups go through the run's fetcher (ours when we started it).
+  if (!issue.empty()) Issue(k, std::exchange(issue, {}), async, p->export_size);
+  absl::StatusOr<Next> next;
+  {
+    sync::MutexLock l(&k.mu);
+    next = CollectLocked(k, c, p, async != nullptr, deadline, &issue);
+  }
+  if (!issue.empty()) Issue(k, std::move(issue), async, p->export_size);
+  return next;
+}
+
+absl::StatusOr<ExtentCache::Impl::Claim> ExtentCache::Impl::ClaimLocked(
+    KeyState& k, Progress* p, bool may_join,
+    const std::shared_ptr<const AsyncFetcher>& async, absl::Time deadline,
+    std::vector<FetchPtr>* issue) {
+  Claim c;
   p->r.next_offset =
       ReadLocked(k, p->r.next_offset, p->end, p->max_extents, &p->r.extents);
-  if (p->Done()) return false;
-  const uint64_t gap = p->r.next_offset;
-  if (!p->upstream) p->head_bytes = gap - p->offset;
+  if (p->Done()) return c;
+  c.gap = p->r.next_offset;
+  if (!p->upstream) p->head_bytes = c.gap - p->offset;
   p->upstream = true;
-  NoteReadLocked(k, p->offset, gap);
-  return true;
+  NoteReadLocked(k, p->offset, c.gap);
+  if (may_join) c.f = FindCoverLocked(k, c.gap);
+  if (c.f != nullptr) {
+    k.coalesced_waits.Add(1);
+    if (c.f->read_ahead && !c.f->read) {
+      c.f->read = true;
+      k.read_ahead_hits.Add(1);
+    }
+    if (async != nullptr) TopUpLocked(k, issue);
+    return c;
+  }
+  // (No clock read for callers without a deadline.)
+  if (deadline != absl::InfiniteFuture() && absl::Now() >= deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "deadline passed before asking the upstream at offset ", c.gap));
+  }
+  // A request longer than the window asks for it all in one call, unless
+  // read-ahead will fetch the windows after this one in parallel.
+  const bool parallel = async != nullptr && options_.read_ahead_windows > 0;
+  const uint64_t ask = std::min(
+      {parallel ? options_.fetch_window_bytes
+                : std::max(options_.fetch_window_bytes, p->end - c.gap),
+       kMaxNbdRequestLength, p->export_size - c.gap});
+  c.f = RegisterLocked(k, c.gap, c.gap + ask, /*read_ahead=*/false);
+  c.own = true;
+  if (async != nullptr) {
+    issue->push_back(c.f);
+    PlanReadAheadLocked(k, c.gap, c.gap + ask, p->end, p->export_size, async,
+                        issue);
+  }
+  return c;
+}
+
+absl::StatusOr<ExtentCache::Impl::Next> ExtentCache::Impl::CollectLocked(
+    KeyState& k, const Claim& c, Progress* p, bool detached,
+    absl::Time deadline, std::vector<FetchPtr>* issue) {
+  if (!AwaitLocked(k, *c.f, deadline)) return DetachedLocked(k, c.gap);
+  if (!c.f->status.ok()) {
+    if (c.own) return c.f->status;
+    return Next::kAgain;  // the fetch we waited for failed: fetch ourselves
+  }
+  if (!AppendAnswer(*c.f, c.own, c.gap, p)) return Next::kAgain;
+  if (c.own) p->fetched_bytes = p->r.next_offset - c.gap;
+  NoteReadLocked(k, c.gap, p->r.next_offset);
+  if (detached) TopUpLocked(k, issue);
+  return Next::kAnswered;
 }
 
 absl::Status ExtentCache::Impl::DetachedLocked(KeyState& k, uint64_t gap) {
@@ -1099,89 +1204,6 @@ absl::Status ExtentCache::Impl::DetachedLocked(KeyState& k, uint64_t gap) {
       "deadline passed waiting for the upstream block-status answer at "
       "offset ",
       gap, " (the call runs on; its answer will be cached)"));
-}
-
-absl::StatusOr<ExtentCache::Impl::Next> ExtentCache::Impl::JoinCover(
-    KeyState& k, Progress* p, const std::shared_ptr<const AsyncFetcher>& async,
-    absl::Time deadline) {
-  std::vector<FetchPtr> issue;
-  FetchPtr f;
-  uint64_t gap;
-  {
-    sync::MutexLock l(&k.mu);
-    if (!StartRoundLocked(k, p)) return Next::kAnswered;
-    gap = p->r.next_offset;
-    f = FindCoverLocked(k, gap);
-    if (f == nullptr) return Next::kFetch;
-    k.coalesced_waits.Add(1);
-    if (f->read_ahead && !f->read) {
-      f->read = true;
-      k.read_ahead_hits.Add(1);
-    }
-    if (async != nullptr) TopUpLocked(k, &issue);
-  }
-  // Top-ups go through the run's fetcher (ours when we started it).
-  if (!issue.empty()) Issue(k, std::exchange(issue, {}), async, p->export_size);
-  {
-    sync::MutexLock l(&k.mu);
-    if (!AwaitLocked(k, *f, deadline)) return DetachedLocked(k, gap);
-    if (!f->status.ok() || !AppendAnswer(*f, /*own=*/false, gap, p)) {
-      return Next::kFetch;
-    }
-    NoteReadLocked(k, gap, p->r.next_offset);
-    if (async != nullptr) TopUpLocked(k, &issue);
-  }
-  if (!issue.empty()) Issue(k, std::move(issue), async, p->export_size);
-  return Next::kAnswered;
-}
-
-absl::Status ExtentCache::Impl::FetchOwn(
-    KeyState& k, Progress* p, const std::shared_ptr<const AsyncFetcher>& async,
-    const Fetcher* sync, absl::Time deadline) {
-  std::vector<FetchPtr> issue;
-  FetchPtr f;
-  uint64_t gap;
-  {
-    sync::MutexLock l(&k.mu);
-    if (!StartRoundLocked(k, p)) return absl::OkStatus();
-    gap = p->r.next_offset;
-    if (absl::Now() >= deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "deadline passed before asking the upstream at offset ", gap));
-    }
-    // A request longer than the window asks for it all in one call, unless
-    // read-ahead will fetch the windows after this one in parallel.
-    const bool parallel = async != nullptr && options_.read_ahead_windows > 0;
-    const uint64_t ask = std::min(
-        {parallel ? options_.fetch_window_bytes
-                  : std::max(options_.fetch_window_bytes, p->end - gap),
-         kMaxNbdRequestLength, p->export_size - gap});
-    f = RegisterLocked(k, gap, gap + ask, /*read_ahead=*/false);
-    if (async != nullptr) {
-      issue.push_back(f);
-      PlanReadAheadLocked(k, gap, gap + ask, p->end, p->export_size, async,
-                          &issue);
-    }
-  }
-  if (sync != nullptr) {
-    // No read-ahead without a detached fetcher: ours is the only record.
-    absl::StatusOr<bool> got =
-        FetchInline(k, f, *sync, gap, p->export_size, deadline, p);
-    return got.status();
-  }
-  Issue(k, std::exchange(issue, {}), async, p->export_size);
-  {
-    sync::MutexLock l(&k.mu);
-    if (!AwaitLocked(k, *f, deadline)) return DetachedLocked(k, gap);
-    if (!f->status.ok()) return f->status;
-    if (AppendAnswer(*f, /*own=*/true, gap, p)) {
-      p->fetched_bytes = p->r.next_offset - gap;
-      NoteReadLocked(k, gap, p->r.next_offset);
-      TopUpLocked(k, &issue);
-    }
-  }
-  if (!issue.empty()) Issue(k, std::move(issue), async, p->export_size);
-  return absl::OkStatus();
 }
 
 absl::StatusOr<LookupResult> ExtentCache::Impl::Finish(KeyState& k,
