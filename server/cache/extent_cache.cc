@@ -574,7 +574,11 @@ void ExtentCache::Impl::InsertLocked(KeyState& k,
   const int64_t now_ns = ttl == kNoTtl ? 0 : NowNs();
   const uint64_t start = answer.front().offset;
   auto hint = m.lower_bound(start);  // first interval after the hole
-  IntervalMap::iterator last;
+  // Only `hint` (the interval after the last one placed) stays live across
+  // the loop; the last run is found again from its key for the right-hand
+  // merge. (Keeping its iterator too made GCC spill both through SSE
+  // registers with store-forwarding stalls on every insert.)
+  uint64_t last_start = 0;
   bool first = true;
   for (size_t i = 0; i < answer.size();) {
     // One run of equal flags.
@@ -596,30 +600,33 @@ void ExtentCache::Impl::InsertLocked(KeyState& k,
           prev->second.end = run_end;
           prev->second.born_ns = std::min(prev->second.born_ns, born_ns);
           prev->second.tick = LruTick(tick);
-          last = prev;
-          hint = std::next(last);
+          last_start = prev->first;
+          hint = std::next(prev);
           first = false;
           continue;
         }
       }
     }
-    last = m.emplace_hint(hint, run_start,
-                          Interval{run_end, born_ns, flags, LruTick(tick)});
-    hint = std::next(last);
+    hint = std::next(m.emplace_hint(
+        hint, run_start, Interval{run_end, born_ns, flags, LruTick(tick)}));
+    last_start = run_start;
     first = false;
   }
   // Merge the right neighbour into the last run if it touches it.
-  if (hint != m.end() && hint->first == last->second.end &&
-      hint->second.flags == last->second.flags) {
-    if (!Expired(hint->second, now_ns, ttl)) {
-      last->second.end = hint->second.end;
-      last->second.born_ns =
-          std::min(last->second.born_ns, hint->second.born_ns);
-    } else {
-      k.evictions.Add(1);
-    }
-    m.erase(hint);
+  if (hint == m.end()) return;
+  const uint64_t last_end = answer.back().end();
+  if (hint->first != last_end) return;
+  auto last = std::prev(hint);
+  if (last->first != last_start || hint->second.flags != last->second.flags) {
+    return;
   }
+  if (!Expired(hint->second, now_ns, ttl)) {
+    last->second.end = hint->second.end;
+    last->second.born_ns = std::min(last->second.born_ns, hint->second.born_ns);
+  } else {
+    k.evictions.Add(1);
+  }
+  m.erase(hint);
 }
 
 LookupResult ExtentCache::Impl::Lookup(const CacheKey& key, uint64_t offset,
@@ -938,6 +945,15 @@ bool ExtentCache::Impl::AppendAnswer(const Fetch& f, bool own, uint64_t gap,
   const uint64_t usable = own ? kMaxU64 : f.clean_end;
   const uint64_t stop = std::min(usable, p->end);
   const uint64_t before = p->r.next_offset;
+  // One allocation for what this answer may add, not a doubling series
+  // (bounded by the answer, already in memory, and by max_extents).
+  ExtentList& out = p->r.extents;
+  size_t room = f.answer.size();
+  if (p->max_extents != 0) {
+    room =
+        std::min(room, p->max_extents - std::min(p->max_extents, out.size()));
+  }
+  out.reserve(out.size() + room);
   for (const Extent& e : f.answer) {
     if (e.end() <= gap) continue;
     const uint64_t from = std::max(e.offset, gap);
