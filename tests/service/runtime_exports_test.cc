@@ -69,6 +69,10 @@ class RuntimeExportsTest : public ::testing::Test {
     tcp_ = ::blockmeta::testing::LoopbackChannel(*server_);
     admin_ = v1::Admin::NewStub(unix_);
     meta_ = v1::BlockMeta::NewStub(tcp_);
+    // Start() returns before the file's export has connected; a call in
+    // that window is UNAVAILABLE ("connecting").
+    absl::Status ready = ::blockmeta::testing::WaitExportsReady(tcp_, 1);
+    ASSERT_TRUE(ready.ok()) << ready;
   }
 
   v1::ExportConfig Uri(const std::string& name, const std::string& uri) {
