@@ -575,10 +575,9 @@ void ExtentCache::Impl::InsertLocked(KeyState& k,
   const uint64_t start = answer.front().offset;
   auto hint = m.lower_bound(start);  // first interval after the hole
   // Only `hint` (the interval after the last one placed) stays live across
-  // the loop; the last run is found again from its key for the right-hand
-  // merge. (Keeping its iterator too made GCC spill both through SSE
-  // registers with store-forwarding stalls on every insert.)
-  uint64_t last_start = 0;
+  // the loop; the last run is prev(hint) for the right-hand merge. (Keeping
+  // its iterator too made GCC spill both through SSE registers with
+  // store-forwarding stalls on every insert.)
   bool first = true;
   for (size_t i = 0; i < answer.size();) {
     // One run of equal flags.
@@ -600,7 +599,6 @@ void ExtentCache::Impl::InsertLocked(KeyState& k,
           prev->second.end = run_end;
           prev->second.born_ns = std::min(prev->second.born_ns, born_ns);
           prev->second.tick = LruTick(tick);
-          last_start = prev->first;
           hint = std::next(prev);
           first = false;
           continue;
@@ -609,15 +607,13 @@ void ExtentCache::Impl::InsertLocked(KeyState& k,
     }
     hint = std::next(m.emplace_hint(
         hint, run_start, Interval{run_end, born_ns, flags, LruTick(tick)}));
-    last_start = run_start;
     first = false;
   }
   // Merge the right neighbour into the last run if it touches it.
   if (hint == m.end()) return;
-  const uint64_t last_end = answer.back().end();
-  if (hint->first != last_end) return;
   auto last = std::prev(hint);
-  if (last->first != last_start || hint->second.flags != last->second.flags) {
+  if (hint->first != last->second.end ||
+      hint->second.flags != last->second.flags) {
     return;
   }
   if (!Expired(hint->second, now_ns, ttl)) {
@@ -945,17 +941,26 @@ bool ExtentCache::Impl::AppendAnswer(const Fetch& f, bool own, uint64_t gap,
   const uint64_t usable = own ? kMaxU64 : f.clean_end;
   const uint64_t stop = std::min(usable, p->end);
   const uint64_t before = p->r.next_offset;
-  // One allocation for what this answer may add, not a doubling series
-  // (bounded by the answer, already in memory, and by max_extents).
+  // The answer is validated contiguous: the extents that reach past the
+  // gap and start before the stop are one slice, found by bisection.
+  const auto first =
+      std::partition_point(f.answer.begin(), f.answer.end(),
+                           [gap](const Extent& e) { return e.end() <= gap; });
+  const auto last =
+      std::partition_point(first, f.answer.end(),
+                           [stop](const Extent& e) { return e.offset < stop; });
+  // One allocation for what this call may add, not a doubling series; sized
+  // by the slice (a window's answer can be far longer than the request) and
+  // by max_extents.
   ExtentList& out = p->r.extents;
-  size_t room = f.answer.size();
+  size_t room = static_cast<size_t>(last - first);
   if (p->max_extents != 0) {
     room =
         std::min(room, p->max_extents - std::min(p->max_extents, out.size()));
   }
   out.reserve(out.size() + room);
-  for (const Extent& e : f.answer) {
-    if (e.end() <= gap) continue;
+  for (auto it = first; it != last; ++it) {
+    const Extent& e = *it;
     const uint64_t from = std::max(e.offset, gap);
     if (from >= stop ||
         !CanAppend(p->r.extents, p->max_extents, from, e.flags)) {
