@@ -232,7 +232,9 @@ int RunCli(const std::vector<std::string>& args, const CliEnvironment& env) {
     return kExitOk;
   }
   CommandContext context(env, std::move(parsed));
-  return context.Run();
+  int code = context.Run();
+  if (env.exit_process) env.exit_process(code);  // the client still lives
+  return code;
 }
 
 }  // namespace blockmeta::client

@@ -21,6 +21,7 @@
 #define BLOCKMETA_CLIENT_COMMAND_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -61,6 +62,13 @@ struct CliEnvironment {
   bool err_is_tty = false;
   // $BLOCKMETA_SERVER, the default of --server when set and non-empty.
   std::string default_server;
+  // When set, RunCli calls it with the exit code once a command that
+  // connected has finished, while the gRPC client (and its channel) still
+  // exists, and the call must not return: main.cc flushes the output and
+  // leaves the process with _exit there, so gRPC's teardown never runs (see
+  // main.cc). Unset (in-process tests), RunCli destroys the client and
+  // returns the code.
+  std::function<void(int exit_code)> exit_process;
 };
 
 struct FlagSpec {
