@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/errno_text.h"
 
@@ -71,6 +72,18 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
                       status.error_message());
+}
+
+absl::Status MarkIfUnreachable(absl::Status status, grpc::Channel& channel) {
+  if (status.code() == absl::StatusCode::kUnavailable &&
+      channel.GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY) {
+    status.SetPayload(kUnreachablePayload, absl::Cord("1"));
+  }
+  return status;
+}
+
+absl::Status FromGrpcCall(const grpc::Status& status, grpc::Channel& channel) {
+  return MarkIfUnreachable(FromGrpcStatus(status), channel);
 }
 
 std::chrono::system_clock::time_point DeadlineFromNow(absl::Duration d) {

@@ -79,9 +79,13 @@ int CommandContext::Usage(absl::string_view message) {
 int CommandContext::Fail(absl::string_view what, const absl::Status& s) {
   err_ << kProg << " " << command().name << ": " << what << ": "
        << absl::StatusCodeToString(s.code()) << ": " << s.message() << "\n";
-  if (s.code() == absl::StatusCode::kUnavailable) {
+  if (IsServerUnreachable(s)) {
     err_ << kProg << ": is a blockmeta server running at " << options_.target
          << "? (--server, $BLOCKMETA_SERVER)\n";
+  } else if (s.code() == absl::StatusCode::kUnavailable) {
+    err_ << kProg << ": the server at " << options_.target
+         << " is running and answered UNAVAILABLE: it cannot serve this now "
+            "(e.g. the export's upstream is down); retry later\n";
   }
   return ExitCodeForStatus(s);
 }

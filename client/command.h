@@ -14,7 +14,9 @@
 //   0  success
 //   1  the server answered with an error (NOT_FOUND, OUT_OF_RANGE, ...)
 //   2  usage error (unknown command or flag, bad value, missing argument)
-//   3  unavailable: the server could not be reached, or answered UNAVAILABLE
+//   3  unavailable (retryable): no server there (the connection was refused
+//      or failed), or the server answered UNAVAILABLE; the message tells
+//      which
 //   4  deadline exceeded (--timeout)
 //   5  health: the service is not SERVING
 #ifndef BLOCKMETA_CLIENT_COMMAND_H_
@@ -139,8 +141,9 @@ class CommandContext {
 
   // Prints a usage error for this command; returns kExitUsage.
   int Usage(absl::string_view message);
-  // Prints a failed call (`what` names it) and, for UNAVAILABLE, a hint
-  // about --server; returns ExitCodeForStatus(s).
+  // Prints a failed call (`what` names it) and, for UNAVAILABLE, either a
+  // hint about --server (no server there: IsServerUnreachable) or that the
+  // server answered it; returns ExitCodeForStatus(s).
   int Fail(absl::string_view what, const absl::Status& s);
 
   // Flag parsers: nullopt when the flag is absent or valid (then *out is
