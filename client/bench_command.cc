@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/bench.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
@@ -21,8 +22,8 @@ int RunBench(CommandContext& ctx) {
   } else if (rpc == "compare") {
     plan.mode = BenchMode::kCompare;
   } else {
-    return ctx.Usage(absl::StrCat("--rpc: invalid value \"", rpc,
-                                  "\" (expected extents, health or compare)"));
+    return ctx.Usage(absl::StrCat("--rpc: invalid value ", QuoteBounded(rpc),
+                                  " (expected extents, health or compare)"));
   }
   bool json;
   if (auto e = ctx.BasicOutput(&json)) return ctx.Usage(*e);
@@ -62,8 +63,9 @@ int RunBench(CommandContext& ctx) {
   } else if (pattern == "random") {
     o.pattern = BenchPattern::kRandom;
   } else {
-    return ctx.Usage(absl::StrCat("--pattern: invalid value \"", pattern,
-                                  "\" (expected fixed or random)"));
+    return ctx.Usage(absl::StrCat("--pattern: invalid value ",
+                                  QuoteBounded(pattern),
+                                  " (expected fixed or random)"));
   }
   if (auto e = ctx.SizeFlag("offset", &o.offset)) return ctx.Usage(*e);
   if (auto e = ctx.SizeFlag("length", &o.length)) return ctx.Usage(*e);

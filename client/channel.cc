@@ -8,6 +8,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/errno_text.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
@@ -17,8 +18,8 @@ absl::StatusOr<std::string> ReadPemFile(const std::string& path,
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     int err = errno;
-    std::string msg =
-        absl::StrCat("cannot read ", what, " \"", path, "\": ", ErrnoText(err));
+    std::string msg = absl::StrCat("cannot read ", what, " ",
+                                   QuoteBounded(path), ": ", ErrnoText(err));
     if (err == EACCES) return absl::PermissionDeniedError(msg);
     return absl::NotFoundError(msg);
   }

@@ -18,6 +18,7 @@
 #include "client/export_commands.h"
 #include "client/map_commands.h"
 #include "client/query_commands.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
@@ -123,7 +124,7 @@ int RunHelp(CommandContext& ctx) {
   const CommandSpec* target = FindCommand(ctx.positional()[0]);
   if (target == nullptr) {
     return ctx.Usage(
-        absl::StrCat("unknown command \"", ctx.positional()[0], "\""));
+        absl::StrCat("unknown command ", QuoteBounded(ctx.positional()[0])));
   }
   PrintCommandHelp(ctx.out(), *target);
   return kExitOk;
@@ -196,7 +197,7 @@ std::optional<std::string> Parse(const std::vector<std::string>& args,
     if (p->command == nullptr) {
       p->command = FindCommand(a);
       if (p->command == nullptr) {
-        return absl::StrCat("unknown command \"", a, "\"");
+        return absl::StrCat("unknown command ", QuoteBounded(a));
       }
       continue;
     }

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "client/units.h"
 #include "google/protobuf/util/json_util.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 
@@ -60,8 +61,8 @@ int CommandContext::Run() {
     return Usage(absl::StrCat("missing argument ", c.args));
   }
   if (static_cast<int>(positional().size()) > c.max_positional) {
-    return Usage(absl::StrCat("unexpected argument \"",
-                              positional()[c.max_positional], "\""));
+    return Usage(absl::StrCat("unexpected argument ",
+                              QuoteBounded(positional()[c.max_positional])));
   }
   for (const std::string& pos : positional()) {
     if (pos.empty()) return Usage("empty argument");
@@ -104,8 +105,8 @@ std::optional<std::string> CommandContext::IntFlag(const std::string& name,
   if (!Has(name)) return std::nullopt;
   int v;
   if (!absl::SimpleAtoi(Get(name), &v) || v < min || v > max) {
-    return absl::StrCat("--", name, ": invalid value \"", Get(name),
-                        "\" (expected an integer from ", min, " to ", max, ")");
+    return absl::StrCat("--", name, ": invalid value ", QuoteBounded(Get(name)),
+                        " (expected an integer from ", min, " to ", max, ")");
   }
   *out = v;
   return std::nullopt;
@@ -135,8 +136,8 @@ std::optional<std::string> CommandContext::CacheFlag(v1::CacheMode* mode) {
   } else if (v == "refresh") {
     *mode = v1::CACHE_MODE_REFRESH;
   } else {
-    return absl::StrCat("--cache: invalid value \"", v,
-                        "\" (expected use, bypass or refresh)");
+    return absl::StrCat("--cache: invalid value ", QuoteBounded(v),
+                        " (expected use, bypass or refresh)");
   }
   return std::nullopt;
 }
@@ -144,8 +145,8 @@ std::optional<std::string> CommandContext::CacheFlag(v1::CacheMode* mode) {
 std::optional<std::string> CommandContext::BasicOutput(bool* json) {
   std::string v = Get("output", "human");
   if (v != "human" && v != "json") {
-    return absl::StrCat("--output: invalid value \"", v,
-                        "\" (expected human or json)");
+    return absl::StrCat("--output: invalid value ", QuoteBounded(v),
+                        " (expected human or json)");
   }
   *json = v == "json";
   return std::nullopt;

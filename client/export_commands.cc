@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
@@ -23,7 +24,7 @@ std::optional<std::string> Uint(const std::map<std::string, std::string>& f,
   auto it = f.find(k);
   if (it == f.end()) return std::nullopt;
   if (!absl::SimpleAtoi(it->second, out)) {
-    return absl::StrCat("--", k, ": not a number: \"", it->second, "\"");
+    return absl::StrCat("--", k, ": not a number: ", QuoteBounded(it->second));
   }
   return std::nullopt;
 }
@@ -134,8 +135,8 @@ int RunExport(CommandContext& ctx) {
     }
     return kExitOk;
   }
-  return ctx.Usage(absl::StrCat("unknown export action \"", verb,
-                                "\" (expected add, remove or list)"));
+  return ctx.Usage(absl::StrCat("unknown export action ", QuoteBounded(verb),
+                                " (expected add, remove or list)"));
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "client/extent_format.h"
 #include "client/units.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
@@ -98,8 +99,9 @@ int MapRange(CommandContext& ctx, bool changed) {
   req.set_batch_size(batch);
   std::string progress = ctx.Get("progress", "auto");
   if (progress != "auto" && progress != "always" && progress != "never") {
-    return ctx.Usage(absl::StrCat("--progress: invalid value \"", progress,
-                                  "\" (expected auto, always or never)"));
+    return ctx.Usage(absl::StrCat("--progress: invalid value ",
+                                  QuoteBounded(progress),
+                                  " (expected auto, always or never)"));
   }
   WriterOptions wo;
   absl::StatusOr<OutputFormat> fmt =
