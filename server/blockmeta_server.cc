@@ -1,9 +1,12 @@
 // server/blockmeta_server.cc — see blockmeta_server.h.
 #include "server/blockmeta_server.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <fstream>
 #include <sstream>
 #include <utility>
@@ -18,6 +21,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "server/cache/extent_cache.h"
+#include "server/common/errno_text.h"
 #include "server/common/log.h"
 #include "server/common/tls_grpc.h"
 #include "server/common/worker_pools.h"
@@ -54,6 +58,40 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
   // Reloaded when the files change (certificate rotation, no restart).
   return ReloadingServerCredentials(
       {tls.cert_file(), tls.key_file(), tls.client_ca_file()});
+}
+
+// Why gRPC could not listen on TCP `address` (host:port), found by binding
+// it ourselves (without SO_REUSEPORT, as the server does): "" when that
+// bind works or the address does not resolve.
+std::string TcpBindError(const std::string& address) {
+  size_t colon = address.rfind(':');
+  if (colon == std::string::npos) return "";
+  std::string host = address.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  struct addrinfo hints = {};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  struct addrinfo* res = nullptr;
+  if (getaddrinfo(host.empty() ? nullptr : host.c_str(),
+                  address.substr(colon + 1).c_str(), &hints, &res) != 0) {
+    return "";
+  }
+  std::string why;
+  for (struct addrinfo* a = res; a != nullptr && why.empty(); a = a->ai_next) {
+    int fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      why = errno == EADDRINUSE ? "address already in use (another blockmetad?)"
+                                : ErrnoText(errno);
+    }
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return why;
 }
 
 }  // namespace
@@ -368,6 +406,12 @@ absl::Status BlockMetaServer::Start() {
   server_ = builder.BuildAndStart();
   if (server_ == nullptr) {
     for (const auto& [bound, path] : unix_paths) ::unlink(bound.c_str());
+    if (!c.grpc_listen().empty()) {
+      if (std::string why = TcpBindError(c.grpc_listen()); !why.empty()) {
+        return absl::UnavailableError(absl::StrCat(
+            "cannot listen for gRPC on \"", c.grpc_listen(), "\": ", why));
+      }
+    }
     return absl::UnavailableError(absl::StrCat(
         "cannot listen for gRPC on \"", c.grpc_listen(), "\"",
         c.grpc_unix_socket().empty()

@@ -171,7 +171,7 @@ TEST_F(InstanceTest, SecondOnTheSameGrpcPortFails) {
       RunSecond({absl::StrCat("--grpc_listen=127.0.0.1:", ports_["grpc"])});
   EXPECT_EQ(r.exit_code, 2) << r.err;
   EXPECT_THAT(r.err, HasSubstr("listen_failed"));
-  EXPECT_THAT(r.err, HasSubstr("address in use"));
+  EXPECT_THAT(r.err, HasSubstr("address already in use (another blockmetad?)"));
   ExpectFirstIntact();
 }
 
