@@ -125,10 +125,12 @@ class MapStream {
 
 class GrpcExtentIterator final : public ExtentIterator {
  public:
-  GrpcExtentIterator(std::shared_ptr<v1::BlockMeta::Stub> stub,
+  GrpcExtentIterator(std::shared_ptr<grpc::Channel> channel,
+                     std::shared_ptr<v1::BlockMeta::Stub> stub,
                      const ClientOptions& options,
                      v1::MapExtentsRequest request)
-      : stub_(std::move(stub)),
+      : channel_(std::move(channel)),
+        stub_(std::move(stub)),
         deadline_(options.deadline),
         retry_(options.retry),
         request_(std::move(request)),
@@ -147,6 +149,7 @@ class GrpcExtentIterator final : public ExtentIterator {
       }
       absl::Status s = FetchBatch();
       if (s.ok()) continue;
+      s = MarkIfUnreachable(std::move(s), *channel_);
       stream_.reset();
       if (IsTransient(s) && ++failures_ < retry_.max_attempts) {
         absl::SleepFor(Backoff(failures_));
@@ -155,8 +158,13 @@ class GrpcExtentIterator final : public ExtentIterator {
       }
       done_ = true;
       if (failures_ > 1) {
-        s = absl::Status(s.code(), absl::StrCat(s.message(), " (after ",
-                                                failures_, " attempts)"));
+        absl::Status with_count(
+            s.code(),
+            absl::StrCat(s.message(), " (after ", failures_, " attempts)"));
+        s.ForEachPayload([&](absl::string_view url, const absl::Cord& p) {
+          with_count.SetPayload(url, p);
+        });
+        s = with_count;
       }
       final_ = s;
       return s;
@@ -251,6 +259,7 @@ class GrpcExtentIterator final : public ExtentIterator {
     return absl::OkStatus();
   }
 
+  const std::shared_ptr<grpc::Channel> channel_;
   const std::shared_ptr<v1::BlockMeta::Stub> stub_;
   const absl::Duration deadline_;
   const RetryPolicy retry_;
@@ -332,7 +341,7 @@ class GrpcBlockMetaClient final : public BlockMetaClient {
     grpc::ClientContext ctx;
     ctx.set_deadline(DeadlineFromNow(options().deadline));
     grpc::Status s = health_->Check(&ctx, req, &resp);
-    if (!s.ok()) return FromGrpcStatus(s);
+    if (!s.ok()) return FromGrpcCall(s, *channel_);
     switch (resp.status()) {
       case grpc::health::v1::HealthCheckResponse::SERVING:
         return ServingStatus::kServing;
@@ -345,7 +354,8 @@ class GrpcBlockMetaClient final : public BlockMetaClient {
 
   std::unique_ptr<ExtentIterator> MapExtents(
       const v1::MapExtentsRequest& request) override {
-    return std::make_unique<GrpcExtentIterator>(stub_, options(), request);
+    return std::make_unique<GrpcExtentIterator>(channel_, stub_, options(),
+                                                request);
   }
 
  private:
@@ -357,7 +367,7 @@ class GrpcBlockMetaClient final : public BlockMetaClient {
     ctx.set_deadline(DeadlineFromNow(options().deadline));
     Resp resp;
     grpc::Status s = ((*stub_).*method)(&ctx, request, &resp);
-    if (!s.ok()) return FromGrpcStatus(s);
+    if (!s.ok()) return FromGrpcCall(s, *channel_);
     return resp;
   }
 
@@ -369,7 +379,7 @@ class GrpcBlockMetaClient final : public BlockMetaClient {
     ctx.set_deadline(DeadlineFromNow(options().deadline));
     Resp resp;
     grpc::Status s = ((*admin_).*method)(&ctx, request, &resp);
-    if (!s.ok()) return FromGrpcStatus(s);
+    if (!s.ok()) return FromGrpcCall(s, *channel_);
     return resp;
   }
 
@@ -391,6 +401,11 @@ const char* ServingStatusName(ServingStatus status) {
       break;
   }
   return "UNKNOWN";
+}
+
+bool IsServerUnreachable(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kUnavailable &&
+         status.GetPayload(kUnreachablePayload).has_value();
 }
 
 bool IsTransient(const absl::Status& status) {

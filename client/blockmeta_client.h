@@ -53,6 +53,13 @@ const char* ServingStatusName(ServingStatus status);
 // DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED.
 bool IsTransient(const absl::Status& status);
 
+// Whether a failed call never reached a server: UNAVAILABLE because the
+// connection was refused or failed (nothing listens at the target, a
+// missing socket file, an unreachable host) or the server went away. An
+// UNAVAILABLE the server itself answered (e.g. an export's upstream is
+// down) is not: the server is there and may succeed later.
+bool IsServerUnreachable(const absl::Status& status);
+
 // Iterates over the extents of a MapExtents range as one contiguous,
 // complete sequence: the first extent starts at the requested offset, each
 // next one where the previous ended, and a clean end (Next() returns false)

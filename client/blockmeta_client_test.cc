@@ -138,12 +138,15 @@ TEST(BlockMetaClient, UnreachableIsUnavailableAndFast) {
   }
   auto client = ConnectTo(address);
   absl::Time start = absl::Now();
-  EXPECT_EQ(client->ListExports().status().code(),
-            absl::StatusCode::kUnavailable);
+  absl::Status s = client->ListExports().status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(IsServerUnreachable(s)) << s;
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
   auto it = client->MapExtents(v1::MapExtentsRequest());
   v1::Extent e;
-  EXPECT_EQ(it->Next(&e).status().code(), absl::StatusCode::kUnavailable);
+  s = it->Next(&e).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(IsServerUnreachable(s)) << s;
   EXPECT_EQ(it->resumes(), 4);  // max_attempts 5: 4 retries.
 }
 
@@ -250,6 +253,8 @@ TEST(ExtentIterator, GivesUpAfterMaxAttemptsWithoutProgress) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_NE(r.status().message().find("after 5 attempts"), std::string::npos)
       << r.status();
+  // The server answered each UNAVAILABLE itself: it is there.
+  EXPECT_FALSE(IsServerUnreachable(r.status())) << r.status();
   EXPECT_EQ(server.service().map_calls, 5);
 }
 

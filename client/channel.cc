@@ -5,8 +5,10 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "server/common/errno_text.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
@@ -16,8 +18,8 @@ absl::StatusOr<std::string> ReadPemFile(const std::string& path,
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     int err = errno;
-    std::string msg =
-        absl::StrCat("cannot read ", what, " \"", path, "\": ", ErrnoText(err));
+    std::string msg = absl::StrCat("cannot read ", what, " ",
+                                   QuoteBounded(path), ": ", ErrnoText(err));
     if (err == EACCES) return absl::PermissionDeniedError(msg);
     return absl::NotFoundError(msg);
   }
@@ -71,6 +73,18 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   if (status.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
                       status.error_message());
+}
+
+absl::Status MarkIfUnreachable(absl::Status status, grpc::Channel& channel) {
+  if (status.code() == absl::StatusCode::kUnavailable &&
+      channel.GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY) {
+    status.SetPayload(kUnreachablePayload, absl::Cord("1"));
+  }
+  return status;
+}
+
+absl::Status FromGrpcCall(const grpc::Status& status, grpc::Channel& channel) {
+  return MarkIfUnreachable(FromGrpcStatus(status), channel);
 }
 
 std::chrono::system_clock::time_point DeadlineFromNow(absl::Duration d) {

@@ -29,6 +29,21 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(
 // Same code (the numeric values agree) and message.
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
+// The payload (type URL) that marks an UNAVAILABLE no server sent: see
+// IsServerUnreachable in blockmeta_client.h.
+inline constexpr char kUnreachablePayload[] =
+    "type.googleapis.com/blockmeta.client.ServerUnreachable";
+
+// For a call made on `channel` that failed with `status`: an UNAVAILABLE
+// while the channel is not connected (READY) never came from a server (the
+// connection was refused or failed, or the server went away), and is marked
+// with kUnreachablePayload. An UNAVAILABLE over a connected channel is the
+// server's own answer (e.g. its upstream is down) and is returned as is.
+absl::Status MarkIfUnreachable(absl::Status status, grpc::Channel& channel);
+
+// MarkIfUnreachable(FromGrpcStatus(status), channel).
+absl::Status FromGrpcCall(const grpc::Status& status, grpc::Channel& channel);
+
 // now + d as a gRPC deadline.
 std::chrono::system_clock::time_point DeadlineFromNow(absl::Duration d);
 

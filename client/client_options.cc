@@ -3,6 +3,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 
@@ -29,18 +30,19 @@ absl::Status ValidateOptions(const ClientOptions& options) {
     if (colon == std::string::npos ||
         (bracket != std::string::npos && colon < bracket)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("server address \"", t,
-                       "\" has no port (use host:port or unix:PATH)"));
+          absl::StrCat("server address ", QuoteBounded(t),
+                       " has no port (use host:port or unix:PATH)"));
     }
     std::string port = t.substr(colon + 1);
     if (port.empty() ||
         port.find_first_not_of("0123456789") != std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "server address \"", t, "\" has an invalid port \"", port, "\""));
+      return absl::InvalidArgumentError(
+          absl::StrCat("server address ", QuoteBounded(t),
+                       " has an invalid port ", QuoteBounded(port)));
     }
     if (colon == 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat("server address \"", t, "\" has no host"));
+          absl::StrCat("server address ", QuoteBounded(t), " has no host"));
     }
   }
   if (options.deadline <= absl::ZeroDuration()) {

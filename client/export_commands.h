@@ -1,9 +1,9 @@
 // client/export_commands.h — `blockmeta export add|remove|list`: turning the
 // command's flags into a blockmeta.v1.ExportConfig, and printing the Admin
-// answers. The CLI (cli.cc) registers the command and makes the calls.
+// answers, and the command's table entry and runner (registered in cli.cc).
 //
-//   blockmeta --server=unix:/run/blockmeta/grpc.sock export add job7 \
-//       --uri=nbd+unix:///?socket=/run/job7.sock
+//   blockmeta --server=unix:/run/blockmeta/grpc.sock export add job7
+//       --uri=nbd+unix:///?socket=/run/job7.sock      (one line)
 //   blockmeta ... export add job8 --image=/vm/disk.qcow2 --bitmap=b1,b2
 //   blockmeta ... export add demo --command="nbdkit memory 1G"
 //   blockmeta ... export remove job7
@@ -17,6 +17,7 @@
 #include <string>
 
 #include "blockmeta/v1/admin.pb.h"
+#include "client/command.h"
 
 namespace blockmeta::client {
 
@@ -31,6 +32,9 @@ std::optional<std::string> ExportConfigFromFlags(
 
 // One line per export: NAME STATE ORIGIN generation=N [last error].
 void PrintAdminExport(std::ostream& o, const blockmeta::v1::AdminExport& e);
+
+// `export add|remove|list [NAME]`.
+CommandSpec ExportCommand();
 
 }  // namespace blockmeta::client
 

@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "client/units.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
@@ -503,8 +504,8 @@ absl::StatusOr<OutputFormat> ParseOutputFormat(absl::string_view name) {
   if (name == "nbdinfo") return OutputFormat::kNbdinfo;
   if (name == "csv") return OutputFormat::kCsv;
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown output format \"", name,
-                   "\" (expected human, json, qemu-json, nbdinfo or csv)"));
+      absl::StrCat("unknown output format ", QuoteBounded(name),
+                   " (expected human, json, qemu-json, nbdinfo or csv)"));
 }
 
 uint32_t ExtentType(absl::string_view context, const Extent& e) {

@@ -8,13 +8,14 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/common/quote.h"
 
 namespace blockmeta::client {
 namespace {
 
 absl::Status BadSize(absl::string_view text, absl::string_view why) {
   return absl::InvalidArgumentError(
-      absl::StrCat("invalid size \"", text, "\": ", why,
+      absl::StrCat("invalid size ", QuoteBounded(text), ": ", why,
                    " (expected e.g. 4096, 512k, 1G, 1.5GiB)"));
 }
 
@@ -132,13 +133,13 @@ absl::StatusOr<absl::Duration> ParseTimeout(absl::string_view text) {
     d = absl::Seconds(seconds);
   } else if (!absl::ParseDuration(s, &d)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("invalid timeout \"", text,
-                     "\" (expected e.g. 30s, 500ms, 1m or a number of "
+        absl::StrCat("invalid timeout ", QuoteBounded(text),
+                     " (expected e.g. 30s, 500ms, 1m or a number of "
                      "seconds)"));
   }
   if (d <= absl::ZeroDuration() || d == absl::InfiniteDuration()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("invalid timeout \"", text, "\": must be > 0 and finite"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "invalid timeout ", QuoteBounded(text), ": must be > 0 and finite"));
   }
   return d;
 }

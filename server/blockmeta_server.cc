@@ -1,9 +1,12 @@
 // server/blockmeta_server.cc — see blockmeta_server.h.
 #include "server/blockmeta_server.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <fstream>
 #include <sstream>
 #include <utility>
@@ -18,6 +21,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "server/cache/extent_cache.h"
+#include "server/common/errno_text.h"
 #include "server/common/log.h"
 #include "server/common/tls_grpc.h"
 #include "server/common/worker_pools.h"
@@ -54,6 +58,40 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(
   // Reloaded when the files change (certificate rotation, no restart).
   return ReloadingServerCredentials(
       {tls.cert_file(), tls.key_file(), tls.client_ca_file()});
+}
+
+// Why gRPC could not listen on TCP `address` (host:port), found by binding
+// it ourselves (without SO_REUSEPORT, as the server does): "" when that
+// bind works or the address does not resolve.
+std::string TcpBindError(const std::string& address) {
+  size_t colon = address.rfind(':');
+  if (colon == std::string::npos) return "";
+  std::string host = address.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  struct addrinfo hints = {};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  struct addrinfo* res = nullptr;
+  if (getaddrinfo(host.empty() ? nullptr : host.c_str(),
+                  address.substr(colon + 1).c_str(), &hints, &res) != 0) {
+    return "";
+  }
+  std::string why;
+  for (struct addrinfo* a = res; a != nullptr && why.empty(); a = a->ai_next) {
+    int fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      why = errno == EADDRINUSE ? "address already in use (another blockmetad?)"
+                                : ErrnoText(errno);
+    }
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return why;
 }
 
 }  // namespace
@@ -305,24 +343,40 @@ absl::Status BlockMetaServer::Start() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // One instance per address: without SO_REUSEPORT (gRPC sets it by
+  // default) a second server on the same port fails to bind instead of
+  // sharing the port's calls with the first.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   if (!c.grpc_listen().empty()) {
     builder.AddListeningPort(c.grpc_listen(), *creds, &grpc_port_);
   }
+  // Unix sockets: gRPC binds private names; they are published at their
+  // paths after BuildAndStart, never replacing a live server's socket.
+  std::vector<std::pair<std::string, std::string>> unix_paths;  // bound, path
   if (!c.grpc_unix_socket().empty()) {
-    ::unlink(c.grpc_unix_socket().c_str());  // a stale socket from a crash
+    unix_paths.emplace_back(PrivateBindPath(c.grpc_unix_socket()),
+                            c.grpc_unix_socket());
     // The Unix socket is plaintext even when TCP uses TLS: it is reached
     // only by local processes that can open the socket file (a pod's shared
     // emptyDir, a service user's runtime directory), and kubelet exec
     // probes and sidecars use it without certificates.
-    builder.AddListeningPort(absl::StrCat("unix:", c.grpc_unix_socket()),
+    builder.AddListeningPort(absl::StrCat("unix:", unix_paths.back().first),
                              grpc::InsecureServerCredentials());
   }
   if (!c.csi().socket().empty()) {
     // The CSI driver socket (external-snapshot-metadata --csi-address).
     std::string path = *CsiSocketPath(c.csi().socket());  // checked in Create
-    ::unlink(path.c_str());
-    builder.AddListeningPort(absl::StrCat("unix:", path),
+    unix_paths.emplace_back(PrivateBindPath(path), path);
+    builder.AddListeningPort(absl::StrCat("unix:", unix_paths.back().first),
                              grpc::InsecureServerCredentials());
+  }
+  for (const auto& [bound, path] : unix_paths) {
+    if (bound.size() > MaxUnixSocketPath()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Unix socket path \"", path, "\" is too long (its directory plus ",
+          bound.size() - path.size() + 1, " bytes must fit in ",
+          MaxUnixSocketPath(), ")"));
+    }
   }
   builder.RegisterService(grpc_service_.get());
   builder.RegisterService(csi_identity_.get());
@@ -351,16 +405,36 @@ absl::Status BlockMetaServer::Start() {
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen for gRPC on \"", c.grpc_listen(), "\"",
-                     c.grpc_unix_socket().empty()
-                         ? ""
-                         : absl::StrCat(" / unix:", c.grpc_unix_socket()),
-                     " (address in use, bad address, or bad TLS files?)"));
+    for (const auto& [bound, path] : unix_paths) ::unlink(bound.c_str());
+    if (!c.grpc_listen().empty()) {
+      if (std::string why = TcpBindError(c.grpc_listen()); !why.empty()) {
+        return absl::UnavailableError(absl::StrCat(
+            "cannot listen for gRPC on \"", c.grpc_listen(), "\": ", why));
+      }
+    }
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen for gRPC on \"", c.grpc_listen(), "\"",
+        c.grpc_unix_socket().empty()
+            ? ""
+            : absl::StrCat(" / unix:", c.grpc_unix_socket()),
+        " (address in use by another server, bad address, or bad TLS "
+        "files?)"));
   }
   if (!c.grpc_listen().empty() && grpc_port_ == 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot bind gRPC address \"", c.grpc_listen(), "\""));
+  }
+  for (size_t i = 0; i < unix_paths.size(); ++i) {
+    const auto& [bound, path] = unix_paths[i];
+    absl::StatusOr<std::unique_ptr<OwnedUnixSocket>> owned =
+        OwnedUnixSocket::Publish(bound, path);
+    if (!owned.ok()) {
+      for (size_t j = i + 1; j < unix_paths.size(); ++j) {
+        ::unlink(unix_paths[j].first.c_str());
+      }
+      return owned.status();
+    }
+    unix_sockets_.push_back(*std::move(owned));
   }
   if (!c.metrics_listen().empty()) {
     absl::StatusOr<int> port = metrics_->Serve(c.metrics_listen());
@@ -421,6 +495,7 @@ void BlockMetaServer::Shutdown(absl::Duration grace) {
   server_->Shutdown(std::chrono::system_clock::now() +
                     absl::ToChronoMilliseconds(grace));
   server_->Wait();
+  unix_sockets_.clear();  // removes each path that is still ours
 }
 
 }  // namespace blockmeta

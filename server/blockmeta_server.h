@@ -19,6 +19,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -27,6 +28,7 @@
 #include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/common/mutex.h"
+#include "server/common/unix_socket.h"
 #include "server/upstream/export_registry.h"
 
 namespace grpc {
@@ -104,6 +106,10 @@ class BlockMetaServer {
   std::unique_ptr<AdminService> admin_;
   std::unique_ptr<AdminGrpcService> admin_grpc_;
   std::unique_ptr<grpc::Server> server_;
+  // The gRPC and CSI Unix socket files, published at their paths once gRPC
+  // listens under private names (server/common/unix_socket.h); each removes
+  // its path at destruction if it is still ours. Reset in Shutdown().
+  std::vector<std::unique_ptr<OwnedUnixSocket>> unix_sockets_;
   blockmeta::v1::ServerConfig startup_file_;  // set before Start()
   int grpc_port_ = 0;
   int nbd_port_ = 0;

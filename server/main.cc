@@ -12,6 +12,9 @@
 // Admin API stay unless the file names them). A file that does not parse or
 // validate is rejected whole, logged as "config_reload_rejected" with the
 // same file:line:column message as at start-up, and nothing changes.
+// Start-up failures, including no free pids, threads, descriptors or
+// memory, are logged (config_invalid, listen_failed, startup_failed) and
+// exit 2; they never abort.
 // At start, private directories of spawned servers left by a blockmetad that
 // died (SIGKILL) are removed; spawned servers themselves die with us
 // (PR_SET_PDEATHSIG, see server/upstream/spawned_server.h).
@@ -20,7 +23,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <new>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -36,6 +41,7 @@
 #include "server/blockmeta_server.h"
 #include "server/common/config.h"
 #include "server/common/log.h"
+#include "server/common/startup_resources.h"
 #include "server/upstream/spawned_server.h"
 
 ABSL_FLAG(std::string, config, "",
@@ -233,12 +239,40 @@ int main(int argc, char** argv) {
     blockmeta::LogInfo("stale_spawn_dirs_removed", {{"count", n}});
   }
 
+  // Out of pids, threads, descriptors or memory: a message and exit 2, not
+  // gRPC's abort (see startup_resources.h).
+  {
+    v1::ServerConfig sized = config;
+    blockmeta::ApplyDefaults(&sized);
+    blockmeta::StartupNeeds needs;
+    // Our pools, the shim's acceptor and gRPC's own (~14 here) at once.
+    needs.threads = static_cast<int>(sized.worker_threads()) + 32;
+    if (absl::Status s = blockmeta::CheckStartupResources(needs); !s.ok()) {
+      return Fail("startup_failed", s);
+    }
+  }
+
   absl::StatusOr<std::unique_ptr<blockmeta::BlockMetaServer>> server =
-      blockmeta::BlockMetaServer::Create(config);
-  if (!server.ok()) return Fail("config_invalid", server.status());
-  (*server)->SetStartupFile(file_config);
-  if (absl::Status s = (*server)->Start(); !s.ok()) {
-    return Fail("listen_failed", s);
+      absl::InternalError("not created");
+  // Creating a thread throws std::system_error when none is left (the
+  // check above can pass and another process take the last pid); our
+  // constructors join what they started before rethrowing. Memory: the
+  // same for std::bad_alloc.
+  try {
+    server = blockmeta::BlockMetaServer::Create(config);
+    if (!server.ok()) return Fail("config_invalid", server.status());
+    (*server)->SetStartupFile(file_config);
+    if (absl::Status s = (*server)->Start(); !s.ok()) {
+      return Fail("listen_failed", s);
+    }
+  } catch (const std::system_error& e) {
+    return Fail("startup_failed",
+                absl::ResourceExhaustedError(
+                    absl::StrCat("cannot start: ", e.what(),
+                                 " (out of threads, pids or descriptors?)")));
+  } catch (const std::bad_alloc&) {
+    return Fail("startup_failed",
+                absl::ResourceExhaustedError("cannot start: out of memory"));
   }
   blockmeta::ApplyDefaults(&config);
   blockmeta::LogInfo("serving",

@@ -8,16 +8,26 @@ namespace blockmeta {
 WorkerPool::WorkerPool(size_t threads) {
   if (threads == 0) threads = 1;
   threads_.reserve(threads);
-  for (size_t i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
+  try {
+    for (size_t i = 0; i < threads; ++i) {
+      threads_.emplace_back([this] { Run(); });
+    }
+  } catch (...) {   // std::system_error: no thread left to create
+    StopAndJoin();  // never destroy a joinable std::thread (terminate)
+    throw;
+  }
 }
 
-WorkerPool::~WorkerPool() {
+WorkerPool::~WorkerPool() { StopAndJoin(); }
+
+void WorkerPool::StopAndJoin() {
   {
     sync::MutexLock lock(&mu_);
     stopping_ = true;
   }
   work_.SignalAll();
   for (std::thread& t : threads_) t.join();
+  threads_.clear();
 }
 
 bool WorkerPool::Schedule(absl::AnyInvocable<void() &&> task) {

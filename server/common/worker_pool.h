@@ -38,6 +38,9 @@ class WorkerPool {
 
  private:
   void Run();
+  // Stops the workers and joins them (the destructor, or a constructor
+  // that could not start them all).
+  void StopAndJoin() ABSL_LOCKS_EXCLUDED(mu_);
 
   mutable sync::Mutex mu_;
   absl::CondVar work_;  // signalled when a task is queued or stopping_ set

@@ -11,16 +11,26 @@ WorkerPools::WorkerPools(size_t threads, size_t per_export_cap) {
   cap_ = per_export_cap != 0 ? std::min(per_export_cap, threads)
                              : std::max<size_t>(1, threads / 4);
   threads_.reserve(threads);
-  for (size_t i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
+  try {
+    for (size_t i = 0; i < threads; ++i) {
+      threads_.emplace_back([this] { Run(); });
+    }
+  } catch (...) {   // std::system_error: no thread left to create
+    StopAndJoin();  // never destroy a joinable std::thread (terminate)
+    throw;
+  }
 }
 
-WorkerPools::~WorkerPools() {
+WorkerPools::~WorkerPools() { StopAndJoin(); }
+
+void WorkerPools::StopAndJoin() {
   {
     sync::MutexLock lock(&mu_);
     stopping_ = true;
   }
   work_.SignalAll();
   for (std::thread& t : threads_) t.join();
+  threads_.clear();
 }
 
 void WorkerPools::MaybeReadyLocked(Lane* lane) {

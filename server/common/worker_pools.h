@@ -81,6 +81,9 @@ class WorkerPools {
     bool in_ring = false;
   };
   void Run();
+  // Stops the workers and joins them (the destructor, or a constructor
+  // that could not start them all).
+  void StopAndJoin() ABSL_LOCKS_EXCLUDED(mu_);
   // Puts `lane` on the ring if it has work and room.
   void MaybeReadyLocked(Lane* lane) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -22,6 +22,7 @@
 #include "absl/time/clock.h"
 #include "server/common/errno_text.h"
 #include "server/common/log.h"
+#include "server/common/unix_socket.h"
 #include "server/upstream/export_registry.h"
 #include "server/upstream/nbd_upstream.h"
 
@@ -281,24 +282,30 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
   if (!unix_path.empty()) {
     struct sockaddr_un sa = {};
     sa.sun_family = AF_UNIX;
-    if (unix_path.size() >= sizeof sa.sun_path) {
+    // Bound under a private name, then published at unix_path without
+    // replacing a live server's socket (server/common/unix_socket.h).
+    const std::string bound = PrivateBindPath(unix_path);
+    if (bound.size() >= sizeof sa.sun_path) {
       return absl::InvalidArgumentError("NBD Unix socket path too long");
     }
-    memcpy(sa.sun_path, unix_path.c_str(), unix_path.size() + 1);
-    struct stat st;
-    if (lstat(unix_path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-      unlink(unix_path.c_str());  // a stale socket from an earlier run
-    }
+    memcpy(sa.sun_path, bound.c_str(), bound.size() + 1);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return Errno("socket");
     if (bind(fd, reinterpret_cast<struct sockaddr*>(&sa), sizeof sa) != 0 ||
         listen(fd, 128) != 0) {
       absl::Status s = Errno(absl::StrCat("bind/listen ", unix_path));
       close(fd);
+      unlink(bound.c_str());
       return s;
     }
+    absl::StatusOr<std::unique_ptr<OwnedUnixSocket>> owned =
+        OwnedUnixSocket::Publish(bound, unix_path);
+    if (!owned.ok()) {
+      close(fd);
+      return owned.status();
+    }
     unix_fd_ = fd;
-    unix_path_ = unix_path;
+    unix_socket_ = *std::move(owned);
   }
   // Non-blocking both ends: connection threads write one byte when they
   // end, and must never block on a full pipe (a full pipe is readable).
@@ -456,7 +463,7 @@ void NbdServer::Shutdown() {
     if (*fd >= 0) close(*fd);
     *fd = -1;
   }
-  if (!unix_path_.empty()) unlink(unix_path_.c_str());
+  unix_socket_.reset();  // removes the path if it is still ours
   std::list<std::unique_ptr<Slot>> slots;
   {
     sync::MutexLock lock(&mu_);

@@ -45,6 +45,7 @@
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
 #include "server/common/tls_credentials.h"
+#include "server/common/unix_socket.h"
 #include "server/common/worker_pool.h"
 #include "server/nbd/connection.h"
 #include "server/nbd/handshake.h"
@@ -155,7 +156,8 @@ class NbdServer {
   int tcp_fd_ = -1;
   int unix_fd_ = -1;
   int wake_[2] = {-1, -1};
-  std::string unix_path_;
+  // The published Unix socket file; removed at Shutdown() if still ours.
+  std::unique_ptr<OwnedUnixSocket> unix_socket_;
   std::thread acceptor_;
 
   sync::Mutex mu_;

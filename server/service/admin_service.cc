@@ -7,11 +7,25 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/log.h"
+#include "server/common/quote.h"
 
 namespace blockmeta {
 namespace {
 
 namespace v1 = ::blockmeta::v1;
+
+// The name of RemoveExport: required and bounded like every export name
+// (AddExport and UpdateExport check theirs in ValidateExportConfig), so a
+// huge name gets INVALID_ARGUMENT with a bounded message.
+absl::Status ValidateName(const std::string& name) {
+  if (name.empty()) return absl::InvalidArgumentError("name is required");
+  if (name.size() > kMaxExportNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("export name ", QuoteBounded(name), " is longer than ",
+                     kMaxExportNameBytes, " bytes"));
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -61,9 +75,7 @@ absl::StatusOr<v1::AddExportResponse> AdminService::AddExport(
 
 absl::StatusOr<v1::RemoveExportResponse> AdminService::RemoveExport(
     const v1::RemoveExportRequest& request, absl::Time deadline) {
-  if (request.name().empty()) {
-    return absl::InvalidArgumentError("name is required");
-  }
+  if (absl::Status s = ValidateName(request.name()); !s.ok()) return s;
   absl::StatusOr<ExportRef> gone = registry_->Remove(request.name());
   if (!gone.ok()) return gone.status();
   v1::RemoveExportResponse response;

@@ -7,20 +7,10 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "server/common/quote.h"
 
 namespace blockmeta {
-namespace {
-
-// Error messages quote client-chosen ids; keep them bounded.
-constexpr size_t kMaxQuotedIdBytes = 256;
-
-std::string Quote(const std::string& id) {
-  if (id.size() <= kMaxQuotedIdBytes) return absl::StrCat("\"", id, "\"");
-  return absl::StrCat("\"", id.substr(0, kMaxQuotedIdBytes), "\"... (",
-                      id.size(), " bytes)");
-}
-
-}  // namespace
+namespace {}  // namespace
 
 absl::StatusOr<std::string> CsiSocketPath(const std::string& address) {
   std::string path = address;
@@ -31,7 +21,7 @@ absl::StatusOr<std::string> CsiSocketPath(const std::string& address) {
   }
   if (path.empty() || path[0] != '/') {
     return absl::InvalidArgumentError(absl::StrCat(
-        "csi.socket ", Quote(address),
+        "csi.socket ", QuoteBounded(address),
         " is not a Unix socket: use unix:///ABSOLUTE/PATH or /ABSOLUTE/PATH"));
   }
   return path;
@@ -79,7 +69,7 @@ absl::StatusOr<ExportRef> CsiService::ResolveSnapshot(const std::string& id,
   }
   if (by_name != nullptr) return by_name;
   return absl::NotFoundError(
-      absl::StrCat("no snapshot ", Quote(id), " (", field,
+      absl::StrCat("no snapshot ", QuoteBounded(id), " (", field,
                    "): no export has that csi.snapshot_id or name"));
 }
 
@@ -152,7 +142,7 @@ absl::StatusOr<CsiStream> CsiService::PrepareDelta(
       CsiRangeBuilder::Select::kDirty, request.starting_offset(),
       request.max_results(),
       absl::StrCat(". No change tracking from base snapshot ",
-                   Quote(request.base_snapshot_id()),
+                   QuoteBounded(request.base_snapshot_id()),
                    " exists for this volume: perform a full backup instead"));
 }
 

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "server/common/quote.h"
 
 namespace blockmeta {
 namespace {
@@ -41,23 +42,16 @@ void AppendExtent(ExtentList* out, const Extent& e, bool coalesce) {
   out->push_back(e);
 }
 
-// At most the first 64 bytes of untrusted input, C-escaped, for messages.
-std::string QuotePrefix(const std::string& s) {
-  std::string out = absl::StrCat("\"", absl::CHexEscape(s.substr(0, 64)), "\"");
-  if (s.size() > 64) absl::StrAppend(&out, "...");
-  return out;
-}
-
 absl::Status ValidateContextName(const std::string& context) {
   if (context.size() > kMaxContextNameBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "metadata context name ", QuotePrefix(context), " is ", context.size(),
+        "metadata context name ", QuoteBounded(context), " is ", context.size(),
         " bytes; the limit is ", kMaxContextNameBytes));
   }
   size_t colon = context.find(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == context.size()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("malformed metadata context ", QuotePrefix(context),
+        absl::StrCat("malformed metadata context ", QuoteBounded(context),
                      ": expected NAMESPACE:LEAF such as base:allocation or "
                      "qemu:dirty-bitmap:NAME"));
   }
@@ -95,7 +89,7 @@ absl::StatusOr<ExportRef> ExtentService::FindExport(
   }
   if (name.size() > kMaxExportNameBytes) {
     return absl::InvalidArgumentError(
-        absl::StrCat("export_name ", QuotePrefix(name), " is ", name.size(),
+        absl::StrCat("export_name ", QuoteBounded(name), " is ", name.size(),
                      " bytes; the limit is ", kMaxExportNameBytes));
   }
   ExportRef entry = registry_->Find(name);
@@ -109,7 +103,7 @@ absl::StatusOr<ExportRef> ExtentService::FindExport(
       names.push_back(e->config.name());
     }
     return absl::NotFoundError(absl::StrCat(
-        "no export named ", QuotePrefix(name),
+        "no export named ", QuoteBounded(name),
         "; exports: ", names.empty() ? "(none)" : absl::StrJoin(names, ", ")));
   }
   return entry;

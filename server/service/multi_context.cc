@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "server/common/quote.h"
 
 namespace blockmeta {
 namespace {
@@ -27,7 +28,7 @@ absl::StatusOr<std::vector<std::string>> ContextNames(
     std::string name = c.empty() ? std::string(kBaseAllocation) : c;
     if (std::find(names.begin(), names.end(), name) != names.end()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("context \"", name.substr(0, 256), "\" asked twice"));
+          absl::StrCat("context ", QuoteBounded(name), " asked twice"));
     }
     names.push_back(std::move(name));
   }

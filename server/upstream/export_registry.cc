@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "server/common/quote.h"
 #include "server/upstream/nbd_upstream.h"
 
 namespace blockmeta {
@@ -17,8 +18,8 @@ namespace {
 
 absl::Status Bad(const blockmeta::v1::ExportConfig& config,
                  absl::string_view field, absl::string_view why) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("export \"", config.name(), "\": ", field, ": ", why));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "export ", QuoteBounded(config.name()), ": ", field, ": ", why));
 }
 
 }  // namespace
@@ -56,18 +57,18 @@ absl::Status ValidateExportConfig(const blockmeta::v1::ExportConfig& config) {
       struct stat st;
       if (stat(image.path().c_str(), &st) != 0) {
         return Bad(config, "image.path",
-                   absl::StrCat("cannot access ", image.path()));
+                   absl::StrCat("cannot access ", QuoteBounded(image.path())));
       }
       if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-        return Bad(
-            config, "image.path",
-            absl::StrCat(image.path(), " is not a file or block device"));
+        return Bad(config, "image.path",
+                   absl::StrCat(QuoteBounded(image.path()),
+                                " is not a file or block device"));
       }
       if (!image.format().empty() && image.format() != "raw" &&
           image.format() != "qcow2") {
         return Bad(config, "image.format",
-                   absl::StrCat("\"", image.format(),
-                                "\" is not \"raw\" or \"qcow2\""));
+                   absl::StrCat(QuoteBounded(image.format()),
+                                " is not \"raw\" or \"qcow2\""));
       }
       if (image.bitmaps_size() > 0 && ImageFormat(image) != "qcow2") {
         return Bad(config, "image.bitmaps",
@@ -310,14 +311,14 @@ absl::StatusOr<ExportRegistry::AddResult> ExportRegistry::AddLocked(
         return AddResult{it->second, false};
       }
       return absl::AlreadyExistsError(absl::StrCat(
-          "export \"", name,
-          "\" already exists with another config; remove it first (or use "
+          "export ", QuoteBounded(name),
+          " already exists with another config; remove it first (or use "
           "UpdateExport for description, cache_ttl_seconds, read_only)"));
     }
     if (draining_.contains(name)) {
       return absl::UnavailableError(
-          absl::StrCat("export \"", name,
-                       "\" is still being removed (calls of its previous "
+          absl::StrCat("export ", QuoteBounded(name),
+                       " is still being removed (calls of its previous "
                        "generation are finishing); retry shortly"));
     }
     generation = next_generation_++;
@@ -352,12 +353,12 @@ absl::StatusOr<ExportRef> ExportRegistry::Update(
     auto it = exports_.find(config.name());
     if (it == exports_.end()) {
       return absl::NotFoundError(
-          absl::StrCat("no export named \"", config.name(), "\""));
+          absl::StrCat("no export named ", QuoteBounded(config.name())));
     }
     if (!OnlyMutableFieldsDiffer(it->second->config, config)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "export \"", config.name(),
-          "\": only description, cache_ttl_seconds and read_only can change "
+          "export ", QuoteBounded(config.name()),
+          ": only description, cache_ttl_seconds and read_only can change "
           "without reconnecting; remove the export and add it again"));
     }
     auto entry = std::make_shared<ExportEntry>(*it->second);
@@ -382,7 +383,7 @@ absl::StatusOr<ExportRef> ExportRegistry::RemoveLocked(
     auto it = exports_.find(name);
     if (it == exports_.end()) {
       return absl::NotFoundError(
-          absl::StrCat("no export named \"", name, "\""));
+          absl::StrCat("no export named ", QuoteBounded(name)));
     }
     gone = std::move(it->second);
     exports_.erase(it);
@@ -481,8 +482,8 @@ absl::StatusOr<ExportRegistry::ReloadResult> ExportRegistry::ApplyFile(
   for (const auto& want : to_replace) {
     if (!WaitDrained(want.name(), drain_deadline)) {
       late = absl::UnavailableError(
-          absl::StrCat("export \"", want.name(),
-                       "\" was removed but calls of its previous generation "
+          absl::StrCat("export ", QuoteBounded(want.name()),
+                       " was removed but calls of its previous generation "
                        "did not finish in time; it was not added again"));
       continue;
     }

@@ -5,6 +5,7 @@
 
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
+#include "server/common/quote.h"
 #include "tests/testing/fake_upstream.h"
 #include "tests/testing/nbd_process.h"
 
@@ -24,7 +25,9 @@ ExportConfig Uri(const std::string& name, const std::string& uri) {
 void ExpectInvalid(const ExportConfig& e, const std::string& field) {
   absl::Status s = ValidateExportConfig(e);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_TRUE(absl::StrContains(s.message(), "export \"" + e.name() + "\""))
+  // Names the export, as every message quotes a caller's string (bounded).
+  EXPECT_TRUE(
+      absl::StrContains(s.message(), "export " + QuoteBounded(e.name())))
       << s;
   EXPECT_TRUE(absl::StrContains(s.message(), field + ":")) << s;
 }

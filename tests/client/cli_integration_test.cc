@@ -21,6 +21,7 @@ namespace blockmeta::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 class CliIntegrationTest : public ::testing::Test {
@@ -200,6 +201,10 @@ TEST_F(CliIntegrationTest, UpstreamDownIsUnavailable) {
   RunResult r = Cli({"map", "mem", "--cache=bypass", "--timeout=5s"});
   EXPECT_EQ(r.exit_code, 3) << r.err;
   EXPECT_THAT(r.err, HasSubstr("MapExtents: UNAVAILABLE"));
+  // The server answered: the CLI says so, and does not ask whether a server
+  // runs there (issue 21 item 11).
+  EXPECT_THAT(r.err, HasSubstr("is running and answered UNAVAILABLE"));
+  EXPECT_THAT(r.err, Not(HasSubstr("is a blockmeta server running")));
   EXPECT_LT(r.elapsed, absl::Seconds(30));
   // The other export still answers.
   EXPECT_EQ(Cli({"map", "disk", "--output=nbdinfo"}).exit_code, 0);
