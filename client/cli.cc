@@ -19,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "client/bench.h"
 #include "client/blockmeta_client.h"
+#include "client/du_command.h"
 #include "client/export_commands.h"
 #include "client/extent_format.h"
 #include "client/units.h"
@@ -73,6 +74,13 @@ struct CommandSpec {
 
 // The command table, in help order (defined after Runner).
 const std::vector<CommandSpec>& Commands();
+
+std::vector<FlagSpec> DuFlagSpecs() {
+  std::vector<FlagSpec> out;
+  for (const DuFlag& f : DuFlagHelp())
+    out.push_back({f.name, f.value_name, f.help});
+  return out;
+}
 
 const std::vector<FlagSpec>& GlobalFlags() {
   static const auto* flags = new std::vector<FlagSpec>{
@@ -268,6 +276,7 @@ class Runner {
   int Info();
   int Map() { return MapRange(/*changed=*/false); }
   int Changed() { return MapRange(/*changed=*/true); }
+  int Du();
   int Invalidate();
   int Stats();
   int Health();
@@ -436,6 +445,8 @@ const std::vector<CommandSpec>& Commands() {
         kBatch,
         kProgress},
        &Runner::Changed},
+      {"du", "EXPORT", kDuSummary, kDuDetails, 1, 1, DuFlagSpecs(),
+       &Runner::Du},
       {"invalidate",
        "[EXPORT]",
        "drop cached extents (of one export, or of all)",
@@ -863,6 +874,18 @@ int Runner::MapRange(bool changed) {
   bar.Clear();
   (*writer)->End();
   out_.flush();
+  return kExitOk;
+}
+
+int Runner::Du() {
+  v1::GetTotalsRequest req;
+  DuOutput output;
+  if (auto e = DuRequestFromFlags(p_.positional[0], p_.flags, &req, &output)) {
+    return Usage(*e);
+  }
+  absl::StatusOr<v1::GetTotalsResponse> r = client_->GetTotals(req);
+  if (!r.ok()) return Fail("GetTotals", r.status());
+  PrintDu(*r, output, out_);
   return kExitOk;
 }
 
