@@ -35,18 +35,23 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "blockmeta/v1/blockmeta.pb.h"
 #include "server/service/context_merge.h"
 #include "server/service/extent_service.h"
 #include "server/service/multi_context.h"
 
 namespace blockmeta {
+
+// Extents per step and context (a batch of ExtentService::NextBatch).
+inline constexpr uint32_t kTotalsBatchExtents = 4096;
 
 // Distinct raw flags values listed per context (by_flags); more are
 // counted in the named totals only (by_flags_truncated).
@@ -58,8 +63,9 @@ class TotalsAccumulator {
   // `contexts`: the names, defaults filled in, in merged-flags order.
   explicit TotalsAccumulator(std::vector<std::string> contexts);
 
-  // e.flags[i] is context i's flags over the whole extent.
-  void Add(const MergedExtent& e);
+  // `length` bytes over which context i's flags are flags[i] (one entry
+  // per context).
+  void Add(uint64_t length, absl::Span<const uint32_t> flags);
 
   // Merged extents added (after coalescing by the caller).
   uint64_t merged_extents() const { return merged_extents_; }
@@ -76,7 +82,9 @@ class TotalsAccumulator {
     uint32_t last_flags = 0;
     uint64_t data = 0, hole = 0, zero = 0, nonzero = 0;
     uint64_t dirty = 0, clean = 0, dirty_data = 0, dirty_nonzero = 0;
-    std::map<uint32_t, uint64_t> by_flags;  // at most kMaxFlagValues keys
+    // (flags, bytes), unsorted, at most kMaxFlagValues entries; searched
+    // linearly (there are 2 to 4 in practice).
+    absl::InlinedVector<std::pair<uint32_t, uint64_t>, 4> by_flags;
     bool by_flags_truncated = false;
   };
 
@@ -86,13 +94,20 @@ class TotalsAccumulator {
   uint64_t merged_extents_ = 0;
 };
 
+// One context is walked with its ExtentService cursor alone
+// (walk.inputs[0]); several through walk's ContextMerge (which costs about
+// as much CPU as the rest of a warm walk, so one context skips it).
 struct TotalsCursor {
   MultiCursor walk;
   TotalsAccumulator sums;
   uint64_t start = 0;  // the range: [start, walk.end)
 
   const std::string& export_name() const { return walk.export_name(); }
-  uint64_t position() const { return walk.offset; }
+  // Where the totalled part ends.
+  uint64_t position() const {
+    return walk.inputs.size() == 1 ? walk.inputs.front().query.offset
+                                   : walk.merge->known_end();
+  }
 };
 
 // Validates (cheap, no upstream I/O): NOT_FOUND unknown export;
