@@ -6,9 +6,10 @@
 // (multi_context.h): each context is its own ExtentService::Cursor on its
 // own cache key, so the cached part comes from the cache and the gaps from
 // the export's fetcher through ExtentCache::Get (single-flight, read-ahead,
-// detached waits), and what is fetched stays cached. ContextMerge splits
-// the contexts at the union of their boundaries; TotalsAccumulator adds
-// each merged extent's length to the sums its flags select.
+// detached waits), and what is fetched stays cached. With several
+// contexts ContextMerge splits them at the union of their boundaries (one
+// context skips the merge and reads its cursor's batches directly);
+// TotalsAccumulator adds each piece's length to the sums its flags select.
 //
 // Definitions (blockmeta.proto ContextTotals; docs/api.md "Totals"):
 //   base:allocation  data = HOLE clear, hole = HOLE set,
@@ -24,9 +25,11 @@
 //
 // Cost: time linear in the merged extents of the range; memory at most one
 // batch per context plus up to kMaxFlagValues histogram entries per
-// context, never a map. A step (TotalsStep) handles one merged batch, so a
-// caller can yield between steps (the gRPC layer reschedules each step on
-// the export's worker lane and checks cancellation and the deadline).
+// context, never a map. A step (TotalsStep) handles one batch (at most
+// kTotalsBatchExtents per context) and stops waiting for the upstream at
+// its slice end, so a caller can yield between steps (the gRPC layer
+// reschedules each step on the export's worker lane and checks
+// cancellation and the deadline).
 //
 // Thread-safety: a TotalsCursor is used by one step at a time; the
 // functions are otherwise as thread-safe as ExtentService.
