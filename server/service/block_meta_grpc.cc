@@ -335,6 +335,7 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetTotals(
   }
   absl::StatusOr<TotalsCursor> cursor = PrepareTotals(*ctx_.service, *request);
   if (!cursor.ok()) {
+    ticket.Release();  // before the client can see the answer and call again
     reactor->Finish(ToGrpcStatus(cursor.status()));
     return reactor;
   }

@@ -8,6 +8,8 @@
 // * nbdkit sparse-random (64 GiB: many fetch windows) and data plugins;
 // * GetExportInfo answers the size without any upstream block-status call;
 //   a repeated GetTotals is a cache hit with no upstream call;
+// * CSI GetMetadataAllocated / GetMetadataDelta ranges add up to
+//   `nonzero` / `dirty` (the mapping docs/api.md states);
 // * error codes, the server's deadline (what was fetched stays cached),
 //   admission, and a cancelled call freeing its ticket long before its
 //   upstream answer comes (nbdkit delay filter).
@@ -23,6 +25,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "blockmeta/v1/blockmeta.grpc.pb.h"
+#include "csi/v1/snapshot_metadata.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
@@ -298,6 +301,56 @@ TEST_F(TotalsE2eTest, QcowBitmapTotalsEqualSumsOverNbdinfoMap) {
     EXPECT_EQ(part.contexts(0).dirty_nonzero(), w.dirty_nonzero);
   }
   EXPECT_EQ(Stats("qcow").upstream_calls(), calls);
+}
+
+// docs/api.md: CSI VARIABLE_LENGTH ranges add up to `nonzero`
+// (GetMetadataAllocated) and to the bitmap's `dirty` (GetMetadataDelta).
+TEST_F(TotalsE2eTest, CsiRangesAddUpToNonzeroAndDirty) {
+  auto csi = csi::v1::SnapshotMetadata::NewStub(*channel_);
+  // A stream frees its admission ticket just after its client saw the
+  // end, and this server admits one call per export: a call right after
+  // may be RESOURCE_EXHAUSTED, so each call is retried until it is not.
+  uint64_t allocated = 0, changed = 0;
+  grpc::Status s;
+  ASSERT_TRUE(Eventually([&] {
+    allocated = 0;
+    grpc::ClientContext ctx;
+    csi::v1::GetMetadataAllocatedRequest req;
+    req.set_snapshot_id("qcow");
+    auto reader = csi->GetMetadataAllocated(&ctx, req);
+    csi::v1::GetMetadataAllocatedResponse msg;
+    while (reader->Read(&msg)) {
+      for (const auto& b : msg.block_metadata()) allocated += b.size_bytes();
+    }
+    s = reader->Finish();
+    return s.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED;
+  }));
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_TRUE(Eventually([&] {
+    changed = 0;
+    grpc::ClientContext ctx;
+    csi::v1::GetMetadataDeltaRequest req;
+    req.set_base_snapshot_id("ckpt");
+    req.set_target_snapshot_id("qcow");
+    auto reader = csi->GetMetadataDelta(&ctx, req);
+    csi::v1::GetMetadataDeltaResponse msg;
+    while (reader->Read(&msg)) {
+      for (const auto& b : msg.block_metadata()) changed += b.size_bytes();
+    }
+    s = reader->Finish();
+    return s.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED;
+  }));
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  v1::GetTotalsResponse r;
+  ASSERT_TRUE(Eventually([&] {
+    s = Totals(Request("qcow", {kAlloc, kBitmap}), &r);
+    return s.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED;
+  }));
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_GT(allocated, 0u);
+  EXPECT_EQ(r.contexts(0).nonzero(), allocated);
+  EXPECT_GT(changed, 0u);
+  EXPECT_EQ(r.contexts(1).dirty(), changed);
 }
 
 TEST_F(TotalsE2eTest, BitmapAloneHasNoCrossTotals) {
