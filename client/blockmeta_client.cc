@@ -322,6 +322,11 @@ class GrpcBlockMetaClient final : public BlockMetaClient {
     return Unary(&v1::BlockMeta::Stub::GetExtents, request);
   }
 
+  absl::StatusOr<v1::GetTotalsResponse> GetTotals(
+      const v1::GetTotalsRequest& request) override {
+    return Unary(&v1::BlockMeta::Stub::GetTotals, request);
+  }
+
   absl::StatusOr<v1::InvalidateCacheResponse> InvalidateCache(
       const v1::InvalidateCacheRequest& request) override {
     return Unary(&v1::BlockMeta::Stub::InvalidateCache, request);
@@ -426,6 +431,11 @@ absl::StatusOr<std::unique_ptr<BlockMetaClient>> BlockMetaClient::Connect(
   if (!channel.ok()) return channel.status();
   return std::unique_ptr<BlockMetaClient>(
       new GrpcBlockMetaClient(options, *std::move(channel)));
+}
+
+absl::StatusOr<v1::GetTotalsResponse> BlockMetaClient::GetTotals(
+    const v1::GetTotalsRequest&) {
+  return absl::UnimplementedError("GetTotals");
 }
 
 absl::StatusOr<v1::AddExportResponse> BlockMetaClient::AddExport(

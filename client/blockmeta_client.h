@@ -126,6 +126,13 @@ class BlockMetaClient {
   // (including invalid requests) surface from Next().
   virtual std::unique_ptr<ExtentIterator> MapExtents(
       const v1::MapExtentsRequest& request) = 0;
+  // One GetTotals call: bytes of the range that are data, hole, zero,
+  // dirty, ... per context (see ContextTotals in the proto). All or
+  // nothing; a cold multi-TiB export may need a longer deadline than the
+  // default (ClientOptions::deadline). The default answers UNIMPLEMENTED
+  // (for fakes).
+  virtual absl::StatusOr<v1::GetTotalsResponse> GetTotals(
+      const v1::GetTotalsRequest& request);
 
   // blockmeta.v1.Admin (served only over the gRPC Unix socket or to an
   // mTLS admin identity: PERMISSION_DENIED otherwise). The defaults answer

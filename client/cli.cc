@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "client/bench_command.h"
 #include "client/cache_commands.h"
+#include "client/du_command.h"
 #include "client/export_commands.h"
 #include "client/map_commands.h"
 #include "client/query_commands.h"
@@ -34,9 +35,9 @@ CommandSpec HelpCommand() {
 // The command table, in help order.
 const std::vector<CommandSpec>& Commands() {
   static const auto* commands = new std::vector<CommandSpec>{
-      ListCommand(),       InfoCommand(),  MapCommand(),    ChangedCommand(),
-      InvalidateCommand(), StatsCommand(), HealthCommand(), BenchCommand(),
-      ExportCommand(),     HelpCommand(),
+      ListCommand(),  InfoCommand(),       MapCommand(),   ChangedCommand(),
+      DuCommand(),    InvalidateCommand(), StatsCommand(), HealthCommand(),
+      BenchCommand(), ExportCommand(),     HelpCommand(),
   };
   return *commands;
 }

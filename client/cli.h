@@ -1,5 +1,5 @@
 // client/cli.h — the `blockmeta` command line (subcommands list, info, map,
-// changed, invalidate, stats, health, bench, export, help), built on
+// changed, du, invalidate, stats, health, bench, export, help), built on
 // //client:blockmeta_client. main.cc is a thin wrapper so tests can run the
 // whole CLI in-process too. Exit codes and CliEnvironment: command.h.
 #ifndef BLOCKMETA_CLIENT_CLI_H_

@@ -45,9 +45,9 @@ RunResult At(const FakeServer& s, std::vector<std::string> args,
   return Cli(std::move(args), std::move(o));
 }
 
-const std::vector<std::string> kCommands = {"list",    "info",       "map",
-                                            "changed", "invalidate", "stats",
-                                            "health",  "bench",      "help"};
+const std::vector<std::string> kCommands = {
+    "list",       "info",  "map",    "changed", "du",
+    "invalidate", "stats", "health", "bench",   "help"};
 
 TEST(CliHelp, MainHelp) {
   for (const char* flag : {"--help", "-h"}) {

@@ -7,6 +7,7 @@
 #include "server/service/batch_stream.h"
 #include "server/service/grpc_status.h"
 #include "server/service/multi_context.h"
+#include "server/service/totals.h"
 
 namespace blockmeta {
 namespace {
@@ -140,6 +141,83 @@ grpc::ServerUnaryReactor* GetMultiExtents(const CallContext& ctx,
   return reactor;
 }
 
+// GetTotals: the walk runs on the export's worker lane, one slice per
+// task (TotalsStep), each rescheduled behind the lane's other work, with
+// cancellation and the deadline checked between slices; the admission
+// ticket is held until the reactor finishes.
+class TotalsCall {
+ public:
+  static constexpr absl::Duration kSlice = absl::Seconds(1);
+
+  static void Start(const CallContext& ctx, grpc::CallbackServerContext* call,
+                    grpc::ServerUnaryReactor* reactor,
+                    v1::GetTotalsResponse* response, TotalsCursor cursor,
+                    Admission::Ticket ticket) {
+    auto self = std::shared_ptr<TotalsCall>(new TotalsCall(
+        ctx, call, reactor, response, std::move(cursor), std::move(ticket)));
+    Schedule(std::move(self));
+  }
+
+ private:
+  TotalsCall(const CallContext& ctx, grpc::CallbackServerContext* call,
+             grpc::ServerUnaryReactor* reactor, v1::GetTotalsResponse* response,
+             TotalsCursor cursor, Admission::Ticket ticket)
+      : ctx_(ctx),
+        call_(call),
+        reactor_(reactor),
+        response_(response),
+        deadline_(CallDeadline(call, ctx.default_deadline)),
+        cursor_(std::move(cursor)),
+        ticket_(std::move(ticket)) {}
+
+  static void Schedule(std::shared_ptr<TotalsCall> self) {
+    WorkerPools* pools = self->ctx_.pools;
+    const std::string name = self->cursor_.export_name();
+    pools->Schedule(
+        name, [self = std::move(self)]() mutable { Step(std::move(self)); });
+  }
+
+  // One slice; runs on the pool, never two at once for one call.
+  static void Step(std::shared_ptr<TotalsCall> self) {
+    if (self->call_->IsCancelled()) {
+      self->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                                "call cancelled while totalling"));
+      return;
+    }
+    if (absl::Now() >= self->deadline_) {
+      self->Finish(ToGrpcStatus(TotalsDeadlineStatus(self->cursor_)));
+      return;
+    }
+    absl::StatusOr<bool> done =
+        TotalsStep(self->ctx_.service, &self->cursor_, self->deadline_,
+                   absl::Now() + kSlice);
+    if (!done.ok()) {
+      self->Finish(ToGrpcStatus(done.status()));
+      return;
+    }
+    if (!*done) {
+      Schedule(std::move(self));
+      return;
+    }
+    *self->response_ = TotalsResponse(self->cursor_);
+    self->Finish(grpc::Status::OK);
+  }
+
+  void Finish(grpc::Status status) {
+    ticket_.Release();
+    reactor_->Finish(std::move(status));
+  }
+
+  const CallContext ctx_;
+  grpc::CallbackServerContext* const call_;
+  grpc::ServerUnaryReactor* const reactor_;
+  v1::GetTotalsResponse* const response_;
+  const absl::Time deadline_;
+  // Touched by one step at a time (each step schedules the next).
+  TotalsCursor cursor_;
+  Admission::Ticket ticket_;
+};
+
 }  // namespace
 
 grpc::ServerUnaryReactor* BlockMetaGrpcService::ListExports(
@@ -244,6 +322,26 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::InvalidateCache(
     *response = *std::move(r);
     return absl::OkStatus();
   });
+}
+
+grpc::ServerUnaryReactor* BlockMetaGrpcService::GetTotals(
+    grpc::CallbackServerContext* context, const v1::GetTotalsRequest* request,
+    v1::GetTotalsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  Admission::Ticket ticket = ctx_.admission->TryAcquire(request->export_name());
+  if (!ticket) {
+    reactor->Finish(OverloadedStatus(*ctx_.admission));
+    return reactor;
+  }
+  absl::StatusOr<TotalsCursor> cursor = PrepareTotals(*ctx_.service, *request);
+  if (!cursor.ok()) {
+    ticket.Release();  // before the client can see the answer and call again
+    reactor->Finish(ToGrpcStatus(cursor.status()));
+    return reactor;
+  }
+  TotalsCall::Start(ctx_, context, reactor, response, *std::move(cursor),
+                    std::move(ticket));
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* BlockMetaGrpcService::GetStats(

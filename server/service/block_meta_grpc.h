@@ -3,12 +3,15 @@
 //
 // Never blocks a gRPC callback thread: cache hits are answered inline;
 // anything that may wait for an upstream runs on the shared WorkerPools
-// (capped per export) and finishes the reactor from there. GetExtents and
-// MapExtents take an admission ticket for their export (RESOURCE_EXHAUSTED
-// when the global or the per-export cap is reached), InvalidateCache a
-// global one; ListExports, GetExportInfo and GetStats take none, so they
-// answer however busy the exports are. Calls honour the client's deadline
-// down to the upstream call.
+// (capped per export) and finishes the reactor from there. GetTotals walks
+// its range there one slice per task (a slice stops waiting for the
+// upstream after a second; the fetch runs on), each rescheduled behind the
+// export's other work, with cancellation and the deadline checked between
+// slices. GetExtents, MapExtents and GetTotals take an admission ticket for
+// their export (RESOURCE_EXHAUSTED when the global or the per-export cap is
+// reached), InvalidateCache a global one; ListExports, GetExportInfo and
+// GetStats take none, so they answer however busy the exports are. Calls
+// honour the client's deadline down to the upstream call.
 #ifndef BLOCKMETA_SERVER_SERVICE_BLOCK_META_GRPC_H_
 #define BLOCKMETA_SERVER_SERVICE_BLOCK_META_GRPC_H_
 
@@ -41,6 +44,10 @@ class BlockMetaGrpcService final
       grpc::CallbackServerContext* context,
       const blockmeta::v1::InvalidateCacheRequest* request,
       blockmeta::v1::InvalidateCacheResponse* response) override;
+  grpc::ServerUnaryReactor* GetTotals(
+      grpc::CallbackServerContext* context,
+      const blockmeta::v1::GetTotalsRequest* request,
+      blockmeta::v1::GetTotalsResponse* response) override;
   grpc::ServerUnaryReactor* GetStats(
       grpc::CallbackServerContext* context,
       const blockmeta::v1::GetStatsRequest* request,

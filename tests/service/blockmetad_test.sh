@@ -57,7 +57,7 @@ for s in ("blockmeta.v1.BlockMeta", "csi.v1.SnapshotMetadata",
     assert s in r["services"], (s, r["services"])
 assert r["described"]["blockmeta.v1.BlockMeta"] == sorted(
     ["ListExports", "GetExportInfo", "GetExtents", "MapExtents",
-     "InvalidateCache", "GetStats"]), r["described"]
+     "InvalidateCache", "GetStats", "GetTotals"]), r["described"]
 assert r["described"]["grpc.health.v1.Health"] == ["Check", "Watch"]
 assert r["extents"]["code"] == "OK", r["extents"]
 got = [(int(e.get("offset", 0)), int(e["length"]), int(e.get("nbd_flags", 0)))
