@@ -226,10 +226,10 @@ void StoreUpstream::State::OnWindow(const std::shared_ptr<Check>& check,
   } else {
     std::optional<ExtentList> stored =
         store_->Lookup(check->slot, start, end - start, kMaxExtentsPerAnswer);
-    // A window discarded meanwhile has nothing to compare.
+    // Compared over the range both cover (an upstream may answer less than
+    // asked); a window discarded meanwhile has nothing to compare.
     mismatch = stored.has_value() &&
-               (!Contiguous(start, *got) || !SameOver(start, *stored, *got) ||
-                got->back().end() < std::min(end, stored->back().end()));
+               (!Contiguous(start, *got) || !SameOver(start, *stored, *got));
   }
   bool last = false;
   {
