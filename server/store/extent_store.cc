@@ -331,6 +331,16 @@ absl::StatusOr<uint32_t> ExtentStore::Slot(const std::string& identity,
   return slot;
 }
 
+std::vector<std::string> ExtentStore::Contexts(
+    const std::string& identity) const {
+  std::vector<std::string> out;
+  sync::MutexLock lock(&mu_);
+  auto it = identities_.find(identity);
+  if (it == identities_.end()) return out;
+  for (const auto& [context, slot] : it->second.slots) out.push_back(context);
+  return out;
+}
+
 uint64_t ExtentStore::SlotRecords(uint32_t slot) const {
   sync::MutexLock lock(&mu_);
   auto it = slots_.find(slot);

@@ -113,6 +113,8 @@ class ExtentStore {
   // The slot of (identity, context), created (and persisted) if new.
   absl::StatusOr<uint32_t> Slot(const std::string& identity,
                                 const std::string& context);
+  // The contexts the identity has slots for.
+  std::vector<std::string> Contexts(const std::string& identity) const;
   // Live records in the slot.
   uint64_t SlotRecords(uint32_t slot) const;
   // Bytes of the identity's live records.

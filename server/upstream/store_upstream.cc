@@ -2,6 +2,7 @@
 #include "server/upstream/store_upstream.h"
 
 #include <algorithm>
+#include <atomic>
 #include <utility>
 #include <vector>
 
@@ -67,6 +68,9 @@ class StoreUpstream::State : public std::enable_shared_from_this<State> {
   void Serve(const std::string& context, uint64_t offset, uint64_t length,
              ExtentsCallback done);
   void Reset();  // the upstream reconnected: check again before serving
+  // Starts the check of every context with persisted answers, once per
+  // generation (cheap after the first call).
+  void CheckEagerly();
   void Close() { store_->CloseIdentity(options_.identity); }
   void FillStats(UpstreamStats* out) const;
   const std::string& identity() const { return options_.identity; }
@@ -105,6 +109,7 @@ class StoreUpstream::State : public std::enable_shared_from_this<State> {
   const std::shared_ptr<ExtentStore> store_;
   const Options options_;
 
+  std::atomic<bool> eager_started_{false};
   mutable sync::Mutex mu_;
   absl::flat_hash_map<std::string, Context> contexts_ ABSL_GUARDED_BY(mu_);
   uint64_t verify_failures_ ABSL_GUARDED_BY(mu_) = 0;
@@ -153,6 +158,23 @@ void StoreUpstream::State::Serve(const std::string& context, uint64_t offset,
     return;
   }
   Forward(context, *slot, true, offset, length, std::move(done));
+}
+
+void StoreUpstream::State::CheckEagerly() {
+  if (eager_started_.exchange(true)) return;
+  for (const std::string& context : store_->Contexts(options_.identity)) {
+    absl::StatusOr<uint32_t> slot = store_->Slot(options_.identity, context);
+    if (!slot.ok() || store_->SlotRecords(*slot) == 0) continue;
+    uint64_t epoch = 0;
+    {
+      sync::MutexLock lock(&mu_);
+      Context& c = contexts_[context];
+      if (c.phase != Phase::kUnchecked) continue;
+      c.phase = Phase::kChecking;
+      epoch = c.epoch;
+    }
+    StartCheck(context, *slot, epoch);
+  }
 }
 
 void StoreUpstream::State::Forward(const std::string& context, uint32_t slot,
@@ -264,6 +286,7 @@ void StoreUpstream::State::FinishCheck(const std::shared_ptr<Check>& check) {
     if (c.epoch == check->epoch) {
       // A failed check leaves the context to be checked by the next call.
       c.phase = failed ? Phase::kUnchecked : Phase::kChecked;
+      if (failed) eager_started_.store(false);  // and by the next Ready()
       waiting.swap(c.waiting);
     }
   }
@@ -281,6 +304,7 @@ void StoreUpstream::State::FinishCheck(const std::shared_ptr<Check>& check) {
 
 void StoreUpstream::State::Reset() {
   std::vector<std::pair<std::string, Waiting>> waiting;
+  eager_started_.store(false);
   {
     sync::MutexLock lock(&mu_);
     for (auto& [name, c] : contexts_) {
@@ -319,6 +343,12 @@ StoreUpstream::~StoreUpstream() {
   // holding the State); then the identity may be evicted again.
   inner_.reset();
   state_->Close();
+}
+
+bool StoreUpstream::Ready() const {
+  const bool ready = inner_->Ready();
+  if (ready) state_->CheckEagerly();
+  return ready;
 }
 
 absl::StatusOr<UpstreamInfo> StoreUpstream::Info() const {

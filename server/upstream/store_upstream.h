@@ -9,10 +9,14 @@
 // it unchanged: an extent evicted from memory is then read back from disk,
 // and a restarted blockmetad starts warm.
 //
-// Verification: when a context's slot holds persisted answers, the first
-// block-status call for it (and the first after the upstream reconnected
-// to a new generation) waits while `verify_windows` stored windows are asked
-// of the upstream and compared. Any difference (or an upstream that no
+// Verification: when a context's slot holds persisted answers, they are
+// checked before any is served: `verify_windows` stored windows are asked
+// of the upstream and compared. The check starts as soon as the upstream is
+// first seen ready (Ready(), which the server's health loop polls every
+// 500 ms, so a restarted server checks before its first caller) or at the
+// first block-status call of the context, whichever comes first; calls
+// arriving meanwhile wait for it. A reconnect to a new generation checks
+// again. Any difference (or an upstream that no
 // longer covers a window) discards every answer of the identity, with an
 // error-level log line ("store_verify_failed") and a counter; the waiting
 // calls then go to the upstream. An upstream error during the check (not
@@ -53,7 +57,8 @@ class StoreUpstream final : public Upstream {
                 std::shared_ptr<ExtentStore> store, Options options);
   ~StoreUpstream() override;
 
-  bool Ready() const override { return inner_->Ready(); }
+  // Also starts the reopen checks the first time the upstream is ready.
+  bool Ready() const override;
   bool WaitReady(absl::Time deadline) override {
     return inner_->WaitReady(deadline);
   }
