@@ -27,6 +27,7 @@
 #include "tests/testing/blockmetad_fixture.h"
 #include "tests/testing/cli_runner.h"
 #include "tests/testing/eventually.h"
+#include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 
 namespace blockmeta::testing {
@@ -80,8 +81,8 @@ class StoreE2eTest : public ::testing::Test {
   }
 
   // blockmetad with the store and one immutable export "snap".
-  void StartServer(const std::string& export_fields,
-                   uint64_t memory_limit = 0) {
+  void StartServer(const std::string& export_fields, uint64_t memory_limit = 0,
+                   std::vector<std::string> flags = {}) {
     const std::string config = dir_.File("config.textproto");
     std::ofstream f(config, std::ios::trunc);
     f << "store { path: \"" << dir_.File("store") << "\" }\n";
@@ -90,7 +91,8 @@ class StoreE2eTest : public ::testing::Test {
     }
     f << "exports { name: \"snap\" immutable: true " << export_fields << " }\n";
     f.close();
-    auto s = Blockmetad::Start({}, {"--config=" + config});
+    flags.push_back("--config=" + config);
+    auto s = Blockmetad::Start({}, flags);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = *std::move(s);
     AwaitServing();
@@ -246,6 +248,31 @@ TEST_F(StoreE2eTest, CorruptStoreIsSetAsideAndTheUpstreamServes) {
       RunCommand({"sh", "-c", "ls -d " + dir_.File("store") + ".corrupt-*"});
   EXPECT_TRUE(dirs.ok()) << dirs.status();
   EXPECT_EQ(Stats().total().store_hits(), 0u);
+}
+
+TEST_F(StoreE2eTest, ImmutableExportIsReadOnlyThroughTheShim) {
+  StartUpstream("1G", "seed=9");
+  const std::string nbd = dir_.File("shim.sock");
+  StartServer(absl::StrCat("nbd_uri: \"", upstream_->uri(),
+                           "\" content_id: \"ro\" read_only: false"),
+              0, {"--nbd_unix_socket=" + nbd});
+  const std::string uri = absl::StrCat("nbd+unix:///snap?socket=", nbd);
+  absl::StatusOr<NbdinfoExport> info = Nbdinfo(uri);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_TRUE(info->read_only);  // NBD_FLAG_READ_ONLY
+  // A client that writes anyway (qemu-io without -r) is refused.
+  absl::StatusOr<std::string> w =
+      RunCommand({"qemu-io", "-f", "raw", "-c", "write 0 512", "--image-opts",
+                  absl::StrCat("driver=raw,file.driver=nbd,file.path=", nbd,
+                               ",file.export=snap")});
+  EXPECT_TRUE(!w.ok() || absl::StrContains(*w, "failed")) << *w;
+  RunResult info_cli = server_->Cli({"info", "snap", "--output=json"});
+  EXPECT_TRUE(absl::StrContains(info_cli.out, "\"immutable\": true"))
+      << info_cli.out;
+  EXPECT_TRUE(absl::StrContains(info_cli.out, "\"stored\": true"))
+      << info_cli.out;
+  EXPECT_TRUE(absl::StrContains(info_cli.out, "\"read_only\": true"))
+      << info_cli.out;
 }
 
 TEST_F(StoreE2eTest, AnotherImageUnderTheSameNameAndPathIsNeverServedOld) {
