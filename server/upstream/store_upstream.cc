@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/notification.h"
 #include "server/common/log.h"
@@ -88,13 +89,14 @@ class StoreUpstream::State : public std::enable_shared_from_this<State> {
     UpstreamStats::StoreContext counters;
   };
   struct Check {
+    // Constant after StartCheck.
     std::string context;
     uint32_t slot = 0;
     uint64_t epoch = 0;
-    size_t pending = 0;
-    bool mismatch = false;
-    bool failed = false;  // an upstream error: try again later
     sync::Mutex mu;
+    size_t pending ABSL_GUARDED_BY(mu) = 0;
+    bool mismatch ABSL_GUARDED_BY(mu) = false;
+    bool failed ABSL_GUARDED_BY(mu) = false;  // upstream error: retry later
   };
 
   void Forward(const std::string& context, uint32_t slot, bool store_it,
@@ -215,7 +217,10 @@ void StoreUpstream::State::StartCheck(const std::string& context, uint32_t slot,
       slot, std::max<uint32_t>(1, options_.verify_windows));
   std::shared_ptr<Upstream> inner = inner_.lock();
   if (windows.empty() || inner == nullptr) {
-    check->failed = inner == nullptr;
+    {
+      sync::MutexLock lock(&check->mu);
+      check->failed = inner == nullptr;
+    }
     FinishCheck(check);
     return;
   }
