@@ -147,7 +147,7 @@ absl::Status ExtentStore::OpenDb() {
     last = st;
     if (attempt == 0) {
       std::string aside = absl::StrCat(options_.path, ".corrupt-",
-                                       absl::ToUnixSeconds(absl::Now()));
+                                       absl::ToUnixNanos(absl::Now()));
       LogError("store_set_aside", {{"path", options_.path},
                                    {"moved_to", aside},
                                    {"error", st.message()}});
@@ -165,7 +165,9 @@ absl::Status ExtentStore::LoadTables(leveldb::DB* db) {
   absl::flat_hash_map<uint32_t, SlotState> slots;
   absl::flat_hash_map<std::string, IdentityState> identities;
   uint32_t max_slot = 0;
-  std::unique_ptr<leveldb::Iterator> it(db->NewIterator(Checked()));
+  leveldb::ReadOptions scan = Checked();
+  scan.fill_cache = false;  // one pass over everything: keep the cache hot
+  std::unique_ptr<leveldb::Iterator> it(db->NewIterator(scan));
   // Contexts ("C") and identities ("I").
   for (it->Seek(std::string(1, kContextTag));
        it->Valid() && it->key()[0] == kContextTag; it->Next()) {
@@ -255,8 +257,8 @@ void ExtentStore::OnDbError(const std::shared_ptr<leveldb::DB>& db,
   // only when the last one drops it. Setting aside renames the directory,
   // which is safe under an open handle on Linux; the fresh store is opened
   // at the next start (the lock file of the old one is still held here).
-  std::string aside = absl::StrCat(options_.path, ".corrupt-",
-                                   absl::ToUnixSeconds(absl::Now()));
+  std::string aside =
+      absl::StrCat(options_.path, ".corrupt-", absl::ToUnixNanos(absl::Now()));
   if (std::rename(options_.path.c_str(), aside.c_str()) == 0) {
     set_aside_.fetch_add(1);
     LogError("store_set_aside",

@@ -26,7 +26,7 @@
 //     identities, least recently opened first, never the writer's own; a
 //     write that still does not fit is skipped (counted).
 //   - A store that cannot be opened or read (corruption, I/O error) is set
-//     aside: renamed to PATH.corrupt-<unix seconds> and a fresh one is made
+//     aside: renamed to PATH.corrupt-<unix ns> and a fresh one is made
 //     in its place; if even that fails the store is off (Lookup misses,
 //     Write skips) and blockmetad serves from the upstream.
 //

@@ -303,6 +303,56 @@ TEST_F(ExtentStoreTest, CorruptStoreIsSetAsideAndAFreshOneServes) {
   EXPECT_EQ(aside, 1);
 }
 
+TEST_F(ExtentStoreTest, ACorruptTableWhileRunningTurnsTheStoreOff) {
+  const std::string path = Dir("db");
+  {
+    std::shared_ptr<ExtentStore> s = Open(path);
+    s->OpenIdentity("e", "id:a");
+    uint32_t slot = *s->Slot("id:a", "base:allocation");
+    ExtentList answer;
+    for (int i = 0; i < 20000; ++i) answer.push_back({i * 4096u, 4096, i % 2u});
+    ASSERT_TRUE(s->Write(slot, answer).ok());
+  }
+  std::shared_ptr<ExtentStore> s = Open(path);  // the log is now a table
+  ASSERT_NE(s, nullptr);
+  s->OpenIdentity("e", "id:a");
+  uint32_t slot = *s->Slot("id:a", "base:allocation");
+  // Garble the middle of every table file under the open store.
+  DIR* d = ::opendir(path.c_str());
+  ASSERT_NE(d, nullptr);
+  int tables = 0;
+  while (dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name.size() < 4 || name.substr(name.size() - 4) != ".ldb") continue;
+    std::string file = path + "/" + name;
+    struct stat st;
+    ASSERT_EQ(::stat(file.c_str(), &st), 0);
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(st.st_size / 4);
+    f << std::string(st.st_size / 4, '\x5a');
+    ++tables;
+  }
+  ::closedir(d);
+  ASSERT_GT(tables, 0);
+  // Every lookup either misses or is right; the first checksum error turns
+  // the store off and renames it aside.
+  for (int i = 0; i < 20000; i += 97) {
+    std::optional<ExtentList> got = s->Lookup(slot, i * 4096u, 4096, 1);
+    if (got) EXPECT_EQ(got->front(), (Extent{i * 4096u, 4096, i % 2u}));
+  }
+  EXPECT_TRUE(s->Stats().broken);
+  EXPECT_EQ(s->Stats().set_aside, 1u);
+  EXPECT_FALSE(s->Lookup(slot, 0, 1, 1).has_value());
+  EXPECT_FALSE(s->Slot("id:a", "base:allocation").ok());
+  EXPECT_TRUE(s->Write(slot, {{0, 4096, 0}}).ok());  // dead: stores nothing
+  // The next start gets a fresh store at the same path.
+  s.reset();
+  s = Open(path);
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->Stats().bytes, 0u);
+  EXPECT_FALSE(s->Stats().broken);
+}
+
 // Issue 22: at most 16 bytes per extent on disk. Sparse-random-like maps
 // (alternating data/hole runs averaging 4 KiB), stored as 4 GiB-style
 // answers of many extents, measured after LevelDB wrote its tables.
