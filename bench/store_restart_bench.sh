@@ -23,7 +23,7 @@
 set -euo pipefail
 SIZE="${SIZE:-1T}"
 DELAY="${DELAY:-20ms}"
-ROUNDS="${ROUNDS:-5}"
+ROUNDS="${ROUNDS:-7}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${BM_BIN_DIR:-$(cd "$ROOT" && bazel info --config=opt bazel-bin 2>/dev/null)}"
 SERVER="$BIN/server/blockmetad"
