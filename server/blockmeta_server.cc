@@ -34,8 +34,11 @@
 #include "server/service/extent_service.h"
 #include "server/service/metrics.h"
 #include "server/service/request_log.h"
+#include "server/store/content_identity.h"
+#include "server/store/extent_store.h"
 #include "server/upstream/export_registry.h"
 #include "server/upstream/nbd_upstream.h"
+#include "server/upstream/store_upstream.h"
 
 namespace blockmeta {
 namespace {
@@ -94,6 +97,47 @@ std::string TcpBindError(const std::string& address) {
   return why;
 }
 
+// The store, if configured (store.path). A store that cannot be opened
+// even fresh is logged and left off: blockmetad serves from the upstreams.
+std::shared_ptr<ExtentStore> OpenStore(const v1::StoreConfig& c) {
+  if (c.path().empty()) return nullptr;
+  ExtentStoreOptions o;
+  o.path = c.path();
+  o.max_bytes = c.max_bytes();
+  absl::StatusOr<std::shared_ptr<ExtentStore>> s = ExtentStore::Open(o);
+  if (!s.ok()) {
+    LogError("store_unavailable", {{"path", c.path()},
+                                   {"error", s.status().message()},
+                                   {"action", "serving from the upstreams"}});
+    return nullptr;
+  }
+  ExtentStoreStats st = (*s)->Stats();
+  LogInfo("store_opened", {{"path", c.path()},
+                           {"bytes", st.bytes},
+                           {"extents", st.extents},
+                           {"max_bytes", c.max_bytes()}});
+  return *s;
+}
+
+// CreateUpstream, behind the store for immutable exports with a content
+// identity (server/store/content_identity.h).
+ExportRegistry::UpstreamFactory StoreFactory(std::shared_ptr<ExtentStore> store,
+                                             uint32_t verify_windows) {
+  if (store == nullptr) return nullptr;
+  return [store, verify_windows](const v1::ExportConfig& config)
+             -> absl::StatusOr<std::unique_ptr<Upstream>> {
+    absl::StatusOr<std::unique_ptr<Upstream>> up = CreateUpstream(config);
+    std::optional<std::string> identity = ContentIdentity(config);
+    if (!up.ok() || !identity.has_value()) return up;
+    StoreUpstream::Options o;
+    o.export_name = config.name();
+    o.identity = *identity;
+    o.verify_windows = verify_windows;
+    return std::unique_ptr<Upstream>(
+        std::make_unique<StoreUpstream>(*std::move(up), store, o));
+  };
+}
+
 }  // namespace
 
 void ApplyDefaults(v1::ServerConfig* c) {
@@ -136,6 +180,12 @@ void ApplyDefaults(v1::ServerConfig* c) {
   }
   if (n->max_payload_bytes() == 0) {
     n->set_max_payload_bytes(nbd_defaults.handshake.max_payload_bytes);
+  }
+  if (!c->store().path().empty()) {
+    const ExtentStoreOptions store_defaults;
+    v1::StoreConfig* st = c->mutable_store();
+    if (st->max_bytes() == 0) st->set_max_bytes(store_defaults.max_bytes);
+    if (st->verify_windows() == 0) st->set_verify_windows(1);
   }
   if (c->csi().default_max_results() == 0) {
     c->mutable_csi()->set_default_max_results(
@@ -182,7 +232,9 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   }
   s->cache_ = std::make_unique<ExtentCache>(cache_options);
   if (absl::Status v = ValidateExports(c); !v.ok()) return v;
-  s->registry_ = std::make_unique<ExportRegistry>();
+  s->store_ = OpenStore(c.store());
+  s->registry_ = std::make_unique<ExportRegistry>(
+      StoreFactory(s->store_, c.store().verify_windows()));
   s->pools_ = std::make_unique<WorkerPools>(c.worker_threads(),
                                             c.max_upstream_calls_per_export());
   s->admission_ = std::make_unique<Admission>(
@@ -195,6 +247,28 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
                                                const absl::Status& status) {
     metrics->RecordUpstreamCall(export_name, latency, status);
   };
+  if (s->store_ != nullptr) {
+    std::shared_ptr<ExtentStore> store = s->store_;
+    service_options.fill_store_stats = [store](v1::GetStatsResponse* r) {
+      ExtentStoreStats st = store->Stats();
+      r->set_store_path(store->options().path);
+      r->set_store_bytes(st.bytes);
+      r->set_store_max_bytes(store->options().max_bytes);
+    };
+    s->metrics_->SetStoreCounters([store] {
+      ExtentStoreStats st = store->Stats();
+      StoreCounters n;
+      n.bytes = st.bytes;
+      n.max_bytes = store->options().max_bytes;
+      n.extents = st.extents;
+      n.evicted_identities = st.evicted_identities;
+      n.discarded_identities = st.discarded_identities;
+      n.writes_skipped = st.writes_skipped;
+      n.set_aside = st.set_aside;
+      n.broken = st.broken ? 1 : 0;
+      return n;
+    });
+  }
   s->service_ = std::make_unique<ExtentService>(
       s->registry_.get(), s->cache_.get(), std::move(service_options));
   CallContext ctx;
@@ -246,8 +320,10 @@ ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
   ExtentCache* cache = cache_.get();
   const absl::Duration default_ttl = cache->options().ttl;
   auto apply_ttl = [cache, default_ttl](const ExportRef& e) {
+    // An immutable export's extents never expire.
     cache->SetExportTtl(e->config.name(),
-                        e->config.cache_ttl_seconds() != 0
+                        e->config.immutable() ? absl::InfiniteDuration()
+                        : e->config.cache_ttl_seconds() != 0
                             ? absl::Seconds(e->config.cache_ttl_seconds())
                             : default_ttl);
   };

@@ -38,6 +38,7 @@ class Server;
 namespace blockmeta {
 
 class ExtentCache;
+class ExtentStore;
 class AdminService;
 class AdminGrpcService;
 class WorkerPools;
@@ -91,6 +92,7 @@ class BlockMetaServer {
   // destructor resets it first): upstream threads and the registry's hooks
   // call into them until it is gone.
   std::unique_ptr<ExtentCache> cache_;
+  std::shared_ptr<ExtentStore> store_;  // null when off
   std::unique_ptr<ExportRegistry> registry_;
   std::unique_ptr<WorkerPools> pools_;
   std::unique_ptr<Admission> admission_;

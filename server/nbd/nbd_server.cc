@@ -125,7 +125,8 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
     x.name = e->config.name();
     x.description = e->config.description();
     x.upstream = e->upstream.get();
-    x.read_only = e->config.read_only();
+    // An immutable export is read-only: NBD_FLAG_READ_ONLY, writes EPERM.
+    x.read_only = e->config.read_only() || e->config.immutable();
     x.upstream_timeout = UpstreamTimeout(e->config);
     out.push_back(std::move(x));
   }

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -139,6 +140,8 @@ absl::StatusOr<v1::ExportInfo> ExtentService::GetExportInfo(
   v1::ExportInfo out;
   out.set_name(e.config.name());
   out.set_description(e.config.description());
+  out.set_immutable(e.config.immutable());
+  out.set_stored(!e.upstream->Stats().store_identity.empty());
   bool ready = e.upstream->Ready();
   out.set_state(ready ? v1::EXPORT_STATE_READY : v1::EXPORT_STATE_UNAVAILABLE);
   out.set_last_error(e.upstream->LastError());
@@ -154,7 +157,8 @@ absl::StatusOr<v1::ExportInfo> ExtentService::GetExportInfo(
   out.set_minimum_block_size(info->minimum_block_size);
   out.set_preferred_block_size(info->preferred_block_size);
   out.set_maximum_block_size(info->maximum_block_size);
-  out.set_read_only(info->read_only || e.config.read_only());
+  out.set_read_only(info->read_only || e.config.read_only() ||
+                    e.config.immutable());
   out.set_can_trim(info->can_trim);
   out.set_can_zero(info->can_zero);
   out.set_can_flush(info->can_flush);
@@ -295,11 +299,13 @@ std::optional<v1::GetExtentsResponse> ExtentService::TryAnswerFromCache(
 absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
     const Query& query, uint64_t offset, uint64_t length, absl::Time deadline) {
   absl::Time start = absl::Now();
+  tls_answered_from_store = false;
   absl::StatusOr<ExtentList> got = query.entry->upstream->BlockStatus(
       query.key.context, offset, length, deadline);
-  // The cache counts every upstream call, its own and this bypassing one.
+  // The cache counts every upstream call, its own and this bypassing one
+  // (GetStats takes the store's hits out again).
   cache_->RecordUpstreamCall(query.key, got.status());
-  if (options_.on_upstream_call) {
+  if (options_.on_upstream_call && !tls_answered_from_store) {
     options_.on_upstream_call(query.key.export_name, absl::Now() - start,
                               got.status());
   }
@@ -316,7 +322,8 @@ AsyncFetcher ExtentService::MakeFetcher(const Query& query) const {
     upstream->AsyncBlockStatus(context, offset, length,
                                [done = std::move(done), observer, name,
                                 start](absl::StatusOr<ExtentList> got) mutable {
-                                 if (observer)
+                                 // Not for answers from the store.
+                                 if (observer && !tls_answered_from_store)
                                    observer(name, absl::Now() - start,
                                             got.status());
                                  std::move(done)(std::move(got));
@@ -499,6 +506,22 @@ absl::StatusOr<v1::InvalidateCacheResponse> ExtentService::InvalidateCache(
 
 namespace {
 
+// The cache counted every call it made through the upstream, also those
+// the store answered: the upstream saw only the misses, plus the calls
+// that checked persisted answers at reopen.
+CacheCounters WithStore(CacheCounters c, const UpstreamStats::StoreContext& s) {
+  c.upstream_calls =
+      c.upstream_calls - std::min(c.upstream_calls, s.hits) + s.verify_calls;
+  return c;
+}
+
+void FillStore(const UpstreamStats::StoreContext& s, v1::CacheCounters* out) {
+  out->set_store_hits(out->store_hits() + s.hits);
+  out->set_store_misses(out->store_misses() + s.misses);
+  out->set_store_writes(out->store_writes() + s.writes);
+  out->set_store_extents_read(out->store_extents_read() + s.extents_read);
+}
+
 void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
   out->set_hits(c.hits);
   out->set_partial_hits(c.partial_hits);
@@ -527,6 +550,25 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
   if (!targets.ok()) return targets.status();
   v1::GetStatsResponse response;
   response.set_memory_limit_bytes(cache_->options().memory_limit_bytes);
+  if (options_.fill_store_stats) options_.fill_store_stats(&response);
+  // The store's counters are read before the cache's (see WithStore).
+  std::vector<ExportRef> all = registry_->All();
+  absl::flat_hash_map<std::string, UpstreamStats> upstream;
+  for (const ExportRef& e : all)
+    upstream[e->config.name()] = e->upstream->Stats();
+  auto counters = [&](const CacheKey& k) {
+    CacheCounters c = cache_->Counters(k);
+    auto u = upstream.find(k.export_name);
+    if (u == upstream.end()) return c;
+    auto st = u->second.store_contexts.find(k.context);
+    return st == u->second.store_contexts.end() ? c : WithStore(c, st->second);
+  };
+  auto fill_store = [&](const CacheKey& k, v1::CacheCounters* out) {
+    auto u = upstream.find(k.export_name);
+    if (u == upstream.end()) return;
+    auto st = u->second.store_contexts.find(k.context);
+    if (st != u->second.store_contexts.end()) FillStore(st->second, out);
+  };
   std::vector<CacheKey> keys = cache_->Keys();
   for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
@@ -534,28 +576,48 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     s->set_export_name(name);
     for (const CacheKey& k : keys) {
       if (k.export_name != name) continue;
-      FillCounters(cache_->Counters(k), &(*s->mutable_contexts())[k.context]);
+      v1::CacheCounters* out = &(*s->mutable_contexts())[k.context];
+      FillCounters(counters(k), out);
+      fill_store(k, out);
     }
     // Every upstream call is counted once, by the cache, per key: the
     // per-export figures are the sum over the export's keys.
     CacheCounters sum;
     for (const CacheKey& k : keys) {
-      if (k.export_name == name) sum += cache_->Counters(k);
+      if (k.export_name == name) sum += counters(k);
     }
     s->set_upstream_calls(sum.upstream_calls);
     s->set_upstream_errors(sum.upstream_errors);
-    s->set_reconnects(e->upstream->Stats().reconnects);
+    auto u = upstream.find(name);
+    const UpstreamStats st =
+        u != upstream.end() ? u->second : e->upstream->Stats();
+    s->set_reconnects(st.reconnects);
+    s->set_store_identity(st.store_identity);
+    s->set_store_bytes(st.store_bytes);
+    s->set_store_verify_failures(st.store_verify_failures);
+  }
+  CacheCounters sum;
+  v1::CacheCounters* total = response.mutable_total();
+  for (const CacheKey& k : keys) {
+    if (!request.export_name().empty() &&
+        k.export_name != request.export_name()) {
+      continue;
+    }
+    sum += counters(k);
+    fill_store(k, total);
   }
   if (request.export_name().empty()) {
-    FillCounters(cache_->Counters(), response.mutable_total());
-  } else {
-    CacheCounters sum;
-    for (const CacheKey& k : keys) {
-      if (k.export_name != request.export_name()) continue;
-      sum += cache_->Counters(k);
-    }
-    FillCounters(sum, response.mutable_total());
+    // Gauges and counters of keys already forgotten come from the cache's
+    // own total; only the store's share is taken out of it.
+    CacheCounters whole = cache_->Counters();
+    CacheCounters raw;
+    for (const CacheKey& k : keys) raw += cache_->Counters(k);
+    whole.upstream_calls = whole.upstream_calls -
+                           std::min(whole.upstream_calls, raw.upstream_calls) +
+                           sum.upstream_calls;
+    sum = whole;
   }
+  FillCounters(sum, total);
   return response;
 }
 

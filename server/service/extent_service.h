@@ -55,6 +55,9 @@ class ExtentService {
     uint32_t default_max_extents = 1024;
     uint32_t max_extents_cap = 65536;
     UpstreamCallObserver on_upstream_call;  // optional
+    // Fills GetStatsResponse's store fields (path, bytes, bound); optional
+    // (no store).
+    std::function<void(blockmeta::v1::GetStatsResponse*)> fill_store_stats;
   };
 
   // A validated extents query. Holds no locks; holds the export's entry

@@ -1,6 +1,7 @@
 // server/service/metrics.cc — see metrics.h.
 #include "server/service/metrics.h"
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <vector>
@@ -114,10 +115,28 @@ std::vector<prometheus::MetricFamily> BuildFamilies(
   return out;
 }
 
+// Each export's store counters per context (Upstream::Stats), read before
+// the cache's counters so that a store hit seen here was already counted
+// by the cache as a call (the difference never goes negative).
+std::map<std::pair<std::string, std::string>, UpstreamStats::StoreContext>
+StoreContexts(const ExportRegistry* registry) {
+  std::map<std::pair<std::string, std::string>, UpstreamStats::StoreContext>
+      out;
+  if (registry == nullptr) return out;
+  for (const ExportRef& e : registry->All()) {
+    UpstreamStats st = e->upstream->Stats();
+    for (const auto& [context, k] : st.store_contexts) {
+      out[{e->config.name(), context}] = k;
+    }
+  }
+  return out;
+}
+
 // Reads the cache's counters at scrape time.
 class CacheCollector final : public prometheus::Collectable {
  public:
-  explicit CacheCollector(const ExtentCache* cache) : cache_(cache) {}
+  CacheCollector(const ExtentCache* cache, const ExportRegistry* registry)
+      : cache_(cache), registry_(registry) {}
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     using Def = FieldDef<CacheCounters>;
@@ -165,6 +184,8 @@ class CacheCollector final : public prometheus::Collectable {
         {"blockmeta_cache_memory_bytes", "Approximate cache memory now",
          prometheus::MetricType::Gauge, &CacheCounters::memory_bytes},
     };
+    std::map<std::pair<std::string, std::string>, UpstreamStats::StoreContext>
+        store = StoreContexts(registry_);
     std::vector<CacheKey> keys = cache_->Keys();
     std::vector<Labels> labels;
     std::vector<CacheCounters> values;
@@ -172,13 +193,20 @@ class CacheCollector final : public prometheus::Collectable {
     values.reserve(keys.size());
     for (const CacheKey& k : keys) {
       labels.push_back({{"context", k.context}, {"export", k.export_name}});
-      values.push_back(cache_->Counters(k));
+      CacheCounters c = cache_->Counters(k);
+      if (auto it = store.find({k.export_name, k.context}); it != store.end()) {
+        c.upstream_calls = c.upstream_calls -
+                           std::min(c.upstream_calls, it->second.hits) +
+                           it->second.verify_calls;
+      }
+      values.push_back(c);
     }
     return BuildFamilies(kDefs, labels, values);
   }
 
  private:
   const ExtentCache* cache_;
+  const ExportRegistry* registry_;  // may be null
 };
 
 // Reads every export's upstream engine counters (Upstream::Stats) at scrape
@@ -248,7 +276,61 @@ class UpstreamCollector final : public prometheus::Collectable {
     std::vector<prometheus::MetricFamily> conns =
         BuildFamilies(kConnDefs, conn_labels, conn_rows);
     out.insert(out.end(), conns.begin(), conns.end());
+    AddStoreFamilies(labels, rows, &out);
     return out;
+  }
+
+  // The store's per-export and per-context figures (exports using it).
+  static void AddStoreFamilies(const std::vector<Labels>& labels,
+                               const std::vector<UpstreamStats>& rows,
+                               std::vector<prometheus::MetricFamily>* out) {
+    using C = prometheus::MetricType;
+    using Ctx = UpstreamStats::StoreContext;
+    static const FieldDef<Ctx> kCtxDefs[] = {
+        {"blockmeta_store_hits_total",
+         "Block-status calls answered from the persistent store", C::Counter,
+         &Ctx::hits},
+        {"blockmeta_store_misses_total",
+         "Block-status calls the store could not answer (sent upstream)",
+         C::Counter, &Ctx::misses},
+        {"blockmeta_store_writes_total",
+         "Upstream answers written through to the store", C::Counter,
+         &Ctx::writes},
+        {"blockmeta_store_extents_read_total",
+         "Extents read back from the store", C::Counter, &Ctx::extents_read},
+        {"blockmeta_store_verify_calls_total",
+         "Upstream calls checking persisted answers at reopen", C::Counter,
+         &Ctx::verify_calls},
+    };
+    static const FieldDef<UpstreamStats> kExportDefs[] = {
+        {"blockmeta_store_export_bytes",
+         "Bytes of the export's answers in the store", C::Gauge,
+         &UpstreamStats::store_bytes},
+        {"blockmeta_store_verify_failures_total",
+         "Reopen checks that found persisted answers differing from the "
+         "upstream (they were discarded)",
+         C::Counter, &UpstreamStats::store_verify_failures},
+    };
+    std::vector<Labels> ctx_labels, export_labels;
+    std::vector<Ctx> ctx_rows;
+    std::vector<UpstreamStats> export_rows;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i].store_identity.empty()) continue;
+      export_labels.push_back(labels[i]);
+      export_rows.push_back(rows[i]);
+      for (const auto& [context, k] : rows[i].store_contexts) {
+        Labels l = labels[i];
+        l["context"] = context;
+        ctx_labels.push_back(std::move(l));
+        ctx_rows.push_back(k);
+      }
+    }
+    std::vector<prometheus::MetricFamily> a =
+        BuildFamilies(kCtxDefs, ctx_labels, ctx_rows);
+    std::vector<prometheus::MetricFamily> b =
+        BuildFamilies(kExportDefs, export_labels, export_rows);
+    out->insert(out->end(), a.begin(), a.end());
+    out->insert(out->end(), b.begin(), b.end());
   }
 
  private:
@@ -288,13 +370,53 @@ class ShimCollector final : public prometheus::Collectable {
   const std::function<ShimCounters()> read_;
 };
 
+// Reads the persistent store's whole-store figures at scrape time.
+class StoreCollector final : public prometheus::Collectable {
+ public:
+  explicit StoreCollector(std::function<StoreCounters()> read)
+      : read_(std::move(read)) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    using Def = FieldDef<StoreCounters>;
+    using C = prometheus::MetricType;
+    static const Def kDefs[] = {
+        {"blockmeta_store_bytes",
+         "Bytes of answers in the store (keys + values, before compression)",
+         C::Gauge, &StoreCounters::bytes},
+        {"blockmeta_store_max_bytes", "The store's bound (store.max_bytes)",
+         C::Gauge, &StoreCounters::max_bytes},
+        {"blockmeta_store_extents", "Extents in the store", C::Gauge,
+         &StoreCounters::extents},
+        {"blockmeta_store_evicted_identities_total",
+         "Content identities evicted to stay under max_bytes", C::Counter,
+         &StoreCounters::evicted_identities},
+        {"blockmeta_store_discarded_identities_total",
+         "Content identities discarded (changed identity, failed check)",
+         C::Counter, &StoreCounters::discarded_identities},
+        {"blockmeta_store_writes_skipped_total",
+         "Answers not stored (no room under max_bytes, or a store error)",
+         C::Counter, &StoreCounters::writes_skipped},
+        {"blockmeta_store_set_aside_total",
+         "Corrupt or unreadable stores renamed aside", C::Counter,
+         &StoreCounters::set_aside},
+        {"blockmeta_store_broken",
+         "1 when the store is off after an error (serving from upstreams)",
+         C::Gauge, &StoreCounters::broken},
+    };
+    return BuildFamilies(kDefs, {Labels{}}, {read_()});
+  }
+
+ private:
+  const std::function<StoreCounters()> read_;
+};
+
 }  // namespace
 
 class Metrics::Impl {
  public:
   Impl(const ExtentCache* cache, const ExportRegistry* exports)
       : registry(std::make_shared<prometheus::Registry>()),
-        cache_collector(std::make_shared<CacheCollector>(cache)),
+        cache_collector(std::make_shared<CacheCollector>(cache, exports)),
         upstream_collector(exports == nullptr
                                ? nullptr
                                : std::make_shared<UpstreamCollector>(exports)),
@@ -330,7 +452,8 @@ class Metrics::Impl {
   prometheus::Family<prometheus::Histogram>& handling;
   prometheus::Family<prometheus::Counter>& upstream_calls;
   prometheus::Family<prometheus::Histogram>& upstream_seconds;
-  std::shared_ptr<ShimCollector> shim_collector;  // null until set
+  std::shared_ptr<ShimCollector> shim_collector;    // null until set
+  std::shared_ptr<StoreCollector> store_collector;  // null until set
 
   // The upstream_calls / upstream_seconds samples of each export, so
   // ForgetExport can remove them (prometheus-cpp removes by pointer).
@@ -415,6 +538,9 @@ absl::StatusOr<int> Metrics::Serve(const std::string& address) {
   if (impl_->shim_collector) {
     exposer_->RegisterCollectable(impl_->shim_collector);
   }
+  if (impl_->store_collector) {
+    exposer_->RegisterCollectable(impl_->store_collector);
+  }
   std::vector<int> ports = exposer_->GetListeningPorts();
   if (ports.empty()) {
     return absl::InternalError("metrics listener has no port");
@@ -463,6 +589,10 @@ void Metrics::SetShimCounters(std::function<ShimCounters()> read) {
   impl_->shim_collector = std::make_shared<ShimCollector>(std::move(read));
 }
 
+void Metrics::SetStoreCounters(std::function<StoreCounters()> read) {
+  impl_->store_collector = std::make_shared<StoreCollector>(std::move(read));
+}
+
 std::string Metrics::Render() const {
   std::vector<prometheus::MetricFamily> families = impl_->registry->Collect();
   std::vector<prometheus::MetricFamily> cache =
@@ -477,6 +607,11 @@ std::string Metrics::Render() const {
     std::vector<prometheus::MetricFamily> shim =
         impl_->shim_collector->Collect();
     families.insert(families.end(), shim.begin(), shim.end());
+  }
+  if (impl_->store_collector) {
+    std::vector<prometheus::MetricFamily> store =
+        impl_->store_collector->Collect();
+    families.insert(families.end(), store.begin(), store.end());
   }
   return prometheus::TextSerializer().Serialize(families);
 }

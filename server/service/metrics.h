@@ -22,6 +22,16 @@
 //   source (SetShimCounters): blockmeta_nbd_connections,
 //   _connections_rejected_total, _handshakes_evicted_total,
 //   _idle_sessions_evicted_total, _buffered_bytes.
+// * The persistent store (server/store), when configured: whole-store
+//   figures from a StoreCounters source (SetStoreCounters):
+//   blockmeta_store_bytes, _max_bytes, _extents, _evicted_identities_total,
+//   _discarded_identities_total, _writes_skipped_total, _set_aside_total,
+//   _broken; per export and context from Upstream::Stats():
+//   blockmeta_store_hits_total, _misses_total, _writes_total,
+//   _extents_read_total, _verify_calls_total{export, context}, and per
+//   export blockmeta_store_export_bytes, _verify_failures_total{export}.
+//   blockmeta_cache_upstream_calls_total counts only calls the upstream
+//   saw: store hits are taken out, the reopen check's calls added.
 //
 // Thread-safety: all methods are thread-safe (prometheus-cpp's metrics are
 // atomic; families lock internally when a new label set first appears).
@@ -57,6 +67,19 @@ struct ShimCounters {
   uint64_t buffered_bytes = 0;      // requests in hand + unsent replies
 };
 
+// The persistent store's figures (ExtentStore::Stats), without a dependency
+// on the store.
+struct StoreCounters {
+  uint64_t bytes = 0;
+  uint64_t max_bytes = 0;
+  uint64_t extents = 0;
+  uint64_t evicted_identities = 0;
+  uint64_t discarded_identities = 0;
+  uint64_t writes_skipped = 0;
+  uint64_t set_aside = 0;
+  uint64_t broken = 0;  // 1: the store is off after an error
+};
+
 class Metrics {
  public:
   // `exports` (optional, must outlive this) adds the upstream engine's
@@ -87,6 +110,8 @@ class Metrics {
   // (and before any scrape), at most once; `read` must stay valid while
   // this object lives and be thread-safe.
   void SetShimCounters(std::function<ShimCounters()> read);
+  // The store's source; same rules as SetShimCounters.
+  void SetStoreCounters(std::function<StoreCounters()> read);
 
   // The text exposition of everything, as /metrics serves it (for tests).
   std::string Render() const;

@@ -14,6 +14,8 @@
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
+#include "server/upstream/export_registry.h"
+#include "tests/testing/fake_upstream.h"
 
 namespace blockmeta {
 namespace {
@@ -44,6 +46,66 @@ TEST(MetricsTest, ShimCountersAreReadAtEachScrape) {
   EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_nbd_buffered_bytes 4096\n"));
   open = 5;
   EXPECT_TRUE(absl::StrContains(m.Render(), "\nblockmeta_nbd_connections 5\n"));
+}
+
+// An upstream behind the store, as StoreUpstream reports it.
+class StoredFakeUpstream : public FakeUpstream {
+ public:
+  StoredFakeUpstream() : FakeUpstream(1 << 20, 4096, false) {}
+  UpstreamStats Stats() const override {
+    UpstreamStats s;
+    s.store_identity = "id:snap";
+    s.store_bytes = 4242;
+    s.store_verify_failures = 1;
+    UpstreamStats::StoreContext& k = s.store_contexts["base:allocation"];
+    k.hits = 3;
+    k.misses = 2;
+    k.writes = 2;
+    k.extents_read = 30;
+    k.verify_calls = 1;
+    return s;
+  }
+};
+
+TEST(MetricsTest, StoreFiguresAndUpstreamCallsWithoutStoreHits) {
+  ExtentCache cache{ExtentCache::Options()};
+  blockmeta::v1::ExportConfig c;
+  c.set_name("snap");
+  c.set_nbd_uri("nbd://h/x");
+  std::vector<std::pair<blockmeta::v1::ExportConfig, std::unique_ptr<Upstream>>>
+      ups;
+  ups.emplace_back(c, std::make_unique<StoredFakeUpstream>());
+  std::unique_ptr<ExportRegistry> registry =
+      ExportRegistry::FromUpstreams(std::move(ups));
+  Metrics m(&cache, registry.get());
+  // The cache counted 5 calls through the upstream: 3 the store answered.
+  CacheKey key{"snap", "base:allocation"};
+  for (int i = 0; i < 5; ++i) cache.RecordUpstreamCall(key, absl::OkStatus());
+  m.SetStoreCounters([] {
+    StoreCounters n;
+    n.bytes = 9000;
+    n.max_bytes = 1 << 30;
+    n.set_aside = 1;
+    return n;
+  });
+  std::string text = m.Render();
+  const std::string l = "{context=\"base:allocation\",export=\"snap\"}";
+  // 5 - 3 hits + 1 check: what the upstream saw.
+  EXPECT_TRUE(absl::StrContains(
+      text, "\nblockmeta_cache_upstream_calls_total" + l + " 3\n"))
+      << text;
+  EXPECT_TRUE(
+      absl::StrContains(text, "\nblockmeta_store_hits_total" + l + " 3\n"));
+  EXPECT_TRUE(
+      absl::StrContains(text, "\nblockmeta_store_misses_total" + l + " 2\n"));
+  EXPECT_TRUE(absl::StrContains(
+      text, "\nblockmeta_store_verify_calls_total" + l + " 1\n"));
+  EXPECT_TRUE(absl::StrContains(
+      text, "\nblockmeta_store_export_bytes{export=\"snap\"} 4242\n"));
+  EXPECT_TRUE(absl::StrContains(
+      text, "\nblockmeta_store_verify_failures_total{export=\"snap\"} 1\n"));
+  EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_store_bytes 9000\n"));
+  EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_store_set_aside_total 1\n"));
 }
 
 TEST(MetricsTest, ForgetExportDropsItsUpstreamCallSamples) {

@@ -99,6 +99,23 @@ absl::Status ValidateExportConfig(const blockmeta::v1::ExportConfig& config) {
     return Bad(config, "upstream_timeout_ms",
                absl::StrCat("at most ", kMaxUpstreamTimeoutMs));
   }
+  if (!config.content_id().empty() && !config.immutable()) {
+    return Bad(config, "content_id", "only for immutable exports");
+  }
+  if (config.content_id().size() > kMaxExportNameBytes) {
+    return Bad(config, "content_id",
+               absl::StrCat("longer than ", kMaxExportNameBytes, " bytes"));
+  }
+  for (char c : config.content_id()) {
+    if (c < 0x20 || c > 0x7e) {
+      return Bad(config, "content_id", "must be printable ASCII");
+    }
+  }
+  if (config.immutable() && config.cache_ttl_seconds() != 0) {
+    return Bad(config, "cache_ttl_seconds",
+               "must be 0 for an immutable export (its extents never "
+               "expire)");
+  }
   return absl::OkStatus();
 }
 

@@ -83,6 +83,21 @@ TEST(ValidateTest, Numbers) {
   ExpectInvalid(e, "upstream_timeout_ms");
 }
 
+TEST(ValidateTest, ImmutableAndContentId) {
+  ExportConfig e = Uri("x", "nbd://h/x");
+  e.set_content_id("disk@1");
+  ExpectInvalid(e, "content_id");  // only with immutable
+  e.set_immutable(true);
+  EXPECT_TRUE(ValidateExportConfig(e).ok());
+  e.set_content_id(std::string(257, 'c'));
+  ExpectInvalid(e, "content_id");
+  e.set_content_id("bad\n");
+  ExpectInvalid(e, "content_id");
+  e.set_content_id("disk@1");
+  e.set_cache_ttl_seconds(60);  // immutable extents never expire
+  ExpectInvalid(e, "cache_ttl_seconds");
+}
+
 TEST(RegistryTest, DuplicateNamesRejected) {
   ServerConfig c;
   *c.add_exports() = Uri("a", "nbd://h/x");
@@ -211,6 +226,30 @@ TEST(RegistryRuntimeTest, RemovalDrainsWithTheLastReference) {
                                                   "drained:a", "added:a"}));
   EXPECT_EQ(f.registry->Remove("nope").status().code(),
             absl::StatusCode::kNotFound);
+}
+
+TEST(RegistryRuntimeTest, UpdateCannotChangeImmutableOrContentId) {
+  FakeRegistry f;
+  ExportConfig c = Uri("a", "nbd://h/x");
+  c.set_immutable(true);
+  c.set_content_id("one");
+  ASSERT_TRUE(f.registry->Add(c, ExportOrigin::kApi).ok());
+  ExportConfig d = c;
+  d.set_content_id("two");
+  EXPECT_EQ(f.registry->Update(d).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  d = c;
+  d.set_immutable(false);
+  d.clear_content_id();
+  EXPECT_EQ(f.registry->Update(d).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  d = c;
+  d.set_cache_ttl_seconds(5);
+  EXPECT_EQ(f.registry->Update(d).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  d = c;
+  d.set_description("snapshot of vm1");
+  EXPECT_TRUE(f.registry->Update(d).ok());
 }
 
 TEST(RegistryRuntimeTest, UpdateChangesOnlyMutableFieldsAndKeepsUpstream) {

@@ -681,7 +681,7 @@ Core::Core(const blockmeta::v1::ExportConfig& config,
       max_connections_(config.connections() != 0 ? config.connections()
                                                  : kDefaultUpstreamConnections),
       timeout_(UpstreamTimeout(config)),
-      force_read_only_(config.read_only() ||
+      force_read_only_(config.read_only() || config.immutable() ||
                        (config.has_image() && config.image().read_only())),
       server_(std::move(server)),
       engine_(engine) {}
@@ -1411,8 +1411,8 @@ absl::StatusOr<std::unique_ptr<Upstream>> CreateUpstream(
       break;
     case blockmeta::v1::ExportConfig::kImage: {
       change_granularity = LearnChangeGranularity(config);
-      auto s = SpawnedServer::Create(
-          QemuNbdArgv(config.image(), config.read_only()));
+      auto s = SpawnedServer::Create(QemuNbdArgv(
+          config.image(), config.read_only() || config.immutable()));
       if (!s.ok()) return s.status();
       server = std::move(*s);
       break;

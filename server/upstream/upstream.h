@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -92,7 +93,30 @@ struct UpstreamStats {
   // down (not in commands_issued).
   uint64_t health_probes = 0;
   std::vector<Connection> connections;  // the live ones
+
+  // The persistent store (filled by StoreUpstream, server/upstream/
+  // store_upstream.h; empty otherwise). Per context: block-status calls
+  // answered from disk (hits, never sent upstream), calls sent upstream
+  // (misses), answers written through, extents read back, and the calls
+  // made to check persisted answers at reopen.
+  struct StoreContext {
+    uint64_t hits = 0;
+    uint64_t misses = 0;
+    uint64_t writes = 0;
+    uint64_t extents_read = 0;
+    uint64_t verify_calls = 0;
+  };
+  std::string store_identity;  // "" when the export does not use the store
+  uint64_t store_bytes = 0;
+  uint64_t store_verify_failures = 0;
+  std::map<std::string, StoreContext> store_contexts;
 };
+
+// True while a block-status completion runs that a second tier answered
+// without asking the upstream (StoreUpstream sets it around the callback,
+// and after a synchronous BlockStatus until the next one on this thread):
+// observers that count upstream calls skip those.
+inline thread_local bool tls_answered_from_store = false;
 
 // NBD command flags the shim may pass through.
 inline constexpr uint32_t kCmdFlagFua = 1u << 0;
