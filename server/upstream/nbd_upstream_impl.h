@@ -1,0 +1,149 @@
+// server/upstream/nbd_upstream_impl.h — NbdUpstream, the libnbd
+// implementation of Upstream (internal to server/upstream; made by
+// CreateUpstream, nbd_upstream.h, whose header comment describes the
+// behaviour): range and capability checks, chunking of large requests,
+// the FUA fallback, and the synchronous forms waiting on the asynchronous
+// ones. The pool itself is a Core (nbd_core.h).
+//
+// Ownership: the facade holds its Core by shared_ptr. The destructor shuts
+// the Core down (in-flight commands complete with UNAVAILABLE).
+//
+// Thread-safety: all methods are thread-safe.
+#ifndef BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_IMPL_H_
+#define BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_IMPL_H_
+
+#include <libnbd.h>
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/common/mutex.h"
+#include "server/upstream/nbd_core.h"
+#include "server/upstream/nbd_op.h"
+#include "server/upstream/upstream.h"
+
+namespace blockmeta {
+namespace upstream_internal {
+
+// The result of an asynchronous command a synchronous caller waits for.
+template <typename T>
+class Pending {
+ public:
+  void Set(T v) {
+    sync::MutexLock lock(&mu_);
+    result_ = std::move(v);
+    cv_.SignalAll();
+  }
+  // nullopt when `deadline` passed first.
+  std::optional<T> Wait(absl::Time deadline) {
+    sync::MutexLock lock(&mu_);
+    while (!result_.has_value()) {
+      if (mu_.WaitWithDeadline(&cv_, deadline)) break;
+    }
+    return std::move(result_);
+  }
+
+ private:
+  sync::Mutex mu_;
+  absl::CondVar cv_;
+  std::optional<T> result_ ABSL_GUARDED_BY(mu_);
+};
+
+class NbdUpstream : public Upstream {
+ public:
+  NbdUpstream(std::shared_ptr<Core> core, uint64_t change_granularity)
+      : core_(std::move(core)), change_granularity_(change_granularity) {
+    core_->Start();
+  }
+  ~NbdUpstream() override { core_->Shutdown(); }
+
+  bool Ready() const override { return core_->Ready(); }
+  bool WaitReady(absl::Time deadline) override {
+    return core_->WaitReady(deadline);
+  }
+  absl::StatusOr<UpstreamInfo> Info() const override { return core_->Info(); }
+  uint64_t ChangeGranularity() const override { return change_granularity_; }
+  std::string LastError() const override { return core_->LastError(); }
+  uint64_t Generation() const override { return core_->Generation(); }
+  void SetOnGenerationChange(std::function<void()> fn) override {
+    core_->SetOnGenerationChange(std::move(fn));
+  }
+  UpstreamStats Stats() const override { return core_->Stats(); }
+
+  absl::StatusOr<ExtentList> BlockStatus(const std::string& context,
+                                         uint64_t offset, uint64_t length,
+                                         absl::Time deadline) override;
+  absl::Status Pread(void* buf, uint64_t count, uint64_t offset,
+                     absl::Time deadline) override;
+  absl::Status Pwrite(const void* buf, uint64_t count, uint64_t offset,
+                      uint32_t flags, absl::Time deadline) override;
+  absl::Status Trim(uint64_t count, uint64_t offset, uint32_t flags,
+                    absl::Time deadline) override;
+  absl::Status Zero(uint64_t count, uint64_t offset, uint32_t flags,
+                    absl::Time deadline) override;
+  absl::Status Flush(absl::Time deadline) override;
+  absl::Status Cache(uint64_t count, uint64_t offset,
+                     absl::Time deadline) override;
+
+  void AsyncBlockStatus(const std::string& context, uint64_t offset,
+                        uint64_t length, ExtentsCallback done) override;
+  void AsyncPread(void* buf, uint64_t count, uint64_t offset,
+                  StatusCallback done) override;
+  void AsyncPwrite(const void* buf, uint64_t count, uint64_t offset,
+                   uint32_t flags, StatusCallback done) override;
+  void AsyncTrim(uint64_t count, uint64_t offset, uint32_t flags,
+                 StatusCallback done) override;
+  void AsyncZero(uint64_t count, uint64_t offset, uint32_t flags,
+                 StatusCallback done) override;
+  void AsyncFlush(StatusCallback done) override;
+  void AsyncCache(uint64_t count, uint64_t offset,
+                  StatusCallback done) override;
+
+  pid_t ServerPid() const { return core_->ServerPid(); }
+  std::string ServerSocket() const { return core_->ServerSocket(); }
+  int LiveConnections() const { return core_->LiveConnections(); }
+
+ private:
+  using Call = absl::FunctionRef<int64_t(nbd_handle*, nbd_completion_callback)>;
+  // Sends one command on the least busy connection.
+  void Submit(std::unique_ptr<Op> op, Call call);
+  void SubmitStatus(const char* what, StatusCallback done, Call call) {
+    auto op = std::make_unique<StatusOp>();
+    op->what = what;
+    op->done = std::move(done);
+    Submit(std::move(op), call);
+  }
+  // Waits for an asynchronous status command until `deadline`.
+  absl::Status Await(const char* what, absl::Time deadline,
+                     absl::FunctionRef<void(StatusCallback)> start);
+  // A command whose FUA the server cannot honour gets a flush afterwards:
+  // the same guarantee.
+  StatusCallback WithFuaFallback(bool fua, const UpstreamInfo& info,
+                                 StatusCallback done);
+  absl::Status CheckRange(const UpstreamInfo& info, uint64_t count,
+                          uint64_t offset, absl::string_view what) const;
+  absl::Status CheckWritable(const UpstreamInfo& info,
+                             absl::string_view what) const;
+  static uint32_t FuaFlag(uint32_t flags, const UpstreamInfo& info) {
+    return (flags & kCmdFlagFua) != 0 && info.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
+  }
+
+  const std::shared_ptr<Core> core_;
+  const uint64_t change_granularity_;  // see Upstream::ChangeGranularity
+};
+
+}  // namespace upstream_internal
+}  // namespace blockmeta
+
+#endif  // BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_IMPL_H_
