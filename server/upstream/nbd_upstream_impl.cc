@@ -22,23 +22,44 @@ constexpr uint64_t kMaxBlockStatusRequest =
 // Trim/zero/cache lengths are 32-bit in NBD without extended headers.
 constexpr uint64_t kMaxEffectLength = uint64_t{1} << 31;
 
-}  // namespace
-
-void NbdUpstream::Submit(std::unique_ptr<Op> op, Call call) {
-  std::shared_ptr<Conn> conn = core_->Pick();
+// Sends one command on the pool's least busy connection.
+void Submit(Core& core, std::unique_ptr<Op> op, IssueCall call) {
+  std::shared_ptr<Conn> conn = core.Pick();
   if (conn == nullptr) {
-    op->Finish(core_->NotReady());
+    op->Finish(core.NotReady());
     return;
   }
   conn->Issue(op.release(), call);
 }
 
-absl::Status NbdUpstream::Await(const char* what, absl::Time deadline,
-                                absl::FunctionRef<void(StatusCallback)> start) {
-  auto pending = std::make_shared<Pending<absl::Status>>();
-  start([pending](absl::Status s) { pending->Set(std::move(s)); });
-  std::optional<absl::Status> s = pending->Wait(deadline);
-  if (s.has_value()) return *std::move(s);
+void SubmitStatus(Core& core, const char* what, StatusCallback done,
+                  IssueCall call) {
+  auto op = std::make_unique<StatusOp>();
+  op->what = what;
+  op->done = std::move(done);
+  Submit(core, std::move(op), call);
+}
+
+void FlushOn(Core& core, StatusCallback done) {
+  absl::StatusOr<UpstreamInfo> info = core.ConnectedInfo();
+  if (!info.ok()) return std::move(done)(info.status());
+  if (!info->can_flush) return std::move(done)(absl::OkStatus());
+  SubmitStatus(core, "flush", std::move(done),
+               [&](nbd_handle* h, nbd_completion_callback c) {
+                 return nbd_aio_flush(h, c, 0);
+               });
+}
+
+}  // namespace
+
+template <typename T>
+T NbdUpstream::Await(
+    const char* what, absl::Time deadline,
+    absl::FunctionRef<void(absl::AnyInvocable<void(T) &&>)> start) {
+  auto pending = std::make_shared<Pending<T>>();
+  start([pending](T r) { pending->Set(std::move(r)); });
+  std::optional<T> r = pending->Wait(deadline);
+  if (r.has_value()) return *std::move(r);
   core_->counters().caller_deadlines.fetch_add(1);
   return absl::DeadlineExceededError(
       absl::StrCat("export ", core_->name(), ": upstream ", what,
@@ -57,25 +78,37 @@ absl::Status NbdUpstream::CheckRange(const UpstreamInfo& info, uint64_t count,
   return absl::OkStatus();
 }
 
-absl::Status NbdUpstream::CheckWritable(const UpstreamInfo& info,
-                                        absl::string_view what) const {
-  if (info.read_only) {
-    return absl::PermissionDeniedError(absl::StrCat(
+std::optional<NbdUpstream::WriteStart> NbdUpstream::BeginWrite(
+    const char* what, uint64_t count, uint64_t offset, uint32_t flags,
+    StatusCallback done,
+    absl::FunctionRef<absl::Status(const UpstreamInfo&)> supported) {
+  absl::StatusOr<UpstreamInfo> info = core_->ConnectedInfo();
+  absl::Status s = info.status();
+  if (s.ok() && info->read_only) {
+    s = absl::PermissionDeniedError(absl::StrCat(
         "export ", core_->name(), " is read-only: ", what, " refused"));
   }
-  return absl::OkStatus();
-}
-
-StatusCallback NbdUpstream::WithFuaFallback(bool fua, const UpstreamInfo& info,
-                                            StatusCallback done) {
-  if (!fua || info.can_fua) return done;
-  return [this, done = std::move(done)](absl::Status s) mutable {
-    if (!s.ok()) {
-      std::move(done)(std::move(s));
-      return;
-    }
-    AsyncFlush(std::move(done));
-  };
+  if (s.ok()) s = CheckRange(*info, count, offset, what);
+  if (s.ok()) s = supported(*info);
+  if (!s.ok()) {
+    std::move(done)(std::move(s));
+    return std::nullopt;
+  }
+  WriteStart w;
+  const bool fua = (flags & kCmdFlagFua) != 0;
+  w.nbd_flags = fua && info->can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
+  if (fua && !info->can_fua) {
+    // The server cannot honour FUA: a flush after the command gives the
+    // same guarantee. The completion holds the pool, never the facade.
+    w.done = [core = core_, done = std::move(done)](absl::Status s) mutable {
+      if (!s.ok()) return std::move(done)(std::move(s));
+      FlushOn(*core, std::move(done));
+    };
+  } else {
+    w.done = std::move(done);
+  }
+  w.info = *std::move(info);
+  return w;
 }
 
 void NbdUpstream::AsyncBlockStatus(const std::string& context, uint64_t offset,
@@ -110,7 +143,7 @@ void NbdUpstream::AsyncBlockStatus(const std::string& context, uint64_t offset,
   op->size = info->size;
   op->done = std::move(done);
   ExtentsOp* raw = op.get();
-  Submit(std::move(op), [&](nbd_handle* h, nbd_completion_callback cb) {
+  Submit(*core_, std::move(op), [&](nbd_handle* h, nbd_completion_callback cb) {
     return nbd_aio_block_status(
         h, count, offset, nbd_extent_callback{ExtentsOp::OnChunk, raw, nullptr},
         cb, 0);
@@ -127,7 +160,7 @@ void NbdUpstream::AsyncPread(void* buf, uint64_t count, uint64_t offset,
   IssueChunked(
       offset, count, max,
       [&](uint64_t off, uint64_t n, uint64_t delta, StatusCallback cb) {
-        SubmitStatus("read", std::move(cb),
+        SubmitStatus(*core_, "read", std::move(cb),
                      [&](nbd_handle* h, nbd_completion_callback c) {
                        return nbd_aio_pread(h, static_cast<char*>(buf) + delta,
                                             n, off, c, 0);
@@ -138,86 +171,81 @@ void NbdUpstream::AsyncPread(void* buf, uint64_t count, uint64_t offset,
 
 void NbdUpstream::AsyncPwrite(const void* buf, uint64_t count, uint64_t offset,
                               uint32_t flags, StatusCallback done) {
-  absl::StatusOr<UpstreamInfo> info = core_->ConnectedInfo();
-  if (!info.ok()) return std::move(done)(info.status());
-  absl::Status s = CheckWritable(*info, "write");
-  if (s.ok()) s = CheckRange(*info, count, offset, "write");
-  if (!s.ok()) return std::move(done)(s);
-  const uint32_t nbd_flags = FuaFlag(flags, *info);
-  const uint64_t max = std::max<uint64_t>(info->maximum_block_size, 4096);
+  std::optional<WriteStart> w =
+      BeginWrite("write", count, offset, flags, std::move(done),
+                 [](const UpstreamInfo&) { return absl::OkStatus(); });
+  if (!w.has_value()) return;
+  const uint32_t nbd_flags = w->nbd_flags;
+  const uint64_t max = std::max<uint64_t>(w->info.maximum_block_size, 4096);
   IssueChunked(
       offset, count, max,
       [&](uint64_t off, uint64_t n, uint64_t delta, StatusCallback cb) {
-        SubmitStatus("write", std::move(cb),
+        SubmitStatus(*core_, "write", std::move(cb),
                      [&](nbd_handle* h, nbd_completion_callback c) {
                        return nbd_aio_pwrite(
                            h, static_cast<const char*>(buf) + delta, n, off, c,
                            nbd_flags);
                      });
       },
-      WithFuaFallback((flags & kCmdFlagFua) != 0, *info, std::move(done)));
+      std::move(w->done));
 }
 
 void NbdUpstream::AsyncTrim(uint64_t count, uint64_t offset, uint32_t flags,
                             StatusCallback done) {
-  absl::StatusOr<UpstreamInfo> info = core_->ConnectedInfo();
-  if (!info.ok()) return std::move(done)(info.status());
-  absl::Status s = CheckWritable(*info, "trim");
-  if (s.ok()) s = CheckRange(*info, count, offset, "trim");
-  if (!s.ok()) return std::move(done)(s);
-  if (!info->can_trim) {
-    return std::move(done)(absl::UnimplementedError(absl::StrCat(
-        "export ", core_->name(), ": upstream does not support trim")));
-  }
-  const uint32_t nbd_flags = FuaFlag(flags, *info);
+  std::optional<WriteStart> w = BeginWrite(
+      "trim", count, offset, flags, std::move(done),
+      [&](const UpstreamInfo& info) {
+        return info.can_trim ? absl::OkStatus()
+                             : absl::UnimplementedError(absl::StrCat(
+                                   "export ", core_->name(),
+                                   ": upstream does not support trim"));
+      });
+  if (!w.has_value()) return;
+  const uint32_t nbd_flags = w->nbd_flags;
   IssueChunked(
       offset, count, kMaxEffectLength,
       [&](uint64_t off, uint64_t n, uint64_t, StatusCallback cb) {
-        SubmitStatus("trim", std::move(cb),
+        SubmitStatus(*core_, "trim", std::move(cb),
                      [&](nbd_handle* h, nbd_completion_callback c) {
                        return nbd_aio_trim(h, n, off, c, nbd_flags);
                      });
       },
-      WithFuaFallback((flags & kCmdFlagFua) != 0, *info, std::move(done)));
+      std::move(w->done));
 }
 
 void NbdUpstream::AsyncZero(uint64_t count, uint64_t offset, uint32_t flags,
                             StatusCallback done) {
-  absl::StatusOr<UpstreamInfo> info = core_->ConnectedInfo();
-  if (!info.ok()) return std::move(done)(info.status());
-  absl::Status s = CheckWritable(*info, "write zeroes");
-  if (s.ok()) s = CheckRange(*info, count, offset, "write zeroes");
-  if (!s.ok()) return std::move(done)(s);
-  if (!info->can_zero) {
-    return std::move(done)(absl::UnimplementedError(absl::StrCat(
-        "export ", core_->name(), ": upstream does not support write zeroes")));
-  }
-  if ((flags & kCmdFlagFastZero) != 0 && !info->can_fast_zero) {
-    return std::move(done)(absl::UnimplementedError(
-        absl::StrCat("export ", core_->name(), ": upstream cannot zero fast")));
-  }
-  uint32_t nbd_flags = FuaFlag(flags, *info);
+  std::optional<WriteStart> w = BeginWrite(
+      "write zeroes", count, offset, flags, std::move(done),
+      [&](const UpstreamInfo& info) {
+        if (!info.can_zero) {
+          return absl::UnimplementedError(
+              absl::StrCat("export ", core_->name(),
+                           ": upstream does not support write zeroes"));
+        }
+        if ((flags & kCmdFlagFastZero) != 0 && !info.can_fast_zero) {
+          return absl::UnimplementedError(absl::StrCat(
+              "export ", core_->name(), ": upstream cannot zero fast"));
+        }
+        return absl::OkStatus();
+      });
+  if (!w.has_value()) return;
+  uint32_t nbd_flags = w->nbd_flags;
   if (flags & kCmdFlagNoHole) nbd_flags |= LIBNBD_CMD_FLAG_NO_HOLE;
   if (flags & kCmdFlagFastZero) nbd_flags |= LIBNBD_CMD_FLAG_FAST_ZERO;
   IssueChunked(
       offset, count, kMaxEffectLength,
       [&](uint64_t off, uint64_t n, uint64_t, StatusCallback cb) {
-        SubmitStatus("write zeroes", std::move(cb),
+        SubmitStatus(*core_, "write zeroes", std::move(cb),
                      [&](nbd_handle* h, nbd_completion_callback c) {
                        return nbd_aio_zero(h, n, off, c, nbd_flags);
                      });
       },
-      WithFuaFallback((flags & kCmdFlagFua) != 0, *info, std::move(done)));
+      std::move(w->done));
 }
 
 void NbdUpstream::AsyncFlush(StatusCallback done) {
-  absl::StatusOr<UpstreamInfo> info = core_->ConnectedInfo();
-  if (!info.ok()) return std::move(done)(info.status());
-  if (!info->can_flush) return std::move(done)(absl::OkStatus());
-  SubmitStatus("flush", std::move(done),
-               [&](nbd_handle* h, nbd_completion_callback c) {
-                 return nbd_aio_flush(h, c, 0);
-               });
+  FlushOn(*core_, std::move(done));
 }
 
 void NbdUpstream::AsyncCache(uint64_t count, uint64_t offset,
@@ -230,7 +258,7 @@ void NbdUpstream::AsyncCache(uint64_t count, uint64_t offset,
   IssueChunked(
       offset, count, kMaxEffectLength,
       [&](uint64_t off, uint64_t n, uint64_t, StatusCallback cb) {
-        SubmitStatus("cache", std::move(cb),
+        SubmitStatus(*core_, "cache", std::move(cb),
                      [&](nbd_handle* h, nbd_completion_callback c) {
                        return nbd_aio_cache(h, n, off, c, 0);
                      });
@@ -249,34 +277,28 @@ absl::StatusOr<ExtentList> NbdUpstream::BlockStatus(const std::string& context,
                                                     uint64_t offset,
                                                     uint64_t length,
                                                     absl::Time deadline) {
-  auto pending = std::make_shared<Pending<absl::StatusOr<ExtentList>>>();
-  AsyncBlockStatus(
-      context, offset, length,
-      [pending](absl::StatusOr<ExtentList> r) { pending->Set(std::move(r)); });
-  std::optional<absl::StatusOr<ExtentList>> r = pending->Wait(deadline);
-  if (r.has_value()) return *std::move(r);
-  core_->counters().caller_deadlines.fetch_add(1);
-  return absl::DeadlineExceededError(
-      absl::StrCat("export ", core_->name(),
-                   ": upstream block status did not complete before the "
-                   "caller's deadline (the command goes on)"));
+  return Await<absl::StatusOr<ExtentList>>(
+      "block status", deadline, [&](ExtentsCallback cb) {
+        AsyncBlockStatus(context, offset, length, std::move(cb));
+      });
 }
 
 absl::Status NbdUpstream::Pread(void* buf, uint64_t count, uint64_t offset,
                                 absl::Time deadline) {
   if (deadline == absl::InfiniteFuture()) {
-    return Await("read", deadline, [&](StatusCallback cb) {
+    return Await<absl::Status>("read", deadline, [&](StatusCallback cb) {
       AsyncPread(buf, count, offset, std::move(cb));
     });
   }
   // Not value-initialised: the read fills it (no memset on the data path).
   std::shared_ptr<char[]> bounce(new char[std::max<uint64_t>(count, 1)]);
-  absl::Status s = Await("read", deadline, [&](StatusCallback cb) {
-    AsyncPread(bounce.get(), count, offset,
-               [bounce, cb = std::move(cb)](absl::Status s) mutable {
-                 std::move(cb)(std::move(s));
-               });
-  });
+  absl::Status s =
+      Await<absl::Status>("read", deadline, [&](StatusCallback cb) {
+        AsyncPread(bounce.get(), count, offset,
+                   [bounce, cb = std::move(cb)](absl::Status s) mutable {
+                     std::move(cb)(std::move(s));
+                   });
+      });
   if (s.ok() && count > 0) std::memcpy(buf, bounce.get(), count);
   return s;
 }
@@ -285,13 +307,13 @@ absl::Status NbdUpstream::Pwrite(const void* buf, uint64_t count,
                                  uint64_t offset, uint32_t flags,
                                  absl::Time deadline) {
   if (deadline == absl::InfiniteFuture()) {
-    return Await("write", deadline, [&](StatusCallback cb) {
+    return Await<absl::Status>("write", deadline, [&](StatusCallback cb) {
       AsyncPwrite(buf, count, offset, flags, std::move(cb));
     });
   }
   auto copy = std::make_shared<std::vector<char>>(
       static_cast<const char*>(buf), static_cast<const char*>(buf) + count);
-  return Await("write", deadline, [&](StatusCallback cb) {
+  return Await<absl::Status>("write", deadline, [&](StatusCallback cb) {
     AsyncPwrite(copy->data(), count, offset, flags,
                 [copy, cb = std::move(cb)](absl::Status s) mutable {
                   std::move(cb)(std::move(s));
@@ -301,26 +323,26 @@ absl::Status NbdUpstream::Pwrite(const void* buf, uint64_t count,
 
 absl::Status NbdUpstream::Trim(uint64_t count, uint64_t offset, uint32_t flags,
                                absl::Time deadline) {
-  return Await("trim", deadline, [&](StatusCallback cb) {
+  return Await<absl::Status>("trim", deadline, [&](StatusCallback cb) {
     AsyncTrim(count, offset, flags, std::move(cb));
   });
 }
 
 absl::Status NbdUpstream::Zero(uint64_t count, uint64_t offset, uint32_t flags,
                                absl::Time deadline) {
-  return Await("write zeroes", deadline, [&](StatusCallback cb) {
+  return Await<absl::Status>("write zeroes", deadline, [&](StatusCallback cb) {
     AsyncZero(count, offset, flags, std::move(cb));
   });
 }
 
 absl::Status NbdUpstream::Flush(absl::Time deadline) {
-  return Await("flush", deadline,
-               [&](StatusCallback cb) { AsyncFlush(std::move(cb)); });
+  return Await<absl::Status>(
+      "flush", deadline, [&](StatusCallback cb) { AsyncFlush(std::move(cb)); });
 }
 
 absl::Status NbdUpstream::Cache(uint64_t count, uint64_t offset,
                                 absl::Time deadline) {
-  return Await("cache", deadline, [&](StatusCallback cb) {
+  return Await<absl::Status>("cache", deadline, [&](StatusCallback cb) {
     AsyncCache(count, offset, std::move(cb));
   });
 }

@@ -5,8 +5,10 @@
 // the FUA fallback, and the synchronous forms waiting on the asynchronous
 // ones. The pool itself is a Core (nbd_core.h).
 //
-// Ownership: the facade holds its Core by shared_ptr. The destructor shuts
-// the Core down (in-flight commands complete with UNAVAILABLE).
+// Ownership: the facade holds its Core by shared_ptr; completions it hands
+// to the Core (the FUA fallback's flush) hold the Core, never the facade.
+// The destructor shuts the Core down (in-flight commands complete with
+// UNAVAILABLE).
 //
 // Thread-safety: all methods are thread-safe.
 #ifndef BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_IMPL_H_
@@ -22,6 +24,7 @@
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -59,6 +62,10 @@ class Pending {
   absl::CondVar cv_;
   std::optional<T> result_ ABSL_GUARDED_BY(mu_);
 };
+
+// An nbd_aio_* call with its completion; returns the cookie (-1: failed).
+using IssueCall =
+    absl::FunctionRef<int64_t(nbd_handle*, nbd_completion_callback)>;
 
 class NbdUpstream : public Upstream {
  public:
@@ -115,29 +122,28 @@ class NbdUpstream : public Upstream {
   int LiveConnections() const { return core_->LiveConnections(); }
 
  private:
-  using Call = absl::FunctionRef<int64_t(nbd_handle*, nbd_completion_callback)>;
-  // Sends one command on the least busy connection.
-  void Submit(std::unique_ptr<Op> op, Call call);
-  void SubmitStatus(const char* what, StatusCallback done, Call call) {
-    auto op = std::make_unique<StatusOp>();
-    op->what = what;
-    op->done = std::move(done);
-    Submit(std::move(op), call);
-  }
-  // Waits for an asynchronous status command until `deadline`.
-  absl::Status Await(const char* what, absl::Time deadline,
-                     absl::FunctionRef<void(StatusCallback)> start);
-  // A command whose FUA the server cannot honour gets a flush afterwards:
-  // the same guarantee.
-  StatusCallback WithFuaFallback(bool fua, const UpstreamInfo& info,
-                                 StatusCallback done);
+  // What BeginWrite hands the command that passed its checks.
+  struct WriteStart {
+    UpstreamInfo info;
+    uint32_t nbd_flags = 0;  // LIBNBD_CMD_FLAG_FUA when asked and honoured
+    StatusCallback done;     // the caller's, behind the FUA fallback
+  };
+  // The one preamble of the commands that change data (WRITE, TRIM,
+  // WRITE_ZEROES): connected, writable, in range, and `supported` (the
+  // command's capability check) passes; a FUA the server cannot honour
+  // becomes a flush after the command (the same guarantee). On failure
+  // `done` has been called with the error and nullopt is returned.
+  std::optional<WriteStart> BeginWrite(
+      const char* what, uint64_t count, uint64_t offset, uint32_t flags,
+      StatusCallback done,
+      absl::FunctionRef<absl::Status(const UpstreamInfo&)> supported);
+  // Starts an asynchronous command and waits for its result until
+  // `deadline`; then DEADLINE_EXCEEDED (the command goes on).
+  template <typename T>
+  T Await(const char* what, absl::Time deadline,
+          absl::FunctionRef<void(absl::AnyInvocable<void(T) &&>)> start);
   absl::Status CheckRange(const UpstreamInfo& info, uint64_t count,
                           uint64_t offset, absl::string_view what) const;
-  absl::Status CheckWritable(const UpstreamInfo& info,
-                             absl::string_view what) const;
-  static uint32_t FuaFlag(uint32_t flags, const UpstreamInfo& info) {
-    return (flags & kCmdFlagFua) != 0 && info.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
-  }
 
   const std::shared_ptr<Core> core_;
   const uint64_t change_granularity_;  // see Upstream::ChangeGranularity
