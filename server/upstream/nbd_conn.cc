@@ -47,6 +47,14 @@ Conn::~Conn() {
   RunFinished();
 }
 
+void Conn::Abandon(const absl::Status& why) {
+  sync::MutexLock lock(&mu_);
+  if (abandoned_) return;
+  close_ = CloseReason(why);
+  closing_ = true;
+  abandoned_ = true;
+}
+
 int Conn::OnComplete(void* user_data, int* error) {
   auto* op = static_cast<Op*>(user_data);
   op->completed = true;
@@ -68,6 +76,12 @@ void Conn::Retire(Op* op) {
   const std::string& name = owner_->name();
   sync::MutexLock lock(&mu_);
   inflight_.erase(op->pos);
+  if (abandoned_) {
+    // Whatever the server said, it said too late: the caller was failed.
+    if (!op->probe) n.failed.fetch_add(1);
+    op->outcome = close_.status;
+    return;
+  }
   if (op->completed && op->error == 0) {
     op->outcome = absl::OkStatus();
     return;

@@ -103,6 +103,11 @@ class Conn : public NbdDriven {
       Op* op,
       absl::FunctionRef<int64_t(nbd_handle*, nbd_completion_callback)> call);
 
+  // The pool gave the handle up (Core::Close): commands still in flight
+  // complete with `why` when the handle is closed, whatever the server
+  // answers meanwhile. Call before dropping the pool's reference.
+  void Abandon(const absl::Status& why) ABSL_LOCKS_EXCLUDED(mu_);
+
   uint64_t in_flight() const { return in_flight_.load(); }
   UpstreamStats::Connection Stats() const {
     return {issued_.load(), in_flight_.load(), max_in_flight_.load()};
@@ -142,6 +147,7 @@ class Conn : public NbdDriven {
   std::list<Op*> inflight_ ABSL_GUARDED_BY(mu_);  // in issue order
   CloseReason close_ ABSL_GUARDED_BY(mu_);
   bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  bool abandoned_ ABSL_GUARDED_BY(mu_) = false;  // see Abandon
 };
 
 }  // namespace upstream_internal

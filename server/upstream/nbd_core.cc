@@ -27,18 +27,32 @@ Core::Core(const blockmeta::v1::ExportConfig& config,
       server_(std::move(server)),
       engine_(engine) {}
 
-void Core::Shutdown() {
+void Core::Close(const absl::Status& why) {
   std::vector<std::shared_ptr<Conn>> all;
   {
     sync::MutexLock lock(&mu_);
-    stopped_ = true;
+    if (!stopped_) {
+      stopped_ = true;
+      closed_ = why;
+      last_error_ = std::string(why.message());
+    }
     cv_.SignalAll();
     all.swap(live_);
     for (auto& c : others_) all.push_back(std::move(c));
     others_.clear();
   }
-  for (auto& c : all) engine_.Unwatch(c.get());
-  all.clear();  // closes the handles: in-flight commands finish UNAVAILABLE
+  for (auto& c : all) {
+    c->Abandon(closed_status());
+    engine_.Unwatch(c.get());
+  }
+  // Closes the handles (or the driver callback running on one does when it
+  // returns): what was in flight completes now with the reason.
+  all.clear();
+}
+
+void Core::Shutdown() {
+  Close(absl::UnavailableError(
+      absl::StrCat("export ", name_, ": upstream connection closed")));
   if (server_ != nullptr) server_->Stop();
 }
 

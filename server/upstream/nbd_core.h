@@ -12,8 +12,9 @@
 //
 // Ownership: the NbdUpstream facade and every Conn hold the Core by
 // shared_ptr; timer tasks hold it by weak_ptr (a task of a Core that is gone
-// does nothing). Shutdown() stops reconnecting, closes every handle (what is
-// in flight completes with UNAVAILABLE) and stops the spawned server.
+// does nothing). Close() stops reconnecting and closes every handle at once
+// (what is in flight completes with Close's reason, never with a late
+// answer); Shutdown() does that too, then stops the spawned server.
 //
 // Thread-safety: all methods are thread-safe; mu_ is never held during
 // libnbd calls that may block or while callbacks run.
@@ -55,6 +56,12 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
        std::unique_ptr<SpawnedServer> server, NbdEngine& engine);
 
   void Start() { ScheduleAttempt(absl::Now()); }
+  // Upstream::Close: stops reconnecting and abandons every handle (closed
+  // at once, or by the driver callback running on it); the spawned server
+  // keeps running until Shutdown. Never blocks on the server.
+  void Close(const absl::Status& why);
+  // Close (if not yet), then stops the spawned server (may take its grace
+  // period).
   void Shutdown();
 
   // Facade queries.
@@ -103,6 +110,11 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
 
   // The least busy live connection; null when none is up.
   std::shared_ptr<Conn> Pick();
+  // Close()'s reason (OK before).
+  absl::Status closed_status() const {
+    sync::MutexLock lock(&mu_);
+    return closed_;
+  }
   absl::Status NotReady() const {
     sync::MutexLock lock(&mu_);
     return NotReadyLocked();
@@ -125,6 +137,7 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
 
  private:
   absl::Status NotReadyLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!closed_.ok()) return closed_;
     return absl::UnavailableError(
         absl::StrCat("export ", name_, ": upstream not connected",
                      last_error_.empty() ? "" : ": ", last_error_));
@@ -175,6 +188,7 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
   // TSan-instrumented and reports false races.)
   std::minstd_rand rng_ ABSL_GUARDED_BY(mu_){std::random_device{}()};
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status closed_ ABSL_GUARDED_BY(mu_);  // Close()'s reason
   uint64_t reconnects_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t lost_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t soft_disconnects_ ABSL_GUARDED_BY(mu_) = 0;

@@ -65,6 +65,11 @@
 // after it is not a reconnect. The OnGenerationChange callback runs on the
 // timer thread after each increase (possibly coalescing several).
 //
+// Close (the export was removed): reconnects stop and every handle is
+// closed at once; commands in flight complete then with Close's reason,
+// whatever the server answers later; later calls fail with it. It never
+// waits for the server. The spawned server is stopped by the destructor.
+//
 // Thread-safety: all public methods are thread-safe. No lock is held
 // during upstream I/O. Completions run on a driver thread (or on the
 // caller's thread when the command could not be sent); they must not

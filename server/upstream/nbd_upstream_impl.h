@@ -7,8 +7,9 @@
 //
 // Ownership: the facade holds its Core by shared_ptr; completions it hands
 // to the Core (the FUA fallback's flush) hold the Core, never the facade.
-// The destructor shuts the Core down (in-flight commands complete with
-// UNAVAILABLE).
+// Close() fails what is in flight at once and stops reconnecting; the
+// destructor shuts the Core down (what is still in flight completes with
+// UNAVAILABLE; the spawned server is stopped).
 //
 // Thread-safety: all methods are thread-safe.
 #ifndef BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_IMPL_H_
@@ -87,6 +88,7 @@ class NbdUpstream : public Upstream {
     core_->SetOnGenerationChange(std::move(fn));
   }
   UpstreamStats Stats() const override { return core_->Stats(); }
+  void Close(const absl::Status& why) override { core_->Close(why); }
 
   absl::StatusOr<ExtentList> BlockStatus(const std::string& context,
                                          uint64_t offset, uint64_t length,
