@@ -3,9 +3,11 @@
 // and list exports at run time, over ExportRegistry.
 //
 // AddExport waits for a previous generation of the name to drain, adds the
-// export (origin API), then waits until its upstream is ready or the
-// deadline passes (UNAVAILABLE with the upstream's last error; the export
-// stays unless remove_on_failure).
+// export (origin API), then waits until its upstream is ready. It stops
+// waiting early enough to answer before the caller's deadline (a tenth of
+// the time left, 100 ms to 2 s): the caller gets UNAVAILABLE with the
+// upstream's last error, never a bare DEADLINE_EXCEEDED; the export stays
+// unless remove_on_failure (then it is removed again).
 //
 // RemoveExport is immediate: it takes the export out (new calls:
 // NOT_FOUND) and the registry closes its upstream, so the export's calls,
