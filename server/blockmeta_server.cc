@@ -315,6 +315,28 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   return s;
 }
 
+namespace {
+
+// The shim's view of every export of the registry: the entry keeps owning
+// the upstream (the shim's lists hold weak references).
+std::vector<nbd::ShimExport> ShimExportsFromRegistry(
+    const ExportRegistry& registry) {
+  std::vector<nbd::ShimExport> out;
+  for (const ExportRef& e : registry.All()) {
+    nbd::ShimExport x;
+    x.name = e->config.name();
+    x.description = e->config.description();
+    x.upstream = e->upstream;
+    // An immutable export is read-only: NBD_FLAG_READ_ONLY, writes EPERM.
+    x.read_only = e->config.read_only() || e->config.immutable();
+    x.upstream_timeout = UpstreamTimeout(e->config);
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
+}  // namespace
+
 ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
   ExportRegistry::Hooks hooks;
   ExtentCache* cache = cache_.get();
@@ -352,9 +374,11 @@ ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
   };
   hooks.removed = [this](const ExportRef& e) {
     RefreshShim();
+    // The registry closed the upstream: the sessions' requests already
+    // failed. Stop the sessions, wait for none (each holds the upstream
+    // until it ends).
     if (nbd_ != nullptr) {
-      nbd_->CloseExport(e->config.name(),
-                        UpstreamTimeout(e->config) + absl::Seconds(1));
+      nbd_->CloseExport(e->config.name(), absl::ZeroDuration());
     }
     metrics_->ForgetExport(e->config.name());
     LogInfo("export_removed",

@@ -66,8 +66,13 @@ absl::StatusOr<UpstreamInfo> Connection::Gate(const ShimExport& e, bool enter) {
   }
   // Under the lock: CloseExport() cannot run between this read of the
   // upstream and the recording of the export as entered.
-  absl::StatusOr<UpstreamInfo> info = e.upstream->Info();
-  if (info.ok() && enter) entered_.store(&e);
+  std::shared_ptr<Upstream> up = e.upstream.lock();
+  if (up == nullptr) return absl::NotFoundError("export was removed");
+  absl::StatusOr<UpstreamInfo> info = up->Info();
+  if (info.ok() && enter) {
+    entered_.store(&e);
+    upstream_ = std::move(up);  // the session's reference, until it ends
+  }
   return info;
 }
 
@@ -172,6 +177,12 @@ void Connection::Serve() {
     }
     while (running_ > 0)
       mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+  }
+  {
+    // Nothing of the session uses the upstream any more: let it go now,
+    // not when the connection is reaped (a removed export drains sooner).
+    sync::MutexLock lock(&entry_mu_);
+    upstream_.reset();
   }
   phase_.store(Phase::kDone);
   LogDebug("nbd_session_end", {{"export", name}, {"reason", reason}});

@@ -31,7 +31,10 @@
 // which records the entered export before the final GO / EXPORT_NAME reply
 // under entry_mu_; CloseExport() takes the same lock, so an export being
 // removed is either refused to this client or its session is stopped,
-// never missed (and never read after it went).
+// never missed (and never read after it went). A session holds its
+// export's upstream (a shared_ptr taken in Gate) until it ends; removing
+// the export closes the upstream, so what the session waits for fails at
+// once and the session ends without waiting for the server.
 //
 // Lifetime: Serve() returns only after the client left (DISC, EOF, error,
 // bad magic, a timeout, Stop()) and every request handed to the pool or
@@ -187,6 +190,9 @@ class Connection {
   // entered_ is also read without it (entered()).
   sync::Mutex entry_mu_;
   std::vector<std::string> closed_exports_ ABSL_GUARDED_BY(entry_mu_);
+  // The entered export's upstream, held from entering until the session
+  // ended (ShimExport::upstream is only a weak reference).
+  std::shared_ptr<Upstream> upstream_ ABSL_GUARDED_BY(entry_mu_);
   std::atomic<const ShimExport*> entered_{nullptr};
 };
 

@@ -15,6 +15,16 @@
 namespace blockmeta {
 namespace nbd {
 
+namespace {
+
+// The export's upstream expired: the export was removed (its sessions are
+// being closed).
+absl::Status ExportRemoved() {
+  return absl::NotFoundError("export was removed");
+}
+
+}  // namespace
+
 std::string RequestHandler::Error(const Request& r,
                                   const absl::Status& s) const {
   // The one status -> NBD error map (server/upstream/nbd_errors.h).
@@ -63,19 +73,24 @@ void RequestHandler::StartRead(const Request& r, ReplyFn done) const {
   reply.raw.reset(new char[reply.raw_size]);
   std::memcpy(reply.raw.get(), head.data(), head.size());
   char* const data = reply.raw.get() + head.size();
+  std::shared_ptr<Upstream> up = n_.export_entry->upstream.lock();
+  if (up == nullptr) {
+    Reply e;
+    e.str = Error(r, ExportRemoved());
+    return std::move(done)(std::move(e));
+  }
   // The buffer moves into the completion (a unique_ptr keeps its address),
   // so it lives until the upstream is done with it, whoever waits.
-  n_.export_entry->upstream->AsyncPread(
-      data, r.length, r.offset,
-      [this, r, reply = std::move(reply),
-       done = std::move(done)](const absl::Status& s) mutable {
-        if (!s.ok()) {
-          Reply e;
-          e.str = Error(r, s);
-          return std::move(done)(std::move(e));
-        }
-        std::move(done)(std::move(reply));
-      });
+  up->AsyncPread(data, r.length, r.offset,
+                 [this, r, reply = std::move(reply),
+                  done = std::move(done)](const absl::Status& s) mutable {
+                   if (!s.ok()) {
+                     Reply e;
+                     e.str = Error(r, s);
+                     return std::move(done)(std::move(e));
+                   }
+                   std::move(done)(std::move(reply));
+                 });
 }
 
 std::string RequestHandler::BlockStatus(const Request& r,
@@ -91,6 +106,8 @@ std::string RequestHandler::BlockStatus(const Request& r,
     const MetaContext& ctx = n_.contexts[i];
     const bool synthesize = ctx.name == kBaseAllocation && !upstream_has_base;
     // Owns its captures: read-ahead and detached fetches outlive the call.
+    // The upstream is a weak reference locked per fetch: the cache never
+    // keeps a removed export's upstream alive.
     AsyncFetcher fetch = [synthesize, size = n_.info.size,
                           upstream = e.upstream, context = ctx.name](
                              uint64_t off, uint64_t len, FetchDone done) {
@@ -98,7 +115,9 @@ std::string RequestHandler::BlockStatus(const Request& r,
         std::move(done)(ExtentList{{off, std::min(len, size - off), 0}});
         return;
       }
-      upstream->AsyncBlockStatus(context, off, len, std::move(done));
+      std::shared_ptr<Upstream> up = upstream.lock();
+      if (up == nullptr) return std::move(done)(ExportRemoved());
+      up->AsyncBlockStatus(context, off, len, std::move(done));
     };
     absl::StatusOr<LookupResult> got = cache_->Get(
         CacheKey{e.name, ctx.name}, n_.info.size, r.offset, r.length,
@@ -147,7 +166,6 @@ std::string RequestHandler::Handle(const Request& r,
 void RequestHandler::Start(const Request& r, std::string payload,
                            ReplyFn done) const {
   if (r.type == kCmdRead) return StartRead(r, std::move(done));
-  Upstream* up = n_.export_entry->upstream;
   uint32_t flags = 0;
   if (r.flags & kCmdFlagFua) flags |= blockmeta::kCmdFlagFua;
   if (r.flags & kCmdFlagNoHole) flags |= blockmeta::kCmdFlagNoHole;
@@ -168,6 +186,8 @@ void RequestHandler::Start(const Request& r, std::string payload,
         reply.str = s.ok() ? SimpleReply(r.handle, 0) : Error(r, s);
         std::move(done)(std::move(reply));
       };
+  std::shared_ptr<Upstream> up = n_.export_entry->upstream.lock();
+  if (up == nullptr) return std::move(finish)(ExportRemoved());
   switch (r.type) {
     case kCmdWrite: {
       // A moved std::string may change address (short strings): own it

@@ -23,7 +23,7 @@ constexpr uint32_t kBlock = 64 << 10;
 class HandlerTest : public ::testing::Test {
  protected:
   HandlerTest() : up_(kSize, kBlock, true), cache_(ExtentCache::Options()) {
-    export_ = {"a", "", &up_, false, absl::Seconds(5)};
+    export_ = {"a", "", up_ref_, false, absl::Seconds(5)};
     n_.export_entry = &export_;
     n_.info = *up_.Info();
     n_.structured_replies = true;
@@ -73,6 +73,7 @@ class HandlerTest : public ::testing::Test {
   }
 
   FakeUpstream up_;
+  const std::shared_ptr<Upstream> up_ref_ = Unowned(&up_);
   ExtentCache cache_;
   ShimExport export_;
   Negotiated n_;

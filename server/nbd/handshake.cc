@@ -114,7 +114,9 @@ const ShimExport* Handshaker::Find(std::string_view name) const {
 absl::StatusOr<UpstreamInfo> Handshaker::InfoOf(const ShimExport& e,
                                                 bool enter) const {
   if (gate_) return gate_(e, enter);
-  return e.upstream->Info();
+  std::shared_ptr<Upstream> up = e.upstream.lock();
+  if (up == nullptr) return absl::NotFoundError("export was removed");
+  return up->Info();
 }
 
 absl::Status Handshaker::Enter(const ShimExport* e, const UpstreamInfo& info) {

@@ -39,6 +39,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -63,8 +64,13 @@ inline constexpr uint64_t kDefaultInvalidateGranularity = 2u << 20;
 struct ShimExport {
   std::string name;
   std::string description;
-  Upstream* upstream = nullptr;  // not owned; outlives the server
-  bool read_only = false;        // ExportConfig.read_only
+  // The registry entry owns the upstream; the shim's export lists only
+  // point at it, so a list a connection negotiated against never keeps a
+  // removed export's upstream alive. Locked per use; expired once the
+  // export was removed and its last user let go. A session that entered
+  // the export holds it (Connection) until the session ends.
+  std::weak_ptr<Upstream> upstream;
+  bool read_only = false;  // ExportConfig.read_only
   absl::Duration upstream_timeout = absl::Seconds(30);
   // A write, trim or zero forgets cached knowledge rounded out to this
   // (a power of two): the upstream reports allocation per filesystem block
@@ -86,7 +92,7 @@ using StartTlsFn = std::function<absl::StatusOr<ByteStream*>()>;
 // enters `e`, before any reply to that option is sent; so whoever removes
 // an export never misses a session that is about to enter it. An error
 // refuses the export (NBD_REP_ERR_UNKNOWN, or a hang-up for EXPORT_NAME).
-// Null: e.upstream->Info(), nothing recorded.
+// Null: e.upstream's Info() (NOT_FOUND once it expired), nothing recorded.
 using ExportGateFn = std::function<absl::StatusOr<UpstreamInfo>(
     const ShimExport& e, bool enter)>;
 

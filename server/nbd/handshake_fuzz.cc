@@ -29,14 +29,15 @@ struct World {
   World() : a(1 << 20, 4096, true), b(1 << 16, 512, false) {
     a.Fill(0, 8192, 'a');
     b.mutable_info().minimum_block_size = 512;
-    exports.push_back({"a", "export a", &a, false, absl::Seconds(1)});
-    exports.push_back({"b", "", &b, true, absl::Seconds(1)});
+    exports.push_back({"a", "export a", a_ref, false, absl::Seconds(1)});
+    exports.push_back({"b", "", b_ref, true, absl::Seconds(1)});
     options.max_payload_bytes = 1 << 16;
     // STARTTLS is accepted; the "TLS" stream is the same memory stream, so
     // inputs reach the upgrade and the state reset after it.
     options.tls = TlsMode::kAllow;
   }
   FakeUpstream a, b;
+  const std::shared_ptr<Upstream> a_ref = Unowned(&a), b_ref = Unowned(&b);
   std::vector<ShimExport> exports;
   HandshakeOptions options;
 };

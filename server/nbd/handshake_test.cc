@@ -32,8 +32,8 @@ class HandshakeTest : public ::testing::Test {
  protected:
   HandshakeTest()
       : a_(kSize, 65536, /*with_bitmap=*/true), b_(2 * kSize, 65536, false) {
-    exports_.push_back({"a", "disk a", &a_, false, absl::Seconds(5)});
-    exports_.push_back({"b", "", &b_, false, absl::Seconds(5)});
+    exports_.push_back({"a", "disk a", a_ref_, false, absl::Seconds(5)});
+    exports_.push_back({"b", "", b_ref_, false, absl::Seconds(5)});
   }
 
   absl::StatusOr<Negotiated> Run(const std::string& input) {
@@ -43,6 +43,7 @@ class HandshakeTest : public ::testing::Test {
   std::vector<OptReply> Replies() { return ParseOptReplies(stream_->output()); }
 
   FakeUpstream a_, b_;
+  const std::shared_ptr<Upstream> a_ref_ = Unowned(&a_), b_ref_ = Unowned(&b_);
   std::vector<ShimExport> exports_;
   HandshakeOptions options_;
   std::string input_;
@@ -473,8 +474,8 @@ TEST_F(HandshakeTest, NoUpstreamWorkDuringHandshake) {  // CVE-2019-14850
 TEST(HandshakeTimeout, SilentClientIsDroppedAtTheDeadline) {
   int sv[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-  FakeUpstream up(kSize, 65536, false);
-  std::vector<ShimExport> exports = {{"a", "", &up, false, absl::Seconds(5)}};
+  auto up = std::make_shared<FakeUpstream>(kSize, 65536, false);
+  std::vector<ShimExport> exports = {{"a", "", up, false, absl::Seconds(5)}};
   FdStream stream(sv[0], /*owns=*/true);
   const absl::Time start = absl::Now();
   stream.SetReadDeadline(start + absl::Milliseconds(200));

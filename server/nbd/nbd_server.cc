@@ -23,8 +23,6 @@
 #include "server/common/errno_text.h"
 #include "server/common/log.h"
 #include "server/common/unix_socket.h"
-#include "server/upstream/export_registry.h"
-#include "server/upstream/nbd_upstream.h"
 
 namespace blockmeta {
 namespace {
@@ -73,14 +71,14 @@ uint64_t ExportInvalidateGranularity(const blockmeta::v1::NbdShimConfig& c,
   const uint64_t configured = c.invalidate_granularity_bytes();
   uint64_t g =
       configured != 0 ? configured : nbd::kDefaultInvalidateGranularity;
-  const uint64_t learned =
-      e.upstream != nullptr ? e.upstream->ChangeGranularity() : 0;
+  const std::shared_ptr<Upstream> up = e.upstream.lock();
+  const uint64_t learned = up != nullptr ? up->ChangeGranularity() : 0;
   if (learned != 0) {
     // Learned from the image: exact. A configured value stays a floor.
     g = std::max(std::max(learned, kMinLearnedGranularity), configured);
   }
-  if (e.upstream != nullptr) {
-    if (absl::StatusOr<UpstreamInfo> info = e.upstream->Info(); info.ok()) {
+  if (up != nullptr) {
+    if (absl::StatusOr<UpstreamInfo> info = up->Info(); info.ok()) {
       g = std::max<uint64_t>(g, info->minimum_block_size);
       g = std::max<uint64_t>(g, info->preferred_block_size);
     }
@@ -116,26 +114,6 @@ blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
   }
   return nbd;
 }
-
-std::vector<nbd::ShimExport> ShimExportsFromRegistry(
-    const ExportRegistry& registry) {
-  std::vector<nbd::ShimExport> out;
-  for (const ExportRef& e : registry.All()) {
-    nbd::ShimExport x;
-    x.name = e->config.name();
-    x.description = e->config.description();
-    x.upstream = e->upstream.get();
-    // An immutable export is read-only: NBD_FLAG_READ_ONLY, writes EPERM.
-    x.read_only = e->config.read_only() || e->config.immutable();
-    x.upstream_timeout = UpstreamTimeout(e->config);
-    out.push_back(std::move(x));
-  }
-  return out;
-}
-
-NbdServer::NbdServer(const ExportRegistry* registry, ExtentCache* cache,
-                     const blockmeta::v1::NbdShimConfig& config)
-    : NbdServer(ShimExportsFromRegistry(*registry), cache, config) {}
 
 NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
                      const blockmeta::v1::NbdShimConfig& config)

@@ -23,8 +23,9 @@
 //
 // Lifetime: Start() once, Shutdown() (or the destructor) once; Shutdown
 // stops accepting, ends every session (in-flight requests finish, bounded
-// by the upstream timeout) and joins every thread. The registry / exports
-// and the cache must outlive the server.
+// by the upstream timeout) and joins every thread. The cache must outlive
+// the server. Exports' upstreams are weak references (ShimExport); a
+// session holds its export's upstream until it ends.
 // Thread-safety: all methods are thread-safe.
 #ifndef BLOCKMETA_SERVER_NBD_NBD_SERVER_H_
 #define BLOCKMETA_SERVER_NBD_NBD_SERVER_H_
@@ -52,13 +53,6 @@
 
 namespace blockmeta {
 
-class ExportRegistry;
-
-// The shim's view of every export of a registry (name, description,
-// upstream, read_only, upstream_timeout_ms).
-std::vector<nbd::ShimExport> ShimExportsFromRegistry(
-    const ExportRegistry& registry);
-
 // `nbd` with its TLS files defaulted to the gRPC listener's (`tls`) when it
 // names none of its own.
 blockmeta::v1::NbdShimConfig WithDefaultTlsFiles(
@@ -85,11 +79,7 @@ uint64_t ExportInvalidateGranularity(const blockmeta::v1::NbdShimConfig& c,
 
 class NbdServer {
  public:
-  // Serves every export of `registry` (see ShimExportsFromRegistry); the
-  // set of exports is read once, here.
-  NbdServer(const ExportRegistry* registry, ExtentCache* cache,
-            const blockmeta::v1::NbdShimConfig& config);
-  // Serves the given exports (tests; sorted here).
+  // Serves the given exports (sorted here; SetExports changes them).
   NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
             const blockmeta::v1::NbdShimConfig& config);
   ~NbdServer();
@@ -107,13 +97,14 @@ class NbdServer {
   // connection keeps the list it was accepted with; sorted here).
   void SetExports(std::vector<nbd::ShimExport> exports)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // Ends every session that entered `name` and waits (up to `wait`) for
-  // them to finish; connections still negotiating refuse `name` from now
-  // on (NBD_REP_ERR_UNKNOWN) and never read its upstream again; sessions
-  // in other exports are untouched. Entering is recorded before the final
-  // handshake reply, atomically with this, so a session about to enter
-  // `name` is either refused or closed, never missed. Afterwards the
-  // export's upstream may go. Returns how many sessions were closed.
+  // Ends every session that entered `name` and waits (up to `wait`, which
+  // may be zero) for them to finish; connections still negotiating refuse
+  // `name` from now on (NBD_REP_ERR_UNKNOWN) and never read its upstream
+  // again; sessions in other exports are untouched. Entering is recorded
+  // before the final handshake reply, atomically with this, so a session
+  // about to enter `name` is either refused or closed, never missed. A
+  // session holds the upstream until it ends, so nobody has to wait for
+  // that. Returns how many sessions were closed.
   size_t CloseExport(const std::string& name, absl::Duration wait)
       ABSL_LOCKS_EXCLUDED(mu_);
 

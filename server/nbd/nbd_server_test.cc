@@ -46,15 +46,15 @@ using nbd::testing::RequestBytes;
 class NbdServerTest : public ::testing::Test {
  protected:
   void StartServer(const blockmeta::v1::NbdShimConfig& config = {}) {
-    a_ = std::make_unique<FakeUpstream>(kSize, kBlock, true);
-    b_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
-    ro_ = std::make_unique<FakeUpstream>(kSize, kBlock, false);
+    a_ = std::make_shared<FakeUpstream>(kSize, kBlock, true);
+    b_ = std::make_shared<FakeUpstream>(kSize, kBlock, false);
+    ro_ = std::make_shared<FakeUpstream>(kSize, kBlock, false);
     a_->Fill(0, kBlock, 'a');               // a: block 0 data
     b_->Fill(kSize - kBlock, kBlock, 'b');  // b: last block data
     std::vector<nbd::ShimExport> exports = {
-        {"a", "export a", a_.get(), false, absl::Seconds(5)},
-        {"b", "", b_.get(), false, absl::Seconds(5)},
-        {"ro", "", ro_.get(), /*read_only=*/true, absl::Seconds(5)},
+        {"a", "export a", a_, false, absl::Seconds(5)},
+        {"b", "", b_, false, absl::Seconds(5)},
+        {"ro", "", ro_, /*read_only=*/true, absl::Seconds(5)},
     };
     cache_ = std::make_unique<ExtentCache>(ExtentCache::Options());
     server_ =
@@ -98,7 +98,7 @@ class NbdServerTest : public ::testing::Test {
     EXPECT_EQ(server_->ActiveConnections(), 0u);
   }
 
-  std::unique_ptr<FakeUpstream> a_, b_, ro_;
+  std::shared_ptr<FakeUpstream> a_, b_, ro_;
   std::unique_ptr<ExtentCache> cache_;
   std::unique_ptr<NbdServer> server_;
   std::string sock_;
@@ -495,8 +495,9 @@ TEST(ExportInvalidateGranularity, LearnedConfiguredAndAdvertised) {
   blockmeta::v1::NbdShimConfig dflt, set;
   set.set_invalidate_granularity_bytes(1 << 20);
   auto g = [](const blockmeta::v1::NbdShimConfig& c, Upstream* u) {
+    const std::shared_ptr<Upstream> ref = Unowned(u);
     nbd::ShimExport e;
-    e.upstream = u;
+    e.upstream = ref;
     return ExportInvalidateGranularity(c, e);
   };
   LearnedUpstream unknown(0), coarse(4u << 20), fine(64u << 10), tiny(512);

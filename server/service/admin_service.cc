@@ -1,6 +1,7 @@
 // server/service/admin_service.cc — see admin_service.h.
 #include "server/service/admin_service.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
@@ -27,6 +28,23 @@ absl::Status ValidateName(const std::string& name) {
   return absl::OkStatus();
 }
 
+// How long RemoveExport waits for the removed generation to drain: the
+// export's calls fail at once (its upstream was closed), so it usually
+// drains in milliseconds; an immediate re-add then needs no wait. Never
+// longer: removal does not wait for the upstream.
+constexpr absl::Duration kRemoveDrainWait = absl::Milliseconds(250);
+
+// When a call that waits must stop waiting to answer in time: the reply
+// has to reach the caller before its deadline, or the caller sees a bare
+// DEADLINE_EXCEEDED instead of the cause. A tenth of the time left, at
+// least 100 ms and at most 2 s, is kept for that.
+absl::Time AnswerBy(absl::Time deadline) {
+  if (deadline == absl::InfiniteFuture()) return deadline;
+  const absl::Duration margin = std::clamp(
+      (deadline - absl::Now()) / 10, absl::Milliseconds(100), absl::Seconds(2));
+  return deadline - margin;
+}
+
 }  // namespace
 
 v1::AdminExport ToAdminExport(const ExportEntry& e) {
@@ -48,24 +66,26 @@ absl::StatusOr<v1::AddExportResponse> AdminService::AddExport(
   }
   const v1::ExportConfig& config = request.config();
   if (absl::Status s = ValidateExportConfig(config); !s.ok()) return s;
-  // A name removed a moment ago: let its old generation finish first.
-  registry_->WaitDrained(config.name(), deadline);
+  const absl::Time answer_by = AnswerBy(deadline);
+  // A name removed a moment ago: let its old generation finish first (if
+  // it does not in time, Add says so: UNAVAILABLE, still being removed).
+  registry_->WaitDrained(config.name(), answer_by);
   absl::StatusOr<ExportRegistry::AddResult> added =
       registry_->Add(config, ExportOrigin::kApi);
   if (!added.ok()) return added.status();
   const ExportRef& e = added->entry;
-  if (!e->upstream->WaitReady(deadline)) {
+  if (!e->upstream->WaitReady(answer_by)) {
     std::string why = e->upstream->LastError();
     if (why.empty()) why = "not connected yet";
-    if (request.remove_on_failure() && added->created) {
-      (void)registry_->Remove(config.name());
-    }
+    const bool remove = request.remove_on_failure() && added->created;
+    if (remove) (void)registry_->Remove(config.name());
     return absl::UnavailableError(absl::StrCat(
         "export \"", config.name(),
         "\": upstream not ready before the deadline: ", why,
-        request.remove_on_failure() ? " (removed again)"
-                                    : " (the export stays and keeps "
-                                      "reconnecting)"));
+        remove
+            ? " (removed again)"
+            : (added->created ? " (the export stays and keeps reconnecting)"
+                              : " (it existed before this call and stays)")));
   }
   v1::AddExportResponse response;
   response.set_created(added->created);
@@ -81,10 +101,14 @@ absl::StatusOr<v1::RemoveExportResponse> AdminService::RemoveExport(
   v1::RemoveExportResponse response;
   response.set_generation((*gone)->generation);
   gone->reset();  // our reference must not keep it alive
-  if (!registry_->WaitDrained(request.name(), deadline)) {
-    // Removed (new calls already get NOT_FOUND), but a call of it is still
-    // running; it is freed when that call ends.
-    LogWarning("export_remove_still_draining", {{"export", request.name()}});
+  // The export's calls, streams and sessions already failed (the registry
+  // closed its upstream); only the drain (the upstream object freed, a
+  // spawned server reaped, cache keys freed) may still run. Wait for it
+  // briefly, never for the upstream.
+  const absl::Time wait_until =
+      std::min(AnswerBy(deadline), absl::Now() + kRemoveDrainWait);
+  if (!registry_->WaitDrained(request.name(), wait_until)) {
+    LogInfo("export_remove_draining", {{"export", request.name()}});
   }
   return response;
 }

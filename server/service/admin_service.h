@@ -3,15 +3,23 @@
 // and list exports at run time, over ExportRegistry.
 //
 // AddExport waits for a previous generation of the name to drain, adds the
-// export (origin API), then waits until its upstream is ready or the
-// deadline passes (UNAVAILABLE with the upstream's last error; the export
-// stays unless remove_on_failure). RemoveExport takes the export out (new
-// calls: NOT_FOUND; the registry's hooks close NBD sessions) and waits,
-// until the deadline, for the generation to drain (upstream destroyed,
-// spawned server reaped, cache keys and counters freed).
+// export (origin API), then waits until its upstream is ready. It stops
+// waiting early enough to answer before the caller's deadline (a tenth of
+// the time left, 100 ms to 2 s): the caller gets UNAVAILABLE with the
+// upstream's last error, never a bare DEADLINE_EXCEEDED; the export stays
+// unless remove_on_failure (then it is removed again).
 //
-// Blocking: AddExport and RemoveExport may wait up to their deadline; run
-// them off gRPC callback threads. UpdateExport and ListExports are cheap.
+// RemoveExport is immediate: it takes the export out (new calls:
+// NOT_FOUND) and the registry closes its upstream, so the export's calls,
+// streams and NBD sessions end at once with NOT_FOUND "was removed" and
+// nothing waits for the upstream. It then waits at most 250 ms for the
+// generation to drain (upstream object freed, spawned server reaped, cache
+// keys and counters freed; a later AddExport of the name waits for the
+// rest).
+//
+// Blocking: AddExport may wait up to its deadline, RemoveExport 250 ms;
+// run them off gRPC callback threads. UpdateExport and ListExports are
+// cheap.
 // Thread-safety: all methods are thread-safe (the registry serializes).
 #ifndef BLOCKMETA_SERVER_SERVICE_ADMIN_SERVICE_H_
 #define BLOCKMETA_SERVER_SERVICE_ADMIN_SERVICE_H_

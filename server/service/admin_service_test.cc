@@ -71,6 +71,19 @@ TEST_F(AdminServiceTest, NotReadyIsUnavailableAndCanBeRolledBack) {
   EXPECT_EQ(registry_.Find("gone"), nullptr);
 }
 
+// The answer leaves before the caller's deadline, with the cause: a
+// reply at the deadline would reach the caller as a bare
+// DEADLINE_EXCEEDED.
+TEST_F(AdminServiceTest, NotReadyAnswersBeforeTheDeadline) {
+  v1::AddExportRequest r = AddUri("late", "nbd://down/c");
+  r.set_remove_on_failure(true);
+  const absl::Time deadline = absl::Now() + absl::Seconds(2);
+  auto got = admin_.AddExport(r, deadline);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_LE(absl::Now(), deadline - absl::Milliseconds(100));
+  EXPECT_EQ(registry_.Find("late"), nullptr);
+}
+
 TEST_F(AdminServiceTest, RemoveThenReAddGetsANewGeneration) {
   auto a = admin_.AddExport(AddUri("job", "nbd://h/a"), Soon());
   ASSERT_TRUE(a.ok());

@@ -67,6 +67,12 @@ absl::Status ValidateContextName(const std::string& context) {
 
 }  // namespace
 
+absl::Status RemovedError(const std::string& export_name) {
+  return absl::NotFoundError(
+      absl::StrCat("export ", QuoteBounded(export_name),
+                   " was removed while this call was in flight"));
+}
+
 void ToProto(const Extent& e, const std::string& context, v1::Extent* out) {
   out->set_offset(e.offset);
   out->set_length(e.length);
@@ -313,21 +319,28 @@ absl::StatusOr<ExtentList> ExtentService::FetchFromUpstream(
 }
 
 AsyncFetcher ExtentService::MakeFetcher(const Query& query) const {
-  // Owns what it captures: read-ahead and detached fetches call it after
-  // the query is gone. The upstream lives as long as the registry.
-  return [upstream = query.entry->upstream.get(), context = query.key.context,
+  // The cache keeps copies of the fetcher after the call (read-ahead,
+  // detached fetches), so it holds what it uses: the export's state and a
+  // weak reference to its upstream, locked per fetch. A fetch for an
+  // export that was removed fails at once and never reaches the upstream;
+  // a removed export's upstream is never kept alive by the cache.
+  return [upstream = std::weak_ptr<Upstream>(query.entry->upstream),
+          shared = query.entry->shared, context = query.key.context,
           name = query.key.export_name, observer = options_.on_upstream_call](
              uint64_t offset, uint64_t length, FetchDone done) {
+    std::shared_ptr<Upstream> up = upstream.lock();
+    if (up == nullptr || shared->removed.load()) {
+      return std::move(done)(RemovedError(name));
+    }
     const absl::Time start = absl::Now();
-    upstream->AsyncBlockStatus(context, offset, length,
-                               [done = std::move(done), observer, name,
-                                start](absl::StatusOr<ExtentList> got) mutable {
-                                 // Not for answers from the store.
-                                 if (observer && !tls_answered_from_store)
-                                   observer(name, absl::Now() - start,
-                                            got.status());
-                                 std::move(done)(std::move(got));
-                               });
+    up->AsyncBlockStatus(context, offset, length,
+                         [done = std::move(done), observer, name,
+                          start](absl::StatusOr<ExtentList> got) mutable {
+                           // Not for answers from the store.
+                           if (observer && !tls_answered_from_store)
+                             observer(name, absl::Now() - start, got.status());
+                           std::move(done)(std::move(got));
+                         });
   };
 }
 
@@ -422,7 +435,10 @@ absl::StatusOr<v1::GetExtentsResponse> ExtentService::Answer(
   }
   absl::StatusOr<LookupResult> r = Collect(
       query, query.offset, query.max_extents, /*coalesce=*/true, deadline);
-  if (!r.ok()) return r.status();
+  if (!r.ok()) {
+    if (query.entry->removed()) return RemovedError(query.key.export_name);
+    return r.status();
+  }
   return MakeResponse(query, *r);
 }
 
@@ -430,11 +446,7 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
     Cursor* cursor, absl::Time deadline) {
   Query& q = cursor->query;
   Batch batch;
-  if (q.entry->removed()) {
-    return absl::NotFoundError(
-        absl::StrCat("export \"", q.key.export_name,
-                     "\" was removed while this stream was in flight"));
-  }
+  if (q.entry->removed()) return RemovedError(q.key.export_name);
   if (q.offset >= q.end) {
     batch.next_offset = q.end;
     batch.done = true;
@@ -451,6 +463,10 @@ absl::StatusOr<ExtentService::Batch> ExtentService::NextBatch(
   }
   absl::StatusOr<LookupResult> r =
       Collect(step, q.offset, q.max_extents, cursor->coalesce, deadline);
+  // Removed meanwhile: the upstream was closed, so whatever this batch
+  // waited for failed at once; say why. (A batch that completed is still
+  // true and is sent; the next one ends the stream.)
+  if (!r.ok() && q.entry->removed()) return RemovedError(q.key.export_name);
   if (!r.ok()) return r.status();
   batch.extents = std::move(r->extents);
   batch.next_offset = r->next_offset;

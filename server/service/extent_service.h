@@ -19,11 +19,17 @@
 // zero or clean range that the upstream did not report; replies are
 // contiguous from the requested offset and never extend past the request.
 //
-// Thread-safety: all methods are thread-safe. Exports are looked up in the
-// registry per call (they come and go at run time); a Query holds a
-// reference to the entry it found, so the entry outlives the call, and a
-// stream whose export was removed ends at its next batch with NOT_FOUND.
-// Counters are atomics in the entry (they die with its generation).
+// Lifetimes: exports are looked up in the registry per call (they come and
+// go at run time). A Query holds a reference to the entry it found, so the
+// entry and its upstream outlive the call. The fetchers handed to the cache
+// outlive the call (read-ahead, detached fetches): they hold a weak
+// reference to the upstream, locked per fetch, and the export's state, and
+// fail with NOT_FOUND once the export was removed. Removing an export
+// closes its upstream (ExportRegistry::Remove), so a call or stream
+// waiting on it ends at once with NOT_FOUND "was removed" (RemovedError).
+//
+// Thread-safety: all methods are thread-safe. Counters are atomics in the
+// entry (they die with its generation).
 #ifndef BLOCKMETA_SERVER_SERVICE_EXTENT_SERVICE_H_
 #define BLOCKMETA_SERVER_SERVICE_EXTENT_SERVICE_H_
 
@@ -159,6 +165,9 @@ class ExtentService {
   ExtentCache* const cache_;
   const Options options_;
 };
+
+// NOT_FOUND: `export_name` was removed while a call or stream used it.
+absl::Status RemovedError(const std::string& export_name);
 
 // Fills a v1::Extent from a cached one for `context`.
 void ToProto(const Extent& e, const std::string& context,

@@ -143,8 +143,8 @@ bool OnlyMutableFieldsDiffer(const blockmeta::v1::ExportConfig& a,
 }
 
 // Destroys the upstreams of removed generations off the caller's thread
-// (destroying one joins its threads and stops a spawned server, which may
-// take the spawn grace period), then tells the registry.
+// (destroying one stops and reaps a spawned server, which may take its
+// grace period), then tells the registry.
 class ExportRegistry::Reaper {
  public:
   struct Item {
@@ -407,6 +407,12 @@ absl::StatusOr<ExportRef> ExportRegistry::RemoveLocked(
     ++draining_[name];  // until the reaper destroyed its upstream
   }
   gone->shared->removed.store(true);
+  // Dead at once: what waits on the upstream returns now with this reason
+  // (streams and sessions end), its late answers are dropped, and nothing
+  // here waits for the server. The object itself goes with its last
+  // reference, on the reaper (stopping a spawned server takes time).
+  gone->upstream->Close(
+      absl::NotFoundError(absl::StrCat("export \"", name, "\" was removed")));
   if (hooks_.removed) hooks_.removed(gone);
   return gone;
 }

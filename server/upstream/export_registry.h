@@ -4,11 +4,19 @@
 //
 // Entries are reference-counted and immutable: a lookup returns a
 // std::shared_ptr<const ExportEntry>, so a call that found an export keeps
-// using it safely while the export is removed; the call finishes or ends
-// cleanly (streams check removed() between batches), and the upstream is
-// destroyed with the last reference. UpdateExport replaces the entry with a
-// new one that shares the upstream and the generation (description, TTL and
-// read_only change without reconnecting).
+// using it safely while the export is removed. An entry owns its upstream
+// (shared by the versions of one generation); whatever outlives a call
+// (cache fetchers, read-ahead, shim exports) holds a std::weak_ptr to the
+// upstream, locked per use, never a raw pointer. UpdateExport replaces the
+// entry with a new one that shares the upstream and the generation
+// (description, TTL and read_only change without reconnecting).
+//
+// Removal is immediate: Remove marks the generation removed and closes its
+// upstream (Upstream::Close, NOT_FOUND "export ... was removed"), so every
+// command in flight and every caller waiting for one fails at once, late
+// answers are dropped, and nothing waits for the server; streams and shim
+// sessions of the export end at once. The upstream object is destroyed
+// with its last reference.
 //
 // Generations: every Add gets a registry-wide unique generation. A removed
 // export is "draining" until the last reference to its upstream is gone;
@@ -156,8 +164,9 @@ class ExportRegistry {
   // Replaces description / cache_ttl_seconds / read_only. NOT_FOUND,
   // INVALID_ARGUMENT when anything else differs.
   absl::StatusOr<ExportRef> Update(const blockmeta::v1::ExportConfig& config);
-  // Takes the export out of the map and marks it removed; returns it (the
-  // caller may WaitDrained). NOT_FOUND when unknown.
+  // Takes the export out of the map, marks it removed and closes its
+  // upstream (see above; never waits for it); returns it (the caller may
+  // WaitDrained). NOT_FOUND when unknown.
   absl::StatusOr<ExportRef> Remove(const std::string& name);
   // Waits until no generation of `name` is draining; false at the deadline.
   bool WaitDrained(const std::string& name, absl::Time deadline) const;

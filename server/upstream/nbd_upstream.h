@@ -65,6 +65,11 @@
 // after it is not a reconnect. The OnGenerationChange callback runs on the
 // timer thread after each increase (possibly coalescing several).
 //
+// Close (the export was removed): reconnects stop and every handle is
+// closed at once; commands in flight complete then with Close's reason,
+// whatever the server answers later; later calls fail with it. It never
+// waits for the server. The spawned server is stopped by the destructor.
+//
 // Thread-safety: all public methods are thread-safe. No lock is held
 // during upstream I/O. Completions run on a driver thread (or on the
 // caller's thread when the command could not be sent); they must not
@@ -74,30 +79,27 @@
 //
 // Cost: a command costs one NBD round trip, two short mutex sections and
 // one allocation; the engine's threads are shared by every upstream.
+//
+// Code: this file's factory (nbd_upstream.cc) makes an NbdUpstream
+// (nbd_upstream_impl.h, the facade) over a Core (nbd_core.h, the pool) of
+// Conns (nbd_conn.h, one handle each) carrying Ops (nbd_op.h, one command
+// each); those are private to server/upstream.
 #ifndef BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_H_
 #define BLOCKMETA_SERVER_UPSTREAM_NBD_UPSTREAM_H_
 
 #include <sys/types.h>
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/upstream/upstream.h"
+#include "server/upstream/upstream_config.h"  // IWYU pragma: export
 
 namespace blockmeta {
-
-// Defaults for ExportConfig fields left 0.
-inline constexpr uint32_t kDefaultUpstreamConnections = 2;
-inline constexpr uint32_t kDefaultUpstreamTimeoutMs = 30000;
-
-// The export's upstream_timeout_ms, kDefaultUpstreamTimeoutMs when unset.
-inline absl::Duration UpstreamTimeout(const blockmeta::v1::ExportConfig& c) {
-  return absl::Milliseconds(c.upstream_timeout_ms() != 0
-                                ? c.upstream_timeout_ms()
-                                : kDefaultUpstreamTimeoutMs);
-}
 
 // Starts connecting in the background and returns at once. The config is
 // assumed valid (ExportRegistry validates it); INVALID_ARGUMENT when no

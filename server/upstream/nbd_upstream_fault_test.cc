@@ -7,11 +7,13 @@
 #include <atomic>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/common/mutex.h"
 #include "server/upstream/nbd_upstream.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/nbd_upstream_test_util.h"
@@ -138,6 +140,58 @@ TEST(DelayFilterTest, UpstreamTimeoutClosesTheHandleAndReconnects) {
   EXPECT_GT(up->Generation(), gen);
   EXPECT_EQ(up->Stats().reconnects, 1u);
   EXPECT_TRUE(up->Ready());
+}
+
+// Close (an export removed) while every command is slow: nothing waits for
+// the server. Callers blocked in synchronous and asynchronous commands
+// return at once with Close's reason, the server's late answers are
+// dropped, later calls fail the same way, and nothing reconnects.
+TEST(DelayFilterTest, CloseFailsCommandsInFlightAtOnce) {
+  auto config = CommandExport({"nbdkit", "--filter=delay", "memory", "4M",
+                               "delay-extents=5", "delay-read=5"});
+  config.set_connections(2);
+  auto up = Connect(config);
+  ASSERT_NE(up, nullptr);
+  sync::Mutex mu;
+  std::vector<absl::Status> async_statuses;  // guarded by mu
+  for (int i = 0; i < 4; ++i) {
+    up->AsyncBlockStatus("base:allocation", 0, kMiB,
+                         [&](absl::StatusOr<ExtentList> r) {
+                           sync::MutexLock lock(&mu);
+                           async_statuses.push_back(r.status());
+                         });
+  }
+  absl::Status sync_status;
+  std::thread reader([&] {
+    char buf[512];
+    sync_status = up->Pread(buf, sizeof buf, 0, absl::InfiniteFuture());
+  });
+  ASSERT_TRUE(Eventually([&] { return up->Stats().commands_in_flight == 5; }));
+  const absl::Status why = absl::NotFoundError("export cmd was removed");
+  const absl::Time start = absl::Now();
+  up->Close(why);
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(500));
+  reader.join();
+  // Not the server's 5 s: each waiter was failed by Close itself.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_EQ(sync_status, why);
+  ASSERT_TRUE(Eventually([&] {
+    sync::MutexLock lock(&mu);
+    return async_statuses.size() == 4;
+  }));
+  {
+    sync::MutexLock lock(&mu);
+    for (const absl::Status& s : async_statuses) EXPECT_EQ(s, why);
+  }
+  EXPECT_FALSE(up->Ready());
+  EXPECT_EQ(up->LastError(), why.message());
+  EXPECT_EQ(up->BlockStatus("base:allocation", 0, kMiB, Soon()).status(), why);
+  up->Close(absl::InternalError("again"));  // idempotent: the first reason
+  EXPECT_EQ(up->Trim(4096, 0, 0, Soon()), why);
+  EXPECT_EQ(LiveConnectionsForTesting(up.get()), 0);
+  absl::SleepFor(absl::Milliseconds(300));  // no reconnect round starts
+  EXPECT_EQ(LiveConnectionsForTesting(up.get()), 0);
+  EXPECT_EQ(up->Stats().commands_in_flight, 0u);
 }
 
 TEST(DelayFilterTest, UpstreamTimeoutBoundsCallsWithoutDeadline) {

@@ -70,6 +70,9 @@ class StoreUpstream final : public Upstream {
   uint64_t Generation() const override { return inner_->Generation(); }
   void SetOnGenerationChange(std::function<void()> fn) override;
   UpstreamStats Stats() const override;
+  // Removal closes the real upstream (its commands in flight fail at once);
+  // the store keeps what it holds for the next export of this identity.
+  void Close(const absl::Status& why) override { inner_->Close(why); }
 
   absl::StatusOr<ExtentList> BlockStatus(const std::string& context,
                                          uint64_t offset, uint64_t length,

@@ -155,6 +155,14 @@ class Upstream {
   virtual void SetOnGenerationChange(std::function<void()> fn) = 0;
   // Operator counters (see UpstreamStats); zeros for fakes.
   virtual UpstreamStats Stats() const { return {}; }
+  // Ends the upstream for good (its export was removed), without waiting
+  // for the server: stops reconnecting; every command in flight completes
+  // at once with `why` (a late answer from the server is dropped), so every
+  // caller waiting for one returns; every later call fails with `why`.
+  // Ready() is false from then on. Idempotent. Resources that take time to
+  // release (a spawned server) go with the object. The default (fakes)
+  // does nothing.
+  virtual void Close(const absl::Status& why) { (void)why; }
 
   // Block status of one negotiated context: extents contiguous from
   // `offset`, at least one, clipped to the export size; may be shorter or

@@ -89,10 +89,11 @@ class ShimIntegrationTest : public ::testing::Test {
         absl::SleepFor(absl::Milliseconds(20));
       }
       ASSERT_TRUE((*up)->Ready()) << (*up)->LastError();
-      exports.push_back({img.name, "", up->get(), false, absl::Seconds(30)});
+      std::shared_ptr<Upstream> shared = *std::move(up);
+      exports.push_back({img.name, "", shared, false, absl::Seconds(30)});
       direct_[img.name] = (*proc)->uri();
       procs_.push_back(std::move(*proc));
-      upstreams_.push_back(std::move(*up));
+      upstreams_.push_back(std::move(shared));
     }
     cache_ = std::make_unique<ExtentCache>(ExtentCache::Options());
     server_ = std::make_unique<NbdServer>(std::move(exports), cache_.get(),
@@ -123,7 +124,7 @@ class ShimIntegrationTest : public ::testing::Test {
 
   std::unique_ptr<TempDir> dir_;
   std::vector<std::unique_ptr<NbdProcess>> procs_;
-  std::vector<std::unique_ptr<Upstream>> upstreams_;
+  std::vector<std::shared_ptr<Upstream>> upstreams_;
   std::map<std::string, std::string> direct_;
   std::unique_ptr<ExtentCache> cache_;
   std::unique_ptr<NbdServer> server_;
@@ -289,7 +290,7 @@ TEST(ShimLearnedGranularity, ExactAfterRandomSmallWritesOnCoarseImages) {
     std::string cluster;
   };
   const std::vector<Coarse> images = {{"c2m", "2M"}, {"c64k", "64k"}};
-  std::vector<std::unique_ptr<Upstream>> upstreams;
+  std::vector<std::shared_ptr<Upstream>> upstreams;
   std::vector<nbd::ShimExport> exports;
   std::map<std::string, std::string> direct;
   for (const Coarse& img : images) {
@@ -315,8 +316,9 @@ TEST(ShimLearnedGranularity, ExactAfterRandomSmallWritesOnCoarseImages) {
     EXPECT_EQ((*up)->ChangeGranularity(), 4u << 20);
     direct[img.name] = absl::StrCat("nbd+unix:///?socket=",
                                     SpawnedServerSocketForTesting(up->get()));
-    exports.push_back({img.name, "", up->get(), false, absl::Seconds(30)});
-    upstreams.push_back(std::move(*up));
+    std::shared_ptr<Upstream> shared = *std::move(up);
+    exports.push_back({img.name, "", shared, false, absl::Seconds(30)});
+    upstreams.push_back(std::move(shared));
   }
   ExtentCache cache{ExtentCache::Options()};
   NbdServer server(std::move(exports), &cache, blockmeta::v1::NbdShimConfig());

@@ -146,7 +146,7 @@ class ShimTlsTest : public ::testing::Test {
     shim.mutable_tls()->set_client_ca_file(client_ca_);
     server_ = std::make_unique<NbdServer>(
         std::vector<nbd::ShimExport>{
-            {"a", "", upstream_.get(), false, absl::Seconds(30)}},
+            {"a", "", upstream_, false, absl::Seconds(30)}},
         cache_.get(), shim);
     sock_ = dir_->File("shim.sock");
     ASSERT_TRUE(server_->Start("", sock_).ok());
@@ -169,7 +169,7 @@ class ShimTlsTest : public ::testing::Test {
   std::string good_dir_, wrong_dir_, anon_dir_;
   std::string cert_, key_, client_ca_;
   std::unique_ptr<NbdProcess> proc_;
-  std::unique_ptr<Upstream> upstream_;
+  std::shared_ptr<Upstream> upstream_;
   std::unique_ptr<ExtentCache> cache_;
   std::unique_ptr<NbdServer> server_;
   std::string sock_;

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -89,6 +90,13 @@ class FakeUpstream : public Upstream {
   absl::Status fail_status_ ABSL_GUARDED_BY(mu_);
   size_t reply_extents_max_ ABSL_GUARDED_BY(mu_) = SIZE_MAX;
 };
+
+// A shared_ptr that does not own `u` (a fake on the stack or a member), for
+// interfaces that take a weak reference (nbd::ShimExport::upstream): keep
+// the returned pointer alive as long as the reference must stay valid.
+inline std::shared_ptr<Upstream> Unowned(Upstream* u) {
+  return std::shared_ptr<Upstream>(u, [](Upstream*) {});
+}
 
 }  // namespace blockmeta
 

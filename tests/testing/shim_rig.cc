@@ -45,7 +45,7 @@ absl::StatusOr<std::unique_ptr<ShimRig>> StartShimRig(
   rig->cache = std::make_unique<ExtentCache>(cache_options);
   rig->server = std::make_unique<NbdServer>(
       std::vector<nbd::ShimExport>{
-          {export_name, "", rig->upstream.get(), false, absl::Seconds(30)}},
+          {export_name, "", rig->upstream, false, absl::Seconds(30)}},
       rig->cache.get(), shim);
   rig->sock = rig->dir->File("shim.sock");
   absl::StatusOr<int> port = rig->server->Start("", rig->sock);

@@ -36,7 +36,7 @@ struct ShimRig {
   std::string export_name;
   std::unique_ptr<TempDir> dir;  // holds the shim's socket
   std::unique_ptr<NbdProcess> process;
-  std::unique_ptr<Upstream> upstream;
+  std::shared_ptr<Upstream> upstream;  // the shim holds a weak reference
   std::unique_ptr<ExtentCache> cache;
   std::unique_ptr<NbdServer> server;
   std::string sock;  // the shim's Unix socket
