@@ -269,7 +269,9 @@ class Core : public std::enable_shared_from_this<Core> {
   }
   bool WaitReady(absl::Time deadline) {
     sync::MutexLock lock(&mu_);
-    while (live_.empty() && !stopped_) {
+    // A spawned server that died before the first connection failed to
+    // start: say so now (LastError has its exit), not at the deadline.
+    while (live_.empty() && !stopped_ && !start_failed_) {
       if (mu_.WaitWithDeadline(&cv_, deadline)) break;
     }
     return !live_.empty();
@@ -340,6 +342,11 @@ class Core : public std::enable_shared_from_this<Core> {
   void ScheduleAttemptLocked(absl::Time when)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RetryLaterLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `exit` ("" = none): the spawned server's exit or start error. Before
+  // the first connection it is a start failure: LastError says so and
+  // WaitReady returns.
+  void NoteServerExitLocked(const std::string& exit)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void GenerationChangedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Timer thread: restarts a dead spawned server, starts missing handshakes.
   void Attempt();
@@ -375,6 +382,7 @@ class Core : public std::enable_shared_from_this<Core> {
   bool notify_scheduled_ ABSL_GUARDED_BY(mu_) = false;
   bool round_bumped_ ABSL_GUARDED_BY(mu_) = false;  // this round's bump done
   bool ever_connected_ ABSL_GUARDED_BY(mu_) = false;
+  bool start_failed_ ABSL_GUARDED_BY(mu_) = false;  // NoteServerExitLocked
   bool attempt_scheduled_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time attempt_at_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   absl::Duration backoff_ ABSL_GUARDED_BY(mu_) = kMinBackoff;
@@ -713,6 +721,9 @@ UpstreamStats Core::Stats() const {
   s.reconnects = reconnects_;
   s.connections_lost = lost_;
   s.soft_disconnects = soft_disconnects_;
+  if (server_ != nullptr) {
+    s.bitmap_inconsistent_exits = server_->InconsistentBitmapExits();
+  }
   for (const auto& c : live_) s.connections.push_back(c->Stats());
   return s;
 }
@@ -772,6 +783,7 @@ bool Core::OnHandshakeDone(Conn* c, UpstreamInfo info) {
     }
     last_error_.clear();
     last_exit_.clear();
+    start_failed_ = false;
     backoff_ = kMinBackoff;
     cv_.SignalAll();
     if (static_cast<int>(live_.size()) + connecting_ < target_) {
@@ -792,6 +804,7 @@ void Core::OnHandshakeFailed(Conn* c, const absl::Status& why) {
   }
   if (exit.empty()) exit = last_exit_;
   if (!exit.empty()) absl::StrAppend(&last_error_, " (server ", exit, ")");
+  NoteServerExitLocked(exit);
   if (Wanted(others_, c)) --connecting_;
   RetryLaterLocked();
 }
@@ -912,8 +925,9 @@ void Core::Attempt() {
     absl::Status s = server_->Start();
     sync::MutexLock lock(&mu_);
     if (!exit.empty()) last_exit_ = exit;
+    NoteServerExitLocked(s.ok() ? exit : std::string(s.message()));
     if (!s.ok()) {
-      last_error_ = std::string(s.message());
+      if (ever_connected_) last_error_ = std::string(s.message());
       RetryLaterLocked();
       return;
     }
@@ -945,9 +959,19 @@ void Core::Attempt() {
       last_exit_ = exit;
     }
     if (!exit.empty()) absl::StrAppend(&last_error_, " (server ", exit, ")");
+    NoteServerExitLocked(exit);
     RetryLaterLocked();
     return;
   }
+}
+
+void Core::NoteServerExitLocked(const std::string& exit) {
+  if (exit.empty() || ever_connected_) return;
+  start_failed_ = true;
+  last_error_ = absl::StrCat("export ", name_, ": spawned server [",
+                             absl::StrJoin(server_->argv(), " ").substr(0, 256),
+                             "] failed to start: ", exit);
+  cv_.SignalAll();
 }
 
 // --- NbdUpstream: the facade -----------------------------------------------
@@ -1412,14 +1436,15 @@ absl::StatusOr<std::unique_ptr<Upstream>> CreateUpstream(
     case blockmeta::v1::ExportConfig::kImage: {
       change_granularity = LearnChangeGranularity(config);
       auto s = SpawnedServer::Create(
-          QemuNbdArgv(config.image(), config.read_only()));
+          QemuNbdArgv(config.image(), config.read_only()), config.name());
       if (!s.ok()) return s.status();
       server = std::move(*s);
       break;
     }
     case blockmeta::v1::ExportConfig::kCommand: {
       auto s = SpawnedServer::Create(
-          {config.command().argv().begin(), config.command().argv().end()});
+          {config.command().argv().begin(), config.command().argv().end()},
+          config.name());
       if (!s.ok()) return s.status();
       server = std::move(*s);
       break;

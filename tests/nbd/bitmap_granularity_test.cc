@@ -14,11 +14,8 @@
 // (`nbdinfo --map=CONTEXT`) and over gRPC (MapExtents) must equal
 // `nbdinfo --map=CONTEXT` of the upstream itself. The shim's cache is warm
 // before every operation: each check maps everything through it.
-#include <dirent.h>
 #include <unistd.h>
 
-#include <cstdlib>
-#include <fstream>
 #include <memory>
 #include <random>
 #include <string>
@@ -34,6 +31,7 @@
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
+#include "tests/testing/spawn_dir.h"
 
 namespace blockmeta {
 namespace {
@@ -57,35 +55,6 @@ const std::vector<std::string>& Contexts() {
       "base:allocation", "qemu:dirty-bitmap:g64k", "qemu:dirty-bitmap:g4m",
       "qemu:dirty-bitmap:g64m"};
   return *c;
-}
-
-// The socket of the qemu-nbd that this process's blockmetad spawned (its
-// private directory's owner file starts with our pid; see
-// server/upstream/spawned_server.h).
-std::string SpawnedSocket() {
-  std::vector<std::string> bases = {"/tmp"};
-  if (const char* t = std::getenv("TMPDIR"); t != nullptr && *t != '\0') {
-    bases.insert(bases.begin(), t);
-  }
-  const std::string pid = absl::StrCat(getpid(), " ");
-  for (const std::string& base : bases) {
-    DIR* d = opendir(base.c_str());
-    if (d == nullptr) continue;
-    std::string found;
-    while (dirent* ent = readdir(d)) {
-      const std::string name = ent->d_name;
-      if (!absl::StartsWith(name, "blockmeta-")) continue;
-      std::ifstream owner(absl::StrCat(base, "/", name, "/owner"));
-      std::string line;
-      if (std::getline(owner, line) && absl::StartsWith(line, pid)) {
-        found = absl::StrCat(base, "/", name, "/nbd.sock");
-        break;
-      }
-    }
-    closedir(d);
-    if (!found.empty()) return found;
-  }
-  return "";
 }
 
 class BitmapGranularityTest : public ::testing::TestWithParam<std::string> {
@@ -131,7 +100,8 @@ class BitmapGranularityTest : public ::testing::TestWithParam<std::string> {
     ASSERT_TRUE(ready.ok()) << ready;
     upstream_uri_ = qemu_ != nullptr
                         ? qemu_->uri()
-                        : absl::StrCat("nbd+unix:///?socket=", SpawnedSocket());
+                        : absl::StrCat("nbd+unix:///?socket=",
+                                       testing::SpawnedServerSocket(getpid()));
     ASSERT_FALSE(absl::EndsWith(upstream_uri_, "=")) << "no spawned socket";
     shim_uri_ = absl::StrCat("nbd+unix:///disk?socket=", shim_sock_);
   }
