@@ -13,7 +13,8 @@
 //
 // And when a bitmap IS inconsistent (its qemu-nbd was killed by hand), the
 // export says so: last_error, an error-level log line, and
-// blockmeta_upstream_bitmap_inconsistent_total.
+// blockmeta_upstream_bitmap_inconsistent_total. Last, the CLI's
+// `export add --command=/bin/false` fails at once, not at its deadline.
 #include <unistd.h>
 
 #include <fstream>
@@ -187,6 +188,20 @@ TEST_F(SpawnedCrashTest, AnInconsistentBitmapIsReportedClearly) {
       "blockmeta_upstream_bitmap_inconsistent_total{export=\"disk\"}");
   ASSERT_TRUE(count.has_value());
   EXPECT_GE(*count, 1);
+}
+
+// Issue 21 item 8: `export add --command=/bin/false` took the CLI's whole
+// 30 s deadline; now the spawned command's exit ends AddExport's wait at
+// once, with its exit status.
+TEST_F(SpawnedCrashTest, ACommandThatExitsAtOnceFailsAddExportAtOnce) {
+  auto d = Blockmetad::Start({}, {});
+  ASSERT_TRUE(d.ok()) << d.status();
+  testing::RunResult r =
+      (*d)->Cli({"export", "add", "fast", "--command=sh -c exit_3_now;exit 3"});
+  EXPECT_NE(r.exit_code, 0) << r.out << r.err;
+  EXPECT_LT(r.elapsed, absl::Seconds(15)) << r.err;  // the deadline is 30 s
+  EXPECT_TRUE(absl::StrContains(r.err, "failed to start")) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.err, "exited with status 1")) << r.err;
 }
 
 }  // namespace
