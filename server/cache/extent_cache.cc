@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "server/cache/granule.h"
 #include "server/common/mutex.h"
 
 namespace blockmeta {
@@ -239,6 +240,8 @@ struct KeyState : std::enable_shared_from_this<KeyState> {
   std::vector<FetchPtr> inflight ABSL_GUARDED_BY(mu);
   uint64_t next_fetch_id ABSL_GUARDED_BY(mu) = 1;
   ReadAheadRun ra ABSL_GUARDED_BY(mu);
+  // Learned from this key's answers: how far a write may reach (granule.h).
+  GranuleBound granule ABSL_GUARDED_BY(mu);
 };
 
 class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
@@ -258,8 +261,10 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
       uint64_t length, size_t max_extents,
       const std::shared_ptr<const AsyncFetcher>& async, const Fetcher* sync,
       absl::Time deadline);
+  // A write (`write`): per key, the range rounded out to its granule
+  // bound. Else a whole-key invalidation also resets the bound.
   Dropped InvalidateKeys(const std::vector<KeyState*>& keys, uint64_t offset,
-                         uint64_t length);
+                         uint64_t length, bool write = false);
   void SetExportTtl(const std::string& export_name, absl::Duration ttl);
   static CacheCounters CountersOf(const KeyState& k);
 
@@ -888,6 +893,7 @@ void ExtentCache::Impl::CompleteLocked(KeyState& k, Fetch& f,
   if (n > 0) {
     f.clean_end = cut_last ? f.poison_from : answer[n - 1].end();
   }
+  k.granule.Observe(answer, f.poison_from);
   // Under memory pressure keep the part nearest the fetch start (where the
   // scan reads next), not what an eviction pass would leave.
   const uint64_t max_intervals =
@@ -1244,8 +1250,10 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Finish(KeyState& k,
 }
 
 ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
-    const std::vector<KeyState*>& keys, uint64_t offset, uint64_t length) {
-  const uint64_t end = length == 0 ? kMaxU64 : SatAdd(offset, length);
+    const std::vector<KeyState*>& keys, uint64_t range_offset, uint64_t length,
+    bool write) {
+  const uint64_t range_end =
+      length == 0 ? kMaxU64 : SatAdd(range_offset, length);
   Dropped total;
   for (KeyState* k : keys) {
     IntervalMap doomed(
@@ -1254,6 +1262,9 @@ ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
     {
       sync::MutexLock l(&k->mu);
       k->invalidations.Add(1);
+      auto [offset, end] = write ? k->granule.RoundOut(range_offset, range_end)
+                                 : std::make_pair(range_offset, range_end);
+      if (!write && offset == 0 && end == kMaxU64) k->granule.Reset();
       // Every fetch in flight (demand or read-ahead) that the range reaches
       // (an answer may run past the window asked for): its answer is not
       // cached from the first invalidated byte on.
@@ -1443,7 +1454,8 @@ ExtentCache::Dropped ExtentCache::Invalidate(const CacheKey& key,
 
 ExtentCache::Dropped ExtentCache::InvalidateExportRange(
     const std::string& export_name, uint64_t offset, uint64_t length) {
-  return impl_->InvalidateKeys(impl_->KeysOf(&export_name), offset, length);
+  return impl_->InvalidateKeys(impl_->KeysOf(&export_name), offset, length,
+                               /*write=*/true);
 }
 
 ExtentCache::Dropped ExtentCache::InvalidateExport(

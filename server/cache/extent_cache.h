@@ -263,10 +263,19 @@ class ExtentCache {
     uint64_t bytes = 0;
   };
   Dropped Invalidate(const CacheKey& key, uint64_t offset, uint64_t length);
-  // Forgets a range of every context of an export (writes go here).
+  // A write, trim or zero of [offset, offset + length) (length 0 = to the
+  // end): forgets, in every context of the export, what it may have
+  // changed: the range rounded out, per context, to the granule bound
+  // learned from that context's answers (server/cache/granule.h: the gcd of
+  // the offsets where an answer's flags change, a multiple of the
+  // upstream's granularity); a context that has shown no such boundary
+  // since its last reset is forgotten whole. Callers round to their own
+  // floor first (the NBD shim: ExportInvalidateGranularity).
   Dropped InvalidateExportRange(const std::string& export_name, uint64_t offset,
                                 uint64_t length);
-  // Forgets everything of an export (upstream reconnected), or everything.
+  // Forgets everything of an export (upstream reconnected), or everything;
+  // this (and Invalidate of a whole key) also resets the learned granule
+  // bounds.
   Dropped InvalidateExport(const std::string& export_name);
   Dropped InvalidateAll();
 

@@ -237,7 +237,7 @@ TEST(ExtentCacheTest, AdjacentEqualExtentsAreMerged) {
 
 TEST(ExtentCacheTest, KeysNeverSeeEachOthersExtents) {
   ExtentCache cache(SmallWindow(1 * kMiB));
-  FakeDisk a({{1 * kMiB, 0}});
+  FakeDisk a({{512, kStateHole}, {1 * kMiB, 0}});
   FakeDisk a_dirty({{1 * kMiB, kStateDirty}});
   FakeDisk b({{1 * kMiB, kStateHole | kStateZero}});
   ASSERT_TRUE(cache.Get(kA, a.size(), 0, 4096, 0, std::ref(a), Later()).ok());
@@ -255,19 +255,22 @@ TEST(ExtentCacheTest, KeysNeverSeeEachOthersExtents) {
   EXPECT_EQ(a.calls.size(), 1u);
   EXPECT_EQ(a_dirty.calls.size(), 1u);
   EXPECT_EQ(b.calls.size(), 1u);
-  EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).extents[0].flags, 0u);
+  EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).extents[0].flags, kStateHole);
   // Lookup never creates a key; Record does.
   const LookupResult c_miss =
       cache.Lookup(CacheKey{"c", "base:allocation"}, 0, 4096, 0);
   cache.Record(CacheKey{"c", "base:allocation"}, 0, c_miss);
   EXPECT_EQ(c_miss.outcome, Outcome::kMiss);
 
-  // A write to export a forgets both of its contexts, not export b.
+  // A write to export a forgets both of its contexts, not export b: kA
+  // rounded out to the bound its answer showed (flags change at 512),
+  // kADirty (a uniform answer: no bound) whole.
   ExtentCache::Dropped d = cache.InvalidateExportRange("a", 1000, 10);
   EXPECT_EQ(d.extents, 2u);
-  EXPECT_EQ(d.bytes, 20u);
-  EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).next_offset, 1000u);
-  EXPECT_EQ(cache.Lookup(kADirty, 0, 4096, 0).next_offset, 1000u);
+  EXPECT_EQ(d.bytes, 512u + 1 * kMiB);  // [512, 1024) and all of kADirty
+  EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).next_offset, 512u);
+  EXPECT_EQ(cache.Lookup(kA, 1024, 4096, 0).outcome, Outcome::kHit);
+  EXPECT_EQ(cache.Lookup(kADirty, 0, 4096, 0).next_offset, 0u);
   EXPECT_EQ(cache.Lookup(kB, 0, 4096, 0).next_offset, 4096u);
   // One context alone.
   cache.Invalidate(kADirty, 0, 0);
@@ -276,7 +279,7 @@ TEST(ExtentCacheTest, KeysNeverSeeEachOthersExtents) {
   // A whole export.
   cache.InvalidateExport("b");
   EXPECT_EQ(cache.Lookup(kB, 0, 4096, 0).outcome, Outcome::kMiss);
-  EXPECT_EQ(cache.Lookup(kA, 0, 1000, 0).outcome, Outcome::kHit);
+  EXPECT_EQ(cache.Lookup(kA, 0, 512, 0).outcome, Outcome::kHit);
   cache.InvalidateAll();
   EXPECT_EQ(cache.Counters().entries, 0u);
   EXPECT_EQ(cache.Counters().memory_bytes, 0u);
@@ -514,8 +517,10 @@ TEST(ExtentCacheTest, InvalidationDuringFetchDropsTheStaleHole) {
     r = cache.Get(kA, 1 * kMiB, 0, 4096, 0, std::ref(stale), Later());
   });
   stale.WaitEntered();
-  // A write lands inside the window while the upstream call is in flight.
-  cache.InvalidateExportRange("a", 8192, 512);
+  // An invalidation lands inside the window while the upstream call is in
+  // flight (one key, exact range: a write through InvalidateExportRange
+  // would forget this key whole, as its bound is not known yet).
+  cache.Invalidate(kA, 8192, 512);
   stale.Release();
   t.join();
   // The caller gets what it asked for (true when asked) ...

@@ -166,6 +166,10 @@ TEST(RoundOutWrite, CoversTheWriteOnGranularityBoundaries) {
 // the next BLOCK_STATUS of a neighbouring byte goes to the upstream again.
 TEST_F(HandlerTest, SubBlockWritesForgetTheWholeGranule) {
   export_.invalidate_granularity = 2 * kBlock;
+  // Block 6 dirty: both contexts' answers then change flags on block
+  // boundaries, so each key's learned bound is one block (granule.h).
+  ASSERT_EQ(Do(Req(kCmdWrite, 6 * kBlock, 512), std::string(512, 'q')).error,
+            0u);
   Do(Req(kCmdBlockStatus, 0, kSize));
   const uint64_t calls = up_.block_status_calls();
   ASSERT_EQ(
@@ -177,6 +181,23 @@ TEST_F(HandlerTest, SubBlockWritesForgetTheWholeGranule) {
   EXPECT_EQ(up_.block_status_calls(), calls + 2);   // both contexts
   Do(Req(kCmdBlockStatus, 4 * kBlock - 512, 512));  // same granule: refetched
   EXPECT_EQ(up_.block_status_calls(), calls + 2);
+}
+
+// A context whose answers never changed flags (a clean bitmap) has no
+// learned bound: a write forgets it whole, whatever its granularity; the
+// other context keeps what lies outside the rounded write.
+TEST_F(HandlerTest, WritesForgetAContextOfUnknownGranularityWhole) {
+  export_.invalidate_granularity = kBlock;
+  Do(Req(kCmdBlockStatus, 0, kSize));
+  const uint64_t calls = up_.block_status_calls();
+  ASSERT_EQ(
+      Do(Req(kCmdWrite, 2 * kBlock + 512, 512), std::string(512, 'q')).error,
+      0u);
+  Do(Req(kCmdBlockStatus, 8 * kBlock, 4096));
+  EXPECT_EQ(up_.block_status_calls(), calls + 1);  // the bitmap only
+  auto r = Do(Req(kCmdBlockStatus, 0, kSize));
+  ASSERT_EQ(r.chunks.size(), 2u);
+  EXPECT_EQ(up_.block_status_calls(), calls + 3);  // the write's block, both
 }
 
 TEST_F(HandlerTest, ReadStructuredAndSimple) {

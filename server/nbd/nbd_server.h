@@ -68,7 +68,8 @@ struct NbdServerDefaults {
   static constexpr uint32_t kIdleEvictionGraceMs = 5000;
 };
 
-// The granularity writes through the shim forget cached extents at, for
+// The floor writes through the shim are rounded out to before the cache
+// rounds them further per context (ExtentCache::InvalidateExportRange), for
 // one export (a power of two): the upstream's learned
 // Upstream::ChangeGranularity() (at least 64 KiB, and at least
 // nbd.invalidate_granularity_bytes when that is set), else the configured

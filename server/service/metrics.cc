@@ -248,6 +248,9 @@ class UpstreamCollector final : public prometheus::Collectable {
         {"blockmeta_upstream_health_probes_total",
          "Small reads sent on idle connections to notice a shutdown",
          C::Counter, &UpstreamStats::health_probes},
+        {"blockmeta_upstream_bitmap_inconsistent_total",
+         "Spawned server exits that found a qcow2 dirty bitmap inconsistent",
+         C::Counter, &UpstreamStats::bitmap_inconsistent_exits},
     };
     using ConnDef = FieldDef<UpstreamStats::Connection>;
     static const ConnDef kConnDefs[] = {

@@ -68,6 +68,9 @@ UpstreamStats Core::Stats() const {
   s.reconnects = reconnects_;
   s.connections_lost = lost_;
   s.soft_disconnects = soft_disconnects_;
+  if (server_ != nullptr) {
+    s.bitmap_inconsistent_exits = server_->InconsistentBitmapExits();
+  }
   for (const auto& c : live_) s.connections.push_back(c->Stats());
   return s;
 }
@@ -127,6 +130,7 @@ bool Core::OnHandshakeDone(Conn* c, UpstreamInfo info) {
     }
     last_error_.clear();
     last_exit_.clear();
+    start_failed_ = false;
     backoff_ = kMinBackoff;
     cv_.SignalAll();
     if (static_cast<int>(live_.size()) + connecting_ < target_) {
@@ -147,6 +151,7 @@ void Core::OnHandshakeFailed(Conn* c, const absl::Status& why) {
   }
   if (exit.empty()) exit = last_exit_;
   if (!exit.empty()) absl::StrAppend(&last_error_, " (server ", exit, ")");
+  NoteServerExitLocked(exit);
   if (Wanted(others_, c)) --connecting_;
   RetryLaterLocked();
 }
@@ -267,8 +272,9 @@ void Core::Attempt() {
     absl::Status s = server_->Start();
     sync::MutexLock lock(&mu_);
     if (!exit.empty()) last_exit_ = exit;
+    NoteServerExitLocked(s.ok() ? exit : std::string(s.message()));
     if (!s.ok()) {
-      last_error_ = std::string(s.message());
+      if (ever_connected_) last_error_ = std::string(s.message());
       RetryLaterLocked();
       return;
     }
@@ -300,9 +306,19 @@ void Core::Attempt() {
       last_exit_ = exit;
     }
     if (!exit.empty()) absl::StrAppend(&last_error_, " (server ", exit, ")");
+    NoteServerExitLocked(exit);
     RetryLaterLocked();
     return;
   }
+}
+
+void Core::NoteServerExitLocked(const std::string& exit) {
+  if (exit.empty() || ever_connected_) return;
+  start_failed_ = true;
+  last_error_ = absl::StrCat("export ", name_, ": spawned server [",
+                             absl::StrJoin(server_->argv(), " ").substr(0, 256),
+                             "] failed to start: ", exit);
+  cv_.SignalAll();
 }
 
 }  // namespace upstream_internal

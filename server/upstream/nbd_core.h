@@ -71,7 +71,9 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
   }
   bool WaitReady(absl::Time deadline) {
     sync::MutexLock lock(&mu_);
-    while (live_.empty() && !stopped_) {
+    // A spawned server that died before the first connection failed to
+    // start: say so now (LastError has its exit), not at the deadline.
+    while (live_.empty() && !stopped_ && !start_failed_) {
       if (mu_.WaitWithDeadline(&cv_, deadline)) break;
     }
     return !live_.empty();
@@ -146,6 +148,11 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
   void ScheduleAttemptLocked(absl::Time when)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RetryLaterLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `exit` ("" = none): the spawned server's exit or start error. Before
+  // the first connection it is a start failure: LastError says so and
+  // WaitReady returns.
+  void NoteServerExitLocked(const std::string& exit)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void GenerationChangedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Timer thread: restarts a dead spawned server, starts missing handshakes.
   void Attempt();
@@ -181,6 +188,7 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
   bool notify_scheduled_ ABSL_GUARDED_BY(mu_) = false;
   bool round_bumped_ ABSL_GUARDED_BY(mu_) = false;  // this round's bump done
   bool ever_connected_ ABSL_GUARDED_BY(mu_) = false;
+  bool start_failed_ ABSL_GUARDED_BY(mu_) = false;  // NoteServerExitLocked
   bool attempt_scheduled_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time attempt_at_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   absl::Duration backoff_ ABSL_GUARDED_BY(mu_) = kMinBackoff;

@@ -74,15 +74,17 @@ absl::StatusOr<std::unique_ptr<Upstream>> CreateUpstream(
       break;
     case blockmeta::v1::ExportConfig::kImage: {
       change_granularity = LearnChangeGranularity(config);
-      auto s = SpawnedServer::Create(QemuNbdArgv(
-          config.image(), config.read_only() || config.immutable()));
+      auto s = SpawnedServer::Create(
+          QemuNbdArgv(config.image(), config.read_only() || config.immutable()),
+          config.name());
       if (!s.ok()) return s.status();
       server = std::move(*s);
       break;
     }
     case blockmeta::v1::ExportConfig::kCommand: {
       auto s = SpawnedServer::Create(
-          {config.command().argv().begin(), config.command().argv().end()});
+          {config.command().argv().begin(), config.command().argv().end()},
+          config.name());
       if (!s.ok()) return s.status();
       server = std::move(*s);
       break;

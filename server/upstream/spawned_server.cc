@@ -24,6 +24,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "server/common/errno_text.h"
+#include "server/common/log.h"
 
 extern char** environ;
 
@@ -77,6 +78,70 @@ std::string StartTime(pid_t pid) {
 
 std::string OwnerStamp() {
   return absl::StrCat(getpid(), " ", StartTime(getpid()));
+}
+
+// Reads "PID START" from `path`; false if absent or malformed.
+bool ReadStamp(const std::string& path, int* pid, std::string* start) {
+  std::ifstream in(path);
+  std::string pid_text;
+  if (!(in >> pid_text >> *start)) return false;
+  return absl::SimpleAtoi(pid_text, pid) && *pid > 0;
+}
+
+// How long a new blockmetad waits for a server its dead predecessor
+// spawned to finish exiting (the parent-death SIGTERM makes qemu-nbd close
+// its bitmaps cleanly and release the image lock, usually within
+// milliseconds), before sending SIGTERM again, and before SIGKILL.
+constexpr absl::Duration kStaleServerTermAgain = absl::Seconds(10);
+constexpr absl::Duration kStaleServerKill = absl::Seconds(30);
+
+// True while `pid` is the process that started at `start` and has not
+// exited (a zombie waiting for its new parent to reap it has exited).
+bool StillRuns(int pid, const std::string& start) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
+  std::string line;
+  if (!std::getline(in, line)) return false;
+  const size_t paren = line.rfind(')');
+  if (paren == std::string::npos || paren + 2 >= line.size()) return false;
+  const char state = line[paren + 2];
+  return state != 'Z' && state != 'X' && StartTime(pid) == start;
+}
+
+// Waits until the process `pid` that started at `start` is gone (see
+// above). Returns false if it had to be killed.
+bool AwaitStaleServer(int pid, const std::string& start) {
+  const absl::Time t0 = absl::Now();
+  bool termed_again = false;
+  while (StillRuns(pid, start)) {
+    const absl::Duration waited = absl::Now() - t0;
+    if (waited >= kStaleServerKill) {
+      kill(-pid, SIGKILL);
+      kill(pid, SIGKILL);
+      LogError("stale_spawned_server_killed",
+               {{"pid", static_cast<int64_t>(pid)},
+                {"reason",
+                 "still running 30 s after the blockmetad that spawned it "
+                 "died; its qcow2 bitmaps may be left inconsistent"}});
+      return false;
+    }
+    if (!termed_again && waited >= kStaleServerTermAgain) {
+      termed_again = true;
+      kill(-pid, SIGTERM);
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
+// The last lines of a server's stderr that say a qcow2 bitmap is unusable
+// ("qemu-nbd: Bitmap 'b0' is inconsistent and cannot be used"), else "".
+std::string InconsistentBitmapLine(const std::string& tail) {
+  size_t at = tail.find("is inconsistent");
+  if (at == std::string::npos) return "";
+  size_t begin = tail.rfind('\n', at);
+  begin = begin == std::string::npos ? 0 : begin + 1;
+  size_t end = tail.find('\n', at);
+  return tail.substr(begin, end == std::string::npos ? end : end - begin);
 }
 
 // Runs closures on one thread that lives as long as the process, so the
@@ -145,13 +210,19 @@ int CleanStaleSpawnDirs() {
     absl::string_view n = name;
     if (n.substr(0, 10) != "blockmeta-") continue;
     const std::string dir = absl::StrCat(base, "/", n);
-    std::ifstream in(dir + "/owner");
-    std::string pid_text, start;
-    if (!(in >> pid_text >> start)) continue;  // not ours, or being made
     int pid = 0;
-    if (!absl::SimpleAtoi(pid_text, &pid) || pid <= 0) continue;
+    std::string start;
+    // Not ours, or being made.
+    if (!ReadStamp(dir + "/owner", &pid, &start)) continue;
     if (StartTime(pid) == start) continue;  // the owner still runs
-    for (const char* f : {"/nbd.sock", "/server.log", "/owner"}) {
+    // Its server may still be exiting (closing bitmaps, holding the image
+    // lock): a new one on the same image must not start before it is gone.
+    int server_pid = 0;
+    std::string server_start;
+    if (ReadStamp(dir + "/server", &server_pid, &server_start)) {
+      AwaitStaleServer(server_pid, server_start);
+    }
+    for (const char* f : {"/nbd.sock", "/server.log", "/owner", "/server"}) {
       unlink((dir + f).c_str());
     }
     if (rmdir(dir.c_str()) == 0) ++removed;
@@ -160,7 +231,7 @@ int CleanStaleSpawnDirs() {
 }
 
 absl::StatusOr<std::unique_ptr<SpawnedServer>> SpawnedServer::Create(
-    std::vector<std::string> argv) {
+    std::vector<std::string> argv, std::string name) {
   if (argv.empty() || argv[0].empty()) {
     return absl::InvalidArgumentError("empty server command");
   }
@@ -173,6 +244,7 @@ absl::StatusOr<std::unique_ptr<SpawnedServer>> SpawnedServer::Create(
   }
   std::unique_ptr<SpawnedServer> s(new SpawnedServer());
   s->argv_ = std::move(argv);
+  s->name_ = std::move(name);
   s->dir_ = buf.data();
   s->socket_path_ = s->dir_ + "/nbd.sock";
   s->log_path_ = s->dir_ + "/server.log";
@@ -188,6 +260,7 @@ SpawnedServer::~SpawnedServer() {
   unlink(socket_path_.c_str());
   unlink(log_path_.c_str());
   unlink((dir_ + "/owner").c_str());
+  unlink((dir_ + "/server").c_str());
   rmdir(dir_.c_str());
 }
 
@@ -216,6 +289,17 @@ absl::Status SpawnedServer::Start() {
   int log_fd =
       open(log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+  // exec(2) closes the write end (CLOEXEC): EOF means the exec succeeded,
+  // four bytes are the child's errno when it failed.
+  int exec_pipe[2] = {-1, -1};
+  if (pipe2(exec_pipe, O_CLOEXEC) != 0) {
+    int err = errno;
+    close(lfd);
+    if (log_fd >= 0) close(log_fd);
+    if (null_fd >= 0) close(null_fd);
+    return absl::InternalError(absl::StrCat("pipe: ", ErrnoText(err)));
+  }
+  const int exec_w = exec_pipe[1];
 
   // Everything the child needs is prepared before fork().
   std::vector<std::string> env;
@@ -243,9 +327,11 @@ absl::Status SpawnedServer::Start() {
     pid = fork();
     fork_errno = errno;
     if (pid != 0) return;
-    // The child. Dies with blockmetad, whatever kills it; if blockmetad
-    // died between fork and prctl, give up now.
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    // The child. Told to stop when blockmetad dies, whatever kills it:
+    // SIGTERM, so qemu-nbd closes its qcow2 bitmaps cleanly (SIGKILL left
+    // them marked in use: "Bitmap 'b0' is inconsistent" at the next
+    // start). If blockmetad died between fork and prctl, give up now.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(126);
     setpgid(0, 0);
     FormatPid(getpid(), listen_pid + strlen("LISTEN_PID="));
@@ -259,7 +345,10 @@ absl::Status SpawnedServer::Start() {
     } else {
       dup2(lfd, 3);  // dup2 clears FD_CLOEXEC on the new fd
     }
-    for (int fd = 4; fd < 1024; ++fd) close(fd);
+    // The exec pipe at fd 4, still close-on-exec (exec_w > 3: fds 0-3 were
+    // taken before the pipe was made).
+    if (exec_w != 4) dup3(exec_w, 4, O_CLOEXEC);
+    for (int fd = 5; fd < 1024; ++fd) close(fd);
     sigset_t all;
     sigemptyset(&all);
     pthread_sigmask(SIG_SETMASK, &all, nullptr);
@@ -267,14 +356,18 @@ absl::Status SpawnedServer::Start() {
     dfl.sa_handler = SIG_DFL;
     sigaction(SIGPIPE, &dfl, nullptr);
     execvpe(cargv[0], cargv.data(), cenv.data());
+    const int exec_errno = errno;
+    (void)!write(4, &exec_errno, sizeof exec_errno);
     const char msg[] = "blockmeta: exec failed: ";
     (void)!write(2, msg, sizeof msg - 1);
     (void)!write(2, cargv[0], strlen(cargv[0]));
     (void)!write(2, "\n", 1);
     _exit(127);
   });
+  close(exec_w);
   if (pid < 0) {
     int err = fork_errno;
+    close(exec_pipe[0]);
     close(lfd);
     if (log_fd >= 0) close(log_fd);
     if (null_fd >= 0) close(null_fd);
@@ -285,12 +378,47 @@ absl::Status SpawnedServer::Start() {
   if (log_fd >= 0) close(log_fd);
   if (null_fd >= 0) close(null_fd);
   pid_ = pid;
+  started_ = absl::Now();
+  {
+    std::ofstream stamp(dir_ + "/server");
+    stamp << pid << " " << StartTime(pid) << "\n";
+  }
+  // Blocks only until the child has exec'd (or failed to).
+  int exec_errno = 0;
+  ssize_t got;
+  while ((got = read(exec_pipe[0], &exec_errno, sizeof exec_errno)) < 0 &&
+         errno == EINTR) {
+  }
+  close(exec_pipe[0]);
+  if (got == static_cast<ssize_t>(sizeof exec_errno)) {
+    int st = 0;
+    while (waitpid(pid_, &st, 0) < 0 && errno == EINTR) {
+    }
+    ReapLocked(st);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot run ", argv_[0].substr(0, 256), ": ", ErrnoText(exec_errno)));
+  }
   return absl::OkStatus();
 }
 
 void SpawnedServer::ReapLocked(int wstatus) {
-  exit_description_ = absl::StrCat(Describe(wstatus), ": ", LogTail());
+  const std::string tail = LogTail();
+  const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - started_);
+  exit_description_ =
+      absl::StrCat(Describe(wstatus), " ", ms, " ms after start: ", tail);
   pid_ = -1;
+  const std::string bitmap = InconsistentBitmapLine(tail);
+  if (!bitmap.empty()) {
+    inconsistent_bitmap_exits_.fetch_add(1, std::memory_order_relaxed);
+    exit_description_ = absl::StrCat(
+        "found a qcow2 dirty bitmap inconsistent (marked in use: its server "
+        "was killed without closing it); it no longer proves what changed, "
+        "so it cannot serve incremental backups: remove it (qemu-img bitmap "
+        "--remove), take a full backup and add a new one. The server ",
+        exit_description_);
+    LogError("upstream_bitmap_inconsistent",
+             {{"export", name_}, {"server", bitmap}});
+  }
 }
 
 bool SpawnedServer::Running() {

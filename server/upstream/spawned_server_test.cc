@@ -5,10 +5,13 @@
 
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -77,13 +80,66 @@ TEST(SpawnedServerTest, DeathIsNoticedWithStderr) {
       << (*s)->ExitDescription();
 }
 
+// A program that cannot be run fails Start() itself (the exec pipe), with
+// the errno, not a later connect error.
 TEST(SpawnedServerTest, MissingProgram) {
   auto s = SpawnedServer::Create({"/nonexistent/server"});
   ASSERT_TRUE(s.ok()) << s.status();
-  ASSERT_TRUE((*s)->Start().ok());
-  EXPECT_TRUE(Eventually([&] { return !(*s)->Running(); }, absl::Seconds(10)));
+  absl::Status started = (*s)->Start();
+  EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition) << started;
+  EXPECT_TRUE(absl::StrContains(started.message(),
+                                "cannot run /nonexistent/server: No such file"))
+      << started;
+  EXPECT_FALSE((*s)->Running());
   EXPECT_TRUE(absl::StrContains((*s)->ExitDescription(), "status 127"))
       << (*s)->ExitDescription();
+}
+
+// A command that exits at once: its status, when, and its last stderr lines.
+TEST(SpawnedServerTest, ExitAtOnceIsDescribedWithStatusAndStderr) {
+  auto s = SpawnedServer::Create(
+      {"sh", "-c", "echo first line >&2; echo the last words >&2; exit 3"});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Start().ok());
+  ASSERT_TRUE(Eventually([&] { return !(*s)->Running(); }, absl::Seconds(10)));
+  const std::string d = (*s)->ExitDescription();
+  EXPECT_TRUE(absl::StrContains(d, "exited with status 3 ")) << d;
+  EXPECT_TRUE(absl::StrContains(d, " ms after start: ")) << d;
+  EXPECT_TRUE(absl::StrContains(d, "first line\nthe last words")) << d;
+  EXPECT_EQ((*s)->InconsistentBitmapExits(), 0u);
+}
+
+// A qcow2 bitmap left in use by a killed qemu-nbd: the next qemu-nbd exits,
+// and the exit says what happened and what to do, and is counted.
+TEST(SpawnedServerTest, InconsistentBitmapIsReportedClearly) {
+  blockmeta::testing::TempDir dir;
+  const std::string img = dir.File("b.qcow2");
+  ASSERT_TRUE(blockmeta::testing::MakeImage(img, "qcow2", 8 << 20).ok());
+  ASSERT_TRUE(RunCommand({"qemu-img", "bitmap", "--add", img, "b0"}).ok());
+  {
+    auto killed = blockmeta::testing::NbdProcess::Start(
+        {"qemu-nbd", "-k", "{sock}", "-f", "qcow2", "--persistent", "-B", "b0",
+         img});
+    ASSERT_TRUE(killed.ok()) << killed.status();
+    // Serving (the bitmap is marked in use once the image is open) ...
+    auto dirty =
+        RunCommand({"nbdinfo", "--map=qemu:dirty-bitmap:b0", (*killed)->uri()},
+                   absl::Seconds(10));
+    ASSERT_TRUE(dirty.ok()) << dirty.status();
+    (*killed)->Kill();  // ... SIGKILL: the bitmap stays marked in use
+  }
+  auto s = SpawnedServer::Create({"qemu-nbd", "-f", "qcow2", "--shared=0",
+                                  "--persistent", "-B", "b0", "--", img},
+                                 "disk");
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Start().ok());
+  ASSERT_TRUE(Eventually([&] { return !(*s)->Running(); }, absl::Seconds(10)));
+  const std::string d = (*s)->ExitDescription();
+  EXPECT_TRUE(absl::StartsWith(d, "found a qcow2 dirty bitmap inconsistent"))
+      << d;
+  EXPECT_TRUE(absl::StrContains(d, "qemu-img bitmap --remove")) << d;
+  EXPECT_TRUE(absl::StrContains(d, "Bitmap 'b0' is inconsistent")) << d;
+  EXPECT_EQ((*s)->InconsistentBitmapExits(), 1u);
 }
 
 TEST(SpawnedServerTest, StopKillsAServerIgnoringSigterm) {
@@ -169,6 +225,44 @@ TEST(SpawnedServerTest, StaleDirectoriesOfDeadOwnersAreRemoved) {
   mine->reset();
   rmdir(foreign.c_str());
   unsetenv("TMPDIR");  // NOLINT(concurrency-mt-unsafe): as setenv above
+  EXPECT_EQ(rmdir(base.c_str()), 0);
+}
+
+// The server of a dead owner may still be exiting (closing its bitmaps,
+// holding the image lock): cleaning waits until it is gone.
+TEST(SpawnedServerTest, StaleDirectoryWaitsForItsServerToExit) {
+  char tmpl[] = "/tmp/bm-stale-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string base = tmpl;
+  // A stand-in for the old server: exits by itself 1 s from now.
+  const pid_t server = fork();
+  ASSERT_GE(server, 0);
+  if (server == 0) {
+    execlp("sleep", "sleep", "1", nullptr);
+    _exit(127);
+  }
+  std::string start;
+  ASSERT_TRUE(Eventually([&] {
+    std::ifstream in(absl::StrCat("/proc/", server, "/stat"));
+    std::string line;
+    if (!std::getline(in, line) || line.find("(sleep)") == std::string::npos)
+      return false;  // not exec'd yet
+    std::istringstream fields(line.substr(line.rfind(')') + 2));
+    for (int i = 3; i <= 22 && (fields >> start); ++i) {
+    }
+    return !start.empty();
+  }));
+  setenv("TMPDIR", base.c_str(), 1);  // NOLINT(concurrency-mt-unsafe)
+  const std::string stale = base + "/blockmeta-dead02";
+  ASSERT_EQ(mkdir(stale.c_str(), 0700), 0);
+  { std::ofstream(stale + "/owner") << "999999999 12345\n"; }
+  { std::ofstream(stale + "/server") << server << " " << start << "\n"; }
+  EXPECT_EQ(CleanStaleSpawnDirs(), 1);
+  unsetenv("TMPDIR");  // NOLINT(concurrency-mt-unsafe)
+  // It has exited by now (a zombie of ours: reaped here without waiting).
+  int st = 0;
+  EXPECT_EQ(waitpid(server, &st, WNOHANG), server);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0);
   EXPECT_EQ(rmdir(base.c_str()), 0);
 }
 

@@ -92,6 +92,8 @@ struct UpstreamStats {
   // Small reads sent on idle connections to learn of a server shutting
   // down (not in commands_issued).
   uint64_t health_probes = 0;
+  // Exits of a spawned server that found a qcow2 bitmap inconsistent.
+  uint64_t bitmap_inconsistent_exits = 0;
   std::vector<Connection> connections;  // the live ones
 
   // The persistent store (filled by StoreUpstream, server/upstream/
