@@ -8,6 +8,11 @@
 // keep the cache (TTL, reconnect invalidation, freeing a removed export),
 // the NBD shim's export list and its sessions in step.
 //
+// Health (grpc.health.v1, export_health.h): every export's service name
+// answers from the registry itself, so it exists from the moment the export
+// is added (file or Admin API) and is gone the moment it is removed; the
+// hooks and a 500 ms loop push changes to Watch streams.
+//
 // Lifecycle: Create() validates the config and builds everything; Start()
 // binds the listeners (nothing is served before); Shutdown(grace) marks
 // health NOT_SERVING, stops accepting, lets in-flight calls finish until the
@@ -27,6 +32,7 @@
 #include "absl/time/time.h"
 #include "blockmeta/v1/config.pb.h"
 #include "server/common/mutex.h"
+#include "server/service/export_health.h"
 #include "server/upstream/export_registry.h"
 
 namespace grpc {
@@ -47,12 +53,10 @@ class CsiIdentityService;
 class CsiService;
 class CsiSnapshotMetadataService;
 class NbdServer;
+class HealthGrpcService;
 
 // Fills unset fields with the documented defaults (config.proto).
 void ApplyDefaults(blockmeta::v1::ServerConfig* config);
-
-// The health-check service name for one export's readiness.
-std::string ExportHealthServiceName(const std::string& export_name);
 
 class BlockMetaServer {
  public:
@@ -103,6 +107,9 @@ class BlockMetaServer {
   std::unique_ptr<CsiSnapshotMetadataService> csi_service_;
   std::unique_ptr<AdminService> admin_;
   std::unique_ptr<AdminGrpcService> admin_grpc_;
+  // grpc.health.v1 (export_health.h says what each service name answers).
+  std::unique_ptr<ExportHealth> export_health_;
+  std::unique_ptr<HealthGrpcService> health_;
   std::unique_ptr<grpc::Server> server_;
   blockmeta::v1::ServerConfig startup_file_;  // set before Start()
   int grpc_port_ = 0;
