@@ -6,7 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 namespace blockmeta::client {
 namespace {

@@ -20,7 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 #include "server/common/log.h"
 #include "server/upstream/export_registry.h"
 #include "server/upstream/nbd_upstream.h"

@@ -9,7 +9,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 namespace blockmeta {
 namespace {

@@ -23,7 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 extern char** environ;
 
