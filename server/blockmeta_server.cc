@@ -189,13 +189,15 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
         std::vector<nbd::ShimExport>{}, s->cache_.get(),
         WithDefaultTlsFiles(c.nbd(), c.tls()));
     const NbdServer* nbd = s->nbd_.get();  // outlives metrics_ (declared first)
-    s->metrics_->SetShimCounters([nbd] {
+    const uint64_t cap = c.nbd().max_connections();  // after ApplyDefaults
+    s->metrics_->SetShimCounters([nbd, cap] {
       ShimCounters n;
       n.connections = nbd->ActiveConnections();
       n.rejected = nbd->RejectedConnections();
       n.evicted_handshakes = nbd->EvictedConnections();
       n.evicted_idle = nbd->EvictedIdleSessions();
       n.buffered_bytes = nbd->BufferedBytes();
+      n.max_connections = cap;
       return n;
     });
   }
