@@ -431,6 +431,7 @@ void NbdServer::OnAccept(int fd) {
 }
 
 void NbdServer::ReapLocked() {
+  mu_.AssertHeld();
   for (auto it = slots_.begin(); it != slots_.end();) {
     if ((*it)->done.load()) {
       (*it)->thread.join();

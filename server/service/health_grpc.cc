@@ -74,6 +74,7 @@ class HealthGrpcService::WatchReactor final
   // Writes want_ if it differs from what was sent and nothing is in
   // flight; ends the stream when asked to and everything was written.
   void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    mu_.AssertHeld();
     if (finished_ || writing_) return;
     if (!sent_any_ || want_ != sent_) {
       sent_any_ = true;
@@ -87,6 +88,7 @@ class HealthGrpcService::WatchReactor final
   }
   void FinishLocked(const grpc::Status& status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    mu_.AssertHeld();
     if (finished_) return;
     finished_ = true;
     Finish(status);

@@ -299,6 +299,7 @@ absl::StatusOr<ExportRegistry::AddResult> ExportRegistry::Add(
 
 absl::StatusOr<ExportRegistry::AddResult> ExportRegistry::AddLocked(
     const blockmeta::v1::ExportConfig& config, ExportOrigin origin) {
+  admin_mu_.AssertHeld();
   const std::string& name = config.name();
   uint64_t generation = 0;
   {
@@ -376,6 +377,7 @@ absl::StatusOr<ExportRef> ExportRegistry::Remove(const std::string& name) {
 
 absl::StatusOr<ExportRef> ExportRegistry::RemoveLocked(
     const std::string& name) {
+  admin_mu_.AssertHeld();
   ExportRef gone;
   {
     sync::MutexLock lock(&mu_);

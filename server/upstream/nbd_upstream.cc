@@ -332,6 +332,7 @@ class Core : public std::enable_shared_from_this<Core> {
 
  private:
   absl::Status NotReadyLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    mu_.AssertHeld();
     return absl::UnavailableError(
         absl::StrCat("export ", name_, ": upstream not connected",
                      last_error_.empty() ? "" : ": ", last_error_));
@@ -853,6 +854,7 @@ void Core::ScheduleAttempt(absl::Time when) {
 }
 
 void Core::ScheduleAttemptLocked(absl::Time when) {
+  mu_.AssertHeld();
   if (stopped_) return;
   if (attempt_scheduled_ && attempt_at_ <= when) return;
   attempt_scheduled_ = true;
@@ -872,6 +874,7 @@ void Core::ScheduleAttemptLocked(absl::Time when) {
 }
 
 void Core::RetryLaterLocked() {
+  mu_.AssertHeld();
   std::uniform_real_distribution<double> jitter(0.5, 1.5);
   const absl::Duration wait = backoff_ * jitter(rng_);
   backoff_ = std::min(backoff_ * 2, kMaxBackoff);
@@ -879,6 +882,7 @@ void Core::RetryLaterLocked() {
 }
 
 void Core::GenerationChangedLocked() {
+  mu_.AssertHeld();
   if (notify_scheduled_) return;
   notify_scheduled_ = true;
   std::weak_ptr<Core> weak = weak_from_this();

@@ -289,6 +289,7 @@ absl::Status SpawnedServer::Start() {
 }
 
 void SpawnedServer::ReapLocked(int wstatus) {
+  mu_.AssertHeld();
   exit_description_ = absl::StrCat(Describe(wstatus), ": ", LogTail());
   pid_ = -1;
 }
