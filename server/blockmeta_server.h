@@ -1,7 +1,8 @@
 // server/blockmeta_server.h — assembles one blockmeta process: the export
-// registry and upstreams, the shared ExtentCache, per-export worker pools, the
-// gRPC server (BlockMeta, CSI SnapshotMetadata, health, reflection, metrics
-// interceptor), the metrics endpoint and the NBD shim.
+// registry and upstreams, the shared ExtentCache, the one worker pool (with
+// per-export lanes), the gRPC server (BlockMeta, CSI SnapshotMetadata,
+// health, reflection, metrics interceptor), the metrics endpoint and the
+// NBD shim.
 //
 // Exports change at run time: Reload() applies a config file's export set
 // (SIGHUP), the Admin service adds and removes exports; the registry's hooks
