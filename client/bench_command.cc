@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/bench.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta::client {
 namespace {

@@ -10,9 +10,12 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fake_blockmeta_server.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::client {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using testing::FakeServer;
 using ::testing::HasSubstr;
@@ -73,16 +76,16 @@ TEST(Bench, HealthAndErrorsByCode) {
 TEST(Bench, RejectsBadOptions) {
   BenchOptions o = Quick("127.0.0.1:1");
   o.concurrency = 0;
-  EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(RunBench(o), StatusIs(absl::StatusCode::kInvalidArgument));
   o = Quick("127.0.0.1:1");
   o.threads = 8;
-  EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(RunBench(o), StatusIs(absl::StatusCode::kInvalidArgument));
   o = Quick("127.0.0.1:1");
   o.export_name = "";
-  EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(RunBench(o), StatusIs(absl::StatusCode::kInvalidArgument));
   o = Quick("127.0.0.1:1");
   o.pattern = BenchPattern::kRandom;
-  EXPECT_EQ(RunBench(o).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(RunBench(o), StatusIs(absl::StatusCode::kUnavailable));
 }
 
 TEST(Bench, Median) {
@@ -170,11 +173,11 @@ TEST(BenchPlan, FailedProbeNamesItsStep) {
   auto on_run = [&](const BenchResult&) { ran = true; };
   std::string step;
   auto r = RunBenchPlan(plan, client.get(), on_run, &log, &step);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(step, "warming the cache (MapExtents)");
   plan.warm = false;
   r = RunBenchPlan(plan, client.get(), on_run, &log, &step);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(step, "GetExportInfo");
   EXPECT_FALSE(ran);
 
@@ -182,7 +185,7 @@ TEST(BenchPlan, FailedProbeNamesItsStep) {
   ASSERT_NE(unreachable, nullptr);
   plan.mode = BenchMode::kHealth;
   r = RunBenchPlan(plan, unreachable.get(), on_run, &log, &step);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(step, "health check");
   EXPECT_FALSE(ran);
 }

@@ -14,9 +14,12 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fake_blockmeta_server.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::client {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using testing::FakeServer;
 using testing::kDiskSize;
@@ -78,8 +81,8 @@ TEST(BlockMetaClient, UnaryCalls) {
   auto info = client->GetExportInfo("disk");
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->size(), kDiskSize);
-  EXPECT_EQ(client->GetExportInfo("nope").status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(client->GetExportInfo("nope"),
+              StatusIs(absl::StatusCode::kNotFound));
 
   v1::GetExtentsRequest req;
   req.set_export_name("disk");
@@ -89,8 +92,7 @@ TEST(BlockMetaClient, UnaryCalls) {
   EXPECT_EQ(ext->extents_size(), 3);
   EXPECT_EQ(ext->next_offset(), 3 * kExtentSize);
   req.set_offset(kDiskSize);
-  EXPECT_EQ(client->GetExtents(req).status().code(),
-            absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(client->GetExtents(req), StatusIs(absl::StatusCode::kOutOfRange));
 
   v1::InvalidateCacheRequest inv;
   auto dropped = client->InvalidateCache(inv);
@@ -100,12 +102,11 @@ TEST(BlockMetaClient, UnaryCalls) {
   auto stats = client->GetStats("");
   ASSERT_TRUE(stats.ok());
   EXPECT_EQ(stats->total().hits(), 7u);
-  EXPECT_EQ(client->GetStats("nope").status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(client->GetStats("nope"), StatusIs(absl::StatusCode::kNotFound));
 
   server.service().unary_code = static_cast<int>(grpc::StatusCode::ABORTED);
   auto failed = client->ListExports();
-  EXPECT_EQ(failed.status().code(), absl::StatusCode::kAborted);
+  EXPECT_THAT(failed, StatusIs(absl::StatusCode::kAborted));
   EXPECT_EQ(failed.status().message(), "injected");
 }
 
@@ -117,8 +118,8 @@ TEST(BlockMetaClient, Health) {
   EXPECT_EQ(*h, ServingStatus::kServing);
   server.SetServing(false);
   EXPECT_EQ(*client->Health(""), ServingStatus::kNotServing);
-  EXPECT_EQ(client->Health("no.such.Service").status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(client->Health("no.such.Service"),
+              StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST(BlockMetaClient, UnixSocket) {
@@ -139,13 +140,13 @@ TEST(BlockMetaClient, UnreachableIsUnavailableAndFast) {
   auto client = ConnectTo(address);
   absl::Time start = absl::Now();
   absl::Status s = client->ListExports().status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_TRUE(IsServerUnreachable(s)) << s;
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
   auto it = client->MapExtents(v1::MapExtentsRequest());
   v1::Extent e;
   s = it->Next(&e).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_TRUE(IsServerUnreachable(s)) << s;
   EXPECT_EQ(it->resumes(), 4);  // max_attempts 5: 4 retries.
 }
@@ -153,13 +154,13 @@ TEST(BlockMetaClient, UnreachableIsUnavailableAndFast) {
 TEST(BlockMetaClient, ConnectRejectsBadOptions) {
   ClientOptions o;
   o.target = "nohost";
-  EXPECT_EQ(BlockMetaClient::Connect(o).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(BlockMetaClient::Connect(o),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   o.target = "localhost:1";
   o.tls.enabled = true;
   o.tls.ca_file = "/nonexistent/ca.pem";
-  EXPECT_EQ(BlockMetaClient::Connect(o).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(BlockMetaClient::Connect(o),
+              StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST(ExtentIterator, WholeDiskAndSubrange) {
@@ -202,15 +203,15 @@ TEST(ExtentIterator, PermanentErrorsAreNotRetried) {
   req.set_export_name("nope");
   auto it = client->MapExtents(req);
   v1::Extent e;
-  EXPECT_EQ(it->Next(&e).status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(it->Next(&e).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(it->Next(&e), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(it->Next(&e), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(it->resumes(), 0);
   EXPECT_EQ(server.service().map_calls, 1);
 
   req.set_export_name("disk");
   req.set_context("qemu:dirty-bitmap:zz");
-  EXPECT_EQ(client->MapExtents(req)->Next(&e).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(client->MapExtents(req)->Next(&e),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
 TEST(ExtentIterator, ResumesAfterUnavailable) {
@@ -250,7 +251,7 @@ TEST(ExtentIterator, GivesUpAfterMaxAttemptsWithoutProgress) {
   req.set_export_name("disk");
   auto it = client->MapExtents(req);
   auto r = Drain(it.get(), 0);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_NE(r.status().message().find("after 5 attempts"), std::string::npos)
       << r.status();
   // The server answered each UNAVAILABLE itself: it is there.
@@ -332,7 +333,7 @@ TEST(ExtentIterator, ContractViolationIsInternal) {
   req.set_export_name("disk");
   auto it = client->MapExtents(req);
   auto r = Drain(it.get(), 0);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kInternal));
   EXPECT_EQ(it->resumes(), 0);
 }
 

@@ -7,8 +7,8 @@
 
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
-#include "server/common/errno_text.h"
-#include "server/common/quote.h"
+#include "common/errno_text.h"
+#include "common/quote.h"
 
 namespace blockmeta::client {
 namespace {

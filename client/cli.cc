@@ -19,7 +19,7 @@
 #include "client/export_commands.h"
 #include "client/map_commands.h"
 #include "client/query_commands.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta::client {
 namespace {

@@ -2,9 +2,12 @@
 #include "client/client_options.h"
 
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::client {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 absl::StatusCode Check(const std::string& target) {
   ClientOptions o;
@@ -34,19 +37,19 @@ TEST(ValidateOptions, Targets) {
 TEST(ValidateOptions, TlsAndPolicy) {
   ClientOptions o;
   o.tls.cert_file = "c.pem";
-  EXPECT_EQ(ValidateOptions(o).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ValidateOptions(o), StatusIs(absl::StatusCode::kInvalidArgument));
   o.tls.enabled = true;
-  EXPECT_EQ(ValidateOptions(o).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ValidateOptions(o), StatusIs(absl::StatusCode::kInvalidArgument));
   o.tls.key_file = "k.pem";
-  EXPECT_EQ(ValidateOptions(o).code(), absl::StatusCode::kOk);
+  EXPECT_THAT(ValidateOptions(o), StatusIs(absl::StatusCode::kOk));
   o.deadline = absl::ZeroDuration();
-  EXPECT_EQ(ValidateOptions(o).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ValidateOptions(o), StatusIs(absl::StatusCode::kInvalidArgument));
   o.deadline = absl::Seconds(1);
   o.retry.max_attempts = 0;
-  EXPECT_EQ(ValidateOptions(o).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ValidateOptions(o), StatusIs(absl::StatusCode::kInvalidArgument));
   o.retry.max_attempts = 1;
   o.retry.max_backoff = absl::Milliseconds(1);
-  EXPECT_EQ(ValidateOptions(o).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ValidateOptions(o), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 }  // namespace

@@ -6,8 +6,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "client/units.h"
+#include "common/quote.h"
 #include "google/protobuf/util/json_util.h"
-#include "server/common/quote.h"
 
 namespace blockmeta::client {
 

@@ -11,7 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "client/units.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta::client {
 namespace {

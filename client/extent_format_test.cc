@@ -8,9 +8,12 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::client {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using blockmeta::v1::Extent;
 
@@ -188,10 +191,10 @@ TEST(ExtentFormat, RejectsQemuJsonTotals) {
   WriterOptions o;
   o.format = OutputFormat::kQemuJson;
   o.totals = true;
-  EXPECT_EQ(MakeExtentWriter(o, &out).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ParseOutputFormat("yaml").status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(MakeExtentWriter(o, &out),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseOutputFormat("yaml"),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(*ParseOutputFormat("nbdinfo"), OutputFormat::kNbdinfo);
 }
 

@@ -11,7 +11,7 @@
 #include "absl/time/clock.h"
 #include "client/extent_format.h"
 #include "client/units.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta::client {
 namespace {

@@ -8,7 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta::client {
 namespace {

@@ -2,9 +2,12 @@
 #include "client/units.h"
 
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::client {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 TEST(ParseSize, PlainAndSuffixes) {
   EXPECT_EQ(*ParseSize("0"), 0u);
@@ -29,7 +32,7 @@ TEST(ParseSize, Rejects) {
        {"", "k", "-1", "1x", "1.5", "1.", ".5k", "1KX", "16E",
         "18446744073709551616", "1 G", "0x10", "1.0000001k", "abc"}) {
     absl::StatusOr<uint64_t> v = ParseSize(bad);
-    EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(v, StatusIs(absl::StatusCode::kInvalidArgument)) << bad;
   }
   EXPECT_NE(ParseSize("1x").status().message().find("invalid size \"1x\""),
             absl::string_view::npos);
@@ -55,8 +58,7 @@ TEST(ParseTimeout, Forms) {
   EXPECT_EQ(*ParseTimeout("0.5"), absl::Milliseconds(500));
   for (const char* bad :
        {"", "0", "0s", "-1s", "-2", "soon", "inf", "5 parsecs"}) {
-    EXPECT_EQ(ParseTimeout(bad).status().code(),
-              absl::StatusCode::kInvalidArgument)
+    EXPECT_THAT(ParseTimeout(bad), StatusIs(absl::StatusCode::kInvalidArgument))
         << bad;
   }
 }

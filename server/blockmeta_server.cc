@@ -15,13 +15,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/errno_text.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "grpcpp/ext/health_check_service_server_builder_option.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
-#include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "server/cache/extent_cache.h"
-#include "server/common/errno_text.h"
 #include "server/common/log.h"
 #include "server/common/tls_grpc.h"
 #include "server/common/worker_pools.h"
@@ -32,6 +32,7 @@
 #include "server/service/block_meta_grpc.h"
 #include "server/service/csi_grpc.h"
 #include "server/service/extent_service.h"
+#include "server/service/health_grpc.h"
 #include "server/service/metrics.h"
 #include "server/service/request_log.h"
 #include "server/store/content_identity.h"
@@ -193,10 +194,6 @@ void ApplyDefaults(v1::ServerConfig* c) {
   }
 }
 
-std::string ExportHealthServiceName(const std::string& export_name) {
-  return absl::StrCat("blockmeta.v1.BlockMeta/", export_name);
-}
-
 BlockMetaServer::BlockMetaServer(v1::ServerConfig config)
     : config_(std::move(config)) {}
 
@@ -293,18 +290,26 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
   s->admin_grpc_ = std::make_unique<AdminGrpcService>(
       s->admin_.get(), std::vector<std::string>(c.admin_identities().begin(),
                                                 c.admin_identities().end()));
+  s->export_health_ = std::make_unique<ExportHealth>(s->registry_.get());
+  ExportHealth* export_health = s->export_health_.get();
+  s->health_ = std::make_unique<HealthGrpcService>(
+      [export_health](const std::string& service) {
+        return export_health->Status(service);
+      });
   if (!c.nbd_listen().empty() || !c.nbd_unix_socket().empty()) {
     s->nbd_ = std::make_unique<NbdServer>(
         std::vector<nbd::ShimExport>{}, s->cache_.get(),
         WithDefaultTlsFiles(c.nbd(), c.tls()));
     const NbdServer* nbd = s->nbd_.get();  // outlives metrics_ (declared first)
-    s->metrics_->SetShimCounters([nbd] {
+    const uint64_t cap = c.nbd().max_connections();  // after ApplyDefaults
+    s->metrics_->SetShimCounters([nbd, cap] {
       ShimCounters n;
       n.connections = nbd->ActiveConnections();
       n.rejected = nbd->RejectedConnections();
       n.evicted_handshakes = nbd->EvictedConnections();
       n.evicted_idle = nbd->EvictedIdleSessions();
       n.buffered_bytes = nbd->BufferedBytes();
+      n.max_connections = cap;
       return n;
     });
   }
@@ -365,6 +370,7 @@ ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
             {{"export", name},
              {"generation", e->generation},
              {"origin", e->origin == ExportOrigin::kApi ? "api" : "file"}});
+    health_->Refresh();  // Watch streams of this name see it at once
   };
   hooks.updated = [this, apply_ttl](const ExportRef& e) {
     apply_ttl(e);
@@ -381,6 +387,8 @@ ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
       nbd_->CloseExport(e->config.name(), absl::ZeroDuration());
     }
     metrics_->ForgetExport(e->config.name());
+    export_health_->Forget(e->generation);
+    health_->Refresh();  // its name is unknown from now on
     LogInfo("export_removed",
             {{"export", e->config.name()}, {"generation", e->generation}});
   };
@@ -440,7 +448,6 @@ absl::Status BlockMetaServer::Start() {
       MakeCredentials(c.tls());
   if (!creds.ok()) return creds.status();
 
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   // One instance per address: without SO_REUSEPORT (gRPC sets it by
@@ -482,6 +489,11 @@ absl::Status BlockMetaServer::Start() {
   builder.RegisterService(csi_identity_.get());
   builder.RegisterService(csi_service_.get());
   builder.RegisterService(admin_grpc_.get());
+  // Our own health service (health_grpc.h), not gRPC's built-in one, which
+  // cannot forget a removed export's name.
+  builder.SetOption(
+      std::make_unique<grpc::HealthCheckServiceServerBuilderOption>(nullptr));
+  builder.RegisterService(health_.get());
   builder.SetMaxReceiveMessageSize(
       static_cast<int>(c.grpc().max_message_bytes()));
   builder.SetMaxSendMessageSize(static_cast<int>(c.grpc().max_message_bytes()));
@@ -550,31 +562,19 @@ absl::Status BlockMetaServer::Start() {
     sync::MutexLock lock(&mu_);
     serving_ = true;
   }
+  export_health_->CountCurrentExports();  // the start-up set
   health_thread_ = std::thread([this] { HealthLoop(); });
   return absl::OkStatus();
 }
 
 void BlockMetaServer::HealthLoop() {
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  absl::flat_hash_set<std::string> known;  // names given a status
+  // Readiness changes without a call (connections drop and come back):
+  // re-evaluate what Watch streams see. Check always asks afresh.
   do {
-    bool all_ready = true;
-    absl::flat_hash_set<std::string> now;
-    for (const ExportRef& e : registry_->All()) {
-      bool ready = e->upstream->Ready();
-      all_ready = all_ready && ready;
-      health->SetServingStatus(ExportHealthServiceName(e->config.name()),
-                               ready);
-      now.insert(e->config.name());
-    }
-    for (const std::string& gone : known) {
-      if (!now.contains(gone)) {
-        health->SetServingStatus(ExportHealthServiceName(gone), false);
-      }
-    }
-    known = std::move(now);
-    health->SetServingStatus("blockmeta.v1.BlockMeta", all_ready);
-    health->SetServingStatus("", true);
+    // Lets an export that connected since the last tick join the aggregate
+    // even when nobody asked in between.
+    (void)export_health_->Status(kBlockMetaHealthService);
+    health_->Refresh();
   } while (
       !stop_health_.WaitForNotificationWithTimeout(absl::Milliseconds(500)));
 }
@@ -587,10 +587,7 @@ void BlockMetaServer::Shutdown(absl::Duration grace) {
   }
   stop_health_.Notify();
   if (health_thread_.joinable()) health_thread_.join();
-  if (grpc::HealthCheckServiceInterface* health =
-          server_->GetHealthCheckService()) {
-    health->Shutdown();  // every service NOT_SERVING; Watch streams end
-  }
+  health_->Shutdown();  // every service NOT_SERVING; Watch streams end
   if (nbd_ != nullptr) nbd_->Shutdown();
   server_->Shutdown(std::chrono::system_clock::now() +
                     absl::ToChronoMilliseconds(grace));

@@ -1,12 +1,18 @@
 // server/blockmeta_server.h — assembles one blockmeta process: the export
-// registry and upstreams, the shared ExtentCache, per-export worker pools, the
-// gRPC server (BlockMeta, CSI SnapshotMetadata, health, reflection, metrics
-// interceptor), the metrics endpoint and the NBD shim.
+// registry and upstreams, the shared ExtentCache, the one worker pool (with
+// per-export lanes), the gRPC server (BlockMeta, CSI SnapshotMetadata,
+// health, reflection, metrics interceptor), the metrics endpoint and the
+// NBD shim.
 //
 // Exports change at run time: Reload() applies a config file's export set
 // (SIGHUP), the Admin service adds and removes exports; the registry's hooks
 // keep the cache (TTL, reconnect invalidation, freeing a removed export),
 // the NBD shim's export list and its sessions in step.
+//
+// Health (grpc.health.v1, export_health.h): every export's service name
+// answers from the registry itself, so it exists from the moment the export
+// is added (file or Admin API) and is gone the moment it is removed; the
+// hooks and a 500 ms loop push changes to Watch streams.
 //
 // Lifecycle: Create() validates the config and builds everything; Start()
 // binds the listeners (nothing is served before); Shutdown(grace) marks
@@ -29,6 +35,7 @@
 #include "blockmeta/v1/config.pb.h"
 #include "server/common/mutex.h"
 #include "server/common/unix_socket.h"
+#include "server/service/export_health.h"
 #include "server/upstream/export_registry.h"
 
 namespace grpc {
@@ -50,12 +57,10 @@ class CsiIdentityService;
 class CsiService;
 class CsiSnapshotMetadataService;
 class NbdServer;
+class HealthGrpcService;
 
 // Fills unset fields with the documented defaults (config.proto).
 void ApplyDefaults(blockmeta::v1::ServerConfig* config);
-
-// The health-check service name for one export's readiness.
-std::string ExportHealthServiceName(const std::string& export_name);
 
 class BlockMetaServer {
  public:
@@ -107,6 +112,9 @@ class BlockMetaServer {
   std::unique_ptr<CsiSnapshotMetadataService> csi_service_;
   std::unique_ptr<AdminService> admin_;
   std::unique_ptr<AdminGrpcService> admin_grpc_;
+  // grpc.health.v1 (export_health.h says what each service name answers).
+  std::unique_ptr<ExportHealth> export_health_;
+  std::unique_ptr<HealthGrpcService> health_;
   std::unique_ptr<grpc::Server> server_;
   // The gRPC and CSI Unix socket files, published at their paths once gRPC
   // listens under private names (server/common/unix_socket.h); each removes

@@ -52,8 +52,10 @@
 //
 // Thread-safety: all methods are thread-safe. Lookups of a key take its
 // lock shared; fills and invalidations take it exclusively and briefly.
-// Keys are created on first use and never removed (their counters live on):
-// callers must pass only configured exports and negotiated contexts.
+// Keys are created on first use and live until RemoveExport(name) frees
+// every key of that export with its counters (the server calls it once a
+// removed export has drained): callers must pass only configured exports
+// and negotiated contexts.
 #ifndef BLOCKMETA_SERVER_CACHE_EXTENT_CACHE_H_
 #define BLOCKMETA_SERVER_CACHE_EXTENT_CACHE_H_
 

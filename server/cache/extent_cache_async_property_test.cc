@@ -48,6 +48,7 @@
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
+#include "tests/testing/cache_property_model.h"
 #include "tests/testing/random_answer.h"
 
 namespace blockmeta {
@@ -57,10 +58,9 @@ constexpr int kSeeds = 16;
 constexpr int kSteps = 2500;
 constexpr int kKeyCount = testing::kPropertyKeys;
 
-const CacheKey kXBase{"x", "base:allocation"};
-const CacheKey kXDirty{"x", "qemu:dirty-bitmap:d"};
-const CacheKey kYBase{"y", "base:allocation"};
-const CacheKey* const kKeys[kKeyCount] = {&kXBase, &kXDirty, &kYBase};
+const CacheKey& kXDirty = testing::PropertyKey(1);
+const CacheKey* const kKeys[kKeyCount] = {&testing::PropertyKey(0), &kXDirty,
+                                          &testing::PropertyKey(2)};
 
 // A Get() that has to wait for the upstream gives up after this; the fetch
 // runs on (detached) and is delivered by a later step.
@@ -388,19 +388,9 @@ class AsyncPropertyRun {
   // A Lookup() (or any answer from the cache alone) equals the disk now.
   void CheckNow(int k, uint64_t off, uint64_t len, const LookupResult& r,
                 const char* what) {
-    const uint64_t end = std::min(off + len, std::max(size_, off));
-    uint64_t pos = off;
-    for (const Extent& e : r.extents) {
-      ASSERT_EQ(e.offset, pos) << what << " not contiguous " << Where();
-      ASSERT_LE(e.end(), end) << what << Where();
-      for (uint64_t u = e.offset / unit_; u * unit_ < e.end(); ++u) {
-        ASSERT_EQ(e.flags, truth_[k][u])
-            << what << " served " << e << " key " << k << " unit " << u
-            << " that the upstream does not report now " << Where();
-      }
-      pos = e.end();
-    }
-    ASSERT_EQ(r.next_offset, pos) << what << Where();
+    ASSERT_TRUE(testing::MatchesTruth(off, len, size_, unit_, r, truth_[k]))
+        << what << " key " << k << ": not what the upstream reports now "
+        << Where();
   }
 
   void GetAndCheck(int k, uint64_t off, uint64_t len, size_t max_extents,
@@ -464,11 +454,8 @@ class AsyncPropertyRun {
 
   // A byte range covering units [ua, ub), sometimes wider or to the end.
   std::pair<uint64_t, uint64_t> CoveringRange(uint64_t ua, uint64_t ub) {
-    uint64_t a = ua * unit_;
-    if (Rand(2) && a > 0) a -= 1 + Rand(std::min<uint64_t>(a, unit_));
-    if (Rand(10) == 0) return {a, 0};  // to the end
-    const uint64_t b = ub * unit_ + Rand(unit_ + 1);
-    return {a, b - a};
+    return testing::CoveringRange(ua, ub, unit_, /*to_end_one_in=*/10,
+                                  [this](uint64_t n) { return Rand(n); });
   }
 
   void Commit() { history_.push_back({truth_[0], truth_[1], truth_[2]}); }
@@ -476,27 +463,20 @@ class AsyncPropertyRun {
   // A write: the export's allocation changes and (export x) its bitmap
   // turns dirty; then every context of the export is invalidated.
   void DoWrite() {
-    const bool x = Rand(2) == 0;
-    const uint64_t ua = Rand(units_);
-    const uint64_t ub = std::min(units_, ua + 1 + Rand(Rand(2) ? 3 : 60));
-    const int base = x ? 0 : 2;
-    const uint32_t f = RandomFlags(base);
-    for (uint64_t u = ua; u < ub; ++u) {
-      truth_[base][u] = Rand(4) == 0 ? RandomFlags(base) : f;
-      if (x) truth_[1][u] = kStateDirty;
-    }
+    const testing::ModelChange c =
+        testing::ApplyModelWrite(truth_, units_, /*long_run=*/60,
+                                 [this](uint64_t n) { return Rand(n); });
     Commit();
-    auto [a, l] = CoveringRange(ua, ub);
-    cache_->InvalidateExportRange(x ? "x" : "y", a, l);
+    auto [a, l] = CoveringRange(c.ua, c.ub);
+    cache_->InvalidateExportRange(c.export_name(), a, l);
   }
 
   // The bitmap is cleared (after a backup): one context changes.
   void DoClearBitmap() {
-    const uint64_t ua = Rand(units_);
-    const uint64_t ub = std::min(units_, ua + 1 + Rand(60));
-    for (uint64_t u = ua; u < ub; ++u) truth_[1][u] = 0;
+    const testing::ModelChange c = testing::ApplyModelBitmapClear(
+        truth_, units_, [this](uint64_t n) { return Rand(n); });
     Commit();
-    auto [a, l] = CoveringRange(ua, ub);
+    auto [a, l] = CoveringRange(c.ua, c.ub);
     cache_->Invalidate(kXDirty, a, l);
   }
 

@@ -21,6 +21,7 @@
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
+#include "tests/testing/cache_property_model.h"
 #include "tests/testing/random_answer.h"
 
 namespace blockmeta {
@@ -29,10 +30,9 @@ namespace {
 constexpr int kSeeds = 200;
 constexpr int kOpsPerSeed = 2000;
 
-const CacheKey kXBase{"x", "base:allocation"};
-const CacheKey kXDirty{"x", "qemu:dirty-bitmap:d"};
-const CacheKey kYBase{"y", "base:allocation"};
-const CacheKey* const kKeys[] = {&kXBase, &kXDirty, &kYBase};
+const CacheKey& kXDirty = testing::PropertyKey(1);
+const CacheKey* const kKeys[] = {&testing::PropertyKey(0), &kXDirty,
+                                 &testing::PropertyKey(2)};
 
 class PropertyRun {
  public:
@@ -140,24 +140,12 @@ class PropertyRun {
                    const LookupResult& r, const char* what,
                    const std::vector<uint32_t>* truth = nullptr) {
     if (truth == nullptr) truth = truth_;
-    const uint64_t end = std::min(off + len, std::max(size_, off));
-    uint64_t pos = off;
-    for (size_t i = 0; i < r.extents.size(); ++i) {
-      const Extent& e = r.extents[i];
-      ASSERT_EQ(e.offset, pos) << what << " not contiguous " << Where();
-      ASSERT_GT(e.length, 0u) << what << Where();
-      ASSERT_LE(e.end(), end) << what << " past request/export " << Where();
-      if (i > 0) {
-        ASSERT_NE(e.flags, r.extents[i - 1].flags)
-            << what << " unmerged neighbours " << Where();
-      }
-      for (uint64_t u = e.offset / unit_; u * unit_ < e.end(); ++u) {
-        ASSERT_EQ(e.flags, truth[k][u]) << what << " key " << k << " extent "
-                                        << e << " unit " << u << " " << Where();
-      }
-      pos = e.end();
+    ASSERT_TRUE(testing::MatchesTruth(off, len, size_, unit_, r, truth[k]))
+        << what << " key " << k << " " << Where();
+    for (size_t i = 1; i < r.extents.size(); ++i) {
+      ASSERT_NE(r.extents[i].flags, r.extents[i - 1].flags)
+          << what << " unmerged neighbours " << Where();
     }
-    ASSERT_EQ(r.next_offset, pos) << what << Where();
     if (max_extents != 0) {
       ASSERT_LE(r.extents.size(), max_extents) << what << Where();
     }
@@ -262,37 +250,27 @@ class PropertyRun {
 
   // A byte range that covers units [ua, ub), sometimes wider, unaligned.
   std::pair<uint64_t, uint64_t> CoveringRange(uint64_t ua, uint64_t ub) {
-    uint64_t a = ua * unit_;
-    if (Rand(2) && a > 0) a -= 1 + Rand(std::min<uint64_t>(a, unit_));
-    if (Rand(8) == 0) return {a, 0};  // to the end
-    uint64_t b = ub * unit_ + Rand(unit_ + 1);
-    return {a, b - a};
+    return testing::CoveringRange(ua, ub, unit_, /*to_end_one_in=*/8,
+                                  [this](uint64_t n) { return Rand(n); });
   }
 
   // A write through the shim: changes the export's allocation and marks
   // its bitmap dirty, then invalidates every context of the export.
   void DoWrite() {
-    const bool x = Rand(2) == 0;
-    const uint64_t ua = Rand(units_);
-    const uint64_t ub = std::min(units_, ua + 1 + Rand(Rand(2) ? 3 : 50));
-    const int base = x ? 0 : 2;
-    const uint32_t f = RandomFlags(base);
-    for (uint64_t u = ua; u < ub; ++u) {
-      truth_[base][u] = Rand(4) == 0 ? RandomFlags(base) : f;
-      if (x) truth_[1][u] = kStateDirty;
-    }
-    auto [a, l] = CoveringRange(ua, ub);
-    cache_->InvalidateExportRange(x ? "x" : "y", a, l);
+    const testing::ModelChange c =
+        testing::ApplyModelWrite(truth_, units_, /*long_run=*/50,
+                                 [this](uint64_t n) { return Rand(n); });
+    auto [a, l] = CoveringRange(c.ua, c.ub);
+    cache_->InvalidateExportRange(c.export_name(), a, l);
     ASSERT_LE(cache_->Counters().memory_bytes, options_.memory_limit_bytes)
         << Where();
   }
 
   // The bitmap was cleared (e.g. after a backup): one context changes.
   void DoClearBitmap() {
-    const uint64_t ua = Rand(units_);
-    const uint64_t ub = std::min(units_, ua + 1 + Rand(60));
-    for (uint64_t u = ua; u < ub; ++u) truth_[1][u] = 0;
-    auto [a, l] = CoveringRange(ua, ub);
+    const testing::ModelChange c = testing::ApplyModelBitmapClear(
+        truth_, units_, [this](uint64_t n) { return Rand(n); });
+    auto [a, l] = CoveringRange(c.ua, c.ub);
     cache_->Invalidate(kXDirty, a, l);
   }
 

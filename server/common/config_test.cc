@@ -6,9 +6,12 @@
 
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 std::string TempFile(const std::string& name, const std::string& content) {
   // TEST_TMPDIR (or /tmp/), with a trailing slash.
@@ -44,18 +47,18 @@ TEST(ConfigTest, ParsesExports) {
 TEST(ConfigTest, UnknownFieldNamesLineAndColumn) {
   absl::StatusOr<blockmeta::v1::ServerConfig> c = ParseServerConfig(
       "grpc_listen: \"x\"\n  exprots { name: \"a\" }\n", "my.textproto");
-  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_THAT(c, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_TRUE(absl::StartsWith(c.status().message(), "my.textproto:2:"))
       << c.status();
   EXPECT_TRUE(absl::StrContains(c.status().message(), "exprots")) << c.status();
 }
 
 TEST(ConfigTest, SyntaxAndTypeErrors) {
-  EXPECT_EQ(ParseServerConfig("exports { name: \"a\"").status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ParseServerConfig("exports { name: \"a\""),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   absl::StatusOr<blockmeta::v1::ServerConfig> c =
       ParseServerConfig("worker_threads: -3\n");
-  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_THAT(c, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_TRUE(absl::StartsWith(c.status().message(), "config:1:"))
       << c.status();
 }
@@ -68,15 +71,14 @@ TEST(ConfigTest, LoadsFile) {
 
   path = TempFile("bad.textproto", "\n\nnbd_listen: 7 7\n");
   c = LoadServerConfig(path);
-  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_THAT(c, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_TRUE(absl::StrContains(c.status().message(), "bad.textproto:3:"))
       << c.status();
 }
 
 TEST(ConfigTest, MissingFile) {
-  EXPECT_EQ(
-      LoadServerConfig("/nonexistent/blockmeta.textproto").status().code(),
-      absl::StatusCode::kNotFound);
+  EXPECT_THAT(LoadServerConfig("/nonexistent/blockmeta.textproto"),
+              StatusIs(absl::StatusCode::kNotFound));
 }
 
 }  // namespace

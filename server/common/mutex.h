@@ -60,6 +60,17 @@ class ABSL_LOCKABLE Mutex {
     BLOCKMETA_TSAN(__tsan_mutex_post_unlock(this, __tsan_mutex_read_lock));
   }
 
+  // Crashes with a diagnostic unless the mutex is held exclusively (absl
+  // checks that some thread holds it as a writer; debug builds of absl
+  // check that it is this thread). Call it first in every *Locked helper:
+  // clang's -Wthread-safety checks the callers at compile time, this checks
+  // them under gcc and at run time. Tells the analysis the lock is held.
+  void AssertHeld() const ABSL_ASSERT_EXCLUSIVE_LOCK() { mu_.AssertHeld(); }
+  // The same for a reader (or writer) hold.
+  void AssertReaderHeld() const ABSL_ASSERT_SHARED_LOCK() {
+    mu_.AssertReaderHeld();
+  }
+
   // cv->WaitWithDeadline on this mutex (held exclusively): releases it while
   // waiting and holds it again on return. True if the deadline passed.
   bool WaitWithDeadline(absl::CondVar* cv, absl::Time deadline)

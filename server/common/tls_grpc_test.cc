@@ -19,9 +19,12 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "server/common/tls_credentials.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 // TEST_TMPDIR (or /tmp), without the trailing slash TempDir() gives.
 std::string Dir() {
@@ -126,7 +129,7 @@ TEST(ReloadingServerCredentials, RotatedCertificateIsServedWithoutARestart) {
 
 TEST(ReloadingServerCredentials, BadFilesFailAtStartUp) {
   auto c = ReloadingServerCredentials({"/nonexistent/cert.pem", "/x", ""});
-  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(c, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_NE(c.status().message().find("/nonexistent/cert.pem"),
             std::string::npos);
 }

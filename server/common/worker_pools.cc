@@ -34,6 +34,7 @@ void WorkerPools::StopAndJoin() {
 }
 
 void WorkerPools::MaybeReadyLocked(Lane* lane) {
+  mu_.AssertHeld();
   if (!lane->in_ring && !lane->tasks.empty() && lane->running < cap_) {
     lane->in_ring = true;
     ring_.push_back(lane);

@@ -2,7 +2,8 @@
 // half of the shim's request path (request.h parses and validates).
 //
 // BLOCK_STATUS is answered from the shared ExtentCache (key: export name +
-// context), whose Fetcher calls Upstream::BlockStatus on a miss; one chunk
+// context), whose AsyncFetcher calls Upstream::AsyncBlockStatus on a miss
+// (the completion fills the cache; the shim never blocks on it); one chunk
 // per selected context, descriptors clipped to the request (never past the
 // export end; fewer bytes than asked is allowed), exactly one descriptor
 // with REQ_ONE, flags exactly as cached. Data commands pass through to the

@@ -20,7 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 #include "server/common/log.h"
 #include "server/common/unix_socket.h"
 
@@ -417,6 +417,7 @@ void NbdServer::OnAccept(int fd) {
 }
 
 void NbdServer::ReapLocked() {
+  mu_.AssertHeld();
   for (auto it = slots_.begin(); it != slots_.end();) {
     if ((*it)->done.load()) {
       (*it)->thread.join();

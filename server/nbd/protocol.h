@@ -3,7 +3,7 @@
 // Owns the numbers of the NBD protocol (NetworkBlockDevice/nbd
 // doc/proto.md) that the shim speaks: fixed newstyle handshake magics,
 // option and option-reply codes, info types, transmission flags, commands,
-// command flags and structured reply types, plus helpers
+// command flags, structured reply types and error values, plus helpers
 // to encode/decode big-endian integers. Header-only; no state.
 #ifndef BLOCKMETA_SERVER_NBD_PROTOCOL_H_
 #define BLOCKMETA_SERVER_NBD_PROTOCOL_H_
@@ -106,8 +106,18 @@ inline constexpr uint16_t kReplyTypeBlockStatus = 5;
 inline constexpr uint16_t kReplyTypeError = (1u << 15) | 1;
 inline constexpr uint16_t kReplyTypeErrorOffset = (1u << 15) | 2;
 
-// NBD error values (doc/proto.md "Error values") have one table:
-// server/upstream/nbd_errors.h (kNbdEinval, ...), beside the status map.
+// Error values (doc/proto.md "Error values"): the only values a reply's
+// error field may carry. They equal Linux errno numbers, but the protocol
+// fixes them, so code converts explicitly (server/upstream/nbd_errors.h maps
+// errno and absl::Status to these) and never sends a host errno as is.
+inline constexpr uint32_t kNbdEperm = 1;        // Operation not permitted
+inline constexpr uint32_t kNbdEio = 5;          // Input/output error
+inline constexpr uint32_t kNbdEnomem = 12;      // Cannot allocate memory
+inline constexpr uint32_t kNbdEinval = 22;      // Invalid argument
+inline constexpr uint32_t kNbdEnospc = 28;      // No space left on device
+inline constexpr uint32_t kNbdEoverflow = 75;   // Value too large
+inline constexpr uint32_t kNbdEnotsup = 95;     // Operation not supported
+inline constexpr uint32_t kNbdEshutdown = 108;  // Server is shutting down
 
 // Strings (export names, context names) must not exceed this (proto.md).
 inline constexpr size_t kMaxStringLength = 4096;

@@ -12,6 +12,7 @@
 #include "server/common/log.h"
 #include "server/service/call_context.h"
 #include "server/service/grpc_status.h"
+#include "server/service/unary_on_pool.h"
 
 namespace blockmeta {
 namespace {
@@ -94,15 +95,13 @@ grpc::ServerUnaryReactor* AdminGrpcService::AddExport(
     return reactor;
   }
   const absl::Time deadline = CallDeadline(context, kDefaultAdminDeadline);
-  pool_.Schedule(
-      [this, context, request, response, reactor, who, start, deadline] {
-        absl::StatusOr<v1::AddExportResponse> r =
-            service_->AddExport(*request, deadline);
-        Audit("AddExport", request->config().name(), context, who, r.status(),
-              start);
-        const absl::Status status = r.status();
-        if (r.ok()) *response = *std::move(r);
-        reactor->Finish(ToGrpcStatus(status));
+  FinishOnPool(
+      pool_, context, reactor, response,
+      [this, request, deadline] {
+        return service_->AddExport(*request, deadline);
+      },
+      [context, request, who, start](const absl::Status& s) {
+        Audit("AddExport", request->config().name(), context, who, s, start);
       });
   return reactor;
 }
@@ -120,14 +119,13 @@ grpc::ServerUnaryReactor* AdminGrpcService::RemoveExport(
     return reactor;
   }
   const absl::Time deadline = CallDeadline(context, kDefaultAdminDeadline);
-  pool_.Schedule(
-      [this, context, request, response, reactor, who, start, deadline] {
-        absl::StatusOr<v1::RemoveExportResponse> r =
-            service_->RemoveExport(*request, deadline);
-        Audit("RemoveExport", request->name(), context, who, r.status(), start);
-        const absl::Status status = r.status();
-        if (r.ok()) *response = *std::move(r);
-        reactor->Finish(ToGrpcStatus(status));
+  FinishOnPool(
+      pool_, context, reactor, response,
+      [this, request, deadline] {
+        return service_->RemoveExport(*request, deadline);
+      },
+      [context, request, who, start](const absl::Status& s) {
+        Audit("RemoveExport", request->name(), context, who, s, start);
       });
   return reactor;
 }

@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/quote.h"
 #include "server/common/log.h"
-#include "server/common/quote.h"
 
 namespace blockmeta {
 namespace {

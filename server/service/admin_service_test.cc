@@ -11,9 +11,12 @@
 #include "gtest/gtest.h"
 #include "server/service/admin_grpc.h"
 #include "tests/testing/fake_upstream.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 
@@ -52,21 +55,21 @@ TEST_F(AdminServiceTest, AddIsIdempotentAndConflictIsAlreadyExists) {
   EXPECT_FALSE(same->created());
   EXPECT_EQ(same->export_info().generation(), a->export_info().generation());
   auto other = admin_.AddExport(AddUri("job1", "nbd://h/b"), Soon());
-  EXPECT_EQ(other.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(other, StatusIs(absl::StatusCode::kAlreadyExists));
   auto bad = admin_.AddExport(AddUri("job2", "ftp://h/b"), Soon());
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(admin_.AddExport(v1::AddExportRequest(), Soon()).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad, StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(admin_.AddExport(v1::AddExportRequest(), Soon()),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(AdminServiceTest, NotReadyIsUnavailableAndCanBeRolledBack) {
   auto stays = admin_.AddExport(AddUri("slow", "nbd://down/a"), Soon());
-  EXPECT_EQ(stays.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(stays, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_NE(registry_.Find("slow"), nullptr);  // keeps reconnecting
   v1::AddExportRequest r = AddUri("gone", "nbd://down/b");
   r.set_remove_on_failure(true);
   auto rolled = admin_.AddExport(r, Soon());
-  EXPECT_EQ(rolled.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(rolled, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_NE(rolled.status().message().find("removed again"), std::string::npos);
   EXPECT_EQ(registry_.Find("gone"), nullptr);
 }
@@ -93,8 +96,8 @@ TEST_F(AdminServiceTest, RemoveThenReAddGetsANewGeneration) {
   ASSERT_TRUE(removed.ok()) << removed.status();
   EXPECT_EQ(removed->generation(), a->export_info().generation());
   EXPECT_FALSE(registry_.Draining("job"));  // returned after the drain
-  EXPECT_EQ(admin_.RemoveExport(rm, Soon()).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(admin_.RemoveExport(rm, Soon()),
+              StatusIs(absl::StatusCode::kNotFound));
   auto again = admin_.AddExport(AddUri("job", "nbd://h/a"), Soon());
   ASSERT_TRUE(again.ok());
   EXPECT_TRUE(again->created());
@@ -115,8 +118,8 @@ TEST_F(AdminServiceTest, UpdateAndListShowOrigin) {
   ASSERT_TRUE(updated.ok()) << updated.status();
   EXPECT_EQ(updated->export_info().config().description(), "nightly");
   u.mutable_config()->set_nbd_uri("nbd://h/other");
-  EXPECT_EQ(admin_.UpdateExport(u).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(admin_.UpdateExport(u),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   auto list = admin_.ListExports();
   ASSERT_TRUE(list.ok());
   ASSERT_EQ(list->exports_size(), 2);

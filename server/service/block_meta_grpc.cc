@@ -8,6 +8,7 @@
 #include "server/service/grpc_status.h"
 #include "server/service/multi_context.h"
 #include "server/service/totals.h"
+#include "server/service/unary_on_pool.h"
 
 namespace blockmeta {
 namespace {
@@ -121,23 +122,14 @@ grpc::ServerUnaryReactor* GetMultiExtents(const CallContext& ctx,
   auto pool = ctx.pools->For(cursor->export_name());
   auto shared = std::make_shared<MultiCursor>(*std::move(cursor));
   ExtentService* service = ctx.service;
-  pool->Schedule([service, context, reactor, response, shared, deadline,
-                  ticket = std::move(ticket)]() mutable {
-    if (context->IsCancelled()) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                                   "call cancelled before it was served"));
-      return;
-    }
-    absl::StatusOr<v1::GetExtentsResponse> r =
-        AnswerMulti(service, shared.get(), deadline);
-    ticket.Release();
-    if (!r.ok()) {
-      reactor->Finish(ToGrpcStatus(r.status()));
-      return;
-    }
-    *response = *std::move(r);
-    reactor->Finish(grpc::Status::OK);
-  });
+  FinishOnPool(
+      pool, context, reactor, response,
+      [service, shared, deadline] {
+        return AnswerMulti(service, shared.get(), deadline);
+      },
+      [ticket = std::move(ticket)](const absl::Status&) mutable {
+        ticket.Release();
+      });
   return reactor;
 }
 
@@ -269,23 +261,15 @@ grpc::ServerUnaryReactor* BlockMetaGrpcService::GetExtents(
   }
   absl::Time deadline = CallDeadline(context, ctx_.default_deadline);
   auto pool = ctx_.pools->For(query->key.export_name);
-  pool->Schedule([this, context, reactor, response, query = *std::move(query),
-                  deadline, ticket = std::move(ticket)]() mutable {
-    if (context->IsCancelled()) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                                   "call cancelled before it was served"));
-      return;
-    }
-    absl::StatusOr<v1::GetExtentsResponse> r =
-        ctx_.service->Answer(query, deadline);
-    ticket.Release();
-    if (!r.ok()) {
-      reactor->Finish(ToGrpcStatus(r.status()));
-      return;
-    }
-    *response = *std::move(r);
-    reactor->Finish(grpc::Status::OK);
-  });
+  ExtentService* service = ctx_.service;
+  FinishOnPool(
+      pool, context, reactor, response,
+      [service, query = *std::move(query), deadline] {
+        return service->Answer(query, deadline);
+      },
+      [ticket = std::move(ticket)](const absl::Status&) mutable {
+        ticket.Release();
+      });
   return reactor;
 }
 

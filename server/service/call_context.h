@@ -1,6 +1,6 @@
 // server/service/call_context.h — what every gRPC handler of blockmeta
-// needs: the transport-free service, the per-export worker pools for
-// blocking work,
+// needs: the transport-free service, the one shared worker pool for
+// blocking work (WorkerPools: per-export lanes with a per-export cap),
 // admission control, and the default deadline. Plus the helpers that turn
 // a gRPC call's deadline into an absl::Time.
 #ifndef BLOCKMETA_SERVER_SERVICE_CALL_CONTEXT_H_

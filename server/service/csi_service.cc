@@ -7,7 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta {
 namespace {}  // namespace

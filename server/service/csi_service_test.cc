@@ -14,9 +14,12 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fake_upstream.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 
@@ -142,50 +145,49 @@ TEST_F(CsiServiceTest, ProbeIsReadyOnlyWhenEveryExportIs) {
 
 TEST_F(CsiServiceTest, MissingIdsAreInvalidArgument) {
   Build(Simple(), SimpleDirty());
-  EXPECT_EQ(csi_->PrepareAllocated(Allocated("")).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(csi_->PrepareDelta(Delta("snap-1", "")).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(csi_->PrepareDelta(Delta("", "snap-2")).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(csi_->PrepareDelta(Delta("", "")).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(csi_->PrepareAllocated(Allocated("snap-2", -1)).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(csi_->PrepareAllocated(Allocated("snap-2", 0, -5)).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(csi_->PrepareAllocated(Allocated("")),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(csi_->PrepareDelta(Delta("snap-1", "")),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(csi_->PrepareDelta(Delta("", "snap-2")),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(csi_->PrepareDelta(Delta("", "")),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(csi_->PrepareAllocated(Allocated("snap-2", -1)),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(csi_->PrepareAllocated(Allocated("snap-2", 0, -5)),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(CsiServiceTest, UnknownSnapshotIsNotFoundWithABoundedMessage) {
   Build(Simple(), SimpleDirty());
   absl::Status s = csi_->PrepareAllocated(Allocated("nope")).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_NE(s.message().find("nope"), absl::string_view::npos);
-  EXPECT_EQ(csi_->PrepareDelta(Delta("snap-1", "nope")).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(csi_->PrepareDelta(Delta("snap-1", "nope")),
+              StatusIs(absl::StatusCode::kNotFound));
   std::string huge(100000, 'x');
   s = csi_->PrepareAllocated(Allocated(huge)).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_LT(s.message().size(), 1024u);
 }
 
 TEST_F(CsiServiceTest, NoChangeTrackingIsFailedPrecondition) {
   Build(Simple(), SimpleDirty());
   absl::Status s = csi_->PrepareDelta(Delta("snap-0", "snap-2")).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_NE(s.message().find("full backup"), absl::string_view::npos);
   // An export without any bitmap.
-  EXPECT_EQ(csi_->PrepareDelta(Delta("snap-1", "other")).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(csi_->PrepareDelta(Delta("snap-1", "other")),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
 TEST_F(CsiServiceTest, PastTheEndIsOutOfRange) {
   Build(Simple(), SimpleDirty());
-  EXPECT_EQ(csi_->PrepareAllocated(Allocated("snap-2", kSize)).status().code(),
-            absl::StatusCode::kOutOfRange);
-  EXPECT_EQ(
-      csi_->PrepareDelta(Delta("snap-1", "snap-2", kSize + 1)).status().code(),
-      absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(csi_->PrepareAllocated(Allocated("snap-2", kSize)),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(csi_->PrepareDelta(Delta("snap-1", "snap-2", kSize + 1)),
+              StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_TRUE(csi_->PrepareAllocated(Allocated("snap-2", kSize - 1)).ok());
 }
 
@@ -330,12 +332,12 @@ TEST(CsiSocketPathTest, AcceptsTheSpecFormsAndRejectsTheRest) {
   EXPECT_EQ(*CsiSocketPath("unix:///csi/csi.sock"), "/csi/csi.sock");
   EXPECT_EQ(*CsiSocketPath("unix:/csi/csi.sock"), "/csi/csi.sock");
   EXPECT_EQ(*CsiSocketPath("/run/csi/socket"), "/run/csi/socket");
-  EXPECT_EQ(CsiSocketPath("tcp://1.2.3.4:5").status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(CsiSocketPath("csi.sock").status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(CsiSocketPath("unix://").status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(CsiSocketPath("tcp://1.2.3.4:5"),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(CsiSocketPath("csi.sock"),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(CsiSocketPath("unix://"),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 }  // namespace

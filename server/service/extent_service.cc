@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta {
 namespace {

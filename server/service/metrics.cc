@@ -280,6 +280,7 @@ class UpstreamCollector final : public prometheus::Collectable {
         BuildFamilies(kConnDefs, conn_labels, conn_rows);
     out.insert(out.end(), conns.begin(), conns.end());
     AddStoreFamilies(labels, rows, &out);
+    out.push_back(ReadyFamily());
     return out;
   }
 
@@ -337,6 +338,22 @@ class UpstreamCollector final : public prometheus::Collectable {
   }
 
  private:
+  // blockmeta_export_ready{export}: 1 while the export's upstream has a
+  // connection up (health service blockmeta.v1.BlockMeta/EXPORT SERVING).
+  prometheus::MetricFamily ReadyFamily() const {
+    prometheus::MetricFamily f;
+    f.name = "blockmeta_export_ready";
+    f.help = "1 while the export's upstream is connected, else 0";
+    f.type = prometheus::MetricType::Gauge;
+    for (const ExportRef& e : registry_->All()) {
+      prometheus::ClientMetric m;
+      m.label.push_back({"export", e->config.name()});
+      m.gauge.value = e->upstream->Ready() ? 1 : 0;
+      f.metric.push_back(std::move(m));
+    }
+    return f;
+  }
+
   const ExportRegistry* registry_;
 };
 
@@ -365,6 +382,9 @@ class ShimCollector final : public prometheus::Collectable {
         {"blockmeta_nbd_buffered_bytes",
          "Request payloads being handled plus replies not yet sent", C::Gauge,
          &ShimCounters::buffered_bytes},
+        {"blockmeta_nbd_max_connections",
+         "The NBD shim's connection cap (nbd.max_connections)", C::Gauge,
+         &ShimCounters::max_connections},
     };
     return BuildFamilies(kDefs, {Labels{}}, {read_()});
   }

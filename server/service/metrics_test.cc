@@ -20,6 +20,8 @@
 namespace blockmeta {
 namespace {
 
+namespace v1 = ::blockmeta::v1;
+
 TEST(MetricsTest, ShimCountersAreReadAtEachScrape) {
   ExtentCache cache{ExtentCache::Options()};
   Metrics m(&cache);
@@ -32,6 +34,7 @@ TEST(MetricsTest, ShimCountersAreReadAtEachScrape) {
     n.evicted_handshakes = 2;
     n.evicted_idle = 1;
     n.buffered_bytes = 4096;
+    n.max_connections = 100;
     return n;
   });
   std::string text = m.Render();
@@ -44,6 +47,7 @@ TEST(MetricsTest, ShimCountersAreReadAtEachScrape) {
   EXPECT_TRUE(absl::StrContains(
       text, "\nblockmeta_nbd_idle_sessions_evicted_total 1\n"));
   EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_nbd_buffered_bytes 4096\n"));
+  EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_nbd_max_connections 100\n"));
   open = 5;
   EXPECT_TRUE(absl::StrContains(m.Render(), "\nblockmeta_nbd_connections 5\n"));
 }
@@ -106,6 +110,27 @@ TEST(MetricsTest, StoreFiguresAndUpstreamCallsWithoutStoreHits) {
       text, "\nblockmeta_store_verify_failures_total{export=\"snap\"} 1\n"));
   EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_store_bytes 9000\n"));
   EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_store_set_aside_total 1\n"));
+}
+
+TEST(MetricsTest, ExportReadyFollowsTheUpstream) {
+  auto up = std::make_unique<FakeUpstream>(1 << 20, 4096, false);
+  FakeUpstream* fake = up.get();  // owned by the registry
+  std::vector<std::pair<v1::ExportConfig, std::unique_ptr<Upstream>>> ups;
+  v1::ExportConfig c;
+  c.set_name("disk");
+  ups.emplace_back(c, std::move(up));
+  std::unique_ptr<ExportRegistry> registry =
+      ExportRegistry::FromUpstreams(std::move(ups));
+  ExtentCache cache{ExtentCache::Options()};
+  Metrics m(&cache, registry.get());
+  EXPECT_TRUE(absl::StrContains(
+      m.Render(), "\nblockmeta_export_ready{export=\"disk\"} 1\n"))
+      << m.Render();
+  fake->set_ready(false);
+  EXPECT_TRUE(absl::StrContains(
+      m.Render(), "\nblockmeta_export_ready{export=\"disk\"} 0\n"));
+  ASSERT_TRUE(registry->Remove("disk").ok());
+  EXPECT_FALSE(absl::StrContains(m.Render(), "export=\"disk\""));
 }
 
 TEST(MetricsTest, ForgetExportDropsItsUpstreamCallSamples) {

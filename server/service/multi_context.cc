@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 namespace blockmeta {
 namespace {

@@ -9,8 +9,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/quote.h"
 #include "google/protobuf/util/message_differencer.h"
-#include "server/common/quote.h"
 #include "server/upstream/nbd_upstream.h"
 
 namespace blockmeta {
@@ -317,6 +317,7 @@ absl::StatusOr<ExportRegistry::AddResult> ExportRegistry::Add(
 
 absl::StatusOr<ExportRegistry::AddResult> ExportRegistry::AddLocked(
     const blockmeta::v1::ExportConfig& config, ExportOrigin origin) {
+  admin_mu_.AssertHeld();
   const std::string& name = config.name();
   uint64_t generation = 0;
   {
@@ -394,6 +395,7 @@ absl::StatusOr<ExportRef> ExportRegistry::Remove(const std::string& name) {
 
 absl::StatusOr<ExportRef> ExportRegistry::RemoveLocked(
     const std::string& name) {
+  admin_mu_.AssertHeld();
   ExportRef gone;
   {
     sync::MutexLock lock(&mu_);

@@ -4,8 +4,8 @@
 #include "server/upstream/export_registry.h"
 
 #include "absl/strings/match.h"
+#include "common/quote.h"
 #include "gtest/gtest.h"
-#include "server/common/quote.h"
 #include "tests/testing/fake_upstream.h"
 #include "tests/testing/nbd_process.h"
 

@@ -16,7 +16,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 extern char** environ;
 

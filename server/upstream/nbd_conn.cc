@@ -93,6 +93,7 @@ void Conn::Retire(Op* op) {
     op->outcome = absl::UnavailableError(
         absl::StrCat("export ", name, ": upstream ", op->what,
                      ": server is shutting down (ESHUTDOWN)"));
+    op->outcome = WithNbdError(std::move(op->outcome), kNbdEshutdown);
   } else if (op->completed && !closing_ && op->error != ENOTCONN) {
     // The server refused this command; the connection is fine.
     op->outcome = StatusFromErrno(

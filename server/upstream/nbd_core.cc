@@ -212,6 +212,7 @@ void Core::ScheduleAttempt(absl::Time when) {
 }
 
 void Core::ScheduleAttemptLocked(absl::Time when) {
+  mu_.AssertHeld();
   if (stopped_) return;
   if (attempt_scheduled_ && attempt_at_ <= when) return;
   attempt_scheduled_ = true;
@@ -231,6 +232,7 @@ void Core::ScheduleAttemptLocked(absl::Time when) {
 }
 
 void Core::RetryLaterLocked() {
+  mu_.AssertHeld();
   std::uniform_real_distribution<double> jitter(0.5, 1.5);
   const absl::Duration wait = backoff_ * jitter(rng_);
   backoff_ = std::min(backoff_ * 2, kMaxBackoff);
@@ -238,6 +240,7 @@ void Core::RetryLaterLocked() {
 }
 
 void Core::GenerationChangedLocked() {
+  mu_.AssertHeld();
   if (notify_scheduled_) return;
   notify_scheduled_ = true;
   std::weak_ptr<Core> weak = weak_from_this();
@@ -313,6 +316,7 @@ void Core::Attempt() {
 }
 
 void Core::NoteServerExitLocked(const std::string& exit) {
+  mu_.AssertHeld();
   if (exit.empty() || ever_connected_) return;
   start_failed_ = true;
   last_error_ = absl::StrCat("export ", name_, ": spawned server [",

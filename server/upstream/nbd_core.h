@@ -139,6 +139,7 @@ class Core : public ConnOwner, public std::enable_shared_from_this<Core> {
 
  private:
   absl::Status NotReadyLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    mu_.AssertHeld();
     if (!closed_.ok()) return closed_;
     return absl::UnavailableError(
         absl::StrCat("export ", name_, ": upstream not connected",

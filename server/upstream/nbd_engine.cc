@@ -13,7 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 namespace blockmeta {
 namespace {
@@ -92,6 +92,7 @@ uint32_t NbdEngine::WantedEvents(nbd_handle* h) {
 }
 
 absl::Status NbdEngine::RegisterLocked(NbdDriven* x, int di, int fd) {
+  x->arm_mu_.AssertHeld();
   Driver* d = drivers_[di].get();
   uint64_t id;
   {

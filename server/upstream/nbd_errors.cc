@@ -4,10 +4,36 @@
 #include <errno.h>
 #include <libnbd.h>
 
+#include <string>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 namespace blockmeta {
+namespace {
+
+// The payload that records the NBD error: its decimal value.
+constexpr char kNbdErrorPayload[] = "type.blockmeta.dev/blockmeta.NbdError";
+
+bool IsNbdError(uint32_t v) {
+  switch (v) {
+    case nbd::kNbdEperm:
+    case nbd::kNbdEio:
+    case nbd::kNbdEnomem:
+    case nbd::kNbdEinval:
+    case nbd::kNbdEnospc:
+    case nbd::kNbdEoverflow:
+    case nbd::kNbdEnotsup:
+    case nbd::kNbdEshutdown:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
 
 absl::StatusCode StatusCodeFromErrno(int err) {
   switch (err) {
@@ -49,11 +75,43 @@ absl::StatusCode StatusCodeFromErrno(int err) {
   }
 }
 
+uint32_t NbdErrorFromErrno(int err) {
+  switch (err) {
+    case EPERM:
+    case EACCES:
+    case EROFS:
+      return nbd::kNbdEperm;
+    case EIO:
+      return nbd::kNbdEio;
+    case ENOMEM:
+      return nbd::kNbdEnomem;
+    case EINVAL:
+      return nbd::kNbdEinval;
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG:
+      return nbd::kNbdEnospc;
+    case EOVERFLOW:
+      return nbd::kNbdEoverflow;
+    case ENOTSUP:
+#if EOPNOTSUPP != ENOTSUP
+    case EOPNOTSUPP:
+#endif
+      return nbd::kNbdEnotsup;
+    case ESHUTDOWN:
+      return nbd::kNbdEshutdown;
+    default:
+      return 0;
+  }
+}
+
 absl::Status StatusFromErrno(int err, absl::string_view what,
                              absl::string_view detail) {
   std::string msg = absl::StrCat(what, ": ", detail);
   if (detail.empty()) msg = absl::StrCat(what, ": ", ErrnoText(err));
-  return absl::Status(StatusCodeFromErrno(err), msg);
+  absl::Status s(StatusCodeFromErrno(err), msg);
+  const uint32_t nbd_error = NbdErrorFromErrno(err);
+  return nbd_error != 0 ? WithNbdError(std::move(s), nbd_error) : s;
 }
 
 absl::Status StatusFromNbdError(absl::string_view what) {
@@ -62,26 +120,42 @@ absl::Status StatusFromNbdError(absl::string_view what) {
   return StatusFromErrno(err, what, detail != nullptr ? detail : "");
 }
 
+absl::Status WithNbdError(absl::Status status, uint32_t nbd_error) {
+  if (!status.ok() && IsNbdError(nbd_error)) {
+    status.SetPayload(kNbdErrorPayload, absl::Cord(absl::StrCat(nbd_error)));
+  }
+  return status;
+}
+
+uint32_t RecordedNbdError(const absl::Status& status) {
+  const auto p = status.GetPayload(kNbdErrorPayload);
+  uint32_t v = 0;
+  if (!p.has_value() || !absl::SimpleAtoi(std::string(*p), &v)) return 0;
+  return IsNbdError(v) ? v : 0;
+}
+
 uint32_t NbdErrorFromStatus(const absl::Status& status) {
+  if (status.ok()) return 0;
+  if (const uint32_t recorded = RecordedNbdError(status); recorded != 0) {
+    return recorded;
+  }
   switch (status.code()) {
-    case absl::StatusCode::kOk:
-      return 0;
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kFailedPrecondition:
     case absl::StatusCode::kOutOfRange:
-      return kNbdEinval;
+      return nbd::kNbdEinval;
     case absl::StatusCode::kPermissionDenied:
     case absl::StatusCode::kUnauthenticated:
-      return kNbdEperm;
+      return nbd::kNbdEperm;
     case absl::StatusCode::kResourceExhausted:
-      return kNbdEnospc;
+      return nbd::kNbdEnomem;
     case absl::StatusCode::kUnimplemented:
-      return kNbdEnotsup;
+      return nbd::kNbdEnotsup;
     case absl::StatusCode::kCancelled:
     case absl::StatusCode::kAborted:
-      return kNbdEshutdown;
+      return nbd::kNbdEshutdown;
     default:
-      return kNbdEio;
+      return nbd::kNbdEio;
   }
 }
 

@@ -31,25 +31,99 @@ TEST(NbdErrorsTest, ErrnoToStatus) {
 }
 
 TEST(NbdErrorsTest, StatusToNbd) {
-  EXPECT_EQ(NbdErrorFromStatus(absl::OkStatus()), 0u);
-  EXPECT_EQ(NbdErrorFromStatus(absl::InvalidArgumentError("")), kNbdEinval);
-  EXPECT_EQ(NbdErrorFromStatus(absl::OutOfRangeError("")), kNbdEinval);
-  EXPECT_EQ(NbdErrorFromStatus(absl::FailedPreconditionError("")), kNbdEinval);
-  EXPECT_EQ(NbdErrorFromStatus(absl::PermissionDeniedError("")), kNbdEperm);
-  EXPECT_EQ(NbdErrorFromStatus(absl::ResourceExhaustedError("")), kNbdEnospc);
-  EXPECT_EQ(NbdErrorFromStatus(absl::UnimplementedError("")), kNbdEnotsup);
-  EXPECT_EQ(NbdErrorFromStatus(absl::CancelledError("")), kNbdEshutdown);
-  EXPECT_EQ(NbdErrorFromStatus(absl::UnavailableError("")), kNbdEio);
-  EXPECT_EQ(NbdErrorFromStatus(absl::DeadlineExceededError("")), kNbdEio);
-  EXPECT_EQ(NbdErrorFromStatus(absl::DataLossError("")), kNbdEio);
-  EXPECT_EQ(NbdErrorFromStatus(absl::InternalError("")), kNbdEio);
+  struct Case {
+    absl::Status status;
+    uint32_t nbd;
+  };
+  const Case cases[] = {
+      {absl::OkStatus(), 0},
+      {absl::InvalidArgumentError(""), kNbdEinval},
+      {absl::OutOfRangeError(""), kNbdEinval},
+      {absl::FailedPreconditionError(""), kNbdEinval},
+      {absl::PermissionDeniedError(""), kNbdEperm},
+      {absl::UnauthenticatedError(""), kNbdEperm},
+      // Our own limits: only an upstream can say its disk is full.
+      {absl::ResourceExhaustedError(""), kNbdEnomem},
+      {absl::UnimplementedError(""), kNbdEnotsup},
+      {absl::CancelledError(""), kNbdEshutdown},
+      {absl::AbortedError(""), kNbdEshutdown},
+      {absl::UnavailableError(""), kNbdEio},
+      {absl::DeadlineExceededError(""), kNbdEio},
+      {absl::DataLossError(""), kNbdEio},
+      {absl::InternalError(""), kNbdEio},
+      {absl::UnknownError(""), kNbdEio},
+      {absl::NotFoundError(""), kNbdEio},
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(NbdErrorFromStatus(c.status), c.nbd) << c.status;
+  }
 }
 
-TEST(NbdErrorsTest, RoundTripKeepsTheNbdErrorClass) {
-  for (int err : {EPERM, EINVAL, ENOSPC, ENOTSUP, EIO}) {
-    uint32_t nbd = NbdErrorFromStatus(StatusFromErrno(err, "x", ""));
-    EXPECT_EQ(nbd, static_cast<uint32_t>(err)) << err;
+// doc/proto.md "Error values": the numbers are the protocol's, fixed.
+TEST(NbdErrorsTest, ProtocolValues) {
+  EXPECT_EQ(nbd::kNbdEperm, 1u);
+  EXPECT_EQ(nbd::kNbdEio, 5u);
+  EXPECT_EQ(nbd::kNbdEnomem, 12u);
+  EXPECT_EQ(nbd::kNbdEinval, 22u);
+  EXPECT_EQ(nbd::kNbdEnospc, 28u);
+  EXPECT_EQ(nbd::kNbdEoverflow, 75u);
+  EXPECT_EQ(nbd::kNbdEnotsup, 95u);
+  EXPECT_EQ(nbd::kNbdEshutdown, 108u);
+}
+
+// Every errno an upstream's NBD error arrives as (libnbd turns the wire
+// value into errno) goes back out of the shim as the same NBD error, even
+// where several share one absl code (ENOMEM and ENOSPC; ESHUTDOWN is
+// UNAVAILABLE like a lost connection, which is EIO).
+TEST(NbdErrorsTest, EveryNbdErrorSurvivesTheRoundTrip) {
+  struct Case {
+    int err;
+    uint32_t nbd;
+    absl::StatusCode code;
+  };
+  const Case cases[] = {
+      {EPERM, kNbdEperm, absl::StatusCode::kPermissionDenied},
+      {EIO, kNbdEio, absl::StatusCode::kDataLoss},
+      {ENOMEM, kNbdEnomem, absl::StatusCode::kResourceExhausted},
+      {EINVAL, kNbdEinval, absl::StatusCode::kInvalidArgument},
+      {ENOSPC, kNbdEnospc, absl::StatusCode::kResourceExhausted},
+      {EOVERFLOW, kNbdEoverflow, absl::StatusCode::kOutOfRange},
+      {ENOTSUP, kNbdEnotsup, absl::StatusCode::kUnimplemented},
+      {ESHUTDOWN, kNbdEshutdown, absl::StatusCode::kUnavailable},
+      // Host errnos outside the NBD list map to their nearest NBD error.
+      {EACCES, kNbdEperm, absl::StatusCode::kPermissionDenied},
+      {EROFS, kNbdEperm, absl::StatusCode::kPermissionDenied},
+      {EDQUOT, kNbdEnospc, absl::StatusCode::kResourceExhausted},
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(NbdErrorFromErrno(c.err), c.nbd) << c.err;
+    absl::Status s = StatusFromErrno(c.err, "x", "");
+    EXPECT_EQ(s.code(), c.code) << c.err;
+    EXPECT_EQ(RecordedNbdError(s), c.nbd) << c.err;
+    EXPECT_EQ(NbdErrorFromStatus(s), c.nbd) << c.err;
+    // A copy keeps it (the cache and the shim pass statuses by value).
+    absl::Status copy = s;
+    EXPECT_EQ(NbdErrorFromStatus(copy), c.nbd) << c.err;
   }
+  // No NBD meaning: no payload, the code decides.
+  for (int err : {ENOTCONN, ECONNRESET, ETIMEDOUT, EPROTO, ERANGE, 0}) {
+    EXPECT_EQ(NbdErrorFromErrno(err), 0u) << err;
+    absl::Status s = StatusFromErrno(err, "x", "");
+    EXPECT_EQ(RecordedNbdError(s), 0u) << err;
+  }
+  EXPECT_EQ(NbdErrorFromStatus(StatusFromErrno(ENOTCONN, "x", "")), kNbdEio);
+  EXPECT_EQ(NbdErrorFromStatus(StatusFromErrno(ERANGE, "x", "")), kNbdEinval);
+}
+
+TEST(NbdErrorsTest, WithNbdErrorOverridesTheCode) {
+  absl::Status s = WithNbdError(absl::UnavailableError("going"), kNbdEshutdown);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(s.message(), "going");
+  EXPECT_EQ(NbdErrorFromStatus(s), kNbdEshutdown);
+  // Not an NBD error value, or an OK status: nothing recorded.
+  EXPECT_EQ(RecordedNbdError(WithNbdError(absl::InternalError(""), 7)), 0u);
+  EXPECT_TRUE(WithNbdError(absl::OkStatus(), kNbdEio).ok());
+  EXPECT_EQ(NbdErrorFromStatus(WithNbdError(absl::OkStatus(), kNbdEio)), 0u);
 }
 
 TEST(NbdErrorsTest, FromRealLibnbdFailure) {

@@ -23,7 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 #include "server/common/log.h"
 
 extern char** environ;
@@ -402,6 +402,7 @@ absl::Status SpawnedServer::Start() {
 }
 
 void SpawnedServer::ReapLocked(int wstatus) {
+  mu_.AssertHeld();
   const std::string tail = LogTail();
   const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - started_);
   exit_description_ =

@@ -1,9 +1,10 @@
-// server/upstream/upstream.h — one export's upstream NBD server.
-//
-// An Upstream owns a small pool of libnbd connections to one NBD export
-// (an NBD URI, a qemu-nbd it spawned for a local image, or a spawned
-// command), reconnects in the background with backoff when the server goes
-// away, and exposes block status and data commands with deadlines.
+// server/upstream/upstream.h — the interface to one export's upstream NBD
+// server, as the cache, the services and the NBD shim see it: readiness,
+// negotiated info, block status (blocking and asynchronous) and data
+// commands with deadlines. How it connects is the implementation's business
+// (NbdUpstream, nbd_upstream.h: a pool of libnbd connections to an NBD URI,
+// a spawned qemu-nbd or command, reconnecting with backoff; tests use
+// FakeUpstream).
 //
 // Errors (absl::Status codes): UNAVAILABLE when not connected or the
 // connection broke (retryable), DEADLINE_EXCEEDED when the caller's deadline

@@ -56,11 +56,12 @@ EXPECTED = {
         "csi_sidecar": True,
     },
     "overlays/standalone-monitored": {
-        "kinds": {"Deployment", "ConfigMap", "Service", "ServiceMonitor"},
+        "kinds": {"Deployment", "ConfigMap", "Service", "ServiceMonitor",
+                  "PrometheusRule"},
         "tls": True,
     },
 }
-COMPONENTS = {"components/servicemonitor"}
+COMPONENTS = {"components/servicemonitor", "components/monitoring"}
 
 CONFIG_CHECK = None  # set from argv in main()
 K8S_DIR = None  # a dereferenced copy of deploy/k8s

@@ -18,12 +18,17 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::Eventually;
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::MakeImage;
@@ -110,18 +115,14 @@ TEST(CsiSocketTest, TheSidecarsCallsOnTheDriverSocket) {
     EXPECT_FALSE(info.vendor_version().empty());
   }
   // Probe until ready, as the sidecar does (it polls every second).
-  bool ready = false;
-  for (absl::Time give_up = absl::Now() + absl::Seconds(20);
-       !ready && absl::Now() < give_up;) {
+  ASSERT_TRUE(Eventually([&] {
     grpc::ClientContext ctx;
     csi::v1::ProbeResponse probe;
     grpc::Status s = identity->Probe(&ctx, {}, &probe);
-    ASSERT_TRUE(s.ok()) << s.error_message();
-    ASSERT_TRUE(probe.has_ready());
-    ready = probe.ready().value();
-    if (!ready) absl::SleepFor(absl::Milliseconds(50));
-  }
-  ASSERT_TRUE(ready);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    EXPECT_TRUE(probe.has_ready());
+    return s.ok() && probe.ready().value();
+  }));
   {
     grpc::ClientContext ctx;
     csi::v1::GetPluginCapabilitiesResponse caps;
@@ -205,8 +206,7 @@ TEST(CsiSocketTest, TheSidecarsCallsOnTheDriverSocket) {
     auto reader = meta->GetMetadataAllocated(&ctx, req);
     csi::v1::GetMetadataAllocatedResponse msg;
     EXPECT_FALSE(reader->Read(&msg));
-    EXPECT_EQ(reader->Finish().error_code(),
-              grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(reader->Finish(), StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
   }
   (*server)->Shutdown(absl::Seconds(1));
 }
@@ -214,8 +214,8 @@ TEST(CsiSocketTest, TheSidecarsCallsOnTheDriverSocket) {
 TEST(CsiSocketTest, ATcpAddressIsNotACsiSocket) {
   v1::ServerConfig config;
   config.mutable_csi()->set_socket("127.0.0.1:5000");
-  EXPECT_EQ(BlockMetaServer::Create(config).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(BlockMetaServer::Create(config),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 }  // namespace

@@ -18,14 +18,19 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
 
+using ::blockmeta::testing::StatusIs;
+
 namespace v1 = ::blockmeta::v1;
+using ::blockmeta::testing::Eventually;
 using ::blockmeta::testing::HttpGet;
 using ::blockmeta::testing::LoopbackChannel;
 using ::blockmeta::testing::MakeImage;
@@ -244,22 +249,22 @@ TEST_F(GrpcServiceTest, MapExtentsEqualsNbdinfoForAllocationAndBitmap) {
 
 TEST_F(GrpcServiceTest, BadInputGetsPreciseCodes) {
   v1::GetExtentsResponse r;
-  EXPECT_EQ(GetExtents(Req("nope", 0, 1), &r).error_code(),
-            grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(GetExtents(Req("data", 64 * kMiB, 1), &r).error_code(),
-            grpc::StatusCode::OUT_OF_RANGE);
-  EXPECT_EQ(GetExtents(Req("data", 0, 0), &r).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(GetExtents(Req("data", 10, ~0ull), &r).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(GetExtents(Req("nope", 0, 1), &r),
+              StatusIs(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(GetExtents(Req("data", 64 * kMiB, 1), &r),
+              StatusIs(grpc::StatusCode::OUT_OF_RANGE));
+  EXPECT_THAT(GetExtents(Req("data", 0, 0), &r),
+              StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_THAT(GetExtents(Req("data", 10, ~0ull), &r),
+              StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
   v1::GetExtentsRequest ctx = Req("data", 0, 1);
   ctx.set_context("qemu:dirty-bitmap:none");
   grpc::Status s = GetExtents(ctx, &r);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s, StatusIs(grpc::StatusCode::FAILED_PRECONDITION));
   EXPECT_NE(s.error_message().find("base:allocation"), std::string::npos);
   ctx.set_context("garbage");
-  EXPECT_EQ(GetExtents(ctx, &r).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(GetExtents(ctx, &r),
+              StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
   // Streams validate the same way.
   grpc::ClientContext c;
   v1::MapExtentsRequest m;
@@ -268,7 +273,7 @@ TEST_F(GrpcServiceTest, BadInputGetsPreciseCodes) {
   auto reader = Stub()->MapExtents(&c, m);
   v1::MapExtentsResponse msg;
   EXPECT_FALSE(reader->Read(&msg));
-  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::OUT_OF_RANGE);
+  EXPECT_THAT(reader->Finish(), StatusIs(grpc::StatusCode::OUT_OF_RANGE));
 }
 
 TEST_F(GrpcServiceTest, DeadlineIsHonouredWithASlowUpstream) {
@@ -277,7 +282,7 @@ TEST_F(GrpcServiceTest, DeadlineIsHonouredWithASlowUpstream) {
   req.set_cache_mode(v1::CACHE_MODE_BYPASS);
   absl::Time start = absl::Now();
   grpc::Status s = GetExtents(req, &r, absl::Milliseconds(500));
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_THAT(s, StatusIs(grpc::StatusCode::DEADLINE_EXCEEDED));
   EXPECT_LT(absl::Now() - start, absl::Seconds(2));
   // The export keeps working afterwards (the busy connection was replaced).
   req.set_cache_mode(v1::CACHE_MODE_USE);
@@ -480,16 +485,16 @@ TEST_F(GrpcServiceTest, CsiAllocatedAndDelta) {
     return reader->Finish();
   };
   grpc::Status s = delta_code("nobitmap", "qcow", 0);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s, StatusIs(grpc::StatusCode::FAILED_PRECONDITION));
   EXPECT_NE(s.error_message().find("full backup"), std::string::npos);
-  EXPECT_EQ(delta_code("b1", "nosuch", 0).error_code(),
-            grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(delta_code("b1", "qcow", 32 * kMiB).error_code(),
-            grpc::StatusCode::OUT_OF_RANGE);
-  EXPECT_EQ(delta_code("b1", "qcow", -1).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(delta_code("", "qcow", 0).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(delta_code("b1", "nosuch", 0),
+              StatusIs(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(delta_code("b1", "qcow", 32 * kMiB),
+              StatusIs(grpc::StatusCode::OUT_OF_RANGE));
+  EXPECT_THAT(delta_code("b1", "qcow", -1),
+              StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_THAT(delta_code("", "qcow", 0),
+              StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
 }
 
 TEST_F(GrpcServiceTest, HealthAndMetrics) {
@@ -497,21 +502,17 @@ TEST_F(GrpcServiceTest, HealthAndMetrics) {
   for (const std::string& service :
        {std::string(""), std::string("blockmeta.v1.BlockMeta"),
         ExportHealthServiceName("data")}) {
-    grpc::ClientContext ctx;
     grpc::health::v1::HealthCheckRequest req;
     req.set_service(service);
     grpc::health::v1::HealthCheckResponse resp;
-    // Health statuses are refreshed every 500 ms.
-    absl::Time give_up = absl::Now() + absl::Seconds(5);
     grpc::Status s;
-    do {
+    // The upstreams are connected (SetUpTestSuite): SERVING soon.
+    EXPECT_TRUE(Eventually([&] {
       grpc::ClientContext c2;
       s = health->Check(&c2, req, &resp);
-      if (s.ok() &&
-          resp.status() == grpc::health::v1::HealthCheckResponse::SERVING)
-        break;
-      absl::SleepFor(absl::Milliseconds(100));
-    } while (absl::Now() < give_up);
+      return s.ok() &&
+             resp.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+    }));
     EXPECT_TRUE(s.ok()) << service;
     EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING)
         << service;
@@ -562,24 +563,41 @@ TEST_F(GrpcServiceTest, StatsAndInvalidate) {
   EXPECT_GT(stats.total().invalidations(), 0u);
 }
 
-// Runs last (gtest runs tests in order): kills an upstream.
-TEST_F(GrpcServiceTest, ZZUpstreamDownIsUnavailableThenRecovers) {
-  data_->Kill();
-  v1::GetExtentsResponse r;
-  v1::GetExtentsRequest req = Req("data", 0, kMiB);
+// Kills its upstream, so it has its own upstream and server: no other test
+// depends on running before or after it.
+TEST(GrpcServiceStandaloneTest, UpstreamDownIsUnavailableThenRecovers) {
+  auto up = NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "data",
+                               "data=@1048576 1 2 3", "size=4M"});
+  ASSERT_TRUE(up.ok()) << up.status();
+  v1::ServerConfig config;
+  config.set_grpc_listen("127.0.0.1:0");
+  v1::ExportConfig* e = config.add_exports();
+  e->set_name("data");
+  e->set_nbd_uri((*up)->uri());
+  auto server = StartServer(config);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto channel = LoopbackChannel(**server);
+  ASSERT_TRUE(WaitExportsReady(channel, 1).ok());
+  auto stub = v1::BlockMeta::NewStub(channel);
+  v1::GetExtentsRequest req;
+  req.set_export_name("data");
+  req.set_length(kMiB);
   req.set_cache_mode(v1::CACHE_MODE_BYPASS);
+  auto get = [&](absl::Duration deadline) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+    v1::GetExtentsResponse r;
+    return stub->GetExtents(&ctx, req, &r);
+  };
+
+  (*up)->Kill();
   absl::Time start = absl::Now();
-  grpc::Status s = GetExtents(req, &r, absl::Seconds(10));
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  grpc::Status s = get(absl::Seconds(10));
+  EXPECT_THAT(s, StatusIs(grpc::StatusCode::UNAVAILABLE)) << s.error_message();
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
-  ASSERT_TRUE(data_->Restart().ok());
-  absl::Time give_up = absl::Now() + absl::Seconds(20);
-  while (absl::Now() < give_up) {
-    s = GetExtents(req, &r, absl::Seconds(5));
-    if (s.ok()) break;
-    absl::SleepFor(absl::Milliseconds(100));
-  }
-  EXPECT_TRUE(s.ok()) << s.error_message();
+  ASSERT_TRUE((*up)->Restart().ok());
+  EXPECT_TRUE(Eventually([&] { return get(absl::Seconds(5)).ok(); }))
+      << get(absl::Seconds(5)).error_message();
 }
 
 }  // namespace

@@ -26,9 +26,12 @@
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::NbdProcess;
@@ -147,8 +150,8 @@ TEST_F(RuntimeExportsTest, AddRemoveReAddWithANewGeneration) {
   ASSERT_TRUE(Add(Uri("job", upstream_->uri()), &again).ok());
   EXPECT_FALSE(again.created());
   EXPECT_EQ(again.export_info().generation(), added.export_info().generation());
-  EXPECT_EQ(Add(Uri("job", slow_->uri()), &again).error_code(),
-            grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_THAT(Add(Uri("job", slow_->uri()), &again),
+              StatusIs(grpc::StatusCode::ALREADY_EXISTS));
 
   // Served, cached and counted.
   ASSERT_TRUE(Extents("job").ok());
@@ -160,9 +163,9 @@ TEST_F(RuntimeExportsTest, AddRemoveReAddWithANewGeneration) {
   EXPECT_EQ(StatsOf(before, "job")->upstream_calls(), 1u);
 
   ASSERT_TRUE(Remove("job").ok());
-  EXPECT_EQ(Extents("job").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(Extents("job"), StatusIs(grpc::StatusCode::NOT_FOUND));
   EXPECT_EQ(StatsOf(Stats(), "job"), nullptr);
-  EXPECT_EQ(Remove("job").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(Remove("job"), StatusIs(grpc::StatusCode::NOT_FOUND));
   // The cache freed its keys: the total counts only "from-file" now.
   EXPECT_EQ(Stats().total().hits(), 0u);
 
@@ -188,13 +191,13 @@ TEST_F(RuntimeExportsTest, AdminOverTcpWithoutAnIdentityIsPermissionDenied) {
   *r.mutable_config() = Uri("sneaky", upstream_->uri());
   v1::AddExportResponse out;
   grpc::Status s = tcp_admin->AddExport(&ctx, r, &out);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+  EXPECT_THAT(s, StatusIs(grpc::StatusCode::PERMISSION_DENIED))
       << s.error_message();
   grpc::ClientContext ctx2;
   v1::AdminListExportsResponse list;
-  EXPECT_EQ(tcp_admin->ListExports(&ctx2, {}, &list).error_code(),
-            grpc::StatusCode::PERMISSION_DENIED);
-  EXPECT_EQ(Extents("sneaky").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(tcp_admin->ListExports(&ctx2, {}, &list),
+              StatusIs(grpc::StatusCode::PERMISSION_DENIED));
+  EXPECT_THAT(Extents("sneaky"), StatusIs(grpc::StatusCode::NOT_FOUND));
 }
 
 TEST_F(RuntimeExportsTest, StreamInFlightEndsWithExportRemoved) {
@@ -214,7 +217,7 @@ TEST_F(RuntimeExportsTest, StreamInFlightEndsWithExportRemoved) {
   int more = 0;
   while (reader->Read(&m)) ++more;
   grpc::Status end = reader->Finish();
-  EXPECT_EQ(end.error_code(), grpc::StatusCode::NOT_FOUND)
+  EXPECT_THAT(end, StatusIs(grpc::StatusCode::NOT_FOUND))
       << end.error_message();
   EXPECT_TRUE(absl::StrContains(end.error_message(), "was removed"))
       << end.error_message();
@@ -307,13 +310,13 @@ TEST_F(RuntimeExportsTest, ReloadAppliesGoodSetsAndRejectsBadOnesWhole) {
   v1::ServerConfig bad = next;
   *bad.add_exports() = Uri("broken", "http://nope");
   absl::Status s = server_->Reload(bad);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_TRUE(absl::StrContains(s.message(), "broken")) << s;
-  EXPECT_EQ(Extents("broken").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(Extents("broken"), StatusIs(grpc::StatusCode::NOT_FOUND));
 
   // Dropping "second" from the file removes it; the API export stays.
   ASSERT_TRUE(server_->Reload(config_).ok());
-  EXPECT_EQ(Extents("second").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(Extents("second"), StatusIs(grpc::StatusCode::NOT_FOUND));
   grpc::ClientContext lctx;
   v1::AdminListExportsResponse list;
   ASSERT_TRUE(admin_->ListExports(&lctx, {}, &list).ok());

@@ -20,9 +20,12 @@
 #include "server/blockmeta_server.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::LoopbackChannel;
@@ -158,11 +161,11 @@ TEST_F(ServerOptionsTest, TlsAndMutualTls) {
   grpc::SslCredentialsOptions no_cert;
   no_cert.pem_root_certs = Slurp(d + "/ca.pem");
   auto anon = grpc::CreateChannel(target, grpc::SslCredentials(no_cert));
-  EXPECT_EQ(ListExports(anon).error_code(), grpc::StatusCode::UNAVAILABLE)
+  EXPECT_THAT(ListExports(anon), StatusIs(grpc::StatusCode::UNAVAILABLE))
       << "mTLS must refuse a client without a certificate";
 
   auto plain = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
-  EXPECT_EQ(ListExports(plain).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(ListExports(plain), StatusIs(grpc::StatusCode::UNAVAILABLE));
   (*server)->Shutdown(absl::Seconds(1));
 }
 
@@ -172,13 +175,13 @@ TEST_F(ServerOptionsTest, BadTlsConfigIsAClearError) {
   auto server = BlockMetaServer::Create(c);
   ASSERT_TRUE(server.ok());
   absl::Status s = (*server)->Start();
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_NE(s.message().find("key_file"), absl::string_view::npos) << s;
   c.mutable_tls()->set_key_file(tmp_.File("missing.key"));
   server = BlockMetaServer::Create(c);
   ASSERT_TRUE(server.ok());
   s = (*server)->Start();
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_NE(s.message().find("missing"), absl::string_view::npos) << s;
 }
 
@@ -315,7 +318,7 @@ TEST_F(ServerOptionsTest, GracefulShutdownLetsInFlightCallsFinish) {
   call.join();
   EXPECT_TRUE(in_flight.ok()) << in_flight.error_message();
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
-  EXPECT_EQ(ListExports(ch).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(ListExports(ch), StatusIs(grpc::StatusCode::UNAVAILABLE));
 }
 
 TEST_F(ServerOptionsTest, CsiFixedLengthBlocks) {
@@ -349,8 +352,8 @@ TEST_F(ServerOptionsTest, CsiFixedLengthBlocks) {
   }
   v1::ServerConfig bad = BaseConfig();
   bad.mutable_csi()->set_fixed_block_size(1000);
-  EXPECT_EQ(BlockMetaServer::Create(bad).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(BlockMetaServer::Create(bad),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   server->Shutdown(absl::Seconds(1));
 }
 

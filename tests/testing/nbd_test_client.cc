@@ -12,7 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 namespace blockmeta {
 namespace nbd {

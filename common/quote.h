@@ -1,4 +1,4 @@
-// server/common/quote.h — the one way an error message or log line quotes a
+// common/quote.h — the one way an error message or log line quotes a
 // string a caller chose (export names, contexts, paths, URIs, ids, CLI
 // arguments): in double quotes, C-escaped (so control bytes and quotes
 // cannot forge or break a message), and bounded. Only the first
@@ -12,8 +12,8 @@
 // (gRPC refuses to send a status message above its metadata limit, 8 KiB
 // by default, and clients then see "received initial metadata size exceeds
 // limit" instead of the error). Thread-safe, no state.
-#ifndef BLOCKMETA_SERVER_COMMON_QUOTE_H_
-#define BLOCKMETA_SERVER_COMMON_QUOTE_H_
+#ifndef BLOCKMETA_COMMON_QUOTE_H_
+#define BLOCKMETA_COMMON_QUOTE_H_
 
 #include <cstddef>
 #include <string>
@@ -28,4 +28,4 @@ std::string QuoteBounded(absl::string_view s, size_t max = kMaxQuotedBytes);
 
 }  // namespace blockmeta
 
-#endif  // BLOCKMETA_SERVER_COMMON_QUOTE_H_
+#endif  // BLOCKMETA_COMMON_QUOTE_H_

@@ -1,7 +1,7 @@
-// server/common/quote_test.cc — QuoteBounded: short strings intact, long
+// common/quote_test.cc — QuoteBounded: short strings intact, long
 // ones cut with their size, escapes, and a bound on the output whatever the
 // input (randomized).
-#include "server/common/quote.h"
+#include "common/quote.h"
 
 #include <random>
 #include <string>

@@ -1,6 +1,6 @@
-// server/common/errno_text_test.cc — ErrnoText gives strerror's text, also
+// common/errno_text_test.cc — ErrnoText gives strerror's text, also
 // for unknown values, and each thread its own from many threads at once.
-#include "server/common/errno_text.h"
+#include "common/errno_text.h"
 
 #include <cerrno>
 #include <string>

@@ -1,4 +1,5 @@
-// server/common/errno_text.h — the text of an errno value, thread-safe.
+// common/errno_text.h — the text of an errno value, thread-safe (shared by
+// the client and the server).
 //
 // std::strerror may return a pointer into a static buffer that another
 // thread's call overwrites (POSIX leaves it not thread-safe), so
@@ -7,8 +8,8 @@
 // the GNU one glibc declares under _GNU_SOURCE (returns char*, possibly a
 // static string). The text is the one strerror gives ("No such file or
 // directory", "Unknown error 4242").
-#ifndef BLOCKMETA_SERVER_COMMON_ERRNO_TEXT_H_
-#define BLOCKMETA_SERVER_COMMON_ERRNO_TEXT_H_
+#ifndef BLOCKMETA_COMMON_ERRNO_TEXT_H_
+#define BLOCKMETA_COMMON_ERRNO_TEXT_H_
 
 #include <string.h>  // strerror_r
 
@@ -41,4 +42,4 @@ inline std::string ErrnoText(int err) {
 
 }  // namespace blockmeta
 
-#endif  // BLOCKMETA_SERVER_COMMON_ERRNO_TEXT_H_
+#endif  // BLOCKMETA_COMMON_ERRNO_TEXT_H_

@@ -1,5 +1,5 @@
-// server/common/quote.cc — see quote.h.
-#include "server/common/quote.h"
+// common/quote.cc — see quote.h.
+#include "common/quote.h"
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
