@@ -63,50 +63,13 @@
 #include <string>
 #include <vector>
 
-#include "absl/functional/any_invocable.h"
-#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/cache/cache_key.h"
 #include "server/cache/extent.h"
+#include "server/cache/fetcher.h"
 
 namespace blockmeta {
-
-struct CacheKey {
-  std::string export_name;
-  std::string context;  // e.g. "base:allocation", "qemu:dirty-bitmap:b1"
-
-  template <typename H>
-  friend H AbslHashValue(H h, const CacheKey& k) {
-    return H::combine(std::move(h), k.export_name, k.context);
-  }
-  friend bool operator==(const CacheKey& a, const CacheKey& b) {
-    return a.export_name == b.export_name && a.context == b.context;
-  }
-};
-
-// Asks the upstream for block status, synchronously. Must return extents
-// contiguous from `offset` (at least one, nonzero lengths) or an error; may
-// cover less or more than `length`. Must give up by `deadline` (returning
-// DEADLINE_EXCEEDED). Called without any cache lock held. A Get() with a
-// synchronous fetcher neither detaches nor reads ahead (the fetcher is a
-// reference that dies with the call).
-using Fetcher = absl::FunctionRef<absl::StatusOr<ExtentList>(
-    uint64_t offset, uint64_t length, absl::Time deadline)>;
-
-// The completion of one asynchronous fetch (the same type as
-// Upstream's ExtentsCallback).
-using FetchDone = absl::AnyInvocable<void(absl::StatusOr<ExtentList>) &&>;
-
-// Asks the upstream for block status, asynchronously: issues one request
-// for [offset, offset + length) and returns; calls `done` exactly once, on
-// any thread, possibly before returning. The answer rules are the
-// synchronous Fetcher's. The fetch has no caller deadline: it runs under
-// the upstream's own timeout. Called without any cache lock held; `done`
-// takes a key lock briefly and may issue further fetches (read-ahead)
-// through a copy of the fetcher, so the fetcher must own what it captures
-// and stay callable until every fetch it issued has completed.
-using AsyncFetcher =
-    std::function<void(uint64_t offset, uint64_t length, FetchDone done)>;
 
 // kHit: answered from the cache alone. kPartial: a cached head, then the
 // upstream (own call or a coalesced one). kMiss: nothing cached at offset.
