@@ -37,6 +37,10 @@ class Evictor {
   bool OverLimit() const {
     return total_mem_.load(std::memory_order_relaxed) > limit_;
   }
+  // Over 3/4 of the limit: background work (prefetch) gives way.
+  bool NearLimit() const {
+    return total_mem_.load(std::memory_order_relaxed) > limit_ - limit_ / 4;
+  }
   // The LRU clock as readers stamp it, and a new tick for a fill.
   uint32_t Now() const { return lru_clock_.load(std::memory_order_relaxed); }
   uint32_t NextTick() {

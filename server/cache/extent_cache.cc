@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/btree_map.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
@@ -81,7 +82,8 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   explicit Impl(const Options& options)
       : options_(Clamped(options)),
         evictor_(options_.memory_limit_bytes),
-        read_ahead_(options_.read_ahead_windows, options_.memory_limit_bytes) {}
+        read_ahead_(options_.read_ahead_windows, options_.memory_limit_bytes,
+                    options_.fetch_window_bytes) {}
 
   LookupResult Lookup(const CacheKey& key, uint64_t offset, uint64_t length,
                       size_t max_extents) const;
@@ -99,6 +101,8 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   Dropped InvalidateKeys(const std::vector<KeyState*>& keys, uint64_t offset,
                          uint64_t length);
   void SetExportTtl(const std::string& export_name, absl::Duration ttl);
+  void SetExportPrefetch(const std::string& export_name, uint32_t parallel);
+  uint32_t ExportPrefetch(const std::string& export_name) const;
   static CacheCounters CountersOf(const KeyState& k);
 
   KeyState* Find(const CacheKey& key) const;
@@ -218,6 +222,27 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
                       ExtentList answer, uint64_t export_size, int64_t born_ns,
                       std::vector<FetchPtr>* issue)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // After fetch f completed: a prefetch window continues the prefetch; a
+  // caller's own fetch frees the slot the prefetch yielded to it.
+  void PrefetchAfterLocked(KeyState& k, const Fetch& f, bool ok,
+                           uint64_t answer_end, size_t answer_extents,
+                           std::vector<FetchPtr>* issue)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu) {
+    if (f.prefetch) {
+      read_ahead_.OnPrefetchDoneLocked(k, f, ok, answer_end, answer_extents,
+                                       evictor_.NearLimit(), issue);
+    } else if (!f.read_ahead) {
+      read_ahead_.TopUpPrefetchLocked(k, evictor_.NearLimit(), issue);
+    }
+  }
+  // The fetcher that issues windows scheduled for k (read-ahead or
+  // prefetch; every fetcher of a key reaches the same upstream).
+  static std::shared_ptr<const AsyncFetcher> ScheduledFetcherLocked(
+      const KeyState& k) ABSL_SHARED_LOCKS_REQUIRED(k.mu) {
+    if (k.ra.fetcher != nullptr) return k.ra.fetcher;
+    if (k.pf.fetcher != nullptr) return k.pf.fetcher;
+    return k.ra.last_fetcher;
+  }
   // Marks f done and wakes its waiters, in the same hold when the memory
   // bound holds; else it releases k.mu to evict first (so no waiter sees
   // the bound exceeded) and takes it again.
@@ -230,8 +255,11 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   static void CountOutcome(KeyState& k, Outcome outcome, uint64_t cached,
                            uint64_t fetched);
 
-  // A hit of a key with a live run: note it and top up (takes the lock).
-  void NoteHit(KeyState& k, uint64_t from, uint64_t to);
+  // A caller was handed [from, to) of a request reaching request_end (0 =
+  // unknown): follows the walk, counts read-ahead hits and tops read-ahead
+  // up, taking the key lock only when there is work to do.
+  void HandOut(KeyState& k, uint64_t from, uint64_t to, uint64_t request_end,
+               uint64_t export_size);
   // Evicts when over the memory bound (no key lock held).
   void MaybeEvict() {
     evictor_.MaybeEvict([this] { return KeysOf(nullptr); },
@@ -246,6 +274,8 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
   absl::flat_hash_map<CacheKey, std::shared_ptr<KeyState>> keys_
       ABSL_GUARDED_BY(keys_mu_);
   absl::flat_hash_map<std::string, absl::Duration> export_ttl_
+      ABSL_GUARDED_BY(keys_mu_);
+  absl::flat_hash_map<std::string, uint32_t> export_prefetch_
       ABSL_GUARDED_BY(keys_mu_);
   // Keys of removed exports (ExtentCache::RemoveExport): out of keys_, maps
   // emptied, kept because KeyState pointers must stay valid.
@@ -268,6 +298,8 @@ KeyState* ExtentCache::Impl::FindOrCreate(const CacheKey& key) {
     slot = std::make_shared<KeyState>(
         key, evictor_.total(),
         TtlNs(ttl == export_ttl_.end() ? options_.ttl : ttl->second));
+    auto pf = export_prefetch_.find(key.export_name);
+    if (pf != export_prefetch_.end()) slot->prefetch_parallel.store(pf->second);
   }
   return slot.get();
 }
@@ -282,6 +314,24 @@ std::vector<KeyState*> ExtentCache::Impl::KeysOf(
     }
   }
   return out;
+}
+
+void ExtentCache::Impl::SetExportPrefetch(const std::string& export_name,
+                                          uint32_t parallel) {
+  sync::MutexLock l(&keys_mu_);
+  export_prefetch_[export_name] = parallel;
+  for (const auto& [key, state] : keys_) {
+    if (key.export_name == export_name) {
+      state->prefetch_parallel.store(parallel);
+    }
+  }
+}
+
+uint32_t ExtentCache::Impl::ExportPrefetch(
+    const std::string& export_name) const {
+  sync::ReaderMutexLock l(&keys_mu_);
+  auto it = export_prefetch_.find(export_name);
+  return it == export_prefetch_.end() ? 0 : it->second;
 }
 
 void ExtentCache::Impl::SetExportTtl(const std::string& export_name,
@@ -457,9 +507,7 @@ void ExtentCache::Impl::Record(const CacheKey& key, uint64_t offset,
                                const LookupResult& r) {
   KeyState* k = FindOrCreate(key);
   CountOutcome(*k, r.outcome, r.next_offset - offset, 0);
-  if (k->ra_live.load(std::memory_order_relaxed)) {
-    NoteHit(*k, offset, r.next_offset);
-  }
+  HandOut(*k, offset, r.next_offset, 0, 0);
 }
 
 void ExtentCache::Impl::RecordUpstreamCall(const CacheKey& key,
@@ -616,7 +664,7 @@ void ExtentCache::Impl::OnFetchDone(KeyState& k, const FetchPtr& f,
     sync::MutexLock l(&k.mu);
     CompleteLocked(k, *f, std::move(status), std::move(extents), export_size,
                    born_ns, &issue);
-    fetcher = k.ra.fetcher;
+    fetcher = ScheduledFetcherLocked(k);
     ReleaseLocked(k, *f);
   }
   if (!issue.empty()) Issue(k, std::move(issue), fetcher, export_size);
@@ -631,12 +679,17 @@ absl::StatusOr<bool> ExtentCache::Impl::FetchInline(
   absl::Status status =
       CheckAnswer(k, f->start, export_size,
                   fetch(f->start, f->end - f->start, deadline), &extents);
-  // A fetch that is not read-ahead never tops a run up, so nothing is
-  // issued; the vector only satisfies CompleteLocked.
+  // A caller's own fetch tops up only a prefetch started by a detached
+  // Get() of the key (it yields to callers): issued with its fetcher.
   std::vector<FetchPtr> issue;
+  std::shared_ptr<const AsyncFetcher> scheduled;
+  absl::Cleanup issue_after_unlock = [&] {
+    if (!issue.empty()) Issue(k, std::move(issue), scheduled, export_size);
+  };
   sync::MutexLock l(&k.mu);
   CompleteLocked(k, *f, status, std::move(extents), export_size, born_ns,
                  &issue);
+  scheduled = ScheduledFetcherLocked(k);
   bool appended = false;
   if (status.ok()) {
     appended = AppendAnswer(*f, /*own=*/true, gap, p);
@@ -665,6 +718,7 @@ void ExtentCache::Impl::CompleteLocked(KeyState& k, Fetch& f,
   f.clean_end = f.start;
   if (!f.status.ok()) {
     read_ahead_.OnCompleteLocked(k, f, /*ok=*/false, 0, 0, export_size, issue);
+    PrefetchAfterLocked(k, f, /*ok=*/false, 0, 0, issue);
     return;
   }
   // Keep only what no invalidation touched while in flight: the extents
@@ -700,6 +754,7 @@ void ExtentCache::Impl::CompleteLocked(KeyState& k, Fetch& f,
   const uint64_t answer_end = answer.back().end();
   read_ahead_.OnCompleteLocked(k, f, /*ok=*/true, answer_end, answer.size(),
                                export_size, issue);
+  PrefetchAfterLocked(k, f, /*ok=*/true, answer_end, answer.size(), issue);
   f.answer = std::move(answer);
 }
 
@@ -742,18 +797,21 @@ bool ExtentCache::Impl::AppendAnswer(const Fetch& f, bool own, uint64_t gap,
 
 // --- Read-ahead (the policy lives in read_ahead.cc) ---
 
-void ExtentCache::Impl::NoteHit(KeyState& k, uint64_t from, uint64_t to) {
+void ExtentCache::Impl::HandOut(KeyState& k, uint64_t from, uint64_t to,
+                                uint64_t request_end, uint64_t export_size) {
+  const ReadAheadScheduler::Step step =
+      read_ahead_.WalkStep(k, from, to, request_end, export_size);
+  if (!step.lock) return;
   std::vector<FetchPtr> issue;
   std::shared_ptr<const AsyncFetcher> fetcher;
-  uint64_t export_size;
+  uint64_t size;
   {
     sync::MutexLock l(&k.mu);
-    ReadAheadScheduler::NoteReadLocked(k, from, to);
-    read_ahead_.TopUpLocked(k, &issue);
-    fetcher = k.ra.fetcher;
-    export_size = k.ra.export_size;
+    read_ahead_.OnHandOutLocked(k, from, to, step.walk, &issue);
+    fetcher = ScheduledFetcherLocked(k);
+    size = k.ra.fetcher != nullptr ? k.ra.export_size : k.pf.export_size;
   }
-  if (!issue.empty()) Issue(k, std::move(issue), fetcher, export_size);
+  if (!issue.empty()) Issue(k, std::move(issue), fetcher, size);
 }
 
 // --- Get ---
@@ -778,9 +836,7 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
   p.r.next_offset = offset;
   ReadHead(*k, &p);
   if (p.Done()) {
-    if (k->ra_live.load(std::memory_order_relaxed)) {
-      NoteHit(*k, offset, p.r.next_offset);
-    }
+    HandOut(*k, offset, p.r.next_offset, p.end, export_size);
     return Finish(*k, &p);
   }
   absl::StatusOr<Next> next =
@@ -789,6 +845,9 @@ absl::StatusOr<LookupResult> ExtentCache::Impl::Get(
     next = Round(*k, &p, /*may_join=*/false, async, sync, deadline);
   }
   if (!next.ok()) return next.status();
+  if (async != nullptr && p.r.next_offset > offset) {
+    HandOut(*k, offset, p.r.next_offset, p.end, export_size);
+  }
   return Finish(*k, &p);
 }
 
@@ -839,6 +898,10 @@ absl::StatusOr<ExtentCache::Impl::Claim> ExtentCache::Impl::ClaimLocked(
   if (may_join) c.f = FindCoverLocked(k, c.gap);
   if (c.f != nullptr) {
     k.coalesced_waits.Add(1);
+    if (c.f->prefetch && !c.f->read) {
+      c.f->read = true;
+      k.prefetch_hits.Add(1);
+    }
     if (c.f->read_ahead && !c.f->read) {
       c.f->read = true;
       k.read_ahead_hits.Add(1);
@@ -862,8 +925,10 @@ absl::StatusOr<ExtentCache::Impl::Claim> ExtentCache::Impl::ClaimLocked(
   c.own = true;
   if (async != nullptr) {
     issue->push_back(c.f);
-    read_ahead_.PlanLocked(k, c.gap, c.gap + ask, p->end, p->export_size, async,
-                           issue);
+    read_ahead_.MaybeStartPrefetchLocked(k, p->export_size, async,
+                                         evictor_.NearLimit(), issue);
+    read_ahead_.PlanLocked(k, p->offset, c.gap, c.gap + ask, p->end,
+                           p->export_size, async, issue);
   }
   return c;
 }
@@ -962,9 +1027,15 @@ CacheCounters ExtentCache::Impl::CountersOf(const KeyState& k) {
   c.evictions = k.evictions.Get();
   c.invalidations = k.invalidations.Get();
   c.stale_fills_dropped = k.stale_fills_dropped.Get();
+  c.read_ahead_walks = k.read_ahead_walks.Get();
+  c.prefetch_issued = k.prefetch_issued.Get();
+  c.prefetch_bytes = k.prefetch_bytes.Get();
+  c.prefetch_hits = k.prefetch_hits.Get();
+  c.prefetch_completed = k.prefetch_completed.Get();
   {
     sync::ReaderMutexLock l(&k.mu);
     c.entries = k.map.size();
+    c.prefetch_inflight = k.pf.inflight;
   }
   c.memory_bytes = static_cast<uint64_t>(
       std::max<int64_t>(0, k.mem.bytes.load(std::memory_order_relaxed)));
@@ -1038,6 +1109,15 @@ void ExtentCache::SetExportTtl(const std::string& export_name,
   impl_->SetExportTtl(export_name, ttl);
 }
 
+void ExtentCache::SetExportPrefetch(const std::string& export_name,
+                                    uint32_t parallel) {
+  impl_->SetExportPrefetch(export_name, parallel);
+}
+
+uint32_t ExtentCache::ExportPrefetch(const std::string& export_name) const {
+  return impl_->ExportPrefetch(export_name);
+}
+
 CacheCounters ExtentCache::Counters() const {
   CacheCounters total;
   for (KeyState* k : impl_->KeysOf(nullptr)) {
@@ -1067,8 +1147,13 @@ ExtentCache::Dropped ExtentCache::RemoveExport(const std::string& export_name) {
   // themselves move to retired_: lock-free readers (Counters, eviction) may
   // still hold pointers to them.
   Dropped d = InvalidateExport(export_name);
+  for (KeyState* k : impl_->KeysOf(&export_name)) {
+    sync::MutexLock l(&k->mu);
+    ReadAheadScheduler::ForgetLocked(*k);  // drops the fetchers it holds
+  }
   sync::MutexLock l(&impl_->keys_mu_);
   impl_->export_ttl_.erase(export_name);
+  impl_->export_prefetch_.erase(export_name);
   for (auto it = impl_->keys_.begin(); it != impl_->keys_.end();) {
     if (it->first.export_name == export_name) {
       impl_->retired_.push_back(std::move(it->second));

@@ -92,6 +92,8 @@ struct Fetch {
   const uint64_t start;  // the window asked for: [start, end)
   const uint64_t end;
   const bool read_ahead;  // scheduled by read-ahead (not a caller's miss)
+  bool prefetch = false;  // scheduled by whole-map prefetch (set once, at
+                          // registration, under the key lock)
   // First byte (>= start) an invalidation touched while in flight.
   uint64_t poison_from = kMaxU64;
   bool done = false;
@@ -116,6 +118,25 @@ struct ReadAheadRun {
   std::shared_ptr<const AsyncFetcher> fetcher;
   // Completed windows nobody has read yet, oldest first.
   std::vector<std::pair<uint64_t, uint64_t>> unread;
+  // What an upstream answers per call when it answered shorter than asked
+  // (a window-limited upstream); 0 = full answers so far.
+  uint64_t learned_window = 0;
+  // The fetcher and export size of the key's latest detached Get, so a
+  // walk seen only through Lookup()+Record() can still read ahead.
+  std::shared_ptr<const AsyncFetcher> last_fetcher;
+  uint64_t last_export_size = 0;
+};
+
+// The whole-map prefetch of one key (its logic lives in read_ahead.h).
+struct PrefetchRun {
+  bool started = false;   // the key's first detached Get() started it
+  bool done = false;      // reached the export end, failed, or gave way to
+                          // the memory bound
+  uint64_t frontier = 0;  // where the next prefetch window starts
+  uint64_t export_size = 0;
+  size_t inflight = 0;     // prefetch fetches in flight
+  uint64_t est_bytes = 0;  // memory one window's answer took, last seen
+  std::shared_ptr<const AsyncFetcher> fetcher;
 };
 
 // Everything the cache knows about one (export, context). Shared with the
@@ -145,9 +166,22 @@ struct KeyState : std::enable_shared_from_this<KeyState> {
   Counter hits, partial_hits, misses, upstream_calls, upstream_errors,
       coalesced_waits, detached_waits, read_ahead_issued, read_ahead_hits,
       read_ahead_wasted, bytes_from_cache, bytes_from_upstream, evictions,
-      invalidations, stale_fills_dropped;
-  // Mirrors "ra has a live run" so the hit path checks it without a lock.
+      invalidations, stale_fills_dropped, read_ahead_walks, prefetch_issued,
+      prefetch_bytes, prefetch_hits, prefetch_completed;
+  // Whole-map prefetch policy of the key's export (ExtentCache::
+  // SetExportPrefetch); 0 = off, else the fetches kept in flight.
+  std::atomic<uint32_t> prefetch_parallel{0};
+  // Mirrors "ra has windows in flight or unread" so the hit path checks it
+  // without a lock.
   std::atomic<bool> ra_live{false};
+  // The walk (read_ahead.h), read and written without the lock by the hit
+  // path: the highest end handed out by the current walk, how many reads in
+  // a row continued it, and how far read-ahead has covered (0 = no run,
+  // kMaxU64 = through the export end).
+  std::atomic<uint64_t> walk_end{0};
+  std::atomic<uint32_t> walk_streak{0};
+  std::atomic<uint64_t> ra_covered{0};
+  std::atomic<uint64_t> ra_window_hint{0};
 
   // Protected by mu.
   mutable sync::Mutex mu;
@@ -158,6 +192,7 @@ struct KeyState : std::enable_shared_from_this<KeyState> {
   std::vector<FetchPtr> inflight ABSL_GUARDED_BY(mu);
   uint64_t next_fetch_id ABSL_GUARDED_BY(mu) = 1;
   ReadAheadRun ra ABSL_GUARDED_BY(mu);
+  PrefetchRun pf ABSL_GUARDED_BY(mu);
 };
 
 }  // namespace cache_internal
