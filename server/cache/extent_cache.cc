@@ -998,6 +998,9 @@ ExtentCache::Dropped ExtentCache::Impl::InvalidateKeys(
           total.bytes += iv.end - start;
         }
         doomed.swap(k->map);
+        // A finished prefetch maps the export again on the next touch
+        // (the upstream reconnected and may serve another image).
+        ReadAheadScheduler::ResetPrefetchLocked(*k);
       } else {
         Dropped d = RemoveRangeLocked(*k, offset, end);
         total.extents += d.extents;

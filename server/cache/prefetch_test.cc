@@ -200,6 +200,29 @@ TEST(PrefetchTest, EndsNearTheMemoryBound) {
   EXPECT_LE(cache.Counters().memory_bytes, o.memory_limit_bytes);
 }
 
+// After the whole export is forgotten (the upstream reconnected), the next
+// touch maps it again.
+TEST(PrefetchTest, ForgottenExportIsPrefetchedAgain) {
+  ExtentCache cache(Opts());
+  cache.SetExportPrefetch("a", 2);
+  AsyncDisk disk(4 * kMiB, 64 * kKiB);
+  disk.StartAutoComplete();
+  const AsyncFetcher fetch = disk.Fetcher();
+  ASSERT_TRUE(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Later()).ok());
+  ASSERT_TRUE(testing::Eventually(
+      [&] { return cache.Counters(kA).prefetch_completed == 1; }));
+  EXPECT_EQ(disk.calls(), 4);
+  cache.InvalidateExport("a");
+  ASSERT_TRUE(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Later()).ok());
+  ASSERT_TRUE(testing::Eventually(
+      [&] { return cache.Counters(kA).prefetch_completed == 2; }));
+  disk.StopAutoComplete();
+  EXPECT_EQ(disk.calls(), 8);
+  // A range write does not restart it: the written range is a miss.
+  cache.InvalidateExportRange("a", kW, 4096);
+  EXPECT_EQ(cache.Counters(kA).prefetch_issued, 6u);
+}
+
 // Removing the export ends its prefetch; completions in flight are safe.
 TEST(PrefetchTest, RemovedExportStopsPrefetching) {
   AsyncDisk disk(64 * kMiB, 64 * kKiB);

@@ -132,6 +132,12 @@ class ReadAheadScheduler {
                             uint64_t answer_end, size_t answer_extents,
                             bool pressure, std::vector<FetchPtr>* issue) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu);
+  // After the whole key was forgotten: a finished prefetch may start again
+  // (one in flight runs on; its cut windows are fetched again).
+  static void ResetPrefetchLocked(KeyState& k)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu) {
+    if (k.pf.done) k.pf = PrefetchRun{};
+  }
   static bool PrefetchActiveLocked(const KeyState& k)
       ABSL_SHARED_LOCKS_REQUIRED(k.mu) {
     return k.pf.started && !k.pf.done;
