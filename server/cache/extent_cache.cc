@@ -68,6 +68,18 @@ void AppendMerged(ExtentList* out, const Extent& e) {
   }
 }
 
+// A copy of `s` with a representation of its own. A fetch record's error
+// is shared by threads that may free the record last; absl::Status frees
+// its representation in libabsl (not built with TSan here), so a shared one
+// would show as a false race in --config=tsan runs. Errors only (rare).
+absl::Status OwnCopy(const absl::Status& s) {
+  absl::Status out(s.code(), s.message());
+  s.ForEachPayload([&out](absl::string_view url, const absl::Cord& payload) {
+    out.SetPayload(url, payload);
+  });
+  return out;
+}
+
 bool CanAppend(const ExtentList& out, size_t max_extents, uint64_t offset,
                uint32_t flags) {
   if (max_extents == 0 || out.size() < max_extents) return true;
@@ -699,7 +711,7 @@ absl::StatusOr<bool> ExtentCache::Impl::FetchInline(
     }
   }
   ReleaseLocked(k, *f);
-  if (!status.ok()) return status;
+  if (!status.ok()) return OwnCopy(status);
   return appended;
 }
 
@@ -938,7 +950,7 @@ absl::StatusOr<ExtentCache::Impl::Next> ExtentCache::Impl::CollectLocked(
     absl::Time deadline, std::vector<FetchPtr>* issue) {
   if (!AwaitLocked(k, *c.f, deadline)) return DetachedLocked(k, c.gap);
   if (!c.f->status.ok()) {
-    if (c.own) return c.f->status;
+    if (c.own) return OwnCopy(c.f->status);
     return Next::kAgain;  // the fetch we waited for failed: fetch ourselves
   }
   if (!AppendAnswer(*c.f, c.own, c.gap, p)) return Next::kAgain;

@@ -139,6 +139,10 @@ class AsyncDisk {
 
   // Answers every fetch on a thread as it arrives, until stopped.
   void StartAutoComplete() {
+    {
+      sync::MutexLock l(&mu_);
+      stop_ = false;  // may be restarted after StopAutoComplete()
+    }
     auto_ = std::thread([this] {
       for (;;) {
         {
