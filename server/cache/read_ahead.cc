@@ -20,13 +20,21 @@ bool LongRequest(uint64_t from, uint64_t request_end, uint64_t export_size,
   return (request_end - from) >= std::max<uint64_t>(1, w / 4);
 }
 
+template <typename T>
+void StoreIfChanged(std::atomic<T>& a, T v) {
+  if (a.load(std::memory_order_relaxed) != v) {
+    a.store(v, std::memory_order_relaxed);
+  }
+}
+
 }  // namespace
 
 void ReadAheadScheduler::UpdateLiveLocked(KeyState& k) {
   const ReadAheadRun& ra = k.ra;
   const bool live = ra.window > 0 && ra.fetcher != nullptr &&
                     (ra.inflight > 0 || !ra.unread.empty());
-  k.ra_live.store(live, std::memory_order_relaxed);
+  // Stores only what changed: the hit path reads these from other cores.
+  StoreIfChanged(k.ra_live, live);
   uint64_t covered = 0;
   if (ra.fetcher != nullptr && ra.window > 0) {
     covered = ra.frontier >= ra.limit && ra.limit >= ra.export_size
@@ -35,9 +43,8 @@ void ReadAheadScheduler::UpdateLiveLocked(KeyState& k) {
   } else if (ra.last_fetcher == nullptr) {
     covered = kMaxU64;  // no fetcher known: a walk cannot read ahead
   }
-  k.ra_covered.store(covered, std::memory_order_relaxed);
-  k.ra_window_hint.store(ra.fetcher != nullptr ? ra.window : 0,
-                         std::memory_order_relaxed);
+  StoreIfChanged(k.ra_covered, covered);
+  StoreIfChanged(k.ra_window_hint, ra.fetcher != nullptr ? ra.window : 0);
 }
 
 void ReadAheadScheduler::EndRunLocked(KeyState& k) {
@@ -93,7 +100,7 @@ ReadAheadScheduler::Step ReadAheadScheduler::WalkStep(
   } else if (to > we ? from > SatAdd(we, w) : SatAdd(to, w) < we) {
     // A jump: a walk may start here.
     k.walk_end.store(to, std::memory_order_relaxed);
-    k.walk_streak.store(1, std::memory_order_relaxed);
+    StoreIfChanged(k.walk_streak, 1u);
   }  // else a re-read inside the walk: nothing changes
   if (step.walk) {
     const uint64_t covered = k.ra_covered.load(std::memory_order_relaxed);
