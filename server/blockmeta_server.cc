@@ -340,6 +340,19 @@ std::vector<nbd::ShimExport> ShimExportsFromRegistry(
   return out;
 }
 
+// Whole-map prefetch of an export (ExtentCache::SetExportPrefetch): 0 = off,
+// else the fetches kept in flight, one per upstream connection.
+// PREFETCH_AUTO prefetches exports whose map cannot change through
+// blockmeta: read-only and immutable ones.
+uint32_t PrefetchParallel(const v1::ExportConfig& c) {
+  const bool read_only = c.read_only() || c.immutable() ||
+                         (c.has_image() && c.image().read_only());
+  const bool on = c.prefetch() == v1::PREFETCH_WHOLE_MAP ||
+                  (c.prefetch() == v1::PREFETCH_AUTO && read_only);
+  if (!on) return 0;
+  return c.connections() != 0 ? c.connections() : kDefaultUpstreamConnections;
+}
+
 }  // namespace
 
 ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
@@ -353,6 +366,7 @@ ExportRegistry::Hooks BlockMetaServer::MakeHooks() {
                         : e->config.cache_ttl_seconds() != 0
                             ? absl::Seconds(e->config.cache_ttl_seconds())
                             : default_ttl);
+    cache->SetExportPrefetch(e->config.name(), PrefetchParallel(e->config));
   };
   hooks.added = [this, cache, apply_ttl](const ExportRef& e) {
     apply_ttl(e);

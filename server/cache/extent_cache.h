@@ -65,50 +65,13 @@
 #include <string>
 #include <vector>
 
-#include "absl/functional/any_invocable.h"
-#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/cache/cache_key.h"
 #include "server/cache/extent.h"
+#include "server/cache/fetcher.h"
 
 namespace blockmeta {
-
-struct CacheKey {
-  std::string export_name;
-  std::string context;  // e.g. "base:allocation", "qemu:dirty-bitmap:b1"
-
-  template <typename H>
-  friend H AbslHashValue(H h, const CacheKey& k) {
-    return H::combine(std::move(h), k.export_name, k.context);
-  }
-  friend bool operator==(const CacheKey& a, const CacheKey& b) {
-    return a.export_name == b.export_name && a.context == b.context;
-  }
-};
-
-// Asks the upstream for block status, synchronously. Must return extents
-// contiguous from `offset` (at least one, nonzero lengths) or an error; may
-// cover less or more than `length`. Must give up by `deadline` (returning
-// DEADLINE_EXCEEDED). Called without any cache lock held. A Get() with a
-// synchronous fetcher neither detaches nor reads ahead (the fetcher is a
-// reference that dies with the call).
-using Fetcher = absl::FunctionRef<absl::StatusOr<ExtentList>(
-    uint64_t offset, uint64_t length, absl::Time deadline)>;
-
-// The completion of one asynchronous fetch (the same type as
-// Upstream's ExtentsCallback).
-using FetchDone = absl::AnyInvocable<void(absl::StatusOr<ExtentList>) &&>;
-
-// Asks the upstream for block status, asynchronously: issues one request
-// for [offset, offset + length) and returns; calls `done` exactly once, on
-// any thread, possibly before returning. The answer rules are the
-// synchronous Fetcher's. The fetch has no caller deadline: it runs under
-// the upstream's own timeout. Called without any cache lock held; `done`
-// takes a key lock briefly and may issue further fetches (read-ahead)
-// through a copy of the fetcher, so the fetcher must own what it captures
-// and stay callable until every fetch it issued has completed.
-using AsyncFetcher =
-    std::function<void(uint64_t offset, uint64_t length, FetchDone done)>;
 
 // kHit: answered from the cache alone. kPartial: a cached head, then the
 // upstream (own call or a coalesced one). kMiss: nothing cached at offset.
@@ -150,6 +113,16 @@ struct CacheCounters {
   uint64_t stale_fills_dropped = 0;  // fills cut by an in-flight invalidation
   uint64_t entries = 0;              // gauge: intervals held
   uint64_t memory_bytes = 0;         // gauge: bytes the interval maps hold
+  // Read-ahead runs started by a walk detected by position.
+  uint64_t read_ahead_walks = 0;
+  // Whole-map prefetch: fetches issued, bytes of map they brought, Get()s
+  // that waited for a prefetch fetch in flight (served when it arrived),
+  // prefetches that reached the export end, and fetches in flight (gauge).
+  uint64_t prefetch_issued = 0;
+  uint64_t prefetch_bytes = 0;
+  uint64_t prefetch_hits = 0;
+  uint64_t prefetch_completed = 0;
+  uint64_t prefetch_inflight = 0;
 
   CacheCounters& operator+=(const CacheCounters& o) {
     hits += o.hits;
@@ -169,6 +142,12 @@ struct CacheCounters {
     stale_fills_dropped += o.stale_fills_dropped;
     entries += o.entries;
     memory_bytes += o.memory_bytes;
+    read_ahead_walks += o.read_ahead_walks;
+    prefetch_issued += o.prefetch_issued;
+    prefetch_bytes += o.prefetch_bytes;
+    prefetch_hits += o.prefetch_hits;
+    prefetch_completed += o.prefetch_completed;
+    prefetch_inflight += o.prefetch_inflight;
     return *this;
   }
 };
@@ -207,8 +186,10 @@ class ExtentCache {
   LookupResult Lookup(const CacheKey& key, uint64_t offset, uint64_t length,
                       size_t max_extents) const;
   // Counts a Lookup() result the caller answered with (its outcome and the
-  // bytes from the cache), as Get() counts its own. A scan answered from
-  // read-ahead windows keeps its read-ahead going from here.
+  // bytes from the cache), as Get() counts its own. A walk answered from
+  // the cache (the shim's warm REQ_ONE steps) is followed from here: it
+  // counts read-ahead hits and keeps read-ahead ahead of it, issuing
+  // windows through the fetcher of the key's last detached Get().
   void Record(const CacheKey& key, uint64_t offset, const LookupResult& r);
   // Counts an upstream block-status call made outside the cache (a
   // bypassing caller), so upstream_calls covers every call.
@@ -227,6 +208,10 @@ class ExtentCache {
   // later Get() of the same gap waits for the same fetch). The same
   // in-flight records schedule read-ahead, at most
   // Options::read_ahead_windows fetches per key beyond the demand one:
+  // * walks, detected by position (read_ahead.h): reads that continue the
+  //   highest offset handed out, twice in a row or with a request of at
+  //   least a quarter window (REQ_ONE clients); windows to the export end,
+  //   followed through Get() and Lookup()+Record() alike;
   // * window-limited scans: when the gap starts in the last window of a
   //   run whose last answer was shorter than asked (length L), fetches of
   //   L bytes at the run end, end + L, ... ;
@@ -284,6 +269,19 @@ class ExtentCache {
   // Per-export TTL override, replacing Options::ttl for that export's keys
   // (absl::InfiniteDuration() = that export's intervals never expire).
   void SetExportTtl(const std::string& export_name, absl::Duration ttl);
+
+  // Whole-map prefetch of an export: with `parallel` > 0, the first
+  // detached Get() of each of its keys (contexts) starts a background map of
+  // the whole export, `parallel` fetches in flight (fewer while callers'
+  // own fetches of the key are in flight: it yields to them). Callers are
+  // served as soon as their range arrives (they wait for the prefetch fetch
+  // that covers them, single-flight). Every prefetch fetch obeys the poison
+  // rule and the memory bound (the prefetch ends when memory nears the
+  // bound). 0 (the default) = off. Applies to keys made later and to keys
+  // that have not started one yet.
+  void SetExportPrefetch(const std::string& export_name, uint32_t parallel);
+  // The export's prefetch parallelism (0 = off).
+  uint32_t ExportPrefetch(const std::string& export_name) const;
 
   // Counters summed over every key, or for one key (zeros if unknown).
   CacheCounters Counters() const;

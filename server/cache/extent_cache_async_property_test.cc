@@ -120,7 +120,11 @@ class AsyncPropertyRun {
       if (r < 30) {
         DoGet();
       } else if (r < 40) {
-        DoScanStep();
+        if (Rand(2) == 0) {
+          DoScanStep();
+        } else {
+          DoShimScanStep();
+        }
       } else if (r < 62 || r >= 96) {
         DoDeliver();
       } else if (r < 74) {
@@ -441,6 +445,25 @@ class AsyncPropertyRun {
     if (r.ok()) scan_pos_[k] = r->next_offset;
   }
 
+  // The NBD shim's REQ_ONE walk: a warm step is answered by Lookup() and
+  // counted by Record() (which follows the walk and may issue read-ahead),
+  // a cold one by Get(). Walk read-ahead then runs for these scans too.
+  void DoShimScanStep() {
+    const int k = static_cast<int>(Rand(kKeyCount));
+    if (shim_pos_[k] >= size_) shim_pos_[k] = Rand(4) == 0 ? Rand(size_) : 0;
+    const uint64_t pos = shim_pos_[k];
+    const LookupResult hit = cache_->Lookup(*kKeys[k], pos, size_ - pos, 1);
+    if (hit.outcome == Outcome::kHit) {
+      CheckNow(k, pos, size_ - pos, hit, "shim walk");
+      cache_->Record(*kKeys[k], pos, hit);
+      shim_pos_[k] = hit.next_offset;
+      return;
+    }
+    absl::StatusOr<LookupResult> r;
+    GetAndCheck(k, pos, size_ - pos, 1, &r);
+    if (r.ok()) shim_pos_[k] = r->next_offset;
+  }
+
   void DoLookup() {
     const int k = static_cast<int>(Rand(kKeyCount));
     const uint64_t off = Rand(size_ + unit_);
@@ -519,6 +542,7 @@ class AsyncPropertyRun {
   AsyncFetcher fetchers_[kKeyCount];
   std::deque<Pending> pending_;
   uint64_t scan_pos_[kKeyCount] = {};
+  uint64_t shim_pos_[kKeyCount] = {};
   int depth_ = 0;
   int step_ = 0;
   uint64_t fetcher_calls_ = 0;

@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
+#include "tests/testing/async_disk.h"
 
 namespace blockmeta {
 namespace {
@@ -31,188 +32,7 @@ const CacheKey kB{"b", "base:allocation"};
 
 absl::Time Later() { return absl::Now() + absl::Seconds(30); }
 
-// A disk of alternating data/hole runs of `run` bytes whose fetches are
-// queued until the test (or an auto-completing thread) answers them. With
-// `limit` set it answers at most that many bytes per call (a window-limited
-// upstream such as nbdkit's blocksize filter in front of VDDK).
-class AsyncDisk {
- public:
-  struct Pending {
-    uint64_t offset;
-    uint64_t length;
-    FetchDone done;
-  };
-
-  AsyncDisk(uint64_t size, uint64_t run) : size_(size), run_(run) {}
-
-  uint32_t FlagsAt(uint64_t off) const {
-    sync::MutexLock l(&mu_);
-    return FlagsAtLocked(off);
-  }
-  ExtentList Truth(uint64_t offset, uint64_t len) const {
-    sync::MutexLock l(&mu_);
-    return TruthLocked(offset, len);
-  }
-  // Flips the flags of [a, b) (a write).
-  void Flip(uint64_t a, uint64_t b) {
-    sync::MutexLock l(&mu_);
-    flipped_.emplace_back(a, b);
-  }
-
-  AsyncFetcher Fetcher() {
-    return [this](uint64_t offset, uint64_t length, FetchDone done) {
-      sync::MutexLock l(&mu_);
-      ++calls_;
-      EXPECT_LT(offset, size_);
-      EXPECT_LE(offset + length, size_) << "fetch past the export end";
-      queue_.push_back(Pending{offset, length, std::move(done)});
-      max_pending_ = std::max(max_pending_, queue_.size());
-      cv_.SignalAll();
-    };
-  }
-
-  // Waits until at least n fetches are queued.
-  bool WaitPending(size_t n, absl::Duration timeout = absl::Seconds(10)) {
-    const absl::Time deadline = absl::Now() + timeout;
-    sync::MutexLock l(&mu_);
-    while (queue_.size() < n) {
-      if (mu_.WaitWithDeadline(&cv_, deadline)) return queue_.size() >= n;
-    }
-    return true;
-  }
-  size_t pending() const {
-    sync::MutexLock l(&mu_);
-    return queue_.size();
-  }
-  std::vector<std::pair<uint64_t, uint64_t>> PendingRanges() const {
-    sync::MutexLock l(&mu_);
-    std::vector<std::pair<uint64_t, uint64_t>> out;
-    for (const Pending& p : queue_) out.emplace_back(p.offset, p.length);
-    return out;
-  }
-  int calls() const {
-    sync::MutexLock l(&mu_);
-    return calls_;
-  }
-  size_t max_pending() const {
-    sync::MutexLock l(&mu_);
-    return max_pending_;
-  }
-
-  // Answers the i-th queued fetch (the truth now, or `status`).
-  void Complete(size_t i, const absl::Status& status = absl::OkStatus()) {
-    Pending p;
-    ExtentList answer;
-    {
-      sync::MutexLock l(&mu_);
-      ASSERT_LT(i, queue_.size());
-      p = std::move(queue_[i]);
-      queue_.erase(queue_.begin() + i);
-      uint64_t len = std::min(p.length, size_ - p.offset);
-      if (limit_ != 0) len = std::min(len, limit_);
-      answer = TruthLocked(p.offset, len);
-    }
-    if (status.ok()) {
-      std::move(p.done)(std::move(answer));
-    } else {
-      std::move(p.done)(status);
-    }
-  }
-  // What the i-th queued fetch would be answered now.
-  ExtentList AnswerFor(size_t i) const {
-    sync::MutexLock l(&mu_);
-    const Pending& p = queue_[i];
-    uint64_t len = std::min(p.length, size_ - p.offset);
-    if (limit_ != 0) len = std::min(len, limit_);
-    return TruthLocked(p.offset, len);
-  }
-  // Answers the i-th queued fetch with `answer` (read before a write).
-  void CompleteWith(size_t i, ExtentList answer) {
-    Pending p;
-    {
-      sync::MutexLock l(&mu_);
-      p = std::move(queue_[i]);
-      queue_.erase(queue_.begin() + i);
-    }
-    std::move(p.done)(std::move(answer));
-  }
-  void CompleteAll() {
-    while (pending() > 0) Complete(0);
-  }
-
-  // Answers every fetch on a thread as it arrives, until stopped.
-  void StartAutoComplete() {
-    auto_ = std::thread([this] {
-      for (;;) {
-        {
-          sync::MutexLock l(&mu_);
-          while (queue_.empty() && !stop_) {
-            mu_.WaitWithDeadline(&cv_, absl::InfiniteFuture());
-          }
-          if (queue_.empty() && stop_) return;
-        }
-        Complete(0);
-      }
-    });
-  }
-  void StopAutoComplete() {
-    {
-      sync::MutexLock l(&mu_);
-      stop_ = true;
-      cv_.SignalAll();
-    }
-    if (auto_.joinable()) auto_.join();
-  }
-  ~AsyncDisk() {
-    StopAutoComplete();
-    CompleteAll();
-  }
-
-  void set_limit(uint64_t limit) {
-    sync::MutexLock l(&mu_);
-    limit_ = limit;
-  }
-  uint64_t size() const { return size_; }
-
- private:
-  uint32_t FlagsAtLocked(uint64_t off) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    uint32_t f = (off / run_) % 2 ? kStateHole | kStateZero : 0;
-    for (const auto& [a, b] : flipped_) {
-      if (a <= off && off < b) f ^= kStateHole | kStateZero;
-    }
-    return f;
-  }
-  ExtentList TruthLocked(uint64_t offset, uint64_t len) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    // Walk unit by unit at the granularity of runs and flips (tests keep
-    // both multiples of 4 KiB).
-    ExtentList out;
-    for (uint64_t pos = offset; pos < offset + len;) {
-      uint64_t next = std::min(offset + len, (pos / 4096 + 1) * 4096);
-      const uint32_t f = FlagsAtLocked(pos);
-      if (!out.empty() && out.back().flags == f) {
-        out.back().length += next - pos;
-      } else {
-        out.push_back(Extent{pos, next - pos, f});
-      }
-      pos = next;
-    }
-    return out;
-  }
-
-  const uint64_t size_;
-  const uint64_t run_;
-  mutable sync::Mutex mu_;
-  absl::CondVar cv_;
-  std::deque<Pending> queue_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::pair<uint64_t, uint64_t>> flipped_ ABSL_GUARDED_BY(mu_);
-  int calls_ ABSL_GUARDED_BY(mu_) = 0;
-  size_t max_pending_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t limit_ ABSL_GUARDED_BY(mu_) = 0;
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread auto_;
-};
+using testing::AsyncDisk;
 
 ExtentCache::Options Opts(uint64_t window, uint32_t read_ahead) {
   ExtentCache::Options o;
@@ -485,6 +305,148 @@ TEST(ExtentCacheAsyncTest, ScanMakesProgressUnderMemoryPressure) {
   EXPECT_EQ(steps, 8192);
   // One fill keeps about (64 KiB / 2) / 48 B = 680 intervals.
   EXPECT_LE(disk.calls(), 8192 / 600 + 2);
+}
+
+// A REQ_ONE walk (qemu-img map: one extent per request, each request for
+// half a window, inside full answers) is detected by its position: the
+// first miss at offset 0 already keeps windows in flight, and the scan
+// tops them up as it reads, through Get() hits.
+TEST(ExtentCacheAsyncTest, ReqOneWalkReadsAheadByPosition) {
+  constexpr uint64_t kW = 1 * kMiB;
+  ExtentCache cache(Opts(kW, 4));
+  AsyncDisk disk(64 * kMiB, 64 * kKiB);
+  const AsyncFetcher fetch = disk.Fetcher();
+  absl::StatusOr<LookupResult> first;
+  std::thread t([&] {
+    first = cache.Get(kA, disk.size(), 0, kW / 2, 1, fetch, Later());
+  });
+  ASSERT_TRUE(disk.WaitPending(5));  // demand + 4 windows, at once
+  EXPECT_THAT(disk.PendingRanges(),
+              ElementsAre(std::pair<uint64_t, uint64_t>{0, kW},
+                          std::pair<uint64_t, uint64_t>{kW, kW},
+                          std::pair<uint64_t, uint64_t>{2 * kW, kW},
+                          std::pair<uint64_t, uint64_t>{3 * kW, kW},
+                          std::pair<uint64_t, uint64_t>{4 * kW, kW}));
+  disk.CompleteAll();
+  t.join();
+  ASSERT_TRUE(first.ok()) << first.status();
+  disk.StartAutoComplete();
+  uint64_t pos = first->next_offset;
+  while (pos < disk.size()) {
+    auto r = cache.Get(kA, disk.size(), pos,
+                       std::min(kW / 2, disk.size() - pos), 1, fetch, Later());
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->extents.size(), 1u);
+    ExpectTruth(disk, pos, *r);
+    pos = r->next_offset;
+  }
+  disk.StopAutoComplete();
+  const CacheCounters c = cache.Counters(kA);
+  EXPECT_EQ(disk.calls(), 64);  // every window once
+  EXPECT_EQ(c.read_ahead_issued, 63u);
+  EXPECT_GE(c.read_ahead_hits, 60u) << "wasted " << c.read_ahead_wasted;
+  EXPECT_LE(disk.max_pending(), 5u);  // never more than 1 + 4 per key
+}
+
+// The NBD shim answers warm REQ_ONE requests with Lookup() + Record() on
+// its own thread: the walk is followed there too, with the fetcher of the
+// key's last Get().
+TEST(ExtentCacheAsyncTest, WalkSeenOnlyThroughRecordReadsAhead) {
+  constexpr uint64_t kW = 1 * kMiB;
+  ExtentCache cache(Opts(kW, 4));
+  AsyncDisk disk(64 * kMiB, 64 * kKiB);
+  const AsyncFetcher fetch = disk.Fetcher();
+  // A short first request is no walk yet: only its own window.
+  std::thread t([&] { disk.WaitPending(1), disk.Complete(0); });
+  auto first = cache.Get(kA, disk.size(), 0, 4096, 1, fetch, Later());
+  t.join();
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(disk.calls(), 1);
+  // Two warm steps in a row make a walk: windows after the cached one.
+  uint64_t pos = first->next_offset;
+  for (int i = 0; i < 2; ++i) {
+    LookupResult r = cache.Lookup(kA, pos, 4096, 1);
+    ASSERT_EQ(r.outcome, Outcome::kHit);
+    cache.Record(kA, pos, r);
+    pos = r.next_offset;
+  }
+  ASSERT_TRUE(disk.WaitPending(4));
+  EXPECT_THAT(disk.PendingRanges(),
+              ElementsAre(std::pair<uint64_t, uint64_t>{kW, kW},
+                          std::pair<uint64_t, uint64_t>{2 * kW, kW},
+                          std::pair<uint64_t, uint64_t>{3 * kW, kW},
+                          std::pair<uint64_t, uint64_t>{4 * kW, kW}));
+  // The rest of the walk, warm steps by Lookup()+Record(), cold ones by
+  // Get(): every window is fetched once.
+  disk.StartAutoComplete();
+  int gets = 0;
+  while (pos < disk.size()) {
+    LookupResult r = cache.Lookup(kA, pos, 4096, 1);
+    if (r.outcome == Outcome::kHit) {
+      ExpectTruth(disk, pos, r);
+      cache.Record(kA, pos, r);
+      pos = r.next_offset;
+      continue;
+    }
+    ++gets;
+    auto g = cache.Get(kA, disk.size(), pos,
+                       std::min<uint64_t>(4096, disk.size() - pos), 1, fetch,
+                       Later());
+    ASSERT_TRUE(g.ok()) << g.status();
+    ExpectTruth(disk, pos, *g);
+    pos = g->next_offset;
+  }
+  disk.StopAutoComplete();
+  EXPECT_EQ(disk.calls(), 64);
+  EXPECT_EQ(cache.Counters(kA).read_ahead_issued, 63u);
+  // Read-ahead kept ahead of the walk, so few steps had to wait.
+  EXPECT_LT(gets, 32);
+}
+
+// Reads that jump around (no two continue each other) start no read-ahead.
+TEST(ExtentCacheAsyncTest, ScatteredReadsStartNoReadAhead) {
+  constexpr uint64_t kW = 1 * kMiB;
+  ExtentCache cache(Opts(kW, 8));
+  AsyncDisk disk(64 * kMiB, 64 * kKiB);
+  disk.StartAutoComplete();
+  for (uint64_t mib : {0, 10, 30, 5, 50, 20, 62, 40}) {
+    auto r = cache.Get(kA, disk.size(), mib * kMiB + 8192, 4096, 1,
+                       disk.Fetcher(), Later());
+    ASSERT_TRUE(r.ok()) << r.status();
+    LookupResult l = cache.Lookup(kA, mib * kMiB + 40 * kMiB % 64, 4096, 1);
+    cache.Record(kA, mib * kMiB + 40 * kMiB % 64, l);
+  }
+  disk.StopAutoComplete();
+  EXPECT_EQ(cache.Counters(kA).read_ahead_issued, 0u);
+  EXPECT_EQ(disk.calls(), 8);
+}
+
+// A walk over a warm cache fetches nothing: read-ahead skips what is
+// cached.
+TEST(ExtentCacheAsyncTest, WalkOverAWarmCacheFetchesNothing) {
+  constexpr uint64_t kW = 1 * kMiB;
+  ExtentCache cache(Opts(kW, 4));
+  AsyncDisk disk(16 * kMiB, 64 * kKiB);
+  disk.StartAutoComplete();
+  const AsyncFetcher fetch = disk.Fetcher();
+  for (uint64_t pos = 0; pos < disk.size();) {
+    auto r =
+        cache.Get(kA, disk.size(), pos, disk.size() - pos, 0, fetch, Later());
+    ASSERT_TRUE(r.ok());
+    pos = r->next_offset;
+  }
+  const int warm = disk.calls();
+  EXPECT_EQ(warm, 16);
+  for (uint64_t pos = 0; pos < disk.size();) {
+    auto r = cache.Get(kA, disk.size(), pos, kW / 2, 1, fetch, Later());
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ(r->outcome, Outcome::kHit);
+    LookupResult l = cache.Lookup(kA, r->next_offset, kW / 2, 1);
+    if (l.outcome == Outcome::kHit) cache.Record(kA, r->next_offset, l);
+    pos = l.outcome == Outcome::kHit ? l.next_offset : r->next_offset;
+  }
+  disk.StopAutoComplete();
+  EXPECT_EQ(disk.calls(), warm);
 }
 
 TEST(ExtentCacheAsyncTest, CacheDestroyedWithFetchesInFlight) {

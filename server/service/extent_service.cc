@@ -553,6 +553,12 @@ void FillCounters(const CacheCounters& c, v1::CacheCounters* out) {
   out->set_read_ahead_hits(c.read_ahead_hits);
   out->set_read_ahead_wasted(c.read_ahead_wasted);
   out->set_detached_waits(c.detached_waits);
+  out->set_read_ahead_walks(c.read_ahead_walks);
+  out->set_prefetch_issued(c.prefetch_issued);
+  out->set_prefetch_bytes(c.prefetch_bytes);
+  out->set_prefetch_hits(c.prefetch_hits);
+  out->set_prefetch_completed(c.prefetch_completed);
+  out->set_prefetch_inflight(c.prefetch_inflight);
   out->set_entries(c.entries);
   out->set_memory_bytes(c.memory_bytes);
 }
@@ -585,6 +591,8 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     auto st = u->second.store_contexts.find(k.context);
     if (st != u->second.store_contexts.end()) FillStore(st->second, out);
   };
+  response.set_read_ahead_windows(
+      std::min(cache_->options().read_ahead_windows, kMaxReadAheadWindows));
   std::vector<CacheKey> keys = cache_->Keys();
   for (const ExportRef& e : *targets) {
     const std::string& name = e->config.name();
@@ -611,6 +619,12 @@ absl::StatusOr<v1::GetStatsResponse> ExtentService::GetStats(
     s->set_store_identity(st.store_identity);
     s->set_store_bytes(st.store_bytes);
     s->set_store_verify_failures(st.store_verify_failures);
+    s->set_prefetch(v1::PrefetchMode_Name(e->config.prefetch()));
+    s->set_prefetch_parallel(cache_->ExportPrefetch(name));
+    s->set_prefetch_enabled(s->prefetch_parallel() > 0);
+    if (s->prefetch_enabled()) {
+      response.set_prefetch_exports(response.prefetch_exports() + 1);
+    }
   }
   CacheCounters sum;
   v1::CacheCounters* total = response.mutable_total();

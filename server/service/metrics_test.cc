@@ -6,6 +6,7 @@
 #include <atomic>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -131,6 +132,37 @@ TEST(MetricsTest, ExportReadyFollowsTheUpstream) {
       m.Render(), "\nblockmeta_export_ready{export=\"disk\"} 0\n"));
   ASSERT_TRUE(registry->Remove("disk").ok());
   EXPECT_FALSE(absl::StrContains(m.Render(), "export=\"disk\""));
+}
+
+// Read-ahead walks and whole-map prefetch show per export and context.
+TEST(MetricsTest, ReadAheadAndPrefetchCountersAreScraped) {
+  ExtentCache::Options o;
+  o.fetch_window_bytes = 1 << 20;
+  ExtentCache cache(o);
+  cache.SetExportPrefetch("a", 2);
+  Metrics m(&cache);
+  // An upstream of 4 MiB of data that answers at once.
+  const AsyncFetcher fetch = [](uint64_t off, uint64_t len, FetchDone done) {
+    std::move(done)(ExtentList{{off, len, 0}});
+  };
+  const CacheKey key{"a", "base:allocation"};
+  ASSERT_TRUE(
+      cache.Get(key, 4 << 20, 0, 4096, 0, fetch, absl::InfiniteFuture()).ok());
+  const std::string text = m.Render();
+  const std::string labels = "{context=\"base:allocation\",export=\"a\"} ";
+  const std::pair<const char*, const char*> kWant[] = {
+      {"blockmeta_cache_prefetch_issued_total", "3"},
+      {"blockmeta_cache_prefetch_completed_total", "1"},
+      {"blockmeta_cache_prefetch_bytes_total", "3145728"},
+      {"blockmeta_cache_prefetch_inflight", "0"},
+      {"blockmeta_cache_read_ahead_walks_total", "0"},
+  };
+  for (const auto& [name, value] : kWant) {
+    EXPECT_TRUE(
+        absl::StrContains(text, absl::StrCat("\n", name, labels, value, "\n")))
+        << name << "\n"
+        << text;
+  }
 }
 
 TEST(MetricsTest, ForgetExportDropsItsUpstreamCallSamples) {
