@@ -10,6 +10,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +35,22 @@ using nbd::testing::RequestBytes;
 
 constexpr uint64_t kSize = 4 << 20;
 constexpr uint32_t kBlock = 64 << 10;
+
+// One export named `name` served from `up`. ShimExport::upstream is a
+// raw pointer on this branch and a weak reference where exports are
+// removed at run time; a template keeps this test valid with either.
+template <typename E = nbd::ShimExport>
+E Export(const std::string& name, const std::shared_ptr<Upstream>& up) {
+  E e;
+  e.name = name;
+  if constexpr (std::is_pointer_v<decltype(e.upstream)>) {
+    e.upstream = up.get();
+  } else {
+    e.upstream = up;
+  }
+  e.upstream_timeout = absl::Seconds(30);
+  return e;
+}
 
 std::string TempSocket(const std::string& name) {
   std::string path = absl::StrCat(::testing::TempDir(), name, ".sock");
@@ -63,12 +80,13 @@ class GatedUpstream : public FakeUpstream {
 // a BLOCK_STATUS the cache answers whole is still answered, by the
 // connection itself, with the REQ_ONE rules, and counted as a hit.
 TEST(NbdServerHits, WarmHitsAreAnsweredWhileThePoolIsBusy) {
-  GatedUpstream up;
+  auto shared = std::make_shared<GatedUpstream>();
+  GatedUpstream& up = *shared;
   up.Fill(0, kBlock, 'a');
   ExtentCache cache{ExtentCache::Options()};
   blockmeta::v1::NbdShimConfig config;
   config.set_worker_threads(1);
-  NbdServer server({{"a", "", &up, false, absl::Seconds(30)}}, &cache, config);
+  NbdServer server({Export("a", shared)}, &cache, config);
   const std::string sock = TempSocket("hits");
   ASSERT_TRUE(server.Start("", sock).ok());
   auto connect = [&] {
@@ -118,9 +136,9 @@ TEST(NbdServerHits, WarmHitsAreAnsweredWhileThePoolIsBusy) {
 // Serves a plain FakeUpstream as export "a".
 struct Served {
   explicit Served(const blockmeta::v1::NbdShimConfig& config = {})
-      : up(kSize, kBlock, false),
+      : up(std::make_shared<FakeUpstream>(kSize, kBlock, false)),
         cache(ExtentCache::Options()),
-        server({{"a", "", &up, false, absl::Seconds(30)}}, &cache, config),
+        server({Export("a", up)}, &cache, config),
         sock(TempSocket("engine")) {
     EXPECT_TRUE(server.Start("", sock).ok());
   }
@@ -130,7 +148,7 @@ struct Served {
     EXPECT_TRUE((*c)->Handshake("a", true, {"base:allocation"}).ok());
     return std::move(*c);
   }
-  FakeUpstream up;
+  std::shared_ptr<FakeUpstream> up;
   ExtentCache cache;
   NbdServer server;
   std::string sock;
