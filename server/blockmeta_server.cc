@@ -308,6 +308,7 @@ absl::StatusOr<std::unique_ptr<BlockMetaServer>> BlockMetaServer::Create(
       n.rejected = nbd->RejectedConnections();
       n.evicted_handshakes = nbd->EvictedConnections();
       n.evicted_idle = nbd->EvictedIdleSessions();
+      n.evicted_stalled = nbd->EvictedStalledSessions();
       n.buffered_bytes = nbd->BufferedBytes();
       n.max_connections = cap;
       return n;

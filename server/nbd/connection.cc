@@ -9,11 +9,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "server/common/log.h"
+#include "server/upstream/nbd_errors.h"
 
 namespace blockmeta {
 namespace nbd {
@@ -26,6 +29,18 @@ constexpr char kClientLeft[] = "client left";
 // It is kernel memory outside the byte budgets. TCP keeps its autotuning
 // (setting SO_SNDBUF would switch that off).
 constexpr int kUnixSendBufferBytes = 1 << 20;
+
+// Bytes read from the socket at a time ahead of the request being received
+// (headers of pipelined requests arrive together); payloads at least this
+// large are read straight into place.
+constexpr size_t kInputBufferBytes = 16 << 10;
+
+// "Never" for the published idle / stalled instants.
+constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+
+absl::Time FromNs(int64_t ns) {
+  return ns == kNever ? absl::InfiniteFuture() : absl::FromUnixNanos(ns);
+}
 
 // Bytes a request may pin until its reply is written.
 uint64_t Charge(const Request& r, size_t payload) {
@@ -45,7 +60,9 @@ Connection::Connection(int fd, const std::vector<ShimExport>* exports,
       options_(options),
       started_(absl::Now()),
       wake_fd_(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
-      stream_(fd, /*owns=*/true) {}
+      stream_(fd, /*owns=*/true),
+      idle_since_ns_(kNever),
+      stalled_since_ns_(kNever) {}
 
 Connection::~Connection() {
   if (wake_fd_ >= 0) close(wake_fd_);
@@ -126,6 +143,7 @@ void Connection::Serve() {
     phase_.store(Phase::kDone);
     return;
   }
+  // From here on nothing blocks on the socket: the loop polls it.
   stream_.SetReadDeadline(absl::InfiniteFuture());
   stream_.SetWriteDeadline(absl::InfiniteFuture());
   {
@@ -139,9 +157,11 @@ void Connection::Serve() {
   }
   negotiated_.emplace(*std::move(n));  // entered_ was set by Gate()
   handler_.emplace(*negotiated_, cache_);
+  inbuf_.reset(new char[kInputBufferBytes]);
   {
     sync::MutexLock lock(&mu_);
     last_activity_ = absl::Now();  // before the phase: IdleSince() reads it
+    idle_since_ns_.store(absl::ToUnixNanos(last_activity_));
   }
   phase_.store(Phase::kTransmission);
   const std::string& name = negotiated_->export_entry->name;
@@ -150,34 +170,23 @@ void Connection::Serve() {
             {"structured", negotiated_->structured_replies},
             {"contexts", static_cast<uint64_t>(negotiated_->contexts.size())}});
   const std::string reason = Loop();
-  if (reason == kClientLeft) {
-    // DISC (or EOF): requests in flight still finish and their replies are
-    // sent, each write bounded by the write timeout.
-    sync::MutexLock lock(&mu_);
-    while (running_ > 0)
-      mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
-    stream_.SetWriteDeadline(absl::Now() + options_.write_timeout);
-    while (!out_.empty() && !broken_) {
-      Pending& p = out_.front();
-      if (!io_->WriteAll(p.bytes.data() + p.written, p.bytes.size() - p.written)
-               .ok()) {
-        break;
-      }
-      ReleaseLocked(p.charged);
-      out_.pop_front();
-    }
-  }
-  shutdown(fd_, SHUT_RDWR);  // no more replies; tasks drop theirs
+  shutdown(fd_, SHUT_RDWR);  // no more replies; hand-offs drop theirs
   {
     sync::MutexLock lock(&mu_);
     broken_ = true;
+    // A hand-off still running, or a writer still holding the front reply,
+    // uses the connection until it finishes (bounded by the upstream
+    // timeout; a write never blocks).
+    while (running_ > 0 || writing_) {
+      mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+    }
     while (!out_.empty()) {
       ReleaseLocked(out_.front().charged);
       out_.pop_front();
     }
-    while (running_ > 0)
-      mu_.WaitWithDeadline(&changed_, absl::InfiniteFuture());
+    stalled_since_ns_.store(kNever);
   }
+  receiving_.store(false);
   {
     // Nothing of the session uses the upstream any more: let it go now,
     // not when the connection is reaped (a removed export drains sooner).
@@ -192,11 +201,12 @@ absl::Time Connection::IdleSince() const {
   if (phase_.load() != Phase::kTransmission || receiving_.load()) {
     return absl::InfiniteFuture();
   }
-  sync::MutexLock lock(&mu_);
-  if (inflight_ != 0 || running_ != 0 || !out_.empty()) {
-    return absl::InfiniteFuture();
-  }
-  return last_activity_;
+  return FromNs(idle_since_ns_.load());
+}
+
+absl::Time Connection::StalledSince() const {
+  if (phase_.load() != Phase::kTransmission) return absl::InfiniteFuture();
+  return FromNs(stalled_since_ns_.load());
 }
 
 bool Connection::CanAdmitLocked(uint64_t bytes) const {
@@ -211,144 +221,275 @@ void Connection::ReleaseLocked(uint64_t charged) {
   inflight_bytes_ -= charged;
   budget_->used.fetch_sub(charged);
   last_activity_ = absl::Now();
+  if (inflight_ == 0) idle_since_ns_.store(absl::ToUnixNanos(last_activity_));
 }
 
-void Connection::FlushLocked() {
-  while (!out_.empty() && !broken_) {
+void Connection::WriteLocked() {
+  // The caller set writing_: the front reply is this thread's to write.
+  while (!broken_ && !out_.empty()) {
     Pending& p = out_.front();
-    absl::StatusOr<size_t> w =
-        io_->TryWrite(p.bytes.data() + p.written, p.bytes.size() - p.written);
+    const char* data = p.bytes.data() + p.written;
+    const size_t left = p.bytes.size() - p.written;
+    mu_.Unlock();  // never held across a write
+    absl::StatusOr<size_t> w = io_->TryWrite(data, left);
+    mu_.Lock();
     if (!w.ok()) {
       broken_ = true;  // the client is gone; the loop sees EOF/HUP
       shutdown(fd_, SHUT_RDWR);
-      return;
+      break;
     }
-    if (*w == 0) return;  // socket full: the loop waits for POLLOUT
+    if (*w == 0) break;  // socket full: the loop waits for POLLOUT
+    const absl::Time now = absl::Now();
+    stalled_since_ns_.store(absl::ToUnixNanos(now));  // the client reads
     p.written += *w;
     if (p.written < p.bytes.size()) continue;
     ReleaseLocked(p.charged);
     out_.pop_front();
-    front_since_ = absl::Now();
+    front_since_ = now;
   }
+  if (out_.empty()) stalled_since_ns_.store(kNever);
+  writing_ = false;
 }
 
-void Connection::QueueReply(Reply reply, uint64_t charged, bool handled) {
-  // Everything happens under mu_, the wake-up too: once a handed-off
-  // request's running_ count drops and the lock is released, Serve() may
+void Connection::FinishLocked(bool handled, bool from_loop) {
+  if (handled) --running_;
+  if (from_loop) return;  // the loop looks at the queue itself
+  // The loop must learn about output left for POLLOUT, freed budget (to
+  // read again) or a finished hand-off (drain); otherwise it sleeps on.
+  if (loop_wants_wake_ || (!out_.empty() && !writing_)) Wake();
+  changed_.SignalAll();
+}
+
+void Connection::QueueReply(Reply reply, uint64_t charged, bool handled,
+                            bool from_loop) {
+  // Everything but the write happens under mu_, the wake-up too: once a
+  // hand-off's running_ count drops and the lock is released, Serve() may
   // return and the connection be destroyed.
   sync::MutexLock lock(&mu_);
   if (broken_) {
     ReleaseLocked(charged);
   } else {
-    if (out_.empty()) front_since_ = absl::Now();
+    if (out_.empty()) {
+      front_since_ = absl::Now();
+      stalled_since_ns_.store(absl::ToUnixNanos(front_since_));
+    }
     out_.push_back(Pending{std::move(reply), 0, charged});
-    FlushLocked();
+    if (!writing_) {  // else the writer takes this one too
+      writing_ = true;
+      WriteLocked();
+    }
   }
-  // The loop must learn about pending output (to poll POLLOUT) or freed
-  // budget (to read again); otherwise it sleeps in poll(POLLIN) as is.
-  if (loop_wants_wake_ || !out_.empty()) Wake();
-  if (handled) {
-    --running_;
-    changed_.SignalAll();
-  }
+  FinishLocked(handled, from_loop);
 }
 
-bool Connection::ReadRequest() {
-  receiving_.store(true, std::memory_order_relaxed);
-  const bool more = ReadRequestBytes();
-  receiving_.store(false, std::memory_order_relaxed);
-  return more;
+absl::StatusOr<size_t> Connection::Pull(char* dst, size_t n) {
+  if (inbuf_pos_ == inbuf_end_) {
+    if (rx_drained_) return size_t{0};
+    if (dst != nullptr && n >= kInputBufferBytes) {  // straight into place
+      absl::StatusOr<size_t> r = io_->TryRead(dst, n);
+      if (r.ok() && *r < n) rx_drained_ = true;
+      return r;
+    }
+    absl::StatusOr<size_t> r = io_->TryRead(inbuf_.get(), kInputBufferBytes);
+    if (!r.ok()) return r.status();
+    // A short read emptied the socket: poll before reading again.
+    if (*r < kInputBufferBytes) rx_drained_ = true;
+    inbuf_pos_ = 0;
+    inbuf_end_ = *r;
+  }
+  const size_t k = std::min(n, inbuf_end_ - inbuf_pos_);
+  if (dst != nullptr) std::memcpy(dst, inbuf_.get() + inbuf_pos_, k);
+  inbuf_pos_ += k;
+  return k;
 }
 
-bool Connection::ReadRequestBytes() {
+Connection::Rx Connection::Receive(std::string* why) {
   const Negotiated& n = *negotiated_;
-  // The whole request must arrive within the write timeout once started.
-  stream_.SetReadDeadline(absl::Now() + options_.write_timeout);
-  uint8_t hdr[kRequestHeaderSize];
-  if (!io_->ReadFull(hdr, sizeof hdr).ok()) return false;  // client left
-  Request r;
-  if (!ParseRequestHeader(hdr, &r)) {
-    LogWarning("nbd_bad_request_magic", {{"export", n.export_entry->name}});
-    return false;
-  }
-  Verdict v = ValidateRequest(r, n);
-  if (v.disconnect) {
-    if (r.type != kCmdDisc) {
-      LogWarning("nbd_request_disconnect", {{"reason", std::string(v.reason)}});
+  rx_drained_ = false;
+  rx_blocked_ = false;
+  bool admitted = true;  // the loop admitted the first request
+  for (;;) {
+    if (!in_.started) {
+      if (inbuf_pos_ == inbuf_end_ && rx_drained_) return Rx::kAgain;
+      if (!admitted) {
+        sync::MutexLock lock(&mu_);
+        if (!CanAdmitLocked(Charge(Request{}, 0))) {
+          loop_wants_wake_ = true;
+          rx_blocked_ = inbuf_pos_ < inbuf_end_;
+          return Rx::kAgain;
+        }
+      }
+      absl::StatusOr<size_t> k =
+          Pull(reinterpret_cast<char*>(in_.header), kRequestHeaderSize);
+      if (!k.ok()) {
+        *why = kClientLeft;
+        return Rx::kStop;
+      }
+      if (*k == 0) return Rx::kAgain;
+      in_.started = true;
+      in_.header_got = *k;
+      // The whole request must arrive within the write timeout once begun.
+      in_.deadline = absl::Now() + options_.write_timeout;
+      receiving_.store(true, std::memory_order_relaxed);
     }
-    return false;  // DISC: in-flight requests still finish before we close
-  }
-  std::string payload;
-  if (v.payload > 0) {
-    if (v.discard_payload) {
-      if (!io_->Discard(v.payload).ok()) return false;
-    } else {
-      payload.resize(v.payload);
-      if (!io_->ReadFull(payload.data(), payload.size()).ok()) return false;
+    while (in_.header_got < kRequestHeaderSize) {
+      absl::StatusOr<size_t> k =
+          Pull(reinterpret_cast<char*>(in_.header) + in_.header_got,
+               kRequestHeaderSize - in_.header_got);
+      if (!k.ok()) {
+        *why = kClientLeft;
+        return Rx::kStop;
+      }
+      if (*k == 0) return Rx::kAgain;
+      in_.header_got += *k;
     }
+    if (!in_.parsed) {
+      if (!ParseRequestHeader(in_.header, &in_.request)) {
+        LogWarning("nbd_bad_request_magic", {{"export", n.export_entry->name}});
+        *why = "bad request magic";
+        return Rx::kStop;
+      }
+      in_.verdict = ValidateRequest(in_.request, n);
+      if (in_.verdict.disconnect) {
+        if (in_.request.type != kCmdDisc) {
+          LogWarning("nbd_request_disconnect",
+                     {{"reason", std::string(in_.verdict.reason)}});
+          *why = std::string(in_.verdict.reason);
+        } else {
+          *why = kClientLeft;  // DISC: requests in flight still finish
+        }
+        return Rx::kStop;
+      }
+      in_.parsed = true;
+      if (in_.verdict.payload > 0 && !in_.verdict.discard_payload) {
+        in_.payload.resize(in_.verdict.payload);
+      }
+    }
+    while (in_.payload_got < in_.verdict.payload) {
+      char* dst = in_.verdict.discard_payload
+                      ? nullptr
+                      : in_.payload.data() + in_.payload_got;
+      absl::StatusOr<size_t> k =
+          Pull(dst, static_cast<size_t>(std::min<uint64_t>(
+                        in_.verdict.payload - in_.payload_got, 1u << 30)));
+      if (!k.ok()) {
+        *why = kClientLeft;
+        return Rx::kStop;
+      }
+      if (*k == 0) return Rx::kAgain;
+      in_.payload_got += *k;
+    }
+    const Request r = in_.request;
+    const Verdict v = in_.verdict;
+    std::string payload = std::move(in_.payload);
+    in_ = Incoming{};
+    receiving_.store(false, std::memory_order_relaxed);
+    Dispatch(r, v, std::move(payload));
+    admitted = false;
   }
-  stream_.SetReadDeadline(absl::InfiniteFuture());
+}
+
+void Connection::Dispatch(const Request& r, const Verdict& v,
+                          std::string payload) {
+  const Negotiated& n = *negotiated_;
   const uint64_t charged = Charge(r, v.error != 0 ? 0 : payload.size());
+  // A cache hit is answered here, on this thread: no hand-off.
+  std::optional<std::string> hit;
+  if (v.error == 0 && r.type == kCmdBlockStatus) {
+    hit = handler_->AnswerFromCache(r);
+  }
+  const bool hand_off = v.error == 0 && !hit.has_value();
   {
     sync::MutexLock lock(&mu_);
     ++inflight_;
     inflight_bytes_ += charged;
     budget_->used.fetch_add(charged);
     last_activity_ = absl::Now();
-    if (v.error == 0) ++running_;
+    idle_since_ns_.store(kNever);
+    if (hand_off) ++running_;
   }
-  if (v.error != 0) {
+  if (!hand_off) {
     Reply reply;
-    reply.str = ErrorReply(n.structured_replies, r.handle, v.error, v.reason);
-    QueueReply(std::move(reply), charged, /*handled=*/false);
-    return true;
+    reply.str = hit.has_value() ? *std::move(hit)
+                                : ErrorReply(n.structured_replies, r.handle,
+                                             v.error, v.reason);
+    QueueReply(std::move(reply), charged, /*handled=*/false,
+               /*from_loop=*/true);
+    return;
   }
   if (RequestHandler::IsAsync(r.type)) {
     // Issued from this thread, completed on an upstream engine thread (or
     // here, if it cannot be issued); running_ keeps the connection alive
     // until the completion queued its reply.
     handler_->Start(r, std::move(payload), [this, charged](Reply reply) {
-      QueueReply(std::move(reply), charged, /*handled=*/true);
+      QueueReply(std::move(reply), charged, /*handled=*/true,
+                 /*from_loop=*/false);
     });
-    return true;
+    return;
   }
-  pool_->Schedule([this, r, payload = std::move(payload), charged]() mutable {
+  const bool scheduled = pool_->Schedule(
+      [this, r, payload = std::move(payload), charged]() mutable {
+        Reply reply;
+        reply.str = handler_->Handle(r, std::move(payload));
+        QueueReply(std::move(reply), charged, /*handled=*/true,
+                   /*from_loop=*/false);
+      });
+  if (!scheduled) {  // the server is going away
     Reply reply;
-    reply.str = handler_->Handle(r, std::move(payload));
-    QueueReply(std::move(reply), charged, /*handled=*/true);
-  });
-  return true;
+    reply.str = ErrorReply(n.structured_replies, r.handle, kNbdEshutdown,
+                           "server shutting down");
+    QueueReply(std::move(reply), charged, /*handled=*/true,
+               /*from_loop=*/true);
+  }
 }
 
 std::string Connection::Loop() {
+  bool reading = true;  // false after DISC, EOF or bad input: drain
+  std::string why;      // why reading stopped
   for (;;) {
-    bool want_read, want_write;
+    bool want_read = false, want_write;
     absl::Time wake_at = absl::InfiniteFuture();
+    const absl::Time now = absl::Now();
     {
       sync::MutexLock lock(&mu_);
-      if (broken_) return "client gone";
-      const absl::Time now = absl::Now();
-      want_write = !out_.empty();
-      if (want_write) {
+      if (broken_) return why.empty() ? "client gone" : why;
+      if (!reading && running_ == 0 && out_.empty() && !writing_) return why;
+      want_write = !out_.empty() && !writing_;
+      if (!out_.empty()) {
         const absl::Time dl = front_since_ + options_.write_timeout;
         if (now >= dl) return "write timeout";
         wake_at = dl;
       }
-      // A request of unknown size is admitted like a small one; a larger
-      // one still fits because one request is always admitted.
-      want_read = CanAdmitLocked(Charge(Request{}, 0));
-      loop_wants_wake_ = !want_read;
-      if (inflight_ == 0 && options_.idle_timeout != absl::InfiniteDuration()) {
-        const absl::Time idle_end = last_activity_ + options_.idle_timeout;
-        if (now >= idle_end) return "idle timeout";
-        wake_at = std::min(wake_at, idle_end);
-      } else if (want_read &&
-                 options_.idle_timeout != absl::InfiniteDuration()) {
-        wake_at = std::min(wake_at, now + options_.idle_timeout);
+      if (reading) {
+        // A request of unknown size is admitted like a small one; a larger
+        // one still fits because one request is always admitted. One
+        // begun is read to its end.
+        want_read = in_.started || CanAdmitLocked(Charge(Request{}, 0));
+        if (options_.idle_timeout != absl::InfiniteDuration() && !in_.started) {
+          if (inflight_ == 0) {
+            const absl::Time idle_end = last_activity_ + options_.idle_timeout;
+            if (now >= idle_end) return "idle timeout";
+            wake_at = std::min(wake_at, idle_end);
+          } else if (want_read) {
+            wake_at = std::min(wake_at, now + options_.idle_timeout);
+          }
+        }
       }
+      // Backpressure or drain: completions must wake the loop.
+      loop_wants_wake_ = !want_read;
     }
-    if (want_read && io_->HasBufferedInput()) {
-      if (!ReadRequest()) return kClientLeft;
+    if (reading && in_.started) {
+      if (now >= in_.deadline) {
+        LogInfo("nbd_request_timeout",
+                {{"export", negotiated_->export_entry->name}});
+        reading = false;
+        why = "request timeout";
+        continue;
+      }
+      wake_at = std::min(wake_at, in_.deadline);
+    }
+    if (want_read && (rx_blocked_ || io_->HasBufferedInput())) {
+      if (Receive(&why) == Rx::kStop) reading = false;
       continue;
     }
     struct pollfd pfds[2] = {
@@ -372,10 +513,13 @@ std::string Connection::Loop() {
     const auto ev = pfds[0].revents;
     if (want_write && (ev & (POLLOUT | POLLERR | POLLHUP))) {
       sync::MutexLock lock(&mu_);
-      FlushLocked();
+      if (!writing_ && !out_.empty()) {
+        writing_ = true;
+        WriteLocked();
+      }
     }
     if (want_read && (ev & (POLLIN | POLLERR | POLLHUP))) {
-      if (!ReadRequest()) return kClientLeft;
+      if (Receive(&why) == Rx::kStop) reading = false;
     } else if (!want_read && (ev & (POLLERR | POLLHUP)) && !want_write) {
       return "client gone";
     }

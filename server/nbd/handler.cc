@@ -93,11 +93,74 @@ void RequestHandler::StartRead(const Request& r, ReplyFn done) const {
                  });
 }
 
+size_t RequestHandler::MaxDescriptors(const Request& r) {
+  return (r.flags & kCmdFlagReqOne) != 0 ? 1 : kMaxDescriptorsPerChunk;
+}
+
+// The one encoder of BLOCK_STATUS replies, for cache hits answered on the
+// connection's thread and for answers a pool worker waited for: so both
+// obey the same rules (doc/proto.md "NBD_CMD_BLOCK_STATUS"): descriptors
+// contiguous from r.offset, clipped to the request (with REQ_ONE exactly
+// one, never longer than the request), at most MaxDescriptors.
+bool RequestHandler::AppendStatusChunk(const Request& r, size_t i,
+                                       const ExtentList& extents,
+                                       std::string* out) const {
+  const uint64_t end = r.offset + r.length;  // validated: <= export size
+  const size_t max = MaxDescriptors(r);
+  std::string desc;
+  uint64_t cursor = r.offset;
+  size_t count = 0;
+  for (const Extent& x : extents) {
+    if (x.length == 0 || x.end() <= cursor) continue;
+    if (x.offset > cursor || cursor >= end) break;
+    uint64_t len = std::min(x.end(), end) - cursor;
+    AppendBe32(&desc, static_cast<uint32_t>(len));
+    AppendBe32(&desc, x.flags);
+    cursor += len;
+    if (++count == max) break;
+  }
+  if (count == 0) return false;
+  const bool last = i + 1 == n_.contexts.size();
+  AppendChunkHeader(out, last ? kReplyFlagDone : 0, kReplyTypeBlockStatus,
+                    r.handle, static_cast<uint32_t>(4 + desc.size()));
+  AppendBe32(out, n_.contexts[i].id);
+  out->append(desc);
+  return true;
+}
+
+std::optional<std::string> RequestHandler::AnswerFromCache(
+    const Request& r) const {
+  const ShimExport& e = *n_.export_entry;
+  const size_t max = MaxDescriptors(r);
+  const uint64_t end = r.offset + r.length;
+  // Probe every context first (Lookup counts nothing): a request is
+  // answered here only when all of them hit, else the pool's Get() answers
+  // (and counts) it whole.
+  std::vector<LookupResult> found;
+  found.reserve(n_.contexts.size());
+  for (const MetaContext& ctx : n_.contexts) {
+    LookupResult got =
+        cache_->Lookup(CacheKey{e.name, ctx.name}, r.offset, r.length, max);
+    if (got.extents.empty() ||
+        (got.next_offset < end && got.extents.size() < max)) {
+      return std::nullopt;
+    }
+    found.push_back(std::move(got));
+  }
+  std::string out;
+  for (size_t i = 0; i < found.size(); ++i) {
+    if (!AppendStatusChunk(r, i, found[i].extents, &out)) return std::nullopt;
+  }
+  for (size_t i = 0; i < found.size(); ++i) {
+    found[i].outcome = Outcome::kHit;
+    cache_->Record(CacheKey{e.name, n_.contexts[i].name}, r.offset, found[i]);
+  }
+  return out;
+}
+
 std::string RequestHandler::BlockStatus(const Request& r,
                                         absl::Time deadline) const {
   const ShimExport& e = *n_.export_entry;
-  const bool req_one = (r.flags & kCmdFlagReqOne) != 0;
-  const uint64_t end = r.offset + r.length;  // validated: <= export size
   const bool upstream_has_base =
       std::find(n_.info.contexts.begin(), n_.info.contexts.end(),
                 kBaseAllocation) != n_.info.contexts.end();
@@ -119,31 +182,13 @@ std::string RequestHandler::BlockStatus(const Request& r,
       if (up == nullptr) return std::move(done)(ExportRemoved());
       up->AsyncBlockStatus(context, off, len, std::move(done));
     };
-    absl::StatusOr<LookupResult> got = cache_->Get(
-        CacheKey{e.name, ctx.name}, n_.info.size, r.offset, r.length,
-        req_one ? 1 : kMaxDescriptorsPerChunk, fetch, deadline);
+    absl::StatusOr<LookupResult> got =
+        cache_->Get(CacheKey{e.name, ctx.name}, n_.info.size, r.offset,
+                    r.length, MaxDescriptors(r), fetch, deadline);
     if (!got.ok()) return Error(r, got.status());
-    // Contiguous descriptors from r.offset, clipped to the request.
-    std::string desc;
-    uint64_t cursor = r.offset;
-    size_t count = 0;
-    for (const Extent& x : got->extents) {
-      if (x.length == 0 || x.end() <= cursor) continue;
-      if (x.offset > cursor || cursor >= end) break;
-      uint64_t len = std::min(x.end(), end) - cursor;
-      AppendBe32(&desc, static_cast<uint32_t>(len));
-      AppendBe32(&desc, x.flags);
-      cursor += len;
-      if (++count == (req_one ? 1 : kMaxDescriptorsPerChunk)) break;
-    }
-    if (count == 0) {
+    if (!AppendStatusChunk(r, i, got->extents, &out)) {
       return Error(r, absl::InternalError("no extents for the request"));
     }
-    const bool last = i + 1 == n_.contexts.size();
-    AppendChunkHeader(&out, last ? kReplyFlagDone : 0, kReplyTypeBlockStatus,
-                      r.handle, static_cast<uint32_t>(4 + desc.size()));
-    AppendBe32(&out, ctx.id);
-    out.append(desc);
   }
   return out;
 }

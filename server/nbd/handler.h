@@ -24,9 +24,15 @@
 // NbdErrorFromStatus. Requests above the upstream's maximum block size are
 // split by the Upstream (chunked.h), FUA and the other flags pass through.
 //
+// BLOCK_STATUS is answered in one of two ways, by the same encoder
+// (AppendStatusChunk): AnswerFromCache() when every selected context is a
+// cache hit (ExtentCache::Lookup + Record; never waits, so the connection
+// answers it on its own thread), else Handle() through ExtentCache::Get,
+// which may wait for a fetch and so runs on a pool thread.
+//
 // Cost: one upstream call per data command (no copy of READ data in the
 // shim); BLOCK_STATUS costs a cache lookup per context plus at most one
-// upstream fetch per context on a miss, and blocks its (pool) thread.
+// upstream fetch per context on a miss (Handle() then blocks its thread).
 // Thread-safety: Handle() and Start() may run concurrently from many
 // threads; the Negotiated state is read-only and the cache and upstream are
 // thread-safe. The handler must outlive every completion of Start() (the
@@ -36,6 +42,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -80,6 +87,13 @@ class RequestHandler {
   // commands).
   std::string Handle(const Request& r, std::string payload) const;
 
+  // A BLOCK_STATUS answered from the cache alone, without waiting and
+  // without a fetch: the complete reply when every selected context is a
+  // hit (counted as hits, read-ahead kept going), else nullopt (nothing
+  // counted; Handle() answers it). Cheap enough for the connection's own
+  // thread: one Lookup per context.
+  std::optional<std::string> AnswerFromCache(const Request& r) const;
+
   // True for the commands Start() runs (everything but BLOCK_STATUS, which
   // consults the cache and needs a thread of its own).
   static bool IsAsync(uint16_t type) { return type != kCmdBlockStatus; }
@@ -94,6 +108,12 @@ class RequestHandler {
  private:
   void StartRead(const Request& r, ReplyFn done) const;
   std::string BlockStatus(const Request& r, absl::Time deadline) const;
+  // Descriptors one chunk may hold: 1 with REQ_ONE.
+  static size_t MaxDescriptors(const Request& r);
+  // Appends context i's chunk built from `extents` (from Lookup or Get);
+  // false when they do not start at r.offset (nothing appended).
+  bool AppendStatusChunk(const Request& r, size_t i, const ExtentList& extents,
+                         std::string* out) const;
   std::string Error(const Request& r, const absl::Status& s) const;
   void ForgetWritten(const Request& r) const;
 

@@ -237,6 +237,42 @@ TEST_F(HandlerTest, MissingBaseAllocationUpstreamIsReportedAsData) {
   EXPECT_EQ(up_.block_status_calls(), 0u);
 }
 
+// The inline path and the pool path share one encoder: once the cache is
+// warm, AnswerFromCache() gives byte for byte the reply Handle() gives,
+// for random requests with and without REQ_ONE over both contexts (so
+// REQ_ONE's one descriptor, never past the request, holds on both paths);
+// on a cold or partly cold cache it answers nothing and counts nothing.
+TEST_F(HandlerTest, AnswerFromCacheEqualsHandleAndCountsOnlyHits) {
+  RequestHandler h(n_, &cache_);
+  const CacheKey base{"a", "base:allocation"};
+  auto cold = h.AnswerFromCache(Req(kCmdBlockStatus, 0, kBlock));
+  EXPECT_FALSE(cold.has_value());
+  EXPECT_EQ(cache_.Counters(base).hits + cache_.Counters(base).misses, 0u);
+  (void)Do(Req(kCmdBlockStatus, 0, kSize));  // warms both contexts
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 300; ++i) {
+    const uint64_t off = rng() % kSize;
+    const uint32_t len = static_cast<uint32_t>(1 + rng() % (kSize - off));
+    const Request r = Req(kCmdBlockStatus, off, len,
+                          (rng() & 1) ? kCmdFlagReqOne : uint16_t{0});
+    const uint64_t hits = cache_.Counters(base).hits;
+    auto inline_reply = h.AnswerFromCache(r);
+    ASSERT_TRUE(inline_reply.has_value()) << off << "+" << len;
+    EXPECT_EQ(cache_.Counters(base).hits, hits + 1);
+    EXPECT_EQ(*inline_reply, h.Handle(r, "")) << off << "+" << len;
+  }
+  // Forget part of one context: a request over it is not answered inline,
+  // not even for the context that still hits, and nothing is counted.
+  cache_.Invalidate(CacheKey{"a", "qemu:dirty-bitmap:b1"}, 2 * kBlock, kBlock);
+  const CacheKey bitmap{"a", "qemu:dirty-bitmap:b1"};
+  const uint64_t hits = cache_.Counters(base).hits;
+  const uint64_t misses = cache_.Counters(bitmap).misses;
+  EXPECT_FALSE(
+      h.AnswerFromCache(Req(kCmdBlockStatus, 2 * kBlock, kBlock)).has_value());
+  EXPECT_EQ(cache_.Counters(base).hits, hits);
+  EXPECT_EQ(cache_.Counters(bitmap).misses, misses);
+}
+
 }  // namespace
 }  // namespace nbd
 }  // namespace blockmeta

@@ -130,6 +130,14 @@ NbdServer::NbdServer(std::vector<nbd::ShimExport> exports, ExtentCache* cache,
                     config.idle_eviction_grace_ms() != 0
                         ? config.idle_eviction_grace_ms()
                         : NbdServerDefaults::kIdleEvictionGraceMs)),
+      stall_eviction_grace_(
+          absl::Milliseconds(config.stall_eviction_grace_ms() != 0
+                                 ? config.stall_eviction_grace_ms()
+                                 : NbdServerDefaults::kStallEvictionGraceMs)),
+      admission_wait_(
+          absl::Milliseconds(config.admission_wait_ms() != 0
+                                 ? config.admission_wait_ms()
+                                 : NbdServerDefaults::kAdmissionWaitMs)),
       pool_(config.worker_threads() != 0 ? config.worker_threads()
                                          : NbdServerDefaults::kWorkerThreads),
       budget_(config.max_inflight_bytes() != 0
@@ -151,33 +159,28 @@ void NbdServer::SetExports(std::vector<nbd::ShimExport> exports) {
   exports_ = std::move(list);
 }
 
+std::vector<NbdServer::SlotRef> NbdServer::Snapshot() {
+  sync::MutexLock lock(&mu_);
+  return std::vector<SlotRef>(slots_.begin(), slots_.end());
+}
+
 size_t NbdServer::CloseExport(const std::string& name, absl::Duration wait) {
-  std::vector<Slot*> closing;
-  {
-    sync::MutexLock lock(&mu_);
-    for (auto& slot : slots_) {
-      if (slot->done.load()) continue;
-      // Sessions in `name` stop; connections still negotiating refuse it
-      // from now on (atomically with entering, see Connection::Gate), so
-      // sessions in other exports are never closed.
-      if (slot->connection->CloseExport(name)) closing.push_back(slot.get());
-    }
+  // Sessions are called and waited for outside mu_: the snapshot's
+  // references keep them alive even if the acceptor reaps them meanwhile.
+  // A slot started after the snapshot negotiates against the export list
+  // SetExports() installed before this call, without `name`.
+  std::vector<SlotRef> closing;
+  for (SlotRef& slot : Snapshot()) {
+    if (slot->done.load()) continue;
+    // Sessions in `name` stop; connections still negotiating refuse it
+    // from now on (atomically with entering, see Connection::Gate), so
+    // sessions in other exports are never closed.
+    if (slot->connection->CloseExport(name)) closing.push_back(slot);
   }
-  // The acceptor may reap (free) a slot once it is done: look slots up
-  // under the lock, never through a stale pointer.
   const absl::Time deadline = absl::Now() + wait;
-  while (absl::Now() < deadline) {
-    size_t running = 0;
-    {
-      sync::MutexLock lock(&mu_);
-      for (auto& slot : slots_) {
-        if (!slot->done.load() && std::find(closing.begin(), closing.end(),
-                                            slot.get()) != closing.end()) {
-          ++running;
-        }
-      }
-    }
-    if (running == 0) break;
+  while (absl::Now() < deadline &&
+         std::any_of(closing.begin(), closing.end(),
+                     [](const SlotRef& s) { return !s->done.load(); })) {
     absl::SleepFor(absl::Milliseconds(2));
   }
   if (!closing.empty()) {
@@ -295,64 +298,136 @@ absl::StatusOr<int> NbdServer::Start(const std::string& tcp_addr,
 }
 
 void NbdServer::AcceptLoop() {
+  const auto ms_until = [](absl::Time t) {
+    return static_cast<int>(std::clamp<int64_t>(
+        absl::ToInt64Milliseconds(t - absl::Now()) + 1, 0, 1000));
+  };
+  std::vector<pollfd> pfds;
   for (;;) {
     // At the hard bound (twice the cap: evicted connections still
-    // draining) stop accepting until one ends, instead of accepting and
-    // closing: new clients wait in the listen backlog, in arrival order,
-    // and a good client is not refused because hostile ones reconnect
-    // faster than evicted threads end.
-    const bool at_bound = active_.load() >= 2 * max_connections_;
-    struct pollfd pfds[3];
-    nfds_t n = 0;
-    pfds[n++] = {wake_[0], POLLIN, 0};
-    if (!at_bound) {
-      if (tcp_fd_ >= 0) pfds[n++] = {tcp_fd_, POLLIN, 0};
-      if (unix_fd_ >= 0) pfds[n++] = {unix_fd_, POLLIN, 0};
+    // draining), or with a full waiting line, stop accepting until that
+    // changes, instead of accepting and closing: new clients wait in the
+    // listen backlog, in arrival order, and a good client is not refused
+    // because hostile ones reconnect faster than evicted threads end.
+    const bool take_new = active_.load() < 2 * max_connections_ &&
+                          waiting_.size() < max_connections_;
+    pfds.clear();
+    pfds.push_back({wake_[0], POLLIN, 0});
+    if (take_new) {
+      if (tcp_fd_ >= 0) pfds.push_back({tcp_fd_, POLLIN, 0});
+      if (unix_fd_ >= 0) pfds.push_back({unix_fd_, POLLIN, 0});
     }
-    int r = poll(pfds, n, 1000);
-    if (r < 0 && errno != EINTR) return;
+    const size_t first_refusing = pfds.size();
+    absl::Time wake_at = absl::Now() + absl::Seconds(1);
+    for (const Refusing& r : refusing_) {
+      pfds.push_back({r.fd, POLLIN, 0});
+      wake_at = std::min(wake_at, r.deadline);
+    }
+    // Waiting clients: look for room again soon (sessions become
+    // evictable as time passes, without any event).
+    if (!waiting_.empty()) {
+      wake_at = std::min(wake_at, absl::Now() + absl::Milliseconds(20));
+    }
+    int r = poll(pfds.data(), pfds.size(), ms_until(wake_at));
+    if (r < 0 && errno != EINTR) break;
     if (r > 0 && (pfds[0].revents & POLLIN)) {
       char drain[256];
       while (read(wake_[0], drain, sizeof drain) > 0) {
       }
     }
+    std::vector<SlotRef> finished;
     {
       sync::MutexLock lock(&mu_);
-      if (stopping_) return;
-      ReapLocked();
+      if (stopping_) break;
+      ReapLocked(&finished);
     }
-    if (r <= 0) continue;
-    for (nfds_t i = 1; i < n; ++i) {
-      if (!(pfds[i].revents & POLLIN)) continue;
-      int fd = accept4(pfds[i].fd, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) continue;  // EAGAIN, ECONNABORTED, EMFILE: try later
-      if (pfds[i].fd == tcp_fd_) {
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    // Their Serve() returned: these joins end at once.
+    for (SlotRef& s : finished) s->thread.join();
+    finished.clear();
+    if (r > 0) {
+      for (size_t i = 1; i < first_refusing; ++i) {
+        if (!(pfds[i].revents & POLLIN)) continue;
+        int fd = accept4(pfds[i].fd, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd < 0) continue;  // EAGAIN, ECONNABORTED, EMFILE: try later
+        if (pfds[i].fd == tcp_fd_) {
+          int one = 1;
+          setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        }
+        waiting_.push_back({fd, absl::Now()});
       }
-      OnAccept(fd);
+      // refusing_ is unchanged since pfds was built (Admit runs below).
+      size_t i = first_refusing;
+      for (auto it = refusing_.begin(); it != refusing_.end(); ++i) {
+        if ((pfds[i].revents & (POLLIN | POLLERR | POLLHUP)) &&
+            !ServeRefusal(*it)) {
+          it = refusing_.erase(it);
+        } else {
+          ++it;
+        }
+      }
     }
+    const absl::Time now = absl::Now();
+    for (auto it = refusing_.begin(); it != refusing_.end();) {
+      if (now >= it->deadline) {
+        close(it->fd);
+        it = refusing_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    Admit();
+  }
+  for (const Waiting& w : waiting_) close(w.fd);
+  waiting_.clear();
+  for (const Refusing& f : refusing_) close(f.fd);
+  refusing_.clear();
+}
+
+void NbdServer::Admit() {
+  while (!waiting_.empty()) {
+    const absl::Time now = absl::Now();
+    const Waiting w = waiting_.front();
+    const size_t active = active_.load();
+    if (active >= 2 * max_connections_) return;  // evicted ones draining
+    if (active < max_connections_ || EvictOne(now)) {
+      waiting_.pop_front();
+      StartSession(w.fd);
+      continue;
+    }
+    if (now - w.since < admission_wait_) return;  // look again soon
+    waiting_.pop_front();
+    Refuse(w.fd);
   }
 }
 
-void NbdServer::OnAccept(int fd) {
-  sync::MutexLock lock(&mu_);
-  if (active_.load() >= max_connections_) {
-    // Full. A client still in its handshake makes room: the oldest one is
-    // stopped (a real client finishes in milliseconds; the stuck ones are
-    // idle, flooding or half-open), so hostile clients cannot keep good
-    // ones out. Failing that, the established session idle the longest
-    // (nothing being received, handled or answered) goes, if it has been
-    // idle for at least the grace (nbd.idle_eviction_grace_ms): clients
-    // that finish the handshake and then sit idle cannot lock good ones
-    // out either. Busy sessions are never evicted. Evicted slots still
-    // count until their thread ends, bounded at twice the cap.
-    Slot* victim = nullptr;
-    for (auto& s : slots_) {
-      // A connection that entered its export (Gate() recorded it before the
-      // final GO / EXPORT_NAME reply) is a session, not a handshake, even
-      // before its phase changes: the client may already hold the reply.
-      if (s->evicted ||
+bool NbdServer::EvictOne(absl::Time now) {
+  // Decided from lock-free session state, outside mu_: a session that
+  // holds its own lock (or blocks) cannot stall accepting.
+  enum class Why { kStalled, kHandshake, kIdle };
+  const std::vector<SlotRef> slots = Snapshot();
+  Slot* victim = nullptr;
+  Why why = Why::kStalled;
+  absl::Time since = absl::InfiniteFuture();
+  // 1. Stalled the longest: the client has not taken a byte of its
+  // replies for the grace (it stopped reading).
+  const absl::Time stalled_before = now - stall_eviction_grace_;
+  for (const SlotRef& s : slots) {
+    if (s->evicted.load() || s->done.load()) continue;
+    const absl::Time t = s->connection->StalledSince();
+    if (t <= stalled_before && t < since) {
+      since = t;
+      victim = s.get();
+    }
+  }
+  // 2. The oldest handshake. A connection that entered its export (Gate()
+  // recorded it before the final GO / EXPORT_NAME reply) is a session, not
+  // a handshake, even before its phase changes: the client may already
+  // hold the reply. Real clients finish in milliseconds; the stuck ones are
+  // idle, flooding or half-open.
+  if (victim == nullptr) {
+    why = Why::kHandshake;
+    for (const SlotRef& s : slots) {
+      if (s->evicted.load() || s->done.load() ||
           s->connection->phase() != nbd::Connection::Phase::kHandshake ||
           s->connection->entered() != nullptr) {
         continue;
@@ -360,50 +435,64 @@ void NbdServer::OnAccept(int fd) {
       if (victim == nullptr ||
           s->connection->started() < victim->connection->started()) {
         victim = s.get();
+        since = s->connection->started();
       }
     }
-    absl::Time idle_since = absl::InfiniteFuture();
-    if (victim == nullptr && idle_eviction_grace_ != absl::InfiniteDuration()) {
-      const absl::Time idle_before = absl::Now() - idle_eviction_grace_;
-      for (auto& s : slots_) {
-        if (s->evicted) continue;
-        const absl::Time t = s->connection->IdleSince();
-        if (t <= idle_before && t < idle_since) {
-          idle_since = t;
-          victim = s.get();
-        }
+  }
+  // 3. Idle the longest, past the grace.
+  if (victim == nullptr && idle_eviction_grace_ != absl::InfiniteDuration()) {
+    why = Why::kIdle;
+    const absl::Time idle_before = now - idle_eviction_grace_;
+    for (const SlotRef& s : slots) {
+      if (s->evicted.load() || s->done.load()) continue;
+      const absl::Time t = s->connection->IdleSince();
+      if (t <= idle_before && t < since) {
+        since = t;
+        victim = s.get();
       }
     }
-    if (victim == nullptr || active_.load() >= 2 * max_connections_) {
-      rejected_.fetch_add(1);
-      LogWarning(
-          "nbd_connection_rejected",
-          {{"reason", "max_connections"},
-           {"max_connections", static_cast<uint64_t>(max_connections_)}});
-      close(fd);
-      return;
-    }
-    victim->evicted = true;
-    victim->connection->Stop();
-    if (idle_since != absl::InfiniteFuture()) {
+  }
+  if (victim == nullptr) return false;
+  victim->evicted.store(true);
+  victim->connection->Stop();
+  const nbd::ShimExport* e = victim->connection->entered();
+  const int64_t for_ms = absl::ToInt64Milliseconds(now - since);
+  switch (why) {
+    case Why::kStalled:
+      evicted_stalled_.fetch_add(1);
+      LogWarning("nbd_stalled_session_evicted",
+                 {{"reason", "max_connections"},
+                  {"export", e != nullptr ? e->name : ""},
+                  {"stalled_ms", for_ms}});
+      break;
+    case Why::kHandshake:
+      evicted_.fetch_add(1);
+      break;
+    case Why::kIdle:
       evicted_idle_.fetch_add(1);
-      const nbd::ShimExport* e = victim->connection->entered();
       LogWarning("nbd_idle_session_evicted",
                  {{"reason", "max_connections"},
                   {"export", e != nullptr ? e->name : ""},
-                  {"idle_ms", static_cast<int64_t>(absl::ToInt64Milliseconds(
-                                  absl::Now() - idle_since))}});
-    } else {
-      evicted_.fetch_add(1);
-    }
+                  {"idle_ms", for_ms}});
+      break;
   }
+  return true;
+}
+
+void NbdServer::StartSession(int fd) {
   active_.fetch_add(1);
-  auto slot = std::make_unique<Slot>();
-  slot->exports = exports_;
-  slot->connection = std::make_unique<nbd::Connection>(
-      fd, slot->exports.get(), cache_, &pool_, &budget_, options_);
+  auto slot = std::make_shared<Slot>();
   Slot* raw = slot.get();
-  slots_.push_back(std::move(slot));
+  {
+    // One step with reading the export list: CloseExport() either sees
+    // this slot or it negotiates against a list without the closed export.
+    sync::MutexLock lock(&mu_);
+    slot->exports = exports_;
+    slot->connection = std::make_unique<nbd::Connection>(
+        fd, slot->exports.get(), cache_, &pool_, &budget_, options_);
+    slots_.push_back(std::move(slot));
+  }
+  // Only this thread (and Shutdown, after joining it) touches `thread`.
   raw->thread = std::thread([this, raw] {
     raw->connection->Serve();
     active_.fetch_sub(1);
@@ -416,11 +505,64 @@ void NbdServer::OnAccept(int fd) {
   });
 }
 
-void NbdServer::ReapLocked() {
+void NbdServer::Refuse(int fd) {
+  rejected_.fetch_add(1);
+  LogWarning("nbd_connection_rejected",
+             {{"reason", "max_connections"},
+              {"max_connections", static_cast<uint64_t>(max_connections_)}});
+  if (refusing_.size() >= NbdServerDefaults::kMaxRefusing) {
+    close(fd);  // a flood of refusals: no more answers
+    return;
+  }
+  Refusing r;
+  r.fd = fd;
+  r.deadline = absl::Now() + absl::Milliseconds(NbdServerDefaults::kRefusalMs);
+  r.refusal = std::make_unique<nbd::Refusal>(
+      absl::StrCat("blockmeta: the NBD server is at max_connections (",
+                   max_connections_, "); try again later"));
+  const std::string greeting = r.refusal->Greeting();
+  if (send(fd, greeting.data(), greeting.size(), MSG_DONTWAIT | MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(greeting.size())) {
+    close(fd);
+    return;
+  }
+  refusing_.push_back(std::move(r));
+}
+
+bool NbdServer::ServeRefusal(Refusing& r) {
+  char buf[4096];
+  const ssize_t n = recv(r.fd, buf, sizeof buf, MSG_DONTWAIT);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+    return true;
+  }
+  if (n <= 0) {  // EOF or error: done
+    close(r.fd);
+    return false;
+  }
+  if (r.closing) return true;  // drain what the client still sends
+  std::string out;
+  const bool more = r.refusal->Feed(std::string_view(buf, n), &out);
+  if (!out.empty() &&
+      send(r.fd, out.data(), out.size(), MSG_DONTWAIT | MSG_NOSIGNAL) !=
+          static_cast<ssize_t>(out.size())) {
+    close(r.fd);  // a client that does not read its few replies
+    return false;
+  }
+  if (!more) {
+    // Our side is done. Closing with unread input would make TCP reset
+    // the connection, and the client might lose the reply: shut our side,
+    // read until the client closes (or the deadline).
+    shutdown(r.fd, SHUT_WR);
+    r.closing = true;
+  }
+  return true;
+}
+
+void NbdServer::ReapLocked(std::vector<SlotRef>* out) {
   mu_.AssertHeld();
   for (auto it = slots_.begin(); it != slots_.end();) {
     if ((*it)->done.load()) {
-      (*it)->thread.join();
+      out->push_back(std::move(*it));
       it = slots_.erase(it);
     } else {
       ++it;
@@ -444,7 +586,7 @@ void NbdServer::Shutdown() {
     *fd = -1;
   }
   unix_socket_.reset();  // removes the path if it is still ours
-  std::list<std::unique_ptr<Slot>> slots;
+  std::list<SlotRef> slots;
   {
     sync::MutexLock lock(&mu_);
     slots.swap(slots_);

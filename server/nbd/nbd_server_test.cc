@@ -291,6 +291,7 @@ TEST_F(NbdServerTest, ManyClientsAtOnce) {
 TEST_F(NbdServerTest, ConnectionCap) {
   blockmeta::v1::NbdShimConfig config;
   config.set_max_connections(2);
+  config.set_idle_eviction_grace_ms(600000);  // sessions below stay
   StartServer(config);
   auto c1 = Connect();
   ASSERT_TRUE(c1->Read(18).ok());
@@ -741,6 +742,7 @@ TEST_F(NbdServerTest, BusyAndRecentSessionsAreNotEvicted) {
   blockmeta::v1::NbdShimConfig config;
   config.set_max_connections(2);
   config.set_idle_eviction_grace_ms(300);
+  config.set_admission_wait_ms(1);  // decided now: `recent` is recent
   StartServer(config);
   auto busy = Session("a");
   auto recent = Session("b");

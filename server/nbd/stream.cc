@@ -63,6 +63,17 @@ absl::StatusOr<size_t> FdStream::ReadSome(void* buf, size_t n) {
   }
 }
 
+absl::StatusOr<size_t> FdStream::TryRead(void* buf, size_t n) {
+  for (;;) {
+    ssize_t r = recv(fd_, buf, n, MSG_DONTWAIT);
+    if (r > 0) return static_cast<size_t>(r);
+    if (r == 0) return absl::UnavailableError("peer closed the connection");
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return size_t{0};
+    return absl::UnavailableError(absl::StrCat("recv: ", ErrnoText(errno)));
+  }
+}
+
 absl::StatusOr<size_t> FdStream::WriteSome(const void* buf, size_t n) {
   for (;;) {
     absl::StatusOr<size_t> w = TryWrite(buf, n);

@@ -3,12 +3,13 @@
 // ByteStream abstracts a connected socket so the handshake and request
 // parser can run over memory (unit tests, the fuzzer) as well as over a
 // file descriptor. FdStream adds a read and a write deadline (the
-// handshake timeout; the per-request timeout): a read or write that cannot
-// complete by then fails with DEADLINE_EXCEEDED instead of blocking, so no
-// peer can park a thread in recv() or send() (a client that floods options
-// and never reads the replies fills its socket buffer). TryWrite never
-// blocks: the transmission phase queues what the socket does not take and
-// finishes it when the socket is writable.
+// handshake timeout): a read or write that cannot complete by then fails
+// with DEADLINE_EXCEEDED instead of blocking, so no peer can park a thread
+// in recv() or send() (a client that floods options and never reads the
+// replies fills its socket buffer). TryRead and TryWrite never block: the
+// transmission phase receives requests incrementally and queues what the
+// socket does not take, both driven by its poll loop, so reading a request
+// never waits for a reply to be taken, nor a reply for a request.
 //
 // Errors: UNAVAILABLE when the peer closed or the socket broke (a clean EOF
 // at a message boundary is still an error: callers decide), DEADLINE_EXCEEDED
@@ -41,6 +42,14 @@ class ByteStream {
   absl::Status WriteAll(std::string_view s) {
     return WriteAll(s.data(), s.size());
   }
+  // Reads what can be read now without blocking, at most n > 0 bytes;
+  // returns the count (0 when nothing is available yet). A peer that
+  // closed is an error (UNAVAILABLE), not 0. The default reads n bytes.
+  virtual absl::StatusOr<size_t> TryRead(void* buf, size_t n) {
+    absl::Status s = ReadFull(buf, n);
+    if (!s.ok()) return s;
+    return n;
+  }
   // Writes what can be written now without blocking; returns the count
   // (0 when the socket is full). The default writes everything.
   virtual absl::StatusOr<size_t> TryWrite(const void* buf, size_t n) {
@@ -66,6 +75,7 @@ class FdStream : public ByteStream {
   absl::Status ReadFull(void* buf, size_t n) override;
   absl::Status WriteAll(const void* buf, size_t n) override;
   using ByteStream::WriteAll;
+  absl::StatusOr<size_t> TryRead(void* buf, size_t n) override;
   absl::StatusOr<size_t> TryWrite(const void* buf, size_t n) override;
   // One recv() / send() of at most n bytes, waiting for the socket until
   // the read / write deadline: the bytes moved (recv: 0 = EOF, an error).

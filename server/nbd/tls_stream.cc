@@ -14,6 +14,13 @@ namespace nbd {
 
 ssize_t TlsStream::Pull(gnutls_transport_ptr_t p, void* buf, size_t n) {
   auto* self = static_cast<TlsStream*>(p);
+  if (self->read_nonblocking_) {
+    absl::StatusOr<size_t> r = self->transport_->TryRead(buf, n);
+    if (r.ok() && *r > 0) return static_cast<ssize_t>(*r);
+    if (!r.ok()) return 0;  // EOF (or a broken socket: the next read says)
+    gnutls_transport_set_errno(self->session_, EAGAIN);
+    return -1;
+  }
   absl::StatusOr<size_t> r = self->transport_->ReadSome(buf, n);
   if (r.ok()) return static_cast<ssize_t>(*r);  // 0 = EOF
   gnutls_transport_set_errno(
@@ -131,6 +138,20 @@ absl::Status TlsStream::ReadFull(void* buf, size_t n) {
     n -= static_cast<size_t>(r);
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> TlsStream::TryRead(void* buf, size_t n) {
+  read_nonblocking_ = true;
+  ssize_t r;
+  do {
+    r = gnutls_record_recv(session_, buf, n);
+  } while (r < 0 && r != GNUTLS_E_AGAIN &&
+           gnutls_error_is_fatal(static_cast<int>(r)) == 0);
+  read_nonblocking_ = false;
+  if (r > 0) return static_cast<size_t>(r);
+  if (r == GNUTLS_E_AGAIN) return size_t{0};
+  if (r == 0) return absl::UnavailableError("peer closed the TLS session");
+  return Error(static_cast<int>(r), "read");
 }
 
 absl::StatusOr<size_t> TlsStream::TryWrite(const void* buf, size_t n) {

@@ -4,9 +4,11 @@
 // Every socket read and write goes through the FdStream, so its read and
 // write deadlines bound the TLS handshake and every record, as they bound
 // plaintext (no peer can park a thread in a TLS handshake either).
-// TryWrite never blocks: a record the socket does not take stays buffered
-// in GnuTLS and is finished by the next TryWrite/WriteAll, which the
-// caller makes with the same bytes (GnuTLS's E_AGAIN contract).
+// TryRead and TryWrite never block: a record only partly received stays
+// buffered in GnuTLS until the next TryRead; a record the socket does not
+// take stays buffered in GnuTLS and is finished by the next
+// TryWrite/WriteAll, which the caller makes with the same bytes (GnuTLS's
+// E_AGAIN contract).
 //
 // Client certificates: with a CA in the credentials they are requested and
 // verified against it; `require_client_cert` refuses clients without one.
@@ -44,6 +46,7 @@ class TlsStream : public ByteStream {
   absl::Status ReadFull(void* buf, size_t n) override;
   absl::Status WriteAll(const void* buf, size_t n) override;
   using ByteStream::WriteAll;
+  absl::StatusOr<size_t> TryRead(void* buf, size_t n) override;
   absl::StatusOr<size_t> TryWrite(const void* buf, size_t n) override;
   bool HasBufferedInput() const override;
   // The verified client certificate's subject DN ("" when none).
@@ -61,6 +64,8 @@ class TlsStream : public ByteStream {
   const TlsCredentials::Credentials credentials_;  // outlives session_
   gnutls_session_t session_ = nullptr;
   std::string peer_;
+  // Reader side only.
+  bool read_nonblocking_ = false;  // Pull: never wait for the socket
   // Writer side only.
   bool nonblocking_ = false;  // Push: never wait for the socket
   size_t pending_ = 0;        // bytes of a record GnuTLS holds (E_AGAIN)

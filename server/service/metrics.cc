@@ -397,6 +397,10 @@ class ShimCollector final : public prometheus::Collectable {
         {"blockmeta_nbd_idle_sessions_evicted_total",
          "Idle NBD sessions stopped to make room at the cap", C::Counter,
          &ShimCounters::evicted_idle},
+        {"blockmeta_nbd_stalled_sessions_evicted_total",
+         "NBD sessions whose replies had stalled (client not reading) "
+         "stopped to make room at the cap",
+         C::Counter, &ShimCounters::evicted_stalled},
         {"blockmeta_nbd_buffered_bytes",
          "Request payloads being handled plus replies not yet sent", C::Gauge,
          &ShimCounters::buffered_bytes},

@@ -64,6 +64,7 @@ struct ShimCounters {
   uint64_t rejected = 0;            // refused at the connection cap
   uint64_t evicted_handshakes = 0;  // stopped in their handshake for room
   uint64_t evicted_idle = 0;        // idle sessions stopped for room
+  uint64_t evicted_stalled = 0;     // non-reading sessions stopped for room
   uint64_t buffered_bytes = 0;      // requests in hand + unsent replies
   uint64_t max_connections = 0;     // the cap (nbd.max_connections)
 };

@@ -34,6 +34,7 @@ TEST(MetricsTest, ShimCountersAreReadAtEachScrape) {
     n.rejected = 7;
     n.evicted_handshakes = 2;
     n.evicted_idle = 1;
+    n.evicted_stalled = 6;
     n.buffered_bytes = 4096;
     n.max_connections = 100;
     return n;
@@ -47,6 +48,8 @@ TEST(MetricsTest, ShimCountersAreReadAtEachScrape) {
       absl::StrContains(text, "\nblockmeta_nbd_handshakes_evicted_total 2\n"));
   EXPECT_TRUE(absl::StrContains(
       text, "\nblockmeta_nbd_idle_sessions_evicted_total 1\n"));
+  EXPECT_TRUE(absl::StrContains(
+      text, "\nblockmeta_nbd_stalled_sessions_evicted_total 6\n"));
   EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_nbd_buffered_bytes 4096\n"));
   EXPECT_TRUE(absl::StrContains(text, "\nblockmeta_nbd_max_connections 100\n"));
   open = 5;
