@@ -246,7 +246,13 @@ class ExtentCache::Impl : public std::enable_shared_from_this<Impl> {
     if (f.prefetch) {
       read_ahead_.OnPrefetchDoneLocked(k, f, ok, answer_end, answer_extents,
                                        evictor_.NearLimit(), issue);
-    } else if (!f.read_ahead) {
+    } else {
+      // A caller's fetch or a read-ahead window that a write cut: the
+      // prefetch maps what it did not bring (a write may forget a whole
+      // context while its granule bound is unknown, cutting every fetch).
+      if (ok && f.poison_from < std::min(f.end, answer_end)) {
+        ReadAheadScheduler::RewindPrefetchLocked(k, f.clean_end);
+      }
       read_ahead_.TopUpPrefetchLocked(k, evictor_.NearLimit(), issue);
     }
   }

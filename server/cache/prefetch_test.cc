@@ -156,7 +156,9 @@ TEST(PrefetchTest, YieldsToCallersOwnMisses) {
 }
 
 // A write while a prefetch window is in flight: nothing from the written
-// byte on is cached, and the prefetch fetches it again from there.
+// granule on is cached, and the prefetch fetches it again from there. The
+// caller's window came back first, so the key knows its granule bound
+// (64 KiB runs) and the write is rounded to it, not to the whole context.
 TEST(PrefetchTest, WriteDuringPrefetchIsNeverCached) {
   ExtentCache cache(Opts());
   cache.SetExportPrefetch("a", 2);
@@ -164,10 +166,13 @@ TEST(PrefetchTest, WriteDuringPrefetchIsNeverCached) {
   const AsyncFetcher fetch = disk.Fetcher();
   EXPECT_FALSE(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()).ok());
   ASSERT_THAT(disk.PendingRanges(), ElementsAre(Range{0, kW}, Range{kW, kW}));
-  ExtentList old = disk.AnswerFor(1);  // read by the upstream before...
+  disk.Complete(0);
+  ASSERT_THAT(disk.PendingRanges(),
+              ElementsAre(Range{kW, kW}, Range{2 * kW, kW}));
+  ExtentList old = disk.AnswerFor(0);  // read by the upstream before...
   disk.Flip(kW + 128 * kKiB, kW + 192 * kKiB);  // ...a write inside it
   cache.InvalidateExportRange("a", kW + 128 * kKiB, 64 * kKiB);
-  disk.CompleteWith(1, std::move(old));
+  disk.CompleteWith(0, std::move(old));
   EXPECT_GE(cache.Counters(kA).stale_fills_dropped, 1u);
   disk.StartAutoComplete();
   ASSERT_TRUE(testing::Eventually(
@@ -178,6 +183,33 @@ TEST(PrefetchTest, WriteDuringPrefetchIsNeverCached) {
   ExpectTruth(disk, 0, all);
   // [1M + 128K, 2M) was fetched again: 4 windows + 1.
   EXPECT_EQ(disk.calls(), 5);
+}
+
+// A write before any answer arrived: the key has no granule bound yet, so
+// the write forgets the whole context and cuts every fetch in flight, the
+// caller's own included. The prefetch still maps everything: it fetches
+// again what the caller's window lost, not only its own windows.
+TEST(PrefetchTest, WriteBeforeAnyBoundIsRemappedWhole) {
+  ExtentCache cache(Opts());
+  cache.SetExportPrefetch("a", 2);
+  AsyncDisk disk(4 * kMiB, 64 * kKiB);
+  const AsyncFetcher fetch = disk.Fetcher();
+  EXPECT_FALSE(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()).ok());
+  ASSERT_THAT(disk.PendingRanges(), ElementsAre(Range{0, kW}, Range{kW, kW}));
+  ExtentList old = disk.AnswerFor(1);
+  disk.Flip(kW + 128 * kKiB, kW + 192 * kKiB);
+  cache.InvalidateExportRange("a", kW + 128 * kKiB, 64 * kKiB);
+  disk.CompleteWith(1, std::move(old));
+  EXPECT_GE(cache.Counters(kA).stale_fills_dropped, 1u);
+  disk.StartAutoComplete();
+  ASSERT_TRUE(testing::Eventually(
+      [&] { return cache.Counters(kA).prefetch_completed == 1; }));
+  disk.StopAutoComplete();
+  const LookupResult all = cache.Lookup(kA, 0, disk.size(), 0);
+  EXPECT_EQ(all.outcome, Outcome::kHit);
+  ExpectTruth(disk, 0, all);
+  // Both windows in flight were cut whole and fetched again: 4 + 2.
+  EXPECT_EQ(disk.calls(), 6);
 }
 
 // A map bigger than the memory bound: the prefetch gives way (ends without

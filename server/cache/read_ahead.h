@@ -138,6 +138,14 @@ class ReadAheadScheduler {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu) {
     if (k.pf.done) k.pf = PrefetchRun{};
   }
+  // A running prefetch fetches [from, ...) again (a write cut a fetch that
+  // was not the prefetch's own).
+  static void RewindPrefetchLocked(KeyState& k, uint64_t from)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(k.mu) {
+    if (k.pf.started && !k.pf.done) {
+      k.pf.frontier = std::min(k.pf.frontier, from);
+    }
+  }
   static bool PrefetchActiveLocked(const KeyState& k)
       ABSL_SHARED_LOCKS_REQUIRED(k.mu) {
     return k.pf.started && !k.pf.done;
