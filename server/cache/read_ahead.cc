@@ -30,21 +30,20 @@ void StoreIfChanged(std::atomic<T>& a, T v) {
 }  // namespace
 
 void ReadAheadScheduler::UpdateLiveLocked(KeyState& k) {
-  const ReadAheadRun& ra = k.ra;
-  const bool live = ra.window > 0 && ra.fetcher != nullptr &&
-                    (ra.inflight > 0 || !ra.unread.empty());
+  const bool live = k.ra.window > 0 && k.ra.fetcher != nullptr &&
+                    (k.ra.inflight > 0 || !k.ra.unread.empty());
   // Stores only what changed: the hit path reads these from other cores.
   StoreIfChanged(k.ra_live, live);
   uint64_t covered = 0;
-  if (ra.fetcher != nullptr && ra.window > 0) {
-    covered = ra.frontier >= ra.limit && ra.limit >= ra.export_size
+  if (k.ra.fetcher != nullptr && k.ra.window > 0) {
+    covered = k.ra.frontier >= k.ra.limit && k.ra.limit >= k.ra.export_size
                   ? kMaxU64
-                  : ra.frontier;
-  } else if (ra.last_fetcher == nullptr) {
+                  : k.ra.frontier;
+  } else if (k.ra.last_fetcher == nullptr) {
     covered = kMaxU64;  // no fetcher known: a walk cannot read ahead
   }
   StoreIfChanged(k.ra_covered, covered);
-  StoreIfChanged(k.ra_window_hint, ra.fetcher != nullptr ? ra.window : 0);
+  StoreIfChanged(k.ra_window_hint, k.ra.fetcher != nullptr ? k.ra.window : 0);
 }
 
 void ReadAheadScheduler::EndRunLocked(KeyState& k) {

@@ -58,7 +58,7 @@ class ReadAheadScheduler {
   // Whether a read of [from, request_end) continues the key's walk, without
   // changing it (the miss path asks before its answer is known).
   bool IsWalk(const KeyState& k, uint64_t from, uint64_t request_end,
-              uint64_t export_size) const;
+              uint64_t export_size) const ABSL_SHARED_LOCKS_REQUIRED(k.mu);
   // A caller was handed [from, to) of a request [from, request_end)
   // (request_end and export_size 0 = unknown): advances the walk. Lock-free.
   struct Step {
