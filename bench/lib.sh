@@ -18,6 +18,10 @@
 # DIR TARGET... (a -c opt build; prints its bazel-bin, exits the script if
 # the build fails); baseline_remove drops the worktree and its output base,
 # and the EXIT trap does so too if the script ends first.
+#
+# Scripts that run the release blockmetad and CLI call need_release_bins
+# (sets SERVER and CLI from $BM_BIN_DIR, else the --config=opt bazel-bin)
+# and need_tools TOOL... (exits 2 naming the first tool missing).
 
 bench_init() {  # NAME
   W="$(mktemp -d "/tmp/$1.XXXXXX")"
@@ -75,4 +79,23 @@ opt_bazel_bin() {  # DIR TARGET...: builds -c opt in DIR, prints its bazel-bin
   bin="$(cd "$dir" && bazel info -c opt bazel-bin 2>/dev/null)"
   [ -n "$bin" ] || { echo "bazel info failed in $dir" >&2; exit 1; }
   echo "$bin"
+}
+
+need_release_bins() {  # sets BIN, SERVER, CLI; exits 2 if one is not built
+  local root
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  BIN="${BM_BIN_DIR:-$(cd "$root" && bazel info --config=opt bazel-bin 2>/dev/null)}"
+  SERVER="$BIN/server/blockmetad"
+  CLI="$BIN/client/blockmeta"
+  local b
+  for b in "$SERVER" "$CLI"; do
+    [ -x "$b" ] || { echo "$b missing: bazel build --config=opt //server:blockmetad //client:blockmeta" >&2; exit 2; }
+  done
+}
+
+need_tools() {  # TOOL...: exits 2 naming the first one not on PATH
+  local t
+  for t in "$@"; do
+    command -v "$t" >/dev/null || { echo "$t missing" >&2; exit 2; }
+  done
 }

@@ -24,18 +24,9 @@ set -euo pipefail
 SIZE="${SIZE:-1T}"
 DELAY="${DELAY:-20ms}"
 ROUNDS="${ROUNDS:-7}"
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-BIN="${BM_BIN_DIR:-$(cd "$ROOT" && bazel info --config=opt bazel-bin 2>/dev/null)}"
-SERVER="$BIN/server/blockmetad"
-CLI="$BIN/client/blockmeta"
-for b in "$SERVER" "$CLI"; do
-  [ -x "$b" ] || { echo "$b missing: bazel build --config=opt //server:blockmetad //client:blockmeta" >&2; exit 2; }
-done
-for t in nbdkit nbdinfo bc; do
-  command -v $t >/dev/null || { echo "$t missing" >&2; exit 2; }
-done
-
 . "$(dirname "$0")/lib.sh"
+need_release_bins
+need_tools nbdkit nbdinfo bc
 bench_init store-bench
 WAIT_TRIES=4000
 secs() { echo "$(now) - $1" | bc; }

@@ -33,18 +33,9 @@ SIZE2="${SIZE2:-1T}"
 DELAY2="${DELAY2:-20ms}"
 ROUNDS="${ROUNDS:-10}"
 MAP_ROUNDS="${MAP_ROUNDS:-1}"
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-BIN="${BM_BIN_DIR:-$(cd "$ROOT" && bazel info --config=opt bazel-bin 2>/dev/null)}"
-SERVER="$BIN/server/blockmetad"
-CLI="$BIN/client/blockmeta"
-for b in "$SERVER" "$CLI"; do
-  [ -x "$b" ] || { echo "$b missing: bazel build --config=opt //server:blockmetad //client:blockmeta" >&2; exit 2; }
-done
-for t in nbdkit qemu-img nbdinfo bc python3; do
-  command -v $t >/dev/null || { echo "$t missing" >&2; exit 2; }
-done
-
 . "$(dirname "$0")/lib.sh"
+need_release_bins
+need_tools nbdkit qemu-img nbdinfo bc python3
 bench_init window-bench
 WAIT_TRIES=4000
 secs() { echo "$(now) - $1" | bc; }
