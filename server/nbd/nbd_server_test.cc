@@ -20,6 +20,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/upstream/nbd_errors.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/fake_upstream.h"
 #include "tests/testing/nbd_request.h"
 #include "tests/testing/nbd_test_client.h"
@@ -91,10 +92,8 @@ class NbdServerTest : public ::testing::Test {
     EXPECT_EQ(r->error, 0u);
   }
   void WaitForNoConnections() {
-    const absl::Time deadline = absl::Now() + absl::Seconds(10);
-    while (server_->ActiveConnections() > 0 && absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(10));
-    }
+    EXPECT_TRUE(testing::Eventually(
+        [&] { return server_->ActiveConnections() == 0; }, absl::Seconds(10)));
     EXPECT_EQ(server_->ActiveConnections(), 0u);
   }
 
@@ -442,10 +441,8 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
     });
   }
   // Wait until the hostile clients fill the server.
-  const absl::Time full_by = absl::Now() + absl::Seconds(20);
-  while (server_->ActiveConnections() < 50 && absl::Now() < full_by) {
-    absl::SleepFor(absl::Milliseconds(20));
-  }
+  EXPECT_TRUE(testing::Eventually(
+      [&] { return server_->ActiveConnections() >= 50; }, absl::Seconds(20)));
   EXPECT_GE(server_->ActiveConnections(), 50u);
   int good = 0, attempts = 0;
   const absl::Time start = absl::Now();
@@ -679,10 +676,8 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
     });
   }
   // Every slot holds an established session: no handshake to evict.
-  const absl::Time full_by = absl::Now() + absl::Seconds(20);
-  while (established.load() < kCap && absl::Now() < full_by) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
+  EXPECT_TRUE(testing::Eventually([&] { return established.load() >= kCap; },
+                                  absl::Seconds(20)));
   EXPECT_EQ(established.load(), kCap);
   EXPECT_EQ(server->ActiveConnections(), static_cast<size_t>(kCap));
   bool good = false;
