@@ -665,7 +665,7 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
         auto c = RawClient::ConnectUnix(sock, absl::Milliseconds(500));
         if (!c.ok()) continue;
         if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
-          absl::SleepFor(absl::Milliseconds(10));
+          absl::SleepFor(absl::Milliseconds(10));  // pacing the retry
           continue;
         }
         established.fetch_add(1);
@@ -689,7 +689,7 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
     auto c = RawClient::ConnectUnix(sock, absl::Seconds(2));
     if (!c.ok()) continue;
     if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
-      absl::SleepFor(absl::Milliseconds(20));
+      absl::SleepFor(absl::Milliseconds(20));  // pacing the retry
       continue;
     }
     good = true;
