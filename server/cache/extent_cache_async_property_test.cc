@@ -49,6 +49,7 @@
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
 #include "tests/testing/cache_property_model.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/random_answer.h"
 
 namespace blockmeta {
@@ -307,12 +308,13 @@ class AsyncPropertyRun {
     std::atomic<bool> returned{false};
     std::thread deliverer([&] {
       // Once the waiter has found the record (or returned), reply.
-      const absl::Time give_up = absl::Now() + absl::Seconds(10);
-      while (!returned.load() &&
-             cache_->Counters(*kKeys[k]).coalesced_waits == waits_before &&
-             absl::Now() < give_up) {
-        absl::SleepFor(absl::Microseconds(20));
-      }
+      // Bounded: reply anyway after 10 s.
+      testing::Eventually(
+          [&] {
+            return returned.load() ||
+                   cache_->Counters(*kKeys[k]).coalesced_waits != waits_before;
+          },
+          absl::Seconds(10), absl::Microseconds(20));
       std::move(target.done)(std::move(reply));
     });
     const size_t v = history_.size() - 1;

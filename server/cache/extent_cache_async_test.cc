@@ -18,9 +18,12 @@
 #include "server/cache/extent_cache.h"
 #include "server/common/mutex.h"
 #include "tests/testing/async_disk.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using ::testing::ElementsAre;
 
@@ -68,8 +71,7 @@ TEST(ExtentCacheAsyncTest, ImpatientCallerTimesOutAndTheLateAnswerIsCached) {
 
   auto r = cache.Get(kA, disk.size(), 0, 4096, 0, fetch,
                      absl::Now() + absl::Milliseconds(50));
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
-      << r.status();
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded)) << r.status();
   EXPECT_EQ(disk.pending(), 1u);  // the fetch runs on
   EXPECT_EQ(cache.Counters(kA).detached_waits, 1u);
   // The rest of the cache still hits, with no upstream call.
@@ -93,7 +95,7 @@ TEST(ExtentCacheAsyncTest, SingleFlightHoldsAcrossADetachedWait) {
   const AsyncFetcher fetch = disk.Fetcher();
   auto r = cache.Get(kA, disk.size(), 0, 4096, 0, fetch,
                      absl::Now() + absl::Milliseconds(20));
-  ASSERT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+  ASSERT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded));
   // A patient caller of the same gap waits for the same fetch.
   absl::StatusOr<LookupResult> patient;
   std::thread t([&] {
@@ -114,12 +116,11 @@ TEST(ExtentCacheAsyncTest, FailedFetchIsNotCachedAndTheWaiterRetries) {
   ExtentCache cache(Opts(1 * kMiB, 0));
   AsyncDisk disk(4 * kMiB, 64 * kKiB);
   const AsyncFetcher fetch = disk.Fetcher();
-  ASSERT_EQ(cache
-                .Get(kA, disk.size(), 0, 4096, 0, fetch,
-                     absl::Now() + absl::Milliseconds(20))
-                .status()
-                .code(),
-            absl::StatusCode::kDeadlineExceeded);
+  ASSERT_THAT(cache
+                  .Get(kA, disk.size(), 0, 4096, 0, fetch,
+                       absl::Now() + absl::Milliseconds(20))
+                  .status(),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
   absl::StatusOr<LookupResult> waiter;
   std::thread t(
       [&] { waiter = cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Later()); });
@@ -269,11 +270,11 @@ TEST(ExtentCacheAsyncTest, ReadAheadIsCappedPerKey) {
   const AsyncFetcher fetch = disk.Fetcher();
   auto r = cache.Get(kA, disk.size(), 0, disk.size(), 0, fetch,
                      absl::Now() + absl::Milliseconds(10));
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_EQ(disk.pending(), 4u);  // 1 + 3, not the whole disk
   auto b = cache.Get(kB, disk.size(), 0, 4096, 0, fetch,
                      absl::Now() + absl::Milliseconds(10));
-  EXPECT_EQ(b.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(b, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_EQ(disk.pending(), 5u);
   disk.CompleteAll();
 }
@@ -455,7 +456,7 @@ TEST(ExtentCacheAsyncTest, CacheDestroyedWithFetchesInFlight) {
     ExtentCache cache(Opts(1 * kMiB, 4));
     auto r = cache.Get(kA, disk.size(), 0, disk.size(), 0, disk.Fetcher(),
                        absl::Now() + absl::Milliseconds(5));
-    EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded));
   }
   EXPECT_EQ(disk.pending(), 5u);
   disk.CompleteAll();  // completions outlive the cache safely

@@ -23,9 +23,12 @@
 #include "server/cache/extent_cache.h"
 #include "tests/testing/cache_property_model.h"
 #include "tests/testing/random_answer.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 constexpr int kSeeds = 200;
 constexpr int kOpsPerSeed = 2000;
@@ -224,7 +227,7 @@ class PropertyRun {
     }
     if (!r.ok()) {
       ASSERT_TRUE(fetched) << r.status() << Where();
-      ASSERT_EQ(r.status().code(), injected_) << r.status() << Where();
+      ASSERT_THAT(r, StatusIs(injected_)) << r.status() << Where();
       return;
     }
     ASSERT_TRUE(!fetched || injected_ == absl::StatusCode::kOk) << Where();

@@ -17,9 +17,13 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/common/mutex.h"
+#include "tests/testing/eventually.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using ::testing::ElementsAre;
 
@@ -327,12 +331,10 @@ TEST(ExtentCacheTest, MaxExtentsLimitsTheAnswer) {
 TEST(ExtentCacheTest, ArgumentErrors) {
   ExtentCache cache(SmallWindow(1 * kMiB));
   FakeDisk disk({{1000, 0}});
-  EXPECT_EQ(
-      cache.Get(kA, 1000, 0, 0, 0, std::ref(disk), Later()).status().code(),
-      absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(
-      cache.Get(kA, 1000, 1000, 1, 0, std::ref(disk), Later()).status().code(),
-      absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(cache.Get(kA, 1000, 0, 0, 0, std::ref(disk), Later()),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(cache.Get(kA, 1000, 1000, 1, 0, std::ref(disk), Later()),
+              StatusIs(absl::StatusCode::kOutOfRange));
   EXPECT_TRUE(disk.calls.empty());
   // A range past the end is clipped.
   auto r = cache.Get(kA, 1000, 900, 5000, 0, std::ref(disk), Later());
@@ -349,10 +351,10 @@ TEST(ExtentCacheTest, UpstreamErrorsPropagateAndAreNotCached) {
     return absl::UnavailableError("upstream went away");
   };
   auto r = cache.Get(kA, 4096, 0, 4096, 0, failing, Later());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(r.status().message(), "upstream went away");
   r = cache.Get(kA, 4096, 0, 4096, 0, failing, Later());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(calls, 2);
   EXPECT_EQ(cache.Counters(kA).entries, 0u);
   // Also after a cached head.
@@ -360,7 +362,7 @@ TEST(ExtentCacheTest, UpstreamErrorsPropagateAndAreNotCached) {
   disk.answer_len = 1024;
   ASSERT_TRUE(cache.Get(kA, 4096, 0, 100, 0, std::ref(disk), Later()).ok());
   r = cache.Get(kA, 4096, 0, 4096, 0, failing, Later());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable));
 }
 
 TEST(ExtentCacheTest, MalformedAnswersAreInternalErrorsAndNotCached) {
@@ -378,7 +380,7 @@ TEST(ExtentCacheTest, MalformedAnswersAreInternalErrorsAndNotCached) {
       return answer;
     };
     auto r = cache.Get(kA, 1 * kMiB, 0, 4096, 0, fetch, Later());
-    EXPECT_EQ(r.status().code(), absl::StatusCode::kInternal);
+    EXPECT_THAT(r, StatusIs(absl::StatusCode::kInternal));
     EXPECT_THAT(std::string(r.status().message()),
                 ::testing::HasSubstr("upstream block-status answer"));
     EXPECT_EQ(cache.Lookup(kA, 0, 4096, 0).outcome, Outcome::kMiss);
@@ -502,11 +504,9 @@ class BlockingFetcher {
 // Polls until pred() holds (no fixed sleeps); fails after 30 s.
 template <typename Pred>
 void WaitUntil(Pred pred) {
-  const absl::Time give_up = absl::Now() + absl::Seconds(30);
-  while (!pred()) {
-    ASSERT_LT(absl::Now(), give_up) << "condition never became true";
-    absl::SleepFor(absl::Milliseconds(1));
-  }
+  ASSERT_TRUE(
+      testing::Eventually(pred, absl::Seconds(30), absl::Milliseconds(1)))
+      << "condition never became true";
 }
 
 TEST(ExtentCacheTest, InvalidationDuringFetchDropsTheStaleHole) {
@@ -651,7 +651,7 @@ TEST(ExtentCacheTest, WaiterRefetchesWhenTheCoalescedFetchFails) {
   release.Notify();
   t1.join();
   t2.join();
-  EXPECT_EQ(first.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(first, StatusIs(absl::StatusCode::kUnavailable));
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_THAT(second->extents, ElementsAre(Extent{0, 4096, 0}));
   EXPECT_EQ(calls.load(), 2);
@@ -667,7 +667,7 @@ TEST(ExtentCacheTest, DeadlineWhileWaitingForACoalescedFetch) {
   fetch.WaitEntered();
   auto r = cache.Get(kA, 1 * kMiB, 0, 4096, 0, std::ref(fetch),
                      absl::Now() + absl::Milliseconds(50));
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_EQ(cache.Counters(kA).coalesced_waits, 1u);
   EXPECT_EQ(fetch.calls(), 1);
   fetch.Release();
@@ -680,7 +680,7 @@ TEST(ExtentCacheTest, ExpiredDeadlineDoesNotCallTheUpstream) {
   FakeDisk disk({{4096, 0}});
   auto r = cache.Get(kA, 4096, 0, 4096, 0, std::ref(disk),
                      absl::Now() - absl::Seconds(1));
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_TRUE(disk.calls.empty());
 }
 

@@ -15,9 +15,12 @@
 #include "server/cache/extent_cache.h"
 #include "tests/testing/async_disk.h"
 #include "tests/testing/eventually.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using testing::AsyncDisk;
 using ::testing::ElementsAre;
@@ -64,7 +67,7 @@ TEST(PrefetchTest, FirstTouchMapsTheWholeExportInParallel) {
   const AsyncFetcher fetch = disk.Fetcher();
   // The caller's own fetch and 3 prefetch windows (4 minus the caller's).
   auto r = cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_THAT(disk.PendingRanges(),
               ElementsAre(Range{0, kW}, Range{kW, kW}, Range{2 * kW, kW},
                           Range{3 * kW, kW}));
@@ -103,9 +106,8 @@ TEST(PrefetchTest, CallerIsServedWhenItsRangeArrives) {
   cache.SetExportPrefetch("a", 3);
   AsyncDisk disk(16 * kMiB, 64 * kKiB);
   const AsyncFetcher fetch = disk.Fetcher();
-  EXPECT_EQ(
-      cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()).status().code(),
-      absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
   ASSERT_THAT(disk.PendingRanges(),
               ElementsAre(Range{0, kW}, Range{kW, kW}, Range{2 * kW, kW}));
   absl::StatusOr<LookupResult> r;
@@ -130,11 +132,12 @@ TEST(PrefetchTest, YieldsToCallersOwnMisses) {
   cache.SetExportPrefetch("a", 2);
   AsyncDisk disk(32 * kMiB, 64 * kKiB);
   const AsyncFetcher fetch = disk.Fetcher();
-  EXPECT_FALSE(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()).ok());
+  EXPECT_THAT(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
   ASSERT_THAT(disk.PendingRanges(), ElementsAre(Range{0, kW}, Range{kW, kW}));
   // A second caller misses far away: a fetch of its own, at once.
-  EXPECT_FALSE(
-      cache.Get(kA, disk.size(), 20 * kW, 4096, 0, fetch, Soon()).ok());
+  EXPECT_THAT(cache.Get(kA, disk.size(), 20 * kW, 4096, 0, fetch, Soon()),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
   ASSERT_EQ(disk.pending(), 3u);
   // The prefetch window completes; with two callers' fetches in flight the
   // prefetch issues nothing new.
@@ -164,7 +167,8 @@ TEST(PrefetchTest, WriteDuringPrefetchIsNeverCached) {
   cache.SetExportPrefetch("a", 2);
   AsyncDisk disk(4 * kMiB, 64 * kKiB);
   const AsyncFetcher fetch = disk.Fetcher();
-  EXPECT_FALSE(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()).ok());
+  EXPECT_THAT(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
   ASSERT_THAT(disk.PendingRanges(), ElementsAre(Range{0, kW}, Range{kW, kW}));
   disk.Complete(0);
   ASSERT_THAT(disk.PendingRanges(),
@@ -261,8 +265,8 @@ TEST(PrefetchTest, RemovedExportStopsPrefetching) {
   {
     ExtentCache cache(Opts());
     cache.SetExportPrefetch("a", 4);
-    EXPECT_FALSE(
-        cache.Get(kA, disk.size(), 0, 4096, 0, disk.Fetcher(), Soon()).ok());
+    EXPECT_THAT(cache.Get(kA, disk.size(), 0, 4096, 0, disk.Fetcher(), Soon()),
+                StatusIs(absl::StatusCode::kDeadlineExceeded));
     EXPECT_EQ(disk.pending(), 4u);
     cache.RemoveExport("a");
     EXPECT_EQ(cache.ExportPrefetch("a"), 0u);

@@ -19,9 +19,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 class UnixSocketTest : public ::testing::Test {
  protected:
@@ -117,7 +120,7 @@ TEST_F(UnixSocketTest, NeverReplacesALiveServer) {
   ASSERT_TRUE(first.ok()) << first.status();
   int second_fd;
   auto second = Listen(&second_fd);
-  EXPECT_EQ(second.status().code(), absl::StatusCode::kAlreadyExists)
+  EXPECT_THAT(second, StatusIs(absl::StatusCode::kAlreadyExists))
       << second.status();
   EXPECT_NE(second.status().message().find("is in use"), std::string::npos);
   EXPECT_EQ(Entries(), 0);  // the loser's private name is gone too
@@ -144,7 +147,7 @@ TEST_F(UnixSocketTest, LeavesOtherFilesAlone) {
   { std::ofstream(path_) << "precious"; }
   int fd;
   auto owned = Listen(&fd);
-  EXPECT_EQ(owned.status().code(), absl::StatusCode::kFailedPrecondition)
+  EXPECT_THAT(owned, StatusIs(absl::StatusCode::kFailedPrecondition))
       << owned.status();
   std::ifstream in(path_);
   std::string content;
@@ -174,7 +177,7 @@ TEST_F(UnixSocketTest, RejectsAPathTooLongForSunPath) {
   ASSERT_GE(BindListen(bound), 0);
   auto owned = OwnedUnixSocket::Publish(
       bound, dir_ + "/" + std::string(MaxUnixSocketPath(), 'x'));
-  EXPECT_EQ(owned.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(owned, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_FALSE(Exists(bound));
 }
 
@@ -209,7 +212,7 @@ TEST_F(UnixSocketTest, OfManyAtOnceExactlyOneWins) {
         ++winners;
         winner = i;
       } else {
-        EXPECT_EQ(results[i].status().code(), absl::StatusCode::kAlreadyExists)
+        EXPECT_THAT(results[i], StatusIs(absl::StatusCode::kAlreadyExists))
             << results[i].status();
       }
     }

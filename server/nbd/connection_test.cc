@@ -169,6 +169,7 @@ TEST(ConnectionEngine, DripFedRequestsAreReassembled) {
   for (size_t pos = 0, step = 1; pos < bytes.size(); pos += step) {
     step = 1 + (pos * 7919) % 97;
     ASSERT_TRUE(c->Send(bytes.substr(pos, step)).ok());
+    // Deliberate pacing, not a wait: the server sees the bytes in pieces.
     if (pos % 5 == 0) absl::SleepFor(absl::Microseconds(200));
   }
   // Replies may come in any order (doc/proto.md): collect them.

@@ -14,10 +14,13 @@
 #include "server/nbd/protocol.h"
 #include "tests/testing/fake_upstream.h"
 #include "tests/testing/nbd_test_client.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace nbd {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using testing::ClientFlags;
 using testing::GoData;
@@ -52,7 +55,7 @@ class HandshakeTest : public ::testing::Test {
 
 TEST_F(HandshakeTest, GreetingIsFixedNewstyle) {
   auto n = Run("");
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnavailable));
   const std::string& out = stream_->output();
   ASSERT_EQ(out.size(), 18u);
   const auto* p = reinterpret_cast<const uint8_t*>(out.data());
@@ -161,7 +164,7 @@ TEST_F(HandshakeTest, ExportNameWithAndWithoutZeroes) {
 
 TEST_F(HandshakeTest, DefaultExportOnlyWhenUnique) {
   auto n = Run(ClientFlags() + Option(kOptGo, GoData("")));
-  EXPECT_FALSE(n.ok());
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnavailable));  // EOF
   EXPECT_EQ(Replies().at(0).type, kRepErrUnknown);
   exports_.pop_back();
   n = Run(ClientFlags() + Option(kOptGo, GoData("")));
@@ -180,7 +183,7 @@ TEST_F(HandshakeTest, UnknownExport) {
   EXPECT_EQ(r[4].type, kRepAck);
   // EXPORT_NAME cannot reply with an error: hard disconnect, nothing sent.
   n = Run(ClientFlags() + Option(kOptExportName, "nope"));
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(stream_->output().size(), 18u);
 }
 
@@ -188,16 +191,16 @@ TEST_F(HandshakeTest, ExportNameLongerThan4096) {  // CVE-2022-26495
   std::string long_name(4097, 'x');
   auto n = Run(ClientFlags() + Option(kOptGo, GoData(long_name)) +
                Option(kOptInfo, GoData(std::string(4096, 'x'))));
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kUnavailable);  // EOF
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnavailable));  // EOF
   auto r = Replies();
   ASSERT_EQ(r.size(), 2u);
   EXPECT_EQ(r[0].type, kRepErrInvalid);
   EXPECT_EQ(r[1].type, kRepErrUnknown);  // 4096 is legal, just unknown
   n = Run(ClientFlags() + Option(kOptExportName, long_name));
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(stream_->output().size(), 18u);
   n = Run(ClientFlags() + Option(kOptSetMetaContext, MetaData(long_name, {})));
-  EXPECT_FALSE(n.ok());
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnavailable));  // EOF
 }
 
 TEST_F(HandshakeTest, HugeOptionLengthIsNeverRead) {  // CVE-2017-15119
@@ -206,14 +209,14 @@ TEST_F(HandshakeTest, HugeOptionLengthIsNeverRead) {  // CVE-2017-15119
   AppendBe32(&in, 99);
   AppendBe32(&in, 0xffffffffu);
   auto n = Run(in);
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kInvalidArgument));
   auto r = Replies();
   ASSERT_EQ(r.size(), 1u);
   EXPECT_EQ(r[0].type, kRepErrTooBig);
   // Just over the cap, with the bytes present: still refused.
   n = Run(ClientFlags() +
           Option(kOptGo, std::string(options_.max_option_length + 1, 'a')));
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(HandshakeTest, BadMagicAndFlags) {
@@ -221,10 +224,9 @@ TEST_F(HandshakeTest, BadMagicAndFlags) {
   AppendBe64(&in, 0x1122334455667788ull);
   AppendBe32(&in, kOptGo);
   AppendBe32(&in, 0);
-  EXPECT_EQ(Run(in).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(
-      Run(ClientFlags(1u << 5) + Option(kOptGo, GoData("a"))).status().code(),
-      absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Run(in), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Run(ClientFlags(1u << 5) + Option(kOptGo, GoData("a"))),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST_F(HandshakeTest, UnknownAndUnsupportedOptions) {
@@ -301,17 +303,17 @@ TEST_F(StartTlsTest, RequireRefusesEveryOptionBeforeTls) {
   EXPECT_TRUE(n->structured_replies);  // negotiated after TLS
   // EXPORT_NAME before TLS: hang up, nothing sent.
   n = RunTls(ClientFlags() + Option(kOptExportName, "a"), TlsMode::kRequire);
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kPermissionDenied));
   // ABORT is allowed.
   n = RunTls(ClientFlags() + Option(kOptAbort), TlsMode::kRequire);
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kCancelled));
 }
 
 TEST_F(StartTlsTest, FailedTlsHandshakeEndsTheSession) {
   auto n =
       RunTls(ClientFlags() + Option(kOptStartTls) + Option(kOptGo, GoData("a")),
              TlsMode::kRequire, /*tls_fails=*/true);
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnauthenticated));
   EXPECT_EQ(upgrades_, 1);
 }
 
@@ -428,7 +430,7 @@ TEST_F(HandshakeTest, InfoBeforeGoAndOtherOrders) {  // CVE-2019-14851 class
 
 TEST_F(HandshakeTest, ListExports) {
   auto n = Run(ClientFlags() + Option(kOptList) + Option(kOptAbort));
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kCancelled));
   auto r = Replies();
   ASSERT_EQ(r.size(), 4u);
   EXPECT_EQ(r[0].type, kRepServer);
@@ -442,10 +444,10 @@ TEST_F(HandshakeTest, ListExports) {
 TEST_F(HandshakeTest, UpstreamNotReady) {
   a_.set_ready(false);
   auto n = Run(ClientFlags() + Option(kOptGo, GoData("a")));
-  EXPECT_FALSE(n.ok());
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnavailable));  // EOF
   EXPECT_EQ(Replies().at(0).type, kRepErrUnknown);
   n = Run(ClientFlags() + Option(kOptExportName, "a"));
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnavailable));
 }
 
 TEST_F(HandshakeTest, TruncatedAtEveryByteOffset) {
@@ -458,7 +460,7 @@ TEST_F(HandshakeTest, TruncatedAtEveryByteOffset) {
   ASSERT_TRUE(Run(full).ok());
   for (size_t i = 0; i < full.size(); ++i) {
     auto n = Run(full.substr(0, i));
-    EXPECT_EQ(n.status().code(), absl::StatusCode::kUnavailable) << i;
+    EXPECT_THAT(n, StatusIs(absl::StatusCode::kUnavailable)) << i;
   }
 }
 
@@ -480,7 +482,7 @@ TEST(HandshakeTimeout, SilentClientIsDroppedAtTheDeadline) {
   const absl::Time start = absl::Now();
   stream.SetReadDeadline(start + absl::Milliseconds(200));
   auto n = RunHandshake(stream, exports, HandshakeOptions());
-  EXPECT_EQ(n.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(n, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
   close(sv[1]);
 }

@@ -20,6 +20,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/upstream/nbd_errors.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/fake_upstream.h"
 #include "tests/testing/nbd_request.h"
 #include "tests/testing/nbd_test_client.h"
@@ -91,10 +92,8 @@ class NbdServerTest : public ::testing::Test {
     EXPECT_EQ(r->error, 0u);
   }
   void WaitForNoConnections() {
-    const absl::Time deadline = absl::Now() + absl::Seconds(10);
-    while (server_->ActiveConnections() > 0 && absl::Now() < deadline) {
-      absl::SleepFor(absl::Milliseconds(10));
-    }
+    EXPECT_TRUE(testing::Eventually(
+        [&] { return server_->ActiveConnections() == 0; }, absl::Seconds(10)));
     EXPECT_EQ(server_->ActiveConnections(), 0u);
   }
 
@@ -371,13 +370,15 @@ TEST_F(NbdServerTest, ClientThatStopsReadingIsBoundedAndDropped) {
   // Without reading: the server must hang up (write timeout) while never
   // holding much more than the per-connection budget.
   uint64_t peak = 0;
-  bool closed = false;
-  const absl::Time deadline = absl::Now() + absl::Seconds(20);
-  while (!closed && absl::Now() < deadline) {
-    peak = std::max(peak, server_->BufferedBytes());
-    struct pollfd p = {c->fd(), POLLRDHUP, 0};
-    closed = poll(&p, 1, 20) > 0 && (p.revents & (POLLRDHUP | POLLHUP));
-  }
+  // poll() waits 20 ms per round; no extra sleep, so peak is sampled as
+  // often as before.
+  const bool closed = testing::Eventually(
+      [&] {
+        peak = std::max(peak, server_->BufferedBytes());
+        struct pollfd p = {c->fd(), POLLRDHUP, 0};
+        return poll(&p, 1, 20) > 0 && (p.revents & (POLLRDHUP | POLLHUP));
+      },
+      absl::Seconds(20), absl::ZeroDuration());
   EXPECT_TRUE(closed);
   EXPECT_LE(peak, (4u << 20) + (1u << 20) + 4096);
   WaitForNoConnections();
@@ -442,10 +443,8 @@ TEST_F(NbdServerTest, GoodClientGetsInDespite200HostileOnes) {
     });
   }
   // Wait until the hostile clients fill the server.
-  const absl::Time full_by = absl::Now() + absl::Seconds(20);
-  while (server_->ActiveConnections() < 50 && absl::Now() < full_by) {
-    absl::SleepFor(absl::Milliseconds(20));
-  }
+  EXPECT_TRUE(testing::Eventually(
+      [&] { return server_->ActiveConnections() >= 50; }, absl::Seconds(20)));
   EXPECT_GE(server_->ActiveConnections(), 50u);
   int good = 0, attempts = 0;
   const absl::Time start = absl::Now();
@@ -666,7 +665,7 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
         auto c = RawClient::ConnectUnix(sock, absl::Milliseconds(500));
         if (!c.ok()) continue;
         if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
-          absl::SleepFor(absl::Milliseconds(10));
+          absl::SleepFor(absl::Milliseconds(10));  // pacing the retry
           continue;
         }
         established.fetch_add(1);
@@ -679,10 +678,8 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
     });
   }
   // Every slot holds an established session: no handshake to evict.
-  const absl::Time full_by = absl::Now() + absl::Seconds(20);
-  while (established.load() < kCap && absl::Now() < full_by) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
+  EXPECT_TRUE(testing::Eventually([&] { return established.load() >= kCap; },
+                                  absl::Seconds(20)));
   EXPECT_EQ(established.load(), kCap);
   EXPECT_EQ(server->ActiveConnections(), static_cast<size_t>(kCap));
   bool good = false;
@@ -692,7 +689,7 @@ void RunIdleEstablishedFlood(const std::string& sock, NbdServer* server,
     auto c = RawClient::ConnectUnix(sock, absl::Seconds(2));
     if (!c.ok()) continue;
     if (!(*c)->Handshake("a", true, {"base:allocation"}).ok()) {
-      absl::SleepFor(absl::Milliseconds(20));
+      absl::SleepFor(absl::Milliseconds(20));  // pacing the retry
       continue;
     }
     good = true;

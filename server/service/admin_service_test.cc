@@ -82,7 +82,7 @@ TEST_F(AdminServiceTest, NotReadyAnswersBeforeTheDeadline) {
   r.set_remove_on_failure(true);
   const absl::Time deadline = absl::Now() + absl::Seconds(2);
   auto got = admin_.AddExport(r, deadline);
-  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(got, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_LE(absl::Now(), deadline - absl::Milliseconds(100));
   EXPECT_EQ(registry_.Find("late"), nullptr);
 }

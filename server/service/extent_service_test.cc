@@ -9,9 +9,12 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fake_upstream.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 
@@ -90,48 +93,45 @@ class ExtentServiceTest : public ::testing::Test {
 };
 
 TEST_F(ExtentServiceTest, ValidationErrorsHavePreciseCodes) {
-  EXPECT_EQ(Get(Req(0, 1, "nope")).status().code(),
-            absl::StatusCode::kNotFound);
-  EXPECT_EQ(Get(Req(0, 1, "")).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(Get(Req(0, 0)).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(Get(Req(5, ~0ull)).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(Get(Req(16 * kMiB, 1)).status().code(),
-            absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(Get(Req(0, 1, "nope")), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(Get(Req(0, 1, "")), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Get(Req(0, 0)), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Get(Req(5, ~0ull)), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Get(Req(16 * kMiB, 1)), StatusIs(absl::StatusCode::kOutOfRange));
   v1::GetExtentsRequest bad_ctx = Req(0, 1);
   bad_ctx.set_context("qemu:dirty-bitmap:missing");
   absl::Status s = Get(bad_ctx).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_NE(s.message().find("qemu:dirty-bitmap:b1"), absl::string_view::npos)
       << "the error lists what is offered: " << s;
   bad_ctx.set_context("nocolon");
-  EXPECT_EQ(Get(bad_ctx).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Get(bad_ctx), StatusIs(absl::StatusCode::kInvalidArgument));
   v1::GetExtentsRequest bad_mode = Req(0, 1);
   bad_mode.set_cache_mode(static_cast<v1::CacheMode>(42));
-  EXPECT_EQ(Get(bad_mode).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Get(bad_mode), StatusIs(absl::StatusCode::kInvalidArgument));
   disk_->set_ready(false);
-  EXPECT_EQ(Get(Req(0, 1)).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(Get(Req(0, 1)), StatusIs(absl::StatusCode::kUnavailable));
 }
 
 // Oversized names: INVALID_ARGUMENT, the message quoting a bounded prefix.
 TEST_F(ExtentServiceTest, OversizedNamesAreRefusedWithBoundedMessages) {
   const std::string huge_name(15 << 20, 'n');
   auto s = Get(Req(0, 1, huge_name)).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_LT(s.message().size(), 200u) << s.message().substr(0, 300);
-  EXPECT_EQ(Get(Req(0, 1, std::string(257, 'n'))).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(Get(Req(0, 1, std::string(256, 'n'))).status().code(),
-            absl::StatusCode::kNotFound);  // allowed length, no such export
+  EXPECT_THAT(Get(Req(0, 1, std::string(257, 'n'))),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(
+      Get(Req(0, 1, std::string(256, 'n'))),
+      StatusIs(absl::StatusCode::kNotFound));  // allowed length, no such export
   v1::GetExtentsRequest r = Req(0, 1);
   r.set_context("qemu:" + std::string(8 << 20, 'c'));
   s = Get(r).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_LT(s.message().size(), 200u);
   r.set_context(std::string(4000, 'c'));  // no colon: malformed
   s = Get(r).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_LT(s.message().size(), 200u);
 }
 
@@ -248,7 +248,7 @@ TEST_F(ExtentServiceTest, ExportsAndContextsAreIsolated) {
 TEST_F(ExtentServiceTest, UpstreamErrorsPropagate) {
   disk_->FailNextBlockStatus(1, absl::UnavailableError("connection reset"));
   absl::Status s = Get(Req(0, kMiB)).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_TRUE(Get(Req(0, kMiB)).ok()) << "next call goes through";
 }
 
@@ -296,8 +296,8 @@ TEST_F(ExtentServiceTest, InvalidateMakesTheNextQueryAskUpstream) {
   ASSERT_TRUE(q.ok());
   EXPECT_FALSE(service_->TryAnswerFromCache(*q).has_value());
   inv.set_export_name("nope");
-  EXPECT_EQ(service_->InvalidateCache(inv).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(service_->InvalidateCache(inv),
+              StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST_F(ExtentServiceTest, StatsCountHitsAndUpstreamCalls) {
@@ -315,8 +315,7 @@ TEST_F(ExtentServiceTest, StatsCountHitsAndUpstreamCalls) {
   EXPECT_EQ(s->exports(0).upstream_calls(), disk_->block_status_calls());
   v1::GetStatsRequest bad;
   bad.set_export_name("nope");
-  EXPECT_EQ(service_->GetStats(bad).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(service_->GetStats(bad), StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST_F(ExtentServiceTest, ListAndInfo) {
@@ -333,8 +332,8 @@ TEST_F(ExtentServiceTest, ListAndInfo) {
   EXPECT_EQ(info->size(), 16 * kMiB);
   EXPECT_EQ(info->metadata_contexts_size(), 2);
   req.set_export_name("zzz");
-  EXPECT_EQ(service_->GetExportInfo(req).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(service_->GetExportInfo(req),
+              StatusIs(absl::StatusCode::kNotFound));
 }
 
 }  // namespace

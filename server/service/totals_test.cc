@@ -19,9 +19,12 @@
 #include "gtest/gtest.h"
 #include "server/common/mutex.h"
 #include "tests/testing/fake_upstream.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 
@@ -447,7 +450,7 @@ TEST_F(TotalsTest, UpstreamErrorsAreFinalNeverPartialTotals) {
   disk_->FailNextBlockStatus(1000, absl::DataLossError("EIO from the disk"));
   absl::StatusOr<v1::GetTotalsResponse> r =
       Totals(Request(0, 0, {0}), Deadline());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDataLoss)) << r.status();
 }
 
 TEST_F(TotalsTest, DeadlineSaysHowFarTheWalkGot) {
@@ -455,8 +458,7 @@ TEST_F(TotalsTest, DeadlineSaysHowFarTheWalkGot) {
   Build({RandomTruth(&rng, false)}, SIZE_MAX, absl::Seconds(1));
   absl::StatusOr<v1::GetTotalsResponse> r =
       Totals(Request(0, 0, {0}), absl::Now() + absl::Milliseconds(50));
-  ASSERT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
-      << r.status();
+  ASSERT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded)) << r.status();
   EXPECT_NE(r.status().message().find("0 of 262144 bytes from offset 0"),
             absl::string_view::npos)
       << r.status();
@@ -465,39 +467,42 @@ TEST_F(TotalsTest, DeadlineSaysHowFarTheWalkGot) {
 
 TEST_F(TotalsTest, ValidationCodes) {
   Build({{{0, kSize, 0}}, {{0, kSize, 1}}});
-  auto code = [&](const v1::GetTotalsRequest& r) {
-    return PrepareTotals(*service_, r).status().code();
+  auto prepare = [&](const v1::GetTotalsRequest& r) {
+    return PrepareTotals(*service_, r).status();
   };
-  EXPECT_EQ(code(Request(0, 0, {0, 1})), absl::StatusCode::kOk);
+  EXPECT_THAT(prepare(Request(0, 0, {0, 1})), StatusIs(absl::StatusCode::kOk));
   v1::GetTotalsRequest dup = Request(0, 0, {0});
   dup.add_contexts("");
-  EXPECT_EQ(code(dup), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(prepare(dup), StatusIs(absl::StatusCode::kInvalidArgument));
   v1::GetTotalsRequest many = Request(0, 0, {});
   for (int i = 0; i < 9; ++i) {
     many.add_contexts("qemu:dirty-bitmap:x" + std::to_string(i));
   }
-  EXPECT_EQ(code(many), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(prepare(many), StatusIs(absl::StatusCode::kInvalidArgument));
   v1::GetTotalsRequest malformed = Request(0, 0, {});
   malformed.add_contexts("no-colon");
-  EXPECT_EQ(code(malformed), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(code(Request(5, UINT64_MAX, {0})),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(prepare(malformed), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(prepare(Request(5, UINT64_MAX, {0})),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   v1::GetTotalsRequest mode = Request(0, 0, {0});
   mode.set_cache_mode(static_cast<v1::CacheMode>(42));
-  EXPECT_EQ(code(mode), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(code(Request(kSize, 0, {0})), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(prepare(mode), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(prepare(Request(kSize, 0, {0})),
+              StatusIs(absl::StatusCode::kOutOfRange));
   v1::GetTotalsRequest missing = Request(0, 0, {0});
   missing.add_contexts("qemu:dirty-bitmap:nope");
-  EXPECT_EQ(code(missing), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(prepare(missing),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
   v1::GetTotalsRequest unknown = Request(0, 0, {0});
   unknown.set_export_name("nope");
-  EXPECT_EQ(code(unknown), absl::StatusCode::kNotFound);
+  EXPECT_THAT(prepare(unknown), StatusIs(absl::StatusCode::kNotFound));
   unknown.set_export_name(std::string(100000, 'x'));
   absl::Status s = PrepareTotals(*service_, unknown).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_LT(s.message().size(), 512u);
   disk_->set_ready(false);
-  EXPECT_EQ(code(Request(0, 0, {0})), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(prepare(Request(0, 0, {0})),
+              StatusIs(absl::StatusCode::kUnavailable));
 }
 
 }  // namespace

@@ -16,9 +16,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 // A fixed "upstream" map: contiguous extents from 0 to size.
 ExtentList TruthMap(std::mt19937_64& rng, uint64_t size, uint64_t mean_run) {
@@ -183,11 +186,11 @@ TEST_F(ExtentStoreTest, MalformedAnswersAreRefused) {
   std::shared_ptr<ExtentStore> s = Open(Dir("db"));
   s->OpenIdentity("e", "id:a");
   uint32_t slot = *s->Slot("id:a", "base:allocation");
-  EXPECT_EQ(s->Write(slot, {}).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(s->Write(slot, {{0, 512, 0}, {1024, 512, 0}}).code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(s->Write(slot, {{0, 0, 0}}).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s->Write(slot, {}), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(s->Write(slot, {{0, 512, 0}, {1024, 512, 0}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(s->Write(slot, {{0, 0, 0}}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_FALSE(s->Lookup(slot, 0, 1, 1).has_value());
 }
 
@@ -253,7 +256,8 @@ TEST_F(ExtentStoreTest, MaxBytesEvictsOtherIdentitiesLeastRecentFirst) {
   // An answer that can never fit is skipped, not stored.
   ExtentList huge;
   for (int i = 0; i < 2000; ++i) huge.push_back({i * 512u, 512, i % 2u});
-  EXPECT_EQ(s->Write(c, huge).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(s->Write(c, huge),
+              StatusIs(absl::StatusCode::kResourceExhausted));
   EXPECT_GE(s->Stats().writes_skipped, 1u);
   EXPECT_LE(s->Stats().bytes, 4096u);
 }
@@ -343,7 +347,8 @@ TEST_F(ExtentStoreTest, ACorruptTableWhileRunningTurnsTheStoreOff) {
   EXPECT_TRUE(s->Stats().broken);
   EXPECT_EQ(s->Stats().set_aside, 1u);
   EXPECT_FALSE(s->Lookup(slot, 0, 1, 1).has_value());
-  EXPECT_FALSE(s->Slot("id:a", "base:allocation").ok());
+  EXPECT_THAT(s->Slot("id:a", "base:allocation"),
+              StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_TRUE(s->Write(slot, {{0, 4096, 0}}).ok());  // dead: stores nothing
   // The next start gets a fresh store at the same path.
   s.reset();

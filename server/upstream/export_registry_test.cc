@@ -8,9 +8,12 @@
 #include "gtest/gtest.h"
 #include "tests/testing/fake_upstream.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using blockmeta::v1::ExportConfig;
 using blockmeta::v1::ServerConfig;
@@ -24,7 +27,7 @@ ExportConfig Uri(const std::string& name, const std::string& uri) {
 
 void ExpectInvalid(const ExportConfig& e, const std::string& field) {
   absl::Status s = ValidateExportConfig(e);
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument)) << s;
   // Names the export, as every message quotes a caller's string (bounded).
   EXPECT_TRUE(
       absl::StrContains(s.message(), "export " + QuoteBounded(e.name())))
@@ -103,7 +106,7 @@ TEST(RegistryTest, DuplicateNamesRejected) {
   *c.add_exports() = Uri("a", "nbd://h/x");
   *c.add_exports() = Uri("a", "nbd://h/y");
   auto r = ExportRegistry::Create(c);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_TRUE(absl::StrContains(r.status().message(), "duplicate"))
       << r.status();
 }
@@ -191,9 +194,9 @@ TEST(RegistryRuntimeTest, AddIsIdempotentAndConflictsAreAlreadyExists) {
   EXPECT_FALSE(again->created);
   EXPECT_EQ(again->entry, a->entry);
   auto other = f.registry->Add(Uri("a", "nbd://h/y"), ExportOrigin::kApi);
-  EXPECT_EQ(other.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(other, StatusIs(absl::StatusCode::kAlreadyExists));
   auto bad = f.registry->Add(Uri("b", "http://h/y"), ExportOrigin::kApi);
-  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(f.registry->size(), 1u);
 }
 
@@ -212,7 +215,7 @@ TEST(RegistryRuntimeTest, RemovalDrainsWithTheLastReference) {
   EXPECT_TRUE(f.registry->Draining("a"));
   // While the old generation is referenced the name cannot come back.
   auto early = f.registry->Add(Uri("a", "nbd://h/x"), ExportOrigin::kApi);
-  EXPECT_EQ(early.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(early, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_FALSE(f.registry->WaitDrained("a", absl::Now()));
   EXPECT_EQ(f.destroyed->load(), 0);
   held.reset();  // the call ends: the upstream goes
@@ -224,8 +227,8 @@ TEST(RegistryRuntimeTest, RemovalDrainsWithTheLastReference) {
   EXPECT_FALSE(re->entry->removed());
   EXPECT_EQ(f.Events(), (std::vector<std::string>{"added:a", "removed:a",
                                                   "drained:a", "added:a"}));
-  EXPECT_EQ(f.registry->Remove("nope").status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(f.registry->Remove("nope"),
+              StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST(RegistryRuntimeTest, UpdateCannotChangeImmutableOrContentId) {
@@ -236,17 +239,17 @@ TEST(RegistryRuntimeTest, UpdateCannotChangeImmutableOrContentId) {
   ASSERT_TRUE(f.registry->Add(c, ExportOrigin::kApi).ok());
   ExportConfig d = c;
   d.set_content_id("two");
-  EXPECT_EQ(f.registry->Update(d).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(f.registry->Update(d),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   d = c;
   d.set_immutable(false);
   d.clear_content_id();
-  EXPECT_EQ(f.registry->Update(d).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(f.registry->Update(d),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   d = c;
   d.set_cache_ttl_seconds(5);
-  EXPECT_EQ(f.registry->Update(d).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(f.registry->Update(d),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   d = c;
   d.set_description("snapshot of vm1");
   EXPECT_TRUE(f.registry->Update(d).ok());
@@ -267,10 +270,10 @@ TEST(RegistryRuntimeTest, UpdateChangesOnlyMutableFieldsAndKeepsUpstream) {
   EXPECT_EQ(f.registry->Find("a")->config.description(), "backup job 7");
   EXPECT_EQ(a->entry->config.description(), "");  // old version unchanged
   c.set_nbd_uri("nbd://h/other");
-  EXPECT_EQ(f.registry->Update(c).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(f.registry->Update(Uri("zz", "nbd://h/x")).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_THAT(f.registry->Update(c),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(f.registry->Update(Uri("zz", "nbd://h/x")),
+              StatusIs(absl::StatusCode::kNotFound));
   EXPECT_EQ(f.destroyed->load(), 0);
 }
 
@@ -314,7 +317,7 @@ TEST(RegistryRuntimeTest, ApplyFileDiffsAndKeepsApiExports) {
   ServerConfig bad = next;
   *bad.add_exports() = Uri("broken", "http://nope");
   auto r2 = f.registry->ApplyFile(bad, absl::Now() + absl::Seconds(10));
-  EXPECT_EQ(r2.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(r2, StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(f.registry->size(), 5u);
   EXPECT_EQ(f.registry->Find("broken"), nullptr);
 

@@ -9,9 +9,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 std::string TempDir() {
   std::string d = ::testing::TempDir();
@@ -30,27 +33,26 @@ TEST(RunBounded, KillsAChildPastTheDeadline) {
   const absl::Time start = absl::Now();
   absl::StatusOr<std::string> out =
       RunBounded({"sleep", "30"}, start + absl::Milliseconds(200), 100);
-  EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(out, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
 }
 
 TEST(RunBounded, KillsAChildThatWritesTooMuch) {
   absl::StatusOr<std::string> out =
       RunBounded({"yes"}, absl::Now() + absl::Seconds(10), 4096);
-  EXPECT_EQ(out.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(out, StatusIs(absl::StatusCode::kResourceExhausted));
 }
 
 TEST(RunBounded, FailuresAreErrors) {
-  EXPECT_EQ(RunBounded({"false"}, absl::Now() + absl::Seconds(10), 100)
-                .status()
-                .code(),
-            absl::StatusCode::kUnavailable);
-  EXPECT_EQ(RunBounded({"/nonexistent/qemu-img"},
-                       absl::Now() + absl::Seconds(10), 100)
-                .status()
-                .code(),
-            absl::StatusCode::kUnavailable);
-  EXPECT_FALSE(RunBounded({}, absl::Now(), 1).ok());
+  EXPECT_THAT(
+      RunBounded({"false"}, absl::Now() + absl::Seconds(10), 100).status(),
+      StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_THAT(RunBounded({"/nonexistent/qemu-img"},
+                         absl::Now() + absl::Seconds(10), 100)
+                  .status(),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_THAT(RunBounded({}, absl::Now(), 1),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(ParseQemuImgInfo, TakesTheLargestOfEachKey) {
@@ -70,8 +72,10 @@ TEST(ParseQemuImgInfo, TakesTheLargestOfEachKey) {
   EXPECT_EQ(g->cluster_size, 2097152u);
   EXPECT_EQ(g->bitmap_granularity, 4194304u);  // not the filename's text
   EXPECT_EQ(g->Max(), 4194304u);
-  EXPECT_FALSE(ParseQemuImgInfo(R"({"format": "raw"})").ok());
-  EXPECT_FALSE(ParseQemuImgInfo("").ok());
+  EXPECT_THAT(ParseQemuImgInfo(R"({"format": "raw"})"),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseQemuImgInfo(""),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   // A number too large saturates (coarser is safe), never wraps.
   g = ParseQemuImgInfo(R"({"cluster-size": 99999999999999999999999})");
   ASSERT_TRUE(g.ok());
@@ -105,12 +109,14 @@ TEST(ProbeQcow2Granularity, ReadsClusterSizeAndBitmapGranularity) {
 }
 
 TEST(ProbeQcow2Granularity, FailsOnAMissingOrNonQcow2Image) {
-  EXPECT_FALSE(ProbeQcow2Granularity(TempDir() + "/missing.qcow2").ok());
+  EXPECT_THAT(ProbeQcow2Granularity(TempDir() + "/missing.qcow2"),
+              StatusIs(absl::StatusCode::kUnavailable));
   const std::string raw = TempDir() + "/probe.raw";
   ASSERT_EQ(Sh(absl::StrCat("truncate -s 1M ", raw)), 0);
-  EXPECT_FALSE(ProbeQcow2Granularity(raw).ok());
-  EXPECT_FALSE(
-      ProbeQcow2Granularity(raw, absl::Seconds(10), "/nonexistent").ok());
+  EXPECT_THAT(ProbeQcow2Granularity(raw),
+              StatusIs(absl::StatusCode::kUnavailable));
+  EXPECT_THAT(ProbeQcow2Granularity(raw, absl::Seconds(10), "/nonexistent"),
+              StatusIs(absl::StatusCode::kUnavailable));
 }
 
 }  // namespace

@@ -7,9 +7,12 @@
 
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 TEST(NbdErrorsTest, ErrnoToStatus) {
   EXPECT_EQ(StatusCodeFromErrno(EINVAL), absl::StatusCode::kInvalidArgument);
@@ -98,7 +101,7 @@ TEST(NbdErrorsTest, EveryNbdErrorSurvivesTheRoundTrip) {
   for (const Case& c : cases) {
     EXPECT_EQ(NbdErrorFromErrno(c.err), c.nbd) << c.err;
     absl::Status s = StatusFromErrno(c.err, "x", "");
-    EXPECT_EQ(s.code(), c.code) << c.err;
+    EXPECT_THAT(s, StatusIs(c.code)) << c.err;
     EXPECT_EQ(RecordedNbdError(s), c.nbd) << c.err;
     EXPECT_EQ(NbdErrorFromStatus(s), c.nbd) << c.err;
     // A copy keeps it (the cache and the shim pass statuses by value).
@@ -117,7 +120,7 @@ TEST(NbdErrorsTest, EveryNbdErrorSurvivesTheRoundTrip) {
 
 TEST(NbdErrorsTest, WithNbdErrorOverridesTheCode) {
   absl::Status s = WithNbdError(absl::UnavailableError("going"), kNbdEshutdown);
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ(s.message(), "going");
   EXPECT_EQ(NbdErrorFromStatus(s), kNbdEshutdown);
   // Not an NBD error value, or an OK status: nothing recorded.
@@ -132,7 +135,7 @@ TEST(NbdErrorsTest, FromRealLibnbdFailure) {
   ASSERT_EQ(nbd_connect_unix(h, "/nonexistent/dir/sock"), -1);
   absl::Status s = StatusFromNbdError("connect");
   nbd_close(h);
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kUnavailable)) << s;
   EXPECT_TRUE(absl::StartsWith(s.message(), "connect: ")) << s;
 }
 

@@ -17,9 +17,12 @@
 #include "server/upstream/nbd_upstream.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/nbd_upstream_test_util.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using ::blockmeta::testing::NbdProcess;
 using ::blockmeta::testing::RunCommand;
@@ -43,12 +46,12 @@ TEST_P(ErrorFilterTest, ServerErrorsMapToClearCodes) {
   ASSERT_NE(up, nullptr);
   absl::StatusOr<ExtentList> r =
       up->BlockStatus("base:allocation", 0, kMiB, Soon());
-  EXPECT_EQ(r.status().code(), c.code) << r.status();
+  EXPECT_THAT(r, StatusIs(c.code)) << r.status();
   EXPECT_TRUE(absl::StrContains(r.status().message(), "export cmd"))
       << r.status();
   char buf[4096];
-  EXPECT_EQ(up->Pread(buf, sizeof buf, 0, Soon()).code(), c.code);
-  EXPECT_EQ(up->Pwrite(buf, sizeof buf, 0, 0, Soon()).code(), c.code);
+  EXPECT_THAT(up->Pread(buf, sizeof buf, 0, Soon()), StatusIs(c.code));
+  EXPECT_THAT(up->Pwrite(buf, sizeof buf, 0, 0, Soon()), StatusIs(c.code));
   // An error reply leaves the connection usable: trims are not failing.
   EXPECT_TRUE(up->Trim(4096, 0, 0, Soon()).ok());
   EXPECT_TRUE(up->Ready());
@@ -76,8 +79,7 @@ TEST(DelayFilterTest, ImpatientCallerCostsNeitherHandleNorGeneration) {
   absl::StatusOr<ExtentList> r = up->BlockStatus(
       "base:allocation", 0, kMiB, absl::Now() + absl::Milliseconds(50));
   const absl::Duration took = absl::Now() - start;
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
-      << r.status();
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded)) << r.status();
   EXPECT_GE(took, absl::Milliseconds(45));
   // Well before the 1 s delay ends: the caller's deadline decided.
   EXPECT_LT(took, absl::Milliseconds(900));
@@ -124,8 +126,7 @@ TEST(DelayFilterTest, UpstreamTimeoutClosesTheHandleAndReconnects) {
   absl::StatusOr<ExtentList> r =
       up->BlockStatus("base:allocation", 0, kMiB, absl::InfiniteFuture());
   const absl::Duration took = absl::Now() - start;
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded)
-      << r.status();
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kDeadlineExceeded)) << r.status();
   EXPECT_TRUE(absl::StrContains(r.status().message(), "upstream_timeout_ms"))
       << r.status();
   EXPECT_GE(took, absl::Milliseconds(290));
@@ -202,8 +203,8 @@ TEST(DelayFilterTest, UpstreamTimeoutBoundsCallsWithoutDeadline) {
   ASSERT_NE(up, nullptr);
   char buf[512];
   const absl::Time start = absl::Now();
-  EXPECT_EQ(up->Pread(buf, sizeof buf, 0, absl::InfiniteFuture()).code(),
-            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(up->Pread(buf, sizeof buf, 0, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_LT(absl::Now() - start, absl::Seconds(2));
 }
 
@@ -251,15 +252,15 @@ TEST(RestartTest, KilledUriServerFailsFastThenResumes) {
     const absl::Time start = absl::Now();
     absl::StatusOr<ExtentList> r =
         up->BlockStatus("base:allocation", 0, kMiB, Soon());
-    EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+    EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable)) << r.status();
     // Fast: far below the 10 s deadline the call was given.
     EXPECT_LT(absl::Now() - start, absl::Seconds(2));
   }
   EXPECT_TRUE(Eventually([&] { return !up->Ready(); }));
   EXPECT_NE(up->LastError(), "");
   char buf[512];
-  EXPECT_EQ(up->Pread(buf, sizeof buf, 0, Soon()).code(),
-            absl::StatusCode::kUnavailable);
+  EXPECT_THAT(up->Pread(buf, sizeof buf, 0, Soon()),
+              StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_TRUE(up->Info().ok());  // the last known info stays available
 
   ASSERT_TRUE((*server)->Restart().ok());
@@ -285,7 +286,7 @@ TEST(RestartTest, KilledSpawnedServerIsRespawned) {
   absl::StatusOr<ExtentList> r =
       up->BlockStatus("base:allocation", 0, kMiB, Soon());
   if (!r.ok()) {
-    EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+    EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable)) << r.status();
   }
   EXPECT_TRUE(Eventually([&] {
     pid_t now = SpawnedServerPidForTesting(up.get());
@@ -324,7 +325,7 @@ TEST(ShutdownTest, IdleUpstreamStoppedBySigtermIsNoticedAndLetGo) {
   EXPECT_TRUE(Eventually([&] { return Exited((*server)->pid()); }));
   absl::StatusOr<ExtentList> r =
       up->BlockStatus("base:allocation", 0, kMiB, Soon());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable)) << r.status();
 
   ASSERT_TRUE((*server)->Restart().ok());  // same socket
   EXPECT_TRUE(up->WaitReady(absl::Now() + absl::Seconds(15)))
@@ -363,7 +364,8 @@ TEST(ShutdownTest, BusyUpstreamAnsweringEshutdownIsDisconnectedSoftly) {
   ASSERT_EQ(kill((*server)->pid(), SIGTERM), 0);
   const absl::Time start = absl::Now();
   EXPECT_TRUE(Eventually([&] { return done.load(); }, absl::Seconds(1)));
-  EXPECT_EQ(read_status.code(), absl::StatusCode::kUnavailable) << read_status;
+  EXPECT_THAT(read_status, StatusIs(absl::StatusCode::kUnavailable))
+      << read_status;
   EXPECT_TRUE(absl::StrContains(read_status.message(), "ESHUTDOWN"))
       << read_status;
   EXPECT_TRUE(Eventually([&] { return !up->Ready(); }, absl::Seconds(1)));
@@ -392,10 +394,10 @@ TEST(StartupTest, MissingSocketIsUnavailableWithReason) {
   const absl::Time start = absl::Now();
   absl::StatusOr<ExtentList> r =
       (*up)->BlockStatus("base:allocation", 0, 1, Soon());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kUnavailable));
   // At once, not after the 10 s deadline.
   EXPECT_LT(absl::Now() - start, absl::Seconds(1));
-  EXPECT_EQ((*up)->Info().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT((*up)->Info(), StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_EQ((*up)->Generation(), 0u);
 }
 

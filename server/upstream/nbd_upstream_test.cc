@@ -17,9 +17,12 @@
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/nbd_upstream_test_util.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using ::blockmeta::testing::MakeImage;
 using ::blockmeta::testing::MergeAdjacent;
@@ -207,23 +210,24 @@ TEST(NbdUpstreamTest, RangeAndContextErrors) {
   ASSERT_NE(up, nullptr);
   absl::StatusOr<ExtentList> r =
       up->BlockStatus("qemu:dirty-bitmap:b1", 0, 4096, Soon());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(r, StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_TRUE(absl::StrContains(r.status().message(),
                                 "does not offer context qemu:dirty-bitmap:b1; "
                                 "offered: base:allocation"))
       << r.status();
-  EXPECT_EQ(up->BlockStatus("base:allocation", kMiB, 1, Soon()).status().code(),
-            absl::StatusCode::kOutOfRange);
-  EXPECT_EQ(up->BlockStatus("base:allocation", 0, 0, Soon()).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(up->BlockStatus("base:allocation", kMiB, 1, Soon()),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(up->BlockStatus("base:allocation", 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kInvalidArgument));
   char buf[4096];
-  EXPECT_EQ(up->Pread(buf, 4096, kMiB - 100, Soon()).code(),
-            absl::StatusCode::kOutOfRange);
-  EXPECT_EQ(up->Pwrite(buf, 4096, kMiB, 0, Soon()).code(),
-            absl::StatusCode::kOutOfRange);
-  EXPECT_EQ(up->Zero(1, kMiB, 0, Soon()).code(), absl::StatusCode::kOutOfRange);
-  EXPECT_EQ(up->Trim(kMiB + 1, 0, 0, Soon()).code(),
-            absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(up->Pread(buf, 4096, kMiB - 100, Soon()),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(up->Pwrite(buf, 4096, kMiB, 0, Soon()),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(up->Zero(1, kMiB, 0, Soon()),
+              StatusIs(absl::StatusCode::kOutOfRange));
+  EXPECT_THAT(up->Trim(kMiB + 1, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kOutOfRange));
 }
 
 TEST(NbdUpstreamTest, ReadOnlyRefusesWrites) {
@@ -235,12 +239,12 @@ TEST(NbdUpstreamTest, ReadOnlyRefusesWrites) {
   ASSERT_TRUE(up->Info().ok());
   EXPECT_TRUE(up->Info()->read_only);
   char buf[512] = {};
-  EXPECT_EQ(up->Pwrite(buf, sizeof buf, 0, 0, Soon()).code(),
-            absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(up->Zero(512, 0, 0, Soon()).code(),
-            absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(up->Trim(512, 0, 0, Soon()).code(),
-            absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(up->Pwrite(buf, sizeof buf, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kPermissionDenied));
+  EXPECT_THAT(up->Zero(512, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kPermissionDenied));
+  EXPECT_THAT(up->Trim(512, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kPermissionDenied));
   EXPECT_TRUE(up->Pread(buf, sizeof buf, 0, Soon()).ok());
 
   // The config can force read-only on a writable upstream too.
@@ -250,8 +254,8 @@ TEST(NbdUpstreamTest, ReadOnlyRefusesWrites) {
   config.set_read_only(true);
   auto up2 = Connect(config);
   ASSERT_NE(up2, nullptr);
-  EXPECT_EQ(up2->Pwrite(buf, sizeof buf, 0, 0, Soon()).code(),
-            absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(up2->Pwrite(buf, sizeof buf, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kPermissionDenied));
 }
 
 TEST(NbdUpstreamTest, PoolRespectsMultiConn) {
@@ -437,7 +441,7 @@ TEST(NbdUpstreamTest, TlsUpstreamThroughNbdsUri) {
   ASSERT_TRUE(plain.ok()) << plain.status();
   EXPECT_FALSE((*plain)->WaitReady(absl::Now() + absl::Seconds(2)));
   EXPECT_FALSE((*plain)->Ready());
-  EXPECT_EQ((*plain)->Info().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT((*plain)->Info(), StatusIs(absl::StatusCode::kUnavailable));
   EXPECT_NE((*plain)->LastError(), "");
 }
 
@@ -495,9 +499,8 @@ TEST_F(QemuNbdTest, Qcow2WithDirtyBitmap) {
   }
   EXPECT_GE(dirty_bytes, 192u << 10);
   EXPECT_LT(dirty_bytes, 2 * kMiB);
-  EXPECT_EQ(
-      up->BlockStatus("qemu:dirty-bitmap:b3", 0, 4096, Soon()).status().code(),
-      absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(up->BlockStatus("qemu:dirty-bitmap:b3", 0, 4096, Soon()),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
 TEST_F(QemuNbdTest, WritableQcow2ImageRoundTrip) {

@@ -21,9 +21,12 @@
 #include "gtest/gtest.h"
 #include "tests/testing/eventually.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using ::blockmeta::testing::Eventually;
 using ::blockmeta::testing::RunCommand;
@@ -86,7 +89,8 @@ TEST(SpawnedServerTest, MissingProgram) {
   auto s = SpawnedServer::Create({"/nonexistent/server"});
   ASSERT_TRUE(s.ok()) << s.status();
   absl::Status started = (*s)->Start();
-  EXPECT_EQ(started.code(), absl::StatusCode::kFailedPrecondition) << started;
+  EXPECT_THAT(started, StatusIs(absl::StatusCode::kFailedPrecondition))
+      << started;
   EXPECT_TRUE(absl::StrContains(started.message(),
                                 "cannot run /nonexistent/server: No such file"))
       << started;
@@ -160,8 +164,8 @@ TEST(SpawnedServerTest, StopKillsAServerIgnoringSigterm) {
 }
 
 TEST(SpawnedServerTest, EmptyArgvIsInvalid) {
-  EXPECT_EQ(SpawnedServer::Create({}).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(SpawnedServer::Create({}),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(SpawnedServerTest, DirectoryRemoved) {

@@ -22,9 +22,12 @@
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/nbd_upstream_test_util.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using testing::MergeAdjacent;
 using testing::TempDir;
@@ -207,12 +210,12 @@ TEST_F(StoreUpstreamTest, WritesAreRefusedAndTheExportIsReadOnly) {
   std::unique_ptr<StoreUpstream> up = Wrap(c, store, "id:m");
   ASSERT_NE(up, nullptr);
   char buf[512] = {};
-  EXPECT_EQ(up->Pwrite(buf, sizeof buf, 0, 0, Soon()).code(),
-            absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(up->Trim(512, 0, 0, Soon()).code(),
-            absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(up->Zero(512, 0, 0, Soon()).code(),
-            absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(up->Pwrite(buf, sizeof buf, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kPermissionDenied));
+  EXPECT_THAT(up->Trim(512, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kPermissionDenied));
+  EXPECT_THAT(up->Zero(512, 0, 0, Soon()),
+              StatusIs(absl::StatusCode::kPermissionDenied));
   EXPECT_TRUE(up->Pread(buf, sizeof buf, 0, Soon()).ok());
   absl::StatusOr<UpstreamInfo> info = up->Info();
   ASSERT_TRUE(info.ok());

@@ -13,9 +13,12 @@
 #include "gtest/gtest.h"
 #include "tests/testing/blockmetad_fixture.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::testing {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using ::blockmeta::client::BlockMetaClient;
 using ::blockmeta::client::ClientOptions;
@@ -47,7 +50,8 @@ class BoundedErrorsTest : public ::testing::Test {
   // The status is `code`, bounded, and names the problem.
   static void ExpectBounded(const absl::Status& s, absl::StatusCode code,
                             const std::string& what) {
-    EXPECT_EQ(s.code(), code) << what << ": " << s.ToString().substr(0, 300);
+    EXPECT_THAT(s, StatusIs(code))
+        << what << ": " << s.ToString().substr(0, 300);
     EXPECT_LE(s.message().size(), kMessageBound) << what;
     EXPECT_THAT(std::string(s.message()), Not(HasSubstr("metadata size")))
         << what;

@@ -21,6 +21,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/blockmeta_server.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
@@ -58,11 +59,11 @@ MapRun MapThroughShim(const std::string& upstream_uri, uint64_t memory_limit,
   EXPECT_TRUE((*server)->Start().ok());
   const std::string uri = "nbd+unix:///disk?socket=" + sock;
   // Wait until the shim serves (the upstream connects in the background).
-  const absl::Time give_up = absl::Now() + absl::Seconds(30);
-  while (!testing::RunCommand({"qemu-img", "info", "-f", "raw", uri}).ok() &&
-         absl::Now() < give_up) {
-    absl::SleepFor(absl::Milliseconds(50));
-  }
+  EXPECT_TRUE(testing::Eventually(
+      [&] {
+        return testing::RunCommand({"qemu-img", "info", "-f", "raw", uri}).ok();
+      },
+      absl::Seconds(30), absl::Milliseconds(50)));
   MapRun r;
   const absl::Time t0 = absl::Now();
   absl::StatusOr<ExtentList> m = QemuImgMap(uri, "raw");

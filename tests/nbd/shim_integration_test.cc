@@ -14,6 +14,7 @@
 #include "server/nbd/nbd_server.h"
 #include "server/upstream/nbd_errors.h"
 #include "server/upstream/nbd_upstream.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/nbd_request.h"
@@ -84,10 +85,8 @@ class ShimIntegrationTest : public ::testing::Test {
       config.set_nbd_uri((*proc)->uri());
       auto up = CreateUpstream(config);
       ASSERT_TRUE(up.ok()) << up.status();
-      const absl::Time deadline = absl::Now() + absl::Seconds(20);
-      while (!(*up)->Ready() && absl::Now() < deadline) {
-        absl::SleepFor(absl::Milliseconds(20));
-      }
+      testing::Eventually([&] { return (*up)->Ready(); }, absl::Seconds(20),
+                          absl::Milliseconds(20));
       ASSERT_TRUE((*up)->Ready()) << (*up)->LastError();
       std::shared_ptr<Upstream> shared = *std::move(up);
       exports.push_back({img.name, "", shared, false, absl::Seconds(30)});

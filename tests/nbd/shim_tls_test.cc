@@ -14,6 +14,7 @@
 #include "server/cache/extent_cache.h"
 #include "server/nbd/nbd_server.h"
 #include "server/upstream/nbd_upstream.h"
+#include "tests/testing/eventually.h"
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/nbd_test_client.h"
@@ -257,12 +258,9 @@ TEST_F(ShimTlsTest, RotatedCertificateIsUsedWithoutARestart) {
     WriteFile(to + ".new", ReadFile(from));
     ASSERT_EQ(rename((to + ".new").c_str(), to.c_str()), 0);
   }
-  bool rotated = false;
-  const absl::Time deadline = absl::Now() + absl::Seconds(20);
-  while (!rotated && absl::Now() < deadline) {
-    rotated = Map(TlsUri(wrong_dir_)).ok();  // CA two's client now
-  }
-  EXPECT_TRUE(rotated);
+  EXPECT_TRUE(testing::Eventually(
+      [&] { return Map(TlsUri(wrong_dir_)).ok(); },  // CA two's client now
+      absl::Seconds(20)));
   EXPECT_FALSE(Map(TlsUri(good_dir_)).ok());  // CA one's no longer
 }
 

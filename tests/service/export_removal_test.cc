@@ -35,9 +35,12 @@
 #include "tests/testing/cli_runner.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::NbdProcess;
@@ -185,7 +188,7 @@ TEST_F(ExportRemovalTest, RemovalIsImmediateWhileTheUpstreamIsSlow) {
   shim_thread.join();
   cli_thread.join();
   // Each ended at once: well before the upstream's 10 s answers.
-  EXPECT_EQ(stream_status.error_code(), grpc::StatusCode::NOT_FOUND)
+  EXPECT_THAT(stream_status, StatusIs(grpc::StatusCode::NOT_FOUND))
       << stream_status.error_message();
   EXPECT_TRUE(absl::StrContains(stream_status.error_message(), "was removed"))
       << stream_status.error_message();
@@ -361,7 +364,7 @@ TEST_F(ExportRemovalTest, AddExportFailsWithTheCauseBeforeTheDeadline) {
     v1::AddExportResponse out;
     const absl::Time start = absl::Now();
     grpc::Status s = admin_->AddExport(&ctx, r, &out);
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE)
+    EXPECT_THAT(s, StatusIs(grpc::StatusCode::UNAVAILABLE))
         << s.error_code() << " " << s.error_message();
     EXPECT_TRUE(absl::StrContains(s.error_message(), "nobody.sock") ||
                 absl::StrContains(s.error_message(), "connect"))

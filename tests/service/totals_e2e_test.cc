@@ -33,9 +33,12 @@
 #include "tests/testing/nbd_map.h"
 #include "tests/testing/nbd_process.h"
 #include "tests/testing/server_fixture.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 using ::blockmeta::testing::Eventually;
@@ -404,16 +407,16 @@ TEST_F(TotalsE2eTest, DataPluginEqualsNbdinfoMap) {
 
 TEST_F(TotalsE2eTest, ErrorCodes) {
   v1::GetTotalsResponse r;
-  EXPECT_EQ(Totals(Request("nope", {}), &r).error_code(),
-            grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(Totals(Request("qcow", {}, kQcowSize), &r).error_code(),
-            grpc::StatusCode::OUT_OF_RANGE);
-  EXPECT_EQ(Totals(Request("data", {kBitmap}), &r).error_code(),
-            grpc::StatusCode::FAILED_PRECONDITION);
-  EXPECT_EQ(Totals(Request("qcow", {kAlloc, ""}), &r).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(Totals(Request("nope", {}), &r),
+              StatusIs(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(Totals(Request("qcow", {}, kQcowSize), &r),
+              StatusIs(grpc::StatusCode::OUT_OF_RANGE));
+  EXPECT_THAT(Totals(Request("data", {kBitmap}), &r),
+              StatusIs(grpc::StatusCode::FAILED_PRECONDITION));
+  EXPECT_THAT(Totals(Request("qcow", {kAlloc, ""}), &r),
+              StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
   grpc::Status s = Totals(Request("qcow", {std::string(70000, 'q')}), &r);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s, StatusIs(grpc::StatusCode::INVALID_ARGUMENT));
   EXPECT_LT(s.error_message().size(), 512u);
 }
 
@@ -423,7 +426,7 @@ TEST_F(TotalsE2eTest, ServerDeadlineSaysHowFarAndKeepsTheFetch) {
   v1::GetTotalsResponse r;
   grpc::Status s =
       Totals(Request("slow-deadline", {}), &r, absl::ZeroDuration());
-  ASSERT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+  ASSERT_THAT(s, StatusIs(grpc::StatusCode::DEADLINE_EXCEEDED))
       << s.error_message();
   EXPECT_NE(s.error_message().find("0 of 67108864 bytes from offset 0"),
             std::string::npos)
@@ -454,14 +457,14 @@ TEST_F(TotalsE2eTest, AdmissionAndCancellation) {
   ASSERT_TRUE(
       Eventually([&] { return Stats("slow-cancel").upstream_calls() > 0; }));
   v1::GetTotalsResponse r;
-  EXPECT_EQ(Totals(req, &r, absl::Seconds(1)).error_code(),
-            grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(Totals(req, &r, absl::Seconds(1)),
+              StatusIs(grpc::StatusCode::RESOURCE_EXHAUSTED));
   // Cancelled: the server notices within a slice and frees the ticket long
   // before the upstream answers (10 s after it was asked).
   const absl::Time cancelled = absl::Now();
   ctx.TryCancel();
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
-  EXPECT_EQ(first_status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_THAT(first_status, StatusIs(grpc::StatusCode::CANCELLED));
   grpc::StatusCode code = grpc::StatusCode::RESOURCE_EXHAUSTED;
   ASSERT_TRUE(Eventually(
       [&] {

@@ -5,9 +5,12 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::testing {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 using ::testing::ElementsAre;
 
@@ -21,15 +24,15 @@ TEST(ParseTest, NbdinfoMap) {
 }
 
 TEST(ParseTest, NbdinfoMapRejectsGapsAndGarbage) {
-  EXPECT_EQ(ParseNbdinfoMapJson(R"([{"offset":0,"length":1,"type":0},
-                                    {"offset":2,"length":1,"type":0}])")
-                .status()
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ParseNbdinfoMapJson("{").status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ParseNbdinfoMapJson(R"([{"offset":0,"type":0}])").status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(
+      ParseNbdinfoMapJson(
+          R"([{"offset":0,"length":1,"type":0}, {"offset":2,"length":1,"type":0}])")
+          .status(),
+      StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseNbdinfoMapJson("{"),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseNbdinfoMapJson(R"([{"offset":0,"type":0}])"),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
 TEST(ParseTest, QemuImgMap) {

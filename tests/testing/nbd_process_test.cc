@@ -8,9 +8,12 @@
 
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta::testing {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 bool Alive(pid_t pid) { return pid > 0 && kill(pid, 0) == 0; }
 
@@ -23,21 +26,21 @@ TEST(RunCommandTest, ReturnsStdout) {
 TEST(RunCommandTest, NonzeroExitIsErrorWithStderr) {
   absl::StatusOr<std::string> out =
       RunCommand({"sh", "-c", "echo oops >&2; exit 3"});
-  ASSERT_EQ(out.status().code(), absl::StatusCode::kInternal);
+  ASSERT_THAT(out, StatusIs(absl::StatusCode::kInternal));
   EXPECT_TRUE(absl::StrContains(out.status().message(), "exit status 3"));
   EXPECT_TRUE(absl::StrContains(out.status().message(), "oops"));
 }
 
 TEST(RunCommandTest, MissingProgramIsError) {
   absl::StatusOr<std::string> out = RunCommand({"/nonexistent/prog"});
-  EXPECT_EQ(out.status().code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(out, StatusIs(absl::StatusCode::kInternal));
 }
 
 TEST(RunCommandTest, TimeoutKillsTheProcess) {
   absl::Time start = absl::Now();
   absl::StatusOr<std::string> out =
       RunCommand({"sleep", "30"}, absl::Milliseconds(200));
-  EXPECT_EQ(out.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(out, StatusIs(absl::StatusCode::kDeadlineExceeded));
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
@@ -93,7 +96,7 @@ TEST(NbdProcessTest, EarlyExitReportsServerStderr) {
   absl::Time start = absl::Now();
   absl::StatusOr<std::unique_ptr<NbdProcess>> p =
       NbdProcess::Start({"nbdkit", "-U", "{sock}", "-f", "no-such-plugin"});
-  ASSERT_EQ(p.status().code(), absl::StatusCode::kInternal);
+  ASSERT_THAT(p, StatusIs(absl::StatusCode::kInternal));
   EXPECT_TRUE(absl::StrContains(p.status().message(), "no-such-plugin"))
       << p.status();
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
@@ -102,7 +105,7 @@ TEST(NbdProcessTest, EarlyExitReportsServerStderr) {
 TEST(NbdProcessTest, NeverListeningTimesOut) {
   absl::StatusOr<std::unique_ptr<NbdProcess>> p =
       NbdProcess::Start({"sleep", "30"}, absl::Milliseconds(300));
-  EXPECT_EQ(p.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(p, StatusIs(absl::StatusCode::kDeadlineExceeded));
 }
 
 TEST(MakeImageTest, QemuNbdServesQcow2) {
@@ -122,7 +125,7 @@ TEST(MakeImageTest, BadQemuIoCommandIsError) {
   TempDir dir;
   absl::Status s = MakeImage(dir.File("b.raw"), "raw", 1 << 20,
                              {"write -P 1 2M 64k"});  // past the end
-  EXPECT_EQ(s.code(), absl::StatusCode::kInternal) << s;
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInternal)) << s;
 }
 
 }  // namespace

@@ -8,10 +8,13 @@
 #include "blockmeta/v1/blockmeta.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/testing/nbd_process.h"
+#include "tests/testing/status_matchers.h"
 
 namespace blockmeta {
 namespace testing {
 namespace {
+
+using ::blockmeta::testing::StatusIs;
 
 namespace v1 = ::blockmeta::v1;
 
@@ -52,14 +55,14 @@ TEST(ServerFixtureTest, ReadyExportsAndTheCommandCounter) {
   absl::Status ready = WaitExportsReady(ch, 1);
   ASSERT_TRUE(ready.ok()) << ready;
   // Two exports were asked for, one is configured: the wait must fail.
-  EXPECT_EQ(WaitExportsReady(ch, 2, absl::Milliseconds(200)).code(),
-            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(WaitExportsReady(ch, 2, absl::Milliseconds(200)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
 
   const double before = UpstreamCommandsSent(**server, "mem");
-  EXPECT_EQ(
-      WaitUpstreamCommandsSent(**server, "mem", before, absl::Milliseconds(200))
-          .code(),
-      absl::StatusCode::kDeadlineExceeded);  // nothing was called
+  EXPECT_THAT(
+      WaitUpstreamCommandsSent(**server, "mem", before,
+                               absl::Milliseconds(200)),
+      StatusIs(absl::StatusCode::kDeadlineExceeded));  // nothing was called
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
   v1::GetExtentsRequest req;
