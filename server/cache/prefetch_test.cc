@@ -198,7 +198,8 @@ TEST(PrefetchTest, WriteBeforeAnyBoundIsRemappedWhole) {
   cache.SetExportPrefetch("a", 2);
   AsyncDisk disk(4 * kMiB, 64 * kKiB);
   const AsyncFetcher fetch = disk.Fetcher();
-  EXPECT_FALSE(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()).ok());
+  EXPECT_THAT(cache.Get(kA, disk.size(), 0, 4096, 0, fetch, Soon()),
+              StatusIs(absl::StatusCode::kDeadlineExceeded));
   ASSERT_THAT(disk.PendingRanges(), ElementsAre(Range{0, kW}, Range{kW, kW}));
   ExtentList old = disk.AnswerFor(1);
   disk.Flip(kW + 128 * kKiB, kW + 192 * kKiB);
