@@ -10,15 +10,16 @@
 //   export end at once (NOT_FOUND "was removed"; the shim closes), not when
 //   the upstream answers; a re-add gets a fresh generation with no counters
 //   of the old one (its late answers were dropped).
-// * Exports removed and re-added over and over while read-ahead, streams,
-//   unary calls and shim sessions are in flight: every call ends (OK or
-//   NOT_FOUND/UNAVAILABLE), nothing crashes. Run under --config=asan to
-//   catch a use of a freed upstream, entry or fetcher.
+// * Exports removed and re-added over and over while read-ahead, whole-map
+//   prefetch, streams, unary calls and shim sessions are in flight: every call
+//   ends (OK or NOT_FOUND/UNAVAILABLE), nothing crashes. Run under
+//   --config=asan to catch a use of a freed upstream, entry or fetcher.
 // * AddExport gives the cause before the caller's deadline and honours
 //   remove_on_failure (issue 21 item 8).
 #include <libnbd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <thread>
@@ -67,15 +68,34 @@ class ExportRemovalTest : public ::testing::Test {
         v1::BlockMeta::NewStub(::blockmeta::testing::LoopbackChannel(*server_));
   }
 
+  // Adds `name` at `uri`, configured as `base` says otherwise.
   grpc::Status Add(const std::string& name, const std::string& uri,
                    v1::AddExportResponse* out,
-                   absl::Duration deadline = absl::Seconds(20)) {
+                   absl::Duration deadline = absl::Seconds(20),
+                   const v1::ExportConfig& base = {}) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(In(deadline)));
     v1::AddExportRequest r;
+    *r.mutable_config() = base;
     r.mutable_config()->set_name(name);
     r.mutable_config()->set_nbd_uri(uri);
     return admin_->AddExport(&ctx, r, out);
+  }
+
+  // The export's base:allocation counters in GetStats (empty when it is
+  // not there).
+  v1::CacheCounters BaseCounters(const std::string& name) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(In(absl::Seconds(10))));
+    v1::GetStatsRequest r;
+    r.set_export_name(name);
+    v1::GetStatsResponse out;
+    if (!meta_->GetStats(&ctx, r, &out).ok() || out.exports_size() != 1) {
+      return {};
+    }
+    auto it = out.exports(0).contexts().find("base:allocation");
+    return it == out.exports(0).contexts().end() ? v1::CacheCounters()
+                                                 : it->second;
   }
 
   grpc::Status Remove(const std::string& name) {
@@ -226,9 +246,12 @@ TEST_F(ExportRemovalTest, RemovalIsImmediateWhileTheUpstreamIsSlow) {
 // Remove and re-add an export over and over while every kind of user is in
 // flight on it: long MapExtents streams (which keep read-ahead fetches in
 // flight: 1 MiB windows over 64 MiB), unary GetExtents, and shim sessions
-// reading and asking block status. Meant for --config=asan: a fetcher,
-// read-ahead run, stream or session that used a freed upstream or entry
-// would be reported there.
+// reading and asking block status. Rounds 2, 3, 6 and 7 export it
+// read-only with 4 connections, so PREFETCH_AUTO runs a whole-map prefetch
+// (64 windows of 100 ms, 4 at a time) that is still in flight at the
+// removal. Meant for --config=asan: a fetcher, read-ahead or prefetch run,
+// stream or session that used a freed upstream or entry would be reported
+// there.
 TEST_F(ExportRemovalTest, RemoveAndReAddWhileEverythingIsInFlight) {
   v1::CacheConfig cache;
   cache.set_fetch_window_bytes(1 << 20);
@@ -236,28 +259,37 @@ TEST_F(ExportRemovalTest, RemoveAndReAddWhileEverythingIsInFlight) {
   StartServer(cache);
   constexpr int kRounds = 8;
   uint64_t last_generation = 0;
+  int prefetch_caught = 0;  // removals with a prefetch in flight
   for (int round = 0; round < kRounds; ++round) {
     SCOPED_TRACE(absl::StrCat("round ", round));
+    const bool prefetch = (round / 2) % 2 == 1;
+    v1::ExportConfig base;
+    if (prefetch) {
+      base.set_read_only(true);
+      base.set_connections(4);  // prefetch left at PREFETCH_AUTO
+    }
     // Fresh upstreams per round, one for each add: removal closes
     // connections with commands in flight, after which nbdkit 1.32's delay
     // filter may abort the server ("raw_send_socket: Assertion `sock >= 0'
     // failed" after "aborting sleep because of connection close").
-    const std::vector<std::string> argv = {"nbdkit",
-                                           "-U",
-                                           "{sock}",
-                                           "-f",
-                                           "--filter=delay",
-                                           "data",
-                                           "data=( 1 @+65535 ) * 1000",
-                                           "size=64M",
-                                           "delay-extents=30ms",
-                                           "delay-read=10ms"};
+    const std::vector<std::string> argv = {
+        "nbdkit",
+        "-U",
+        "{sock}",
+        "-f",
+        "--filter=delay",
+        "data",
+        "data=( 1 @+65535 ) * 1000",
+        "size=64M",
+        prefetch ? "delay-extents=100ms" : "delay-extents=30ms",
+        "delay-read=10ms"};
     auto up = NbdProcess::Start(argv);
     ASSERT_TRUE(up.ok()) << up.status();
     auto up2 = NbdProcess::Start(argv);
     ASSERT_TRUE(up2.ok()) << up2.status();
     v1::AddExportResponse added;
-    grpc::Status a = Add("churn", (*up)->uri(), &added);
+    grpc::Status a =
+        Add("churn", (*up)->uri(), &added, absl::Seconds(20), base);
     ASSERT_TRUE(a.ok()) << a.error_message() << "\nnbdkit: " << (*up)->Log();
     EXPECT_GT(added.export_info().generation(), last_generation);
     last_generation = added.export_info().generation();
@@ -328,6 +360,17 @@ TEST_F(ExportRemovalTest, RemoveAndReAddWhileEverythingIsInFlight) {
     ASSERT_TRUE(::blockmeta::testing::WaitUpstreamCommandsSent(
                     *server_, "churn", before + 10)
                     .ok());
+    if (prefetch) {
+      // The prefetch has started and not finished: its fetches are at the
+      // upstream when the export goes (64 windows of 100 ms on 4
+      // connections take >= 1.6 s; read before the removal, so a finished
+      // one is only counted, never a failure on a slow machine).
+      const v1::CacheCounters c = BaseCounters("churn");
+      EXPECT_GT(c.prefetch_issued(), 0u);
+      if (c.prefetch_completed() == 0 && c.prefetch_inflight() > 0) {
+        ++prefetch_caught;
+      }
+    }
     const absl::Time t0 = absl::Now();
     grpc::Status removed = Remove("churn");
     EXPECT_TRUE(removed.ok()) << removed.error_message();
@@ -337,13 +380,17 @@ TEST_F(ExportRemovalTest, RemoveAndReAddWhileEverythingIsInFlight) {
     // the old generation to drain); even rounds after.
     if (round % 2 == 1) {
       v1::AddExportResponse early;
-      grpc::Status e = Add("churn", (*up2)->uri(), &early);
+      grpc::Status e =
+          Add("churn", (*up2)->uri(), &early, absl::Seconds(20), base);
       ASSERT_TRUE(e.ok()) << e.error_message() << "\nnbdkit: " << (*up2)->Log();
       ASSERT_TRUE(Remove("churn").ok());
     }
     for (std::thread& t : users) t.join();
     EXPECT_EQ(bad.load(), 0);
   }
+  std::printf("%d of 4 prefetch rounds removed the export mid-prefetch\n",
+              prefetch_caught);
+  EXPECT_GE(prefetch_caught, 2);
 }
 
 // AddExport answers with the cause before the caller's deadline, never a
