@@ -33,6 +33,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/common/mutex.h"
+#include "server/common/pending.h"
 #include "server/upstream/nbd_core.h"
 #include "server/upstream/nbd_op.h"
 #include "server/upstream/upstream.h"
@@ -40,29 +41,7 @@
 namespace blockmeta {
 namespace upstream_internal {
 
-// The result of an asynchronous command a synchronous caller waits for.
-template <typename T>
-class Pending {
- public:
-  void Set(T v) {
-    sync::MutexLock lock(&mu_);
-    result_ = std::move(v);
-    cv_.SignalAll();
-  }
-  // nullopt when `deadline` passed first.
-  std::optional<T> Wait(absl::Time deadline) {
-    sync::MutexLock lock(&mu_);
-    while (!result_.has_value()) {
-      if (mu_.WaitWithDeadline(&cv_, deadline)) break;
-    }
-    return std::move(result_);
-  }
-
- private:
-  sync::Mutex mu_;
-  absl::CondVar cv_;
-  std::optional<T> result_ ABSL_GUARDED_BY(mu_);
-};
+using ::blockmeta::Pending;
 
 // An nbd_aio_* call with its completion; returns the cookie (-1: failed).
 using IssueCall =

@@ -3,14 +3,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
-#include "absl/synchronization/notification.h"
 #include "server/common/log.h"
 #include "server/common/mutex.h"
+#include "server/common/pending.h"
 
 namespace blockmeta {
 namespace {
@@ -379,24 +380,22 @@ UpstreamStats StoreUpstream::Stats() const {
 absl::StatusOr<ExtentList> StoreUpstream::BlockStatus(
     const std::string& context, uint64_t offset, uint64_t length,
     absl::Time deadline) {
-  struct Result {
-    absl::Notification done;
-    absl::StatusOr<ExtentList> got;
-    bool from_store = false;
-  };
-  auto r = std::make_shared<Result>();
-  state_->Serve(context, offset, length, [r](absl::StatusOr<ExtentList> got) {
-    r->got = std::move(got);
-    r->from_store = tls_answered_from_store;
-    r->done.Notify();
-  });
-  if (!r->done.WaitForNotificationWithDeadline(deadline)) {
+  // The answer, and whether the store gave it (read on the completion's
+  // thread, where tls_answered_from_store is set).
+  using Answer = std::pair<absl::StatusOr<ExtentList>, bool>;
+  auto pending = std::make_shared<Pending<Answer>>();
+  state_->Serve(context, offset, length,
+                [pending](absl::StatusOr<ExtentList> got) {
+                  pending->Set(Answer(std::move(got), tls_answered_from_store));
+                });
+  std::optional<Answer> r = pending->Wait(deadline);
+  if (!r.has_value()) {
     tls_answered_from_store = false;
     return absl::DeadlineExceededError(
         "block status did not complete before the caller's deadline");
   }
-  tls_answered_from_store = r->from_store;
-  return std::move(r->got);
+  tls_answered_from_store = r->second;
+  return std::move(r->first);
 }
 
 void StoreUpstream::AsyncBlockStatus(const std::string& context,
