@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s URI REQUESTS\n", argv[0]);
     return 2;
   }
-  const long requests = std::strtol(argv[2], nullptr, 10);
+  const int64_t requests = std::strtoll(argv[2], nullptr, 10);
   nbd_handle* h = nbd_create();
   if (h == nullptr || nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) ||
       nbd_connect_uri(h, argv[1]) == -1) {
@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
   uint64_t offset = 0;
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  for (long i = 0; i < requests; ++i) {
+  for (int64_t i = 0; i < requests; ++i) {
     const uint64_t left = static_cast<uint64_t>(size) - offset;
     const uint64_t count = std::min<uint64_t>(left, 0x7fffffffu & ~511u);
     w.next = offset;

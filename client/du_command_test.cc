@@ -18,8 +18,9 @@ namespace v1 = ::blockmeta::v1;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-std::optional<std::string> Parse(std::map<std::string, std::string> flags,
-                                 v1::GetTotalsRequest* req, DuOutput* out) {
+std::optional<std::string> Parse(
+    const std::map<std::string, std::string>& flags, v1::GetTotalsRequest* req,
+    DuOutput* out) {
   return DuRequestFromFlags("disk", flags, req, out);
 }
 

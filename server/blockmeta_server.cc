@@ -122,8 +122,8 @@ std::shared_ptr<ExtentStore> OpenStore(const v1::StoreConfig& c) {
 
 // CreateUpstream, behind the store for immutable exports with a content
 // identity (server/store/content_identity.h).
-ExportRegistry::UpstreamFactory StoreFactory(std::shared_ptr<ExtentStore> store,
-                                             uint32_t verify_windows) {
+ExportRegistry::UpstreamFactory StoreFactory(
+    const std::shared_ptr<ExtentStore>& store, uint32_t verify_windows) {
   if (store == nullptr) return nullptr;
   return [store, verify_windows](const v1::ExportConfig& config)
              -> absl::StatusOr<std::unique_ptr<Upstream>> {

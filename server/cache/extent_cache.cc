@@ -39,9 +39,7 @@
 
 namespace blockmeta {
 
-using cache_internal::Counter;
 using cache_internal::CountingAllocator;
-using cache_internal::Evictor;
 using cache_internal::Expired;
 using cache_internal::Fetch;
 using cache_internal::FetchPtr;

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -36,8 +37,9 @@ class UnixSocketTest : public ::testing::Test {
   }
   void TearDown() override {
     for (int fd : fds_) close(fd);
-    std::string cmd = absl::StrCat("rm -rf ", dir_);
-    ASSERT_EQ(system(cmd.c_str()), 0);
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+    ASSERT_FALSE(ec) << ec.message();
   }
 
   // A listening socket bound at `at`; -1 on failure.
@@ -197,10 +199,12 @@ TEST_F(UnixSocketTest, OfManyAtOnceExactlyOneWins) {
       fds_.pop_back();
     }
     std::vector<absl::StatusOr<std::unique_ptr<OwnedUnixSocket>>> results;
+    results.reserve(kListeners);
     for (int i = 0; i < kListeners; ++i) {
       results.emplace_back(absl::UnknownError("not run"));
     }
     std::vector<std::thread> threads;
+    threads.reserve(kListeners);
     for (int i = 0; i < kListeners; ++i) {
       threads.emplace_back(
           [&, i] { results[i] = OwnedUnixSocket::Publish(bound[i], path_); });

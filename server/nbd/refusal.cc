@@ -9,8 +9,17 @@
 namespace blockmeta {
 namespace nbd {
 
-Refusal::Refusal(std::string message)
-    : message_(std::move(message).substr(0, 4096)) {}
+namespace {
+
+// The message goes out in every option reply: at most 4 KiB of it.
+std::string Bounded(std::string message) {
+  if (message.size() > 4096) message.resize(4096);
+  return message;
+}
+
+}  // namespace
+
+Refusal::Refusal(std::string message) : message_(Bounded(std::move(message))) {}
 
 std::string Refusal::Greeting() const {
   std::string s;

@@ -148,6 +148,7 @@ class TotalsTest : public ::testing::Test {
     for (size_t c = 0; c + 1 < cuts.size(); ++c) {
       const uint64_t at = cuts[c], len = cuts[c + 1] - cuts[c];
       std::vector<uint32_t> now;
+      now.reserve(asked.size());
       for (size_t i : asked) now.push_back(Truth(i, at));
       uint32_t alloc = 0;
       bool with_alloc = false;

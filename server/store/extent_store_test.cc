@@ -4,11 +4,11 @@
 // orphan cleanup and the disk cost per extent.
 #include "server/store/extent_store.h"
 
-#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
@@ -98,16 +98,10 @@ class ExtentStoreTest : public ::testing::Test {
 
 uint64_t DirBytes(const std::string& dir) {
   uint64_t total = 0;
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return 0;
-  while (dirent* e = ::readdir(d)) {
-    struct stat st;
-    std::string p = dir + "/" + e->d_name;
-    if (::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
-      total += st.st_size;
-    }
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    if (e.is_regular_file(ec)) total += e.file_size(ec);
   }
-  ::closedir(d);
   return total;
 }
 
@@ -273,17 +267,12 @@ TEST_F(ExtentStoreTest, CorruptStoreIsSetAsideAndAFreshOneServes) {
     }
   }
   // Garble every file of the store (log, manifest, tables).
-  DIR* d = ::opendir(path.c_str());
-  ASSERT_NE(d, nullptr);
-  while (dirent* e = ::readdir(d)) {
-    std::string name = e->d_name;
-    if (name == "." || name == ".." || name == "LOCK") continue;
-    std::fstream f(path + "/" + name,
-                   std::ios::in | std::ios::out | std::ios::binary);
+  for (const auto& e : std::filesystem::directory_iterator(path)) {
+    if (e.path().filename() == "LOCK") continue;
+    std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(0);
     f << std::string(64, '\x5a');
   }
-  ::closedir(d);
   std::shared_ptr<ExtentStore> s = Open(path);
   ASSERT_NE(s, nullptr);
   EXPECT_EQ(s->Stats().set_aside, 1u);
@@ -295,15 +284,14 @@ TEST_F(ExtentStoreTest, CorruptStoreIsSetAsideAndAFreshOneServes) {
   EXPECT_TRUE(s->Lookup(slot, 0, 1, 1).has_value());
   // The corrupt one is kept beside it for a post-mortem.
   int aside = 0;
-  DIR* parent = ::opendir(::testing::TempDir().c_str());
-  while (dirent* e = ::readdir(parent)) {
-    std::string n = e->d_name;
+  for (const auto& e :
+       std::filesystem::directory_iterator(::testing::TempDir())) {
+    const std::string n = e.path().filename();
     if (n.find("db-CorruptStoreIsSetAside") == 0 &&
         n.find(".corrupt-") != std::string::npos) {
       ++aside;
     }
   }
-  ::closedir(parent);
   EXPECT_EQ(aside, 1);
 }
 
@@ -322,13 +310,10 @@ TEST_F(ExtentStoreTest, ACorruptTableWhileRunningTurnsTheStoreOff) {
   s->OpenIdentity("e", "id:a");
   uint32_t slot = *s->Slot("id:a", "base:allocation");
   // Garble the middle of every table file under the open store.
-  DIR* d = ::opendir(path.c_str());
-  ASSERT_NE(d, nullptr);
   int tables = 0;
-  while (dirent* e = ::readdir(d)) {
-    std::string name = e->d_name;
-    if (name.size() < 4 || name.substr(name.size() - 4) != ".ldb") continue;
-    std::string file = path + "/" + name;
+  for (const auto& e : std::filesystem::directory_iterator(path)) {
+    if (e.path().extension() != ".ldb") continue;
+    const std::string file = e.path();
     struct stat st;
     ASSERT_EQ(::stat(file.c_str(), &st), 0);
     std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
@@ -336,7 +321,6 @@ TEST_F(ExtentStoreTest, ACorruptTableWhileRunningTurnsTheStoreOff) {
     f << std::string(st.st_size / 4, '\x5a');
     ++tables;
   }
-  ::closedir(d);
   ASSERT_GT(tables, 0);
   // Every lookup either misses or is right; the first checksum error turns
   // the store off and renames it aside.

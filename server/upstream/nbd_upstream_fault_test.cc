@@ -157,7 +157,7 @@ TEST(DelayFilterTest, CloseFailsCommandsInFlightAtOnce) {
   std::vector<absl::Status> async_statuses;  // guarded by mu
   for (int i = 0; i < 4; ++i) {
     up->AsyncBlockStatus("base:allocation", 0, kMiB,
-                         [&](absl::StatusOr<ExtentList> r) {
+                         [&](const absl::StatusOr<ExtentList>& r) {
                            sync::MutexLock lock(&mu);
                            async_statuses.push_back(r.status());
                          });

@@ -148,6 +148,8 @@ void StoreUpstream::State::Serve(const std::string& context, uint64_t offset,
   }
   if (check) StartCheck(context, *slot, epoch);
   if (queued) return;  // served when the check ends
+  // `done` was moved above only when queued, and then we returned; clang-tidy
+  // cannot follow `queued`, hence the NOLINTs on its two uses below.
   std::optional<ExtentList> hit =
       store_->Lookup(*slot, offset, length, kMaxExtentsPerAnswer);
   if (hit.has_value()) {
@@ -157,9 +159,11 @@ void StoreUpstream::State::Serve(const std::string& context, uint64_t offset,
       k.hits += 1;
       k.extents_read += hit->size();
     }
+    // NOLINTNEXTLINE(bugprone-use-after-move): not queued, so not moved.
     Complete(std::move(done), *std::move(hit), /*from_store=*/true);
     return;
   }
+  // NOLINTNEXTLINE(bugprone-use-after-move): not queued, so not moved.
   Forward(context, *slot, true, offset, length, std::move(done));
 }
 

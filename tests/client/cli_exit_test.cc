@@ -21,8 +21,6 @@
 namespace blockmeta::testing {
 namespace {
 
-using ::testing::HasSubstr;
-
 TEST(CliExit, TwoThousandRunsAllExit) {
   auto k = NbdProcess::Start({"nbdkit", "-f", "-U", "{sock}", "memory", "16M"});
   ASSERT_TRUE(k.ok()) << k.status();
@@ -55,6 +53,7 @@ TEST(CliExit, TwoThousandRunsAllExit) {
   int hangs = 0;                      // guarded by mu
   absl::Duration slowest;             // guarded by mu
   std::vector<std::thread> threads;
+  threads.reserve(kThreads);
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&] {
       for (int i = next++; i < kRuns; i = next++) {

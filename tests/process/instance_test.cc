@@ -60,6 +60,7 @@ class Daemon {
                                      "--log_format=text"};
     argv.insert(argv.end(), flags.begin(), flags.end());
     std::vector<char*> args;
+    args.reserve(argv.size() + 1);
     for (std::string& a : argv) args.push_back(a.data());
     args.push_back(nullptr);
     posix_spawn_file_actions_t fa;

@@ -299,6 +299,7 @@ TEST_F(ExportRemovalTest, RemoveAndReAddWhileEverythingIsInFlight) {
     std::atomic<bool> stop{false};
     std::atomic<int> bad{0};  // endings other than OK / NOT_FOUND / ...
     std::vector<std::thread> users;
+    users.reserve(5);  // 2 streams, 1 poller, 2 shim sessions
     for (int i = 0; i < 2; ++i) {
       users.emplace_back([&, i] {
         grpc::ClientContext ctx;

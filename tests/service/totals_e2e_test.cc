@@ -128,8 +128,8 @@ class TotalsE2eTest : public ::testing::Test {
                      absl::StrCat("size=", kSparseSize), "seed=2026",
                      "percent=30", "runlength=8388608"});
     data_ = Start({"nbdkit", "-f", "-U", "{sock}", "data",
-                   "data=@4096 1 2 3 @65536 (9)*70000 @1048576 (0)*8192 "
-                   "@2097152 (7)*512",
+                   absl::StrCat("data=@4096 1 2 3 @65536 (9)*70000 ",
+                                "@1048576 (0)*8192 @2097152 (7)*512"),
                    "size=3M"});
     slow_ = Start({"nbdkit", "-f", "-U", "{sock}", "--filter=delay", "memory",
                    "64M", "delay-extents=10000ms"});
