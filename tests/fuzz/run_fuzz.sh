@@ -23,6 +23,7 @@ SRCS=(
   server/nbd/stream.cc server/nbd/handshake.cc server/nbd/request.cc
   server/nbd/handler.cc tests/testing/fake_upstream.cc server/upstream/nbd_errors.cc
   server/nbd/handshake_fuzz.cc server/cache/extent_cache.cc
+  server/cache/eviction.cc server/cache/read_ahead.cc server/cache/granule.cc
 )
 cd "$ROOT"
 echo "run_fuzz.sh: building $OUT/handshake_fuzz with $CXX"
