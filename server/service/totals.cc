@@ -53,6 +53,10 @@ absl::StatusOr<bool> StepMerged(ExtentService* service, TotalsCursor* c,
   return b->done;
 }
 
+// How early a slice's timed wait may end and still count as the slice's
+// end (TotalsStep).
+constexpr absl::Duration kSliceEndSlack = absl::Milliseconds(50);
+
 }  // namespace
 
 TotalsAccumulator::TotalsAccumulator(std::vector<std::string> contexts) {
@@ -199,10 +203,13 @@ absl::StatusOr<bool> TotalsStep(ExtentService* service, TotalsCursor* c,
     return done;
   }
   const absl::Time now = absl::Now();
-  if (now >= deadline) return TotalsDeadlineStatus(*c);
+  // A timed wait may end a little before its deadline by this clock
+  // (absl::Now() interpolates the cycle counter; the wait's timeout is the
+  // kernel's), so "about now" counts as the deadline.
+  if (now + kSliceEndSlack >= deadline) return TotalsDeadlineStatus(*c);
   // The slice ended while waiting for a fetch; the fetch runs on detached
   // and the next step waits for it (single-flight).
-  if (now >= step_deadline) return false;
+  if (now + kSliceEndSlack >= step_deadline) return false;
   return done.status();  // an upstream's own timeout
 }
 
