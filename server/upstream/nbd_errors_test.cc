@@ -104,9 +104,10 @@ TEST(NbdErrorsTest, EveryNbdErrorSurvivesTheRoundTrip) {
     EXPECT_THAT(s, StatusIs(c.code)) << c.err;
     EXPECT_EQ(RecordedNbdError(s), c.nbd) << c.err;
     EXPECT_EQ(NbdErrorFromStatus(s), c.nbd) << c.err;
-    // A copy keeps it (the cache and the shim pass statuses by value).
-    absl::Status copy = s;  // NOLINT(performance-unnecessary-copy-initialization):
-                            // the copy is what is tested
+    // A copy keeps it (the cache and the shim pass statuses by value); the
+    // copy is what is tested.
+    // NOLINTNEXTLINE(performance-unnecessary-copy-initialization)
+    absl::Status copy = s;
     EXPECT_EQ(NbdErrorFromStatus(copy), c.nbd) << c.err;
   }
   // No NBD meaning: no payload, the code decides.
