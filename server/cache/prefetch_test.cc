@@ -58,6 +58,16 @@ void ExpectTruth(const AsyncDisk& disk, uint64_t offset,
   EXPECT_EQ(pos, r.next_offset);
 }
 
+// Answers every fetch of `disk` until export "a"'s prefetch has completed
+// (false if it did not within Eventually's bound).
+bool AnswerUntilPrefetchCompleted(AsyncDisk& disk, const ExtentCache& cache) {
+  disk.StartAutoComplete();
+  const bool done = testing::Eventually(
+      [&] { return cache.Counters(kA).prefetch_completed == 1; });
+  disk.StopAutoComplete();
+  return done;
+}
+
 TEST(PrefetchTest, FirstTouchMapsTheWholeExportInParallel) {
   ExtentCache cache(Opts());
   cache.SetExportPrefetch("a", 4);
@@ -77,10 +87,7 @@ TEST(PrefetchTest, FirstTouchMapsTheWholeExportInParallel) {
   EXPECT_THAT(disk.PendingRanges(),
               ElementsAre(Range{kW, kW}, Range{2 * kW, kW}, Range{3 * kW, kW},
                           Range{4 * kW, kW}));
-  disk.StartAutoComplete();
-  ASSERT_TRUE(testing::Eventually(
-      [&] { return cache.Counters(kA).prefetch_completed == 1; }));
-  disk.StopAutoComplete();
+  ASSERT_TRUE(AnswerUntilPrefetchCompleted(disk, cache));
   const CacheCounters c = cache.Counters(kA);
   EXPECT_EQ(disk.calls(), 16);  // every window once
   EXPECT_EQ(c.prefetch_issued, 15u);
@@ -150,10 +157,7 @@ TEST(PrefetchTest, YieldsToCallersOwnMisses) {
               ElementsAre(Range{0, kW}, Range{2 * kW, kW}));
   disk.Complete(0);
   EXPECT_EQ(disk.pending(), 2u);
-  disk.StartAutoComplete();
-  ASSERT_TRUE(testing::Eventually(
-      [&] { return cache.Counters(kA).prefetch_completed == 1; }));
-  disk.StopAutoComplete();
+  ASSERT_TRUE(AnswerUntilPrefetchCompleted(disk, cache));
   EXPECT_EQ(disk.calls(), 32);  // the callers' window [20M, 21M) is skipped
   EXPECT_LE(disk.max_pending(), 3u);
 }
@@ -178,10 +182,7 @@ TEST(PrefetchTest, WriteDuringPrefetchIsNeverCached) {
   cache.InvalidateExportRange("a", kW + 128 * kKiB, 64 * kKiB);
   disk.CompleteWith(0, std::move(old));
   EXPECT_GE(cache.Counters(kA).stale_fills_dropped, 1u);
-  disk.StartAutoComplete();
-  ASSERT_TRUE(testing::Eventually(
-      [&] { return cache.Counters(kA).prefetch_completed == 1; }));
-  disk.StopAutoComplete();
+  ASSERT_TRUE(AnswerUntilPrefetchCompleted(disk, cache));
   const LookupResult all = cache.Lookup(kA, 0, disk.size(), 0);
   EXPECT_EQ(all.outcome, Outcome::kHit);
   ExpectTruth(disk, 0, all);
@@ -206,10 +207,7 @@ TEST(PrefetchTest, WriteBeforeAnyBoundIsRemappedWhole) {
   cache.InvalidateExportRange("a", kW + 128 * kKiB, 64 * kKiB);
   disk.CompleteWith(1, std::move(old));
   EXPECT_GE(cache.Counters(kA).stale_fills_dropped, 1u);
-  disk.StartAutoComplete();
-  ASSERT_TRUE(testing::Eventually(
-      [&] { return cache.Counters(kA).prefetch_completed == 1; }));
-  disk.StopAutoComplete();
+  ASSERT_TRUE(AnswerUntilPrefetchCompleted(disk, cache));
   const LookupResult all = cache.Lookup(kA, 0, disk.size(), 0);
   EXPECT_EQ(all.outcome, Outcome::kHit);
   ExpectTruth(disk, 0, all);
